@@ -1,0 +1,42 @@
+# `make test` and `make demo` work on a fresh machine: each creates .venv and installs first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+AMUSED := $(VENV)/bin/amused
+STAMP := $(VENV)/.installed-stamp
+DEMO := demo-out
+
+.PHONY: install test test-all demo bench clean
+
+$(STAMP): pyproject.toml requirements/img2dataset.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	# torch first and pinned: the local CPU wheel here, the CUDA build on a GPU machine.
+	$(PY) -m pip install -q torch==2.13.0
+	# deepspeed ships only an sdist whose build imports torch; without build isolation
+	# it builds against the torch above instead of pulling another one into a build env.
+	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	$(PY) -m pip install -q --no-deps -r requirements/img2dataset.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q --durations=10
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m '' --durations=10
+
+demo: $(STAMP)
+	$(AMUSED) models tiny $(DEMO)/models
+	$(AMUSED) synth $(DEMO)/images --shards 4 --per-shard 32
+	$(AMUSED) pretokenize --input $(DEMO)/images --output $(DEMO)/tokens --vqgan $(DEMO)/models/vqgan \
+		--text-encoder $(DEMO)/models --resolution 64 --batch-size 16
+	$(AMUSED) shards verify $(DEMO)/tokens
+	$(AMUSED) shards inspect $(DEMO)/tokens --grid $(DEMO)/tokens-grid.png --vqgan $(DEMO)/models/vqgan
+
+bench: $(STAMP)
+	$(PY) benchmarks/pretokenize.py
+
+clean:
+	rm -rf $(DEMO)

@@ -1,0 +1,114 @@
+"""The `amused` command: one subcommand per stage, each calling the stage's Python API.
+
+Exit status 0 on success; otherwise non-zero with a one-line reason on stderr
+(set AMUSED_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _models_tiny(args) -> int:
+    from tokenizer.tiny import write_tiny_models
+
+    out = write_tiny_models(args.out, seed=args.seed)
+    print(f"tiny models written to {out}: vqgan/ text_encoder/ tokenizer/ transformer/")
+    return 0
+
+
+def _synth(args) -> int:
+    from pipeline.synthetic import write_shape_shards
+
+    urls = write_shape_shards(args.out, shards=args.shards, per_shard=args.per_shard, seed=args.seed,
+                              min_size=args.min_size, max_size=args.max_size)
+    print(f"{len(urls)} webdataset shards of {args.per_shard} captioned images written to {args.out}")
+    return 0
+
+
+def _pretokenize(args) -> int:
+    from pipeline.config import config_from_args
+    from pipeline.pretokenize import PretokenizeConfig, pretokenize
+
+    report = pretokenize(config_from_args(PretokenizeConfig, args))
+    print(report.summary())
+    if not report.ok:
+        print(f"amused: error: {len(report.failed_shards)} shard(s) failed; rerun to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _shards_verify(args) -> int:
+    from pipeline.inspect import verify_dataset
+
+    report = verify_dataset(args.url, checksums=args.checksums)
+    print(report.summary())
+    if not report.ok:
+        print(f"amused: error: {len(report.errors)} problem(s) in {args.url}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _shards_inspect(args) -> int:
+    from pipeline.inspect import format_inspect, inspect_dataset
+
+    info = inspect_dataset(args.url, max_rows=args.max_rows)
+    print(json.dumps(info, indent=1) if args.json else format_inspect(info))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline.config import add_config_args
+    from pipeline.pretokenize import PretokenizeConfig
+
+    parser = argparse.ArgumentParser(prog="amused", description="aMUSEd data-and-training pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="model folders").add_subparsers(dest="models_command", required=True)
+    tiny = models.add_parser("tiny", help="write small random VQ-GAN, CLIP text and U-ViT folders")
+    tiny.add_argument("out")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_models_tiny)
+
+    synth = sub.add_parser("synth", help="write webdataset shards of generated captioned images")
+    synth.add_argument("out")
+    synth.add_argument("--shards", type=int, default=2)
+    synth.add_argument("--per-shard", type=int, default=16)
+    synth.add_argument("--min-size", type=int, default=64)
+    synth.add_argument("--max-size", type=int, default=160)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=_synth)
+
+    pre = sub.add_parser("pretokenize", help="webdataset image shards -> token dataset (Ray)")
+    add_config_args(pre, PretokenizeConfig)
+    pre.set_defaults(func=_pretokenize)
+
+    shards = sub.add_parser("shards", help="token datasets").add_subparsers(dest="shards_command", required=True)
+    verify = shards.add_parser("verify", help="check manifest, files, checksums, row counts, dtypes and shapes")
+    verify.add_argument("url")
+    verify.add_argument("--checksums", action=argparse.BooleanOptionalAction, default=True)
+    verify.set_defaults(func=_shards_verify)
+    inspect = shards.add_parser("inspect", help="rows, bytes per column, caption lengths, codebook usage")
+    inspect.add_argument("url")
+    inspect.add_argument("--max-rows", type=int, default=100_000, help="rows read for the codebook statistics")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(func=_shards_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as exc:
+        if os.environ.get("AMUSED_DEBUG"):
+            raise
+        print(f"amused: error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""`amused shards verify` and `amused shards inspect`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline import shards as fmt
+from pipeline.fsio import TMP_MARK, sha256_of
+from tokenizer.storage import join, url_to_fs
+
+
+@dataclass
+class VerifyReport:
+    url: str
+    shards: int = 0
+    rows: int = 0
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def summary(self) -> str:
+        head = f"{'OK' if self.ok else 'FAILED'}: {self.url}: {self.shards} shards, {self.rows} rows checked"
+        return "\n".join([head, *(f"  error: {e}" for e in self.errors), *(f"  warning: {w}" for w in self.warnings)])
+
+
+def verify_dataset(url: str, checksums: bool = True) -> VerifyReport:
+    """Manifest vs files: existence, size, sha256, row counts, schema, tensor shapes, key uniqueness,
+    token ids within the codebook, finite text embeddings."""
+    report = VerifyReport(url)
+    try:
+        dataset = fmt.TokenDataset(url)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        report.errors.append(f"manifest: {type(exc).__name__}: {exc}")
+        return report
+    spec = dataset.spec
+    fs, root = url_to_fs(url)
+    on_disk = {p.rsplit("/", 1)[-1]: info for p, info in fs.find(root, maxdepth=1, detail=True).items()}
+    listed = {s.name for s in dataset.shards}
+    for name in sorted(on_disk):
+        if TMP_MARK in name:
+            report.warnings.append(f"{name}: leftover temporary file from an interrupted write")
+        elif name.endswith(".parquet") and name not in listed:
+            report.warnings.append(f"{name}: shard not in the manifest (unfinished; a rerun rewrites it)")
+    expected_schema = spec.schema()
+    keys: set[str] = set()
+    for shard in dataset.shards:
+        where = shard.name
+        info = on_disk.get(shard.name)
+        if info is None:
+            report.errors.append(f"{where}: listed in the manifest but missing")
+            continue
+        if int(info.get("size") or 0) != shard.bytes:
+            report.errors.append(f"{where}: {info.get('size')} bytes, manifest says {shard.bytes}")
+            continue
+        if checksums and sha256_of(join(url, shard.name)) != shard.sha256:
+            report.errors.append(f"{where}: sha256 differs from the manifest")
+            continue
+        try:
+            table = dataset.read_shard(shard.name)
+        except Exception as exc:  # a corrupt file must be reported, whatever pyarrow raises
+            report.errors.append(f"{where}: unreadable Parquet ({type(exc).__name__}: {exc})")
+            continue
+        report.shards += 1
+        report.rows += table.num_rows
+        if table.num_rows != shard.rows:
+            report.errors.append(f"{where}: {table.num_rows} rows, manifest says {shard.rows}")
+        if not table.schema.equals(expected_schema, check_metadata=False):
+            report.errors.append(f"{where}: schema differs from the manifest's spec:\n{table.schema}")
+            continue
+        cols = dataset.decode(table.select(["key", "image_tokens", "text_hidden_states", "text_pooled"]))
+        dup = len(cols["key"]) - len(set(cols["key"]))
+        new_keys = set(cols["key"])
+        clash = keys & new_keys
+        if dup or clash:
+            report.errors.append(f"{where}: {dup} duplicate keys inside, {len(clash)} shared with earlier shards")
+        keys |= new_keys
+        if table.num_rows and int(cols["image_tokens"].max()) >= spec.codebook_size:
+            report.errors.append(f"{where}: token id {int(cols['image_tokens'].max())} >= codebook size "
+                                 f"{spec.codebook_size}")
+        for name in ("text_hidden_states", "text_pooled"):
+            if not np.isfinite(cols[name]).all():
+                report.errors.append(f"{where}: non-finite values in {name}")
+    if report.rows != dataset.num_rows:
+        report.errors.append(f"manifest total {dataset.num_rows} rows, shards hold {report.rows}")
+    return report
+
+
+def inspect_dataset(url: str, max_rows: int = 100_000) -> dict:
+    """Summary: rows, bytes per sample by column, caption lengths, codebook usage (first `max_rows`)."""
+    dataset = fmt.TokenDataset(url)
+    spec = dataset.spec
+    fs, _ = url_to_fs(url)
+    column_bytes: dict[str, int] = {}
+    for shard in dataset.shards:
+        path = url_to_fs(join(url, shard.name))[1]
+        with fs.open(path, "rb") as fh:
+            meta = pq.ParquetFile(fh).metadata
+        for rg in range(meta.num_row_groups):
+            group = meta.row_group(rg)
+            for c in range(group.num_columns):
+                col = group.column(c)
+                column_bytes[col.path_in_schema] = column_bytes.get(col.path_in_schema, 0) + col.total_compressed_size
+    rows = dataset.num_rows
+    counts = np.zeros(spec.codebook_size, dtype=np.int64)
+    caption_chars, caption_words, seen = [], [], 0
+    for batch in dataset.iter_batches(batch_size=1024, columns=["caption", "image_tokens"]):
+        take = min(len(batch["caption"]), max_rows - seen)
+        if take <= 0:
+            break
+        caption_chars += [len(c) for c in batch["caption"][:take]]
+        caption_words += [len(c.split()) for c in batch["caption"][:take]]
+        counts += np.bincount(batch["image_tokens"][:take].ravel(), minlength=spec.codebook_size)[: spec.codebook_size]
+        seen += take
+    total = counts.sum()
+    probs = counts[counts > 0] / max(total, 1)
+    entropy = float(-(probs * np.log(probs)).sum()) if total else 0.0
+    chars = np.asarray(caption_chars or [0])
+    return {
+        "url": url,
+        "shards": len(dataset.shards),
+        "rows": rows,
+        "resolution": spec.resolution,
+        "token_grid": list(spec.token_grid),
+        "skipped": dataset.manifest.skipped(),
+        "bytes_per_sample": {k: v / max(rows, 1) for k, v in sorted(column_bytes.items())},
+        "caption_chars": {"min": int(chars.min()), "mean": float(chars.mean()), "p50": float(np.median(chars)),
+                          "p95": float(np.percentile(chars, 95)), "max": int(chars.max())},
+        "caption_words_mean": float(np.mean(caption_words or [0])),
+        "codebook": {
+            "rows_read": seen,
+            "size": spec.codebook_size,
+            "used": int((counts > 0).sum()),
+            "used_fraction": float((counts > 0).mean()),
+            "perplexity": float(np.exp(entropy)),
+            # 1.0 when every code is equally frequent, -> 0 as usage concentrates.
+            "evenness": float(entropy / np.log(spec.codebook_size)) if spec.codebook_size > 1 else 1.0,
+            "top10_share": float(np.sort(counts)[::-1][:10].sum() / max(total, 1)),
+        },
+    }
+
+
+def format_inspect(info: dict) -> str:
+    cb = info["codebook"]
+    lines = [
+        f"token dataset {info['url']}",
+        f"  shards {info['shards']}, rows {info['rows']}, resolution {info['resolution']}, "
+        f"token grid {info['token_grid'][0]}x{info['token_grid'][1]}",
+        "  bytes per sample by column (compressed):",
+        *(f"    {k:20s} {v:12.1f}" for k, v in info["bytes_per_sample"].items()),
+        f"    {'total':20s} {sum(info['bytes_per_sample'].values()):12.1f}",
+        "  caption length (chars): min {min} mean {mean:.1f} p50 {p50:.0f} p95 {p95:.0f} max {max}".format(
+            **info["caption_chars"]),
+        f"  caption words (mean): {info['caption_words_mean']:.1f}",
+        f"  codebook usage over {cb['rows_read']} rows: {cb['used']}/{cb['size']} codes used "
+        f"({100 * cb['used_fraction']:.1f}%), perplexity {cb['perplexity']:.1f}, evenness {cb['evenness']:.3f}, "
+        f"top-10 codes {100 * cb['top10_share']:.1f}% of tokens",
+    ]
+    if info["skipped"]:
+        lines.append("  skipped while pre-tokenizing: " + ", ".join(f"{k} {v}" for k, v in info["skipped"].items()))
+    return "\n".join(lines)

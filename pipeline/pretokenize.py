@@ -1,0 +1,435 @@
+"""`amused pretokenize`: webdataset image shards in, token dataset out, on Ray Data.
+
+    input shards -> read (tar -> chunks of compressed bytes)      CPU tasks
+                 -> decode + crop (bytes -> uint8 crops)           CPU tasks
+                 -> encode (VQ-GAN ids, CLIP states)               actor pool, GPU or CPU
+                 -> driver: reassemble each shard in order, write Parquet, then its marker
+
+A chunk is up to `batch_size` consecutive samples of one shard and is the encoders'
+batch, so what the models compute for a sample never depends on which other shards
+were in flight: an interrupted run resumes to the same bytes as an uninterrupted one.
+Only compressed bytes and R x R crops cross between stages, never full decoded images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from pipeline import shards as fmt
+from pipeline.config import opt
+from pipeline.images import decode_views
+from pipeline.wds import BadSample, RawSample, ShardFormatError, aesthetic_of, caption_of, iter_samples, \
+    metadata_of, original_size_of
+from tokenizer.storage import folder_fingerprint, local_folder, resolve_subfolder, url_to_fs
+
+
+@dataclass
+class PretokenizeConfig:
+    input: str = opt(help="folder or glob of webdataset shards named NNNNN.tar (local or s3://)")
+    output: str = opt(help="token dataset folder (local or s3://)")
+    vqgan: str = opt(help="VQModel folder, or a diffusers pipeline folder with vqvae/")
+    text_encoder: str = opt(help="folder with text_encoder/ + tokenizer/, or one CLIP text folder")
+    resolution: int = opt(256, "square crop size in pixels")
+    crop: str = opt("center", "center or random")
+    views: int = opt(1, "random-crop views stored per image (needs --crop random)")
+    seed: int = opt(0, "seed of the random crops")
+    min_side: int = opt(32, "skip images whose shorter side is below this")
+    max_pixels: int = opt(64_000_000, "skip images whose header declares more pixels (decompression bombs)")
+    batch_size: int = opt(64, "images per chunk: the encoder batch, before views")
+    encoders: int | None = opt(None, "encoder actors (default: one per GPU, else 1)")
+    device: str = opt("auto", "auto, cpu, cuda")
+    dtype: str = opt("auto", "fp32 or bf16 (auto: bf16 on GPU, fp32 on CPU); fp16 is refused")
+    encoder_cpus: float = opt(1.0, "CPUs reserved by each CPU encoder actor")
+    encoder_threads: int | None = opt(None, "torch threads per CPU encoder (default: cores / encoders)")
+    decode_cpus: float = opt(0.5, "CPUs reserved by each decode task")
+    ray_address: str | None = opt(None, "Ray cluster address (default: start a local Ray)")
+    progress: bool = opt(True, "show a progress bar")
+
+    def validate(self) -> None:
+        if self.resolution <= 0 or self.resolution % 8:
+            raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.crop not in ("center", "random"):
+            raise ValueError(f"crop must be 'center' or 'random', got {self.crop!r}")
+        if self.views < 1:
+            raise ValueError(f"views must be >= 1, got {self.views}")
+        if self.views > 1 and self.crop != "random":
+            raise ValueError("several views need --crop random (centre crops of one image are identical)")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.min_side < 1 or self.max_pixels < self.min_side**2:
+            raise ValueError("need min_side >= 1 and max_pixels >= min_side**2")
+        if self.encoders is not None and self.encoders < 1:
+            raise ValueError(f"encoders must be >= 1, got {self.encoders}")
+
+
+@dataclass
+class PretokenizeReport:
+    output: str
+    shards_total: int = 0
+    shards_already_done: int = 0
+    shards_written: int = 0
+    failed_shards: dict[str, str] = field(default_factory=dict)
+    rows_written: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_shards
+
+    def summary(self) -> str:
+        rate = self.rows_written / self.seconds if self.seconds else 0.0
+        lines = [
+            f"pretokenize -> {self.output}",
+            f"  shards: {self.shards_total} total, {self.shards_already_done} already done, "
+            f"{self.shards_written} written, {len(self.failed_shards)} failed",
+            f"  rows written: {self.rows_written} in {self.seconds:.1f}s ({rate:.1f} rows/s)",
+        ]
+        if self.skipped:
+            lines.append("  skipped samples by reason:")
+            lines += [f"    {reason:24s} {n}" for reason, n in sorted(self.skipped.items())]
+        for name, error in sorted(self.failed_shards.items()):
+            lines.append(f"  FAILED {name}: {error}")
+        return "\n".join(lines)
+
+
+def list_input_shards(url: str) -> list[str]:
+    """Input tar URLs in name order: a folder of *.tar, or a glob."""
+    fs, path = url_to_fs(url)
+    pattern = path if any(c in path for c in "*?[") else f"{path.rstrip('/')}/*.tar"
+    found = sorted(fs.glob(pattern))
+    if not found:
+        raise FileNotFoundError(f"no .tar shards at {url}")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return [p if protocol == "file" else f"{protocol}://{p}" for p in found]
+
+
+# ----- stage 1: read a tar into chunks of raw member bytes ---------------------------------
+
+_MEMBERS = ("image", "txt", "json")
+
+
+def read_chunks(row: dict, batch_size: int) -> Iterator[dict]:
+    """One input shard -> rows, each a chunk of up to `batch_size` samples as raw bytes.
+
+    The last row has `last` set; a malformed tar ends in a row carrying its error.
+    """
+    source, pending, chunk = row["source"], [], 0
+    fs, path = url_to_fs(source)
+    try:
+        with fs.open(path, "rb") as fh:
+            for sample in iter_samples(fh, source):
+                pending.append(sample)
+                if len(pending) == batch_size:
+                    yield _pack(row, chunk, pending, last=False)
+                    chunk, pending = chunk + 1, []
+    except ShardFormatError as exc:
+        yield _pack(row, chunk, [], last=True, error=str(exc))
+        return
+    yield _pack(row, chunk, pending, last=True)
+
+
+def _pack(row: dict, chunk: int, samples: list[RawSample], last: bool, error: str = "") -> dict:
+    index, payload = [], bytearray()
+    for sample in samples:
+        entry: dict = {"key": sample.key}
+        image = sample.image
+        parts = {"image": image[1] if image else None, "txt": sample.members.get("txt"),
+                 "json": sample.members.get("json")}
+        for name, data in parts.items():
+            if data is not None:
+                entry[name] = [len(payload), len(data)]
+                payload += data
+        index.append(entry)
+    return {"shard": row["shard"], "source": row["source"], "chunk": chunk, "last": last, "error": error,
+            "index": json.dumps(index), "payload": bytes(payload)}
+
+
+def _unpack(row: dict) -> list[RawSample]:
+    payload = row["payload"]
+    samples = []
+    for entry in json.loads(row["index"]):
+        sample = RawSample(entry["key"])
+        for name in _MEMBERS:
+            if name in entry:
+                start, length = entry[name]
+                sample.members[name] = payload[start : start + length]
+        samples.append(sample)
+    return samples
+
+
+# ----- stage 2: decode and crop --------------------------------------------------------------
+
+def decode_chunk(row: dict, resolution: int, crop: str, views: int, seed: int, min_side: int,
+                 max_pixels: int) -> dict:
+    items, skipped, crops = [], [], []
+    stem = fmt.shard_name(row["source"]).split(".")[0]
+    for sample in _unpack(row):
+        key = f"{stem}/{sample.key}"
+        try:
+            image = sample.members.get("image")
+            if image is None:
+                raise BadSample("missing_image", f"members: {sorted(sample.members)}")
+            caption = caption_of(sample)
+            orig, offsets, pixels = decode_views(image, resolution, crop, views, seed, key, min_side, max_pixels)
+        except BadSample as exc:
+            skipped.append({"key": sample.key, "reason": exc.reason, "detail": exc.detail[:300]})
+            continue
+        meta = metadata_of(sample)
+        orig = _recorded_original_size(meta, orig)
+        content_id = str(meta.get("sample_key") or hashlib.sha256(image).hexdigest()[:32])
+        for view, (top, left) in enumerate(offsets):
+            items.append({"key": f"{key}/{view}/{content_id}", "content_id": content_id, "caption": caption,
+                          "view": view, "orig_width": orig[0], "orig_height": orig[1], "crop_top": top,
+                          "crop_left": left, "aesthetic_score": aesthetic_of(meta)})
+        crops.append(pixels)
+    pixels = np.concatenate(crops) if crops else np.zeros((0, resolution, resolution, 3), np.uint8)
+    return {**_passthrough(row), "items": json.dumps(items), "skipped": json.dumps(skipped),
+            "pixels": pixels.tobytes()}
+
+
+def _recorded_original_size(meta: dict, decoded: tuple[int, int]) -> tuple[int, int]:
+    """img2dataset's pre-resize size when recorded, turned like the decoded image.
+
+    img2dataset ignores EXIF orientation, so its width and height are swapped for a
+    rotated photo whose orientation this pipeline applied.
+    """
+    recorded = original_size_of(meta)
+    if recorded is None:
+        return decoded
+    w, h = recorded
+    if w != h and decoded[0] != decoded[1] and (w > h) != (decoded[0] > decoded[1]):
+        return h, w
+    return recorded
+
+
+def _passthrough(row: dict) -> dict:
+    return {k: row[k] for k in ("shard", "source", "chunk", "last", "error")}
+
+
+# ----- stage 3: encode on an actor pool -------------------------------------------------------
+
+class ChunkEncoder:
+    """Loads the VQ-GAN and CLIP once per actor and encodes one chunk per call."""
+
+    def __init__(self, vqgan: str, text_encoder: str, resolution: int, device: str, dtype: str,
+                 threads: int | None):
+        import torch
+
+        from tokenizer import ImageTokenizer, TextEncoder
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.resolution = resolution
+        self.image = ImageTokenizer.from_pretrained(vqgan, device=device, dtype=dtype)
+        self.text = TextEncoder.from_pretrained(text_encoder, device=device, dtype=dtype)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist([self.encode(row) for row in batch.to_pylist()], schema=_ENCODED)
+
+    def encode(self, row: dict) -> dict:
+        items, skipped = json.loads(row["items"]), json.loads(row["skipped"])
+        r = self.resolution
+        pixels = np.frombuffer(row["pixels"], np.uint8).reshape(-1, r, r, 3)
+        tokens, finite = self.image.encode_with_mask(pixels)
+        captions = sorted({item["caption"] for item in items})
+        emb = self.text.encode(captions)
+        hidden_all = emb.hidden_states.float().cpu().numpy().astype("<f2")
+        pooled_all = emb.pooled.float().cpu().numpy().astype("<f2")
+        text_ok = np.isfinite(hidden_all).all(axis=(1, 2)) & np.isfinite(pooled_all).all(axis=1)
+        where = {c: i for i, c in enumerate(captions)}
+        rows = np.array([where[item["caption"]] for item in items], dtype=np.int64)
+        keep = []
+        for i, item in enumerate(items):
+            reason = None if finite[i] else "non_finite_latents"
+            reason = reason or (None if text_ok[rows[i]] else "non_finite_text")
+            if reason:
+                skipped.append({"key": item["key"], "reason": reason, "detail": ""})
+            else:
+                keep.append(i)
+        keep_idx = np.asarray(keep, dtype=np.int64)
+        return {
+            **_passthrough(row),
+            "items": json.dumps([items[i] for i in keep]),
+            "skipped": json.dumps(skipped),
+            "tokens": tokens[keep_idx].astype("<u2").tobytes(),
+            "hidden": hidden_all[rows[keep_idx]].tobytes(),
+            "pooled": pooled_all[rows[keep_idx]].tobytes(),
+        }
+
+
+_PASS_FIELDS = [("shard", pa.int64()), ("source", pa.string()), ("chunk", pa.int64()), ("last", pa.bool_()),
+                ("error", pa.string())]
+_ENCODED = pa.schema(_PASS_FIELDS + [("items", pa.string()), ("skipped", pa.string()), ("tokens", pa.large_binary()),
+                                     ("hidden", pa.large_binary()), ("pooled", pa.large_binary())])
+
+
+# ----- driver: reassemble shards, write, record ------------------------------------------------
+
+class ShardAssembler:
+    """Collects a shard's encoded chunks (they arrive in any order) and writes it once complete."""
+
+    def __init__(self, output: str, spec: fmt.DatasetSpec, report: PretokenizeReport, pool: ThreadPoolExecutor):
+        self.output, self.spec, self.report, self.pool = output, spec, report, pool
+        self.chunks: dict[str, dict[int, dict]] = {}
+        self.last: dict[str, int] = {}
+        self.errors: dict[str, str] = {}
+        self.writes: list[Future] = []
+
+    def add(self, row: dict) -> bool:
+        """Adds one chunk; True when it completed its shard."""
+        source = row["source"]
+        self.chunks.setdefault(source, {})[row["chunk"]] = row
+        if row["error"]:
+            self.errors[source] = row["error"]
+        if row["last"]:
+            self.last[source] = row["chunk"]
+        if source not in self.last or len(self.chunks[source]) != self.last[source] + 1:
+            return False
+        received = self.chunks.pop(source)
+        chunks = [received[i] for i in range(self.last.pop(source) + 1)]
+        name = fmt.shard_name(source)
+        if source in self.errors:
+            self.report.failed_shards[name] = self.errors.pop(source)
+        else:
+            self.writes.append(self.pool.submit(self._write, source, chunks))
+        return True
+
+    def _write(self, source: str, chunks: list[dict]) -> fmt.ShardRecord:
+        spec = self.spec
+        items = [item for c in chunks for item in json.loads(c["items"])]
+        skipped = [s for c in chunks for s in json.loads(c["skipped"])]
+        columns = {name: [item[name] for item in items] for name in
+                   ("key", "content_id", "caption", "view", *fmt.SIZE_COLUMNS, "aesthetic_score")}
+        for name, field_name in (("image_tokens", "tokens"), ("text_hidden_states", "hidden"),
+                                 ("text_pooled", "pooled")):
+            dtype, shape = spec.tensor_columns()[name]
+            columns[name] = np.frombuffer(b"".join(c[field_name] for c in chunks), dtype).reshape(-1, *shape)
+        table = fmt.build_table(spec, columns)
+        record = fmt.write_shard(self.output, source, table)
+        for s in skipped:
+            record.skipped[s["reason"]] = record.skipped.get(s["reason"], 0) + 1
+        record.skipped = dict(sorted(record.skipped.items()))
+        fmt.write_marker(self.output, record, skipped)
+        return record
+
+
+def _dataset_spec(cfg: PretokenizeConfig) -> fmt.DatasetSpec:
+    """Fingerprints the models and reads their shapes (on the driver, on CPU)."""
+    from tokenizer import ImageTokenizer, TextEncoder
+
+    identities = {}
+    for name, url, subfolders in (("image", cfg.vqgan, ("vqvae", "vqgan")), ("text", cfg.text_encoder, ())):
+        resolved = resolve_subfolder(url, subfolders) if subfolders else url
+        identities[name] = fmt.ModelIdentity(path=resolved, sha256=folder_fingerprint(local_folder(resolved)))
+    image = ImageTokenizer.from_pretrained(cfg.vqgan, device="cpu")
+    text = TextEncoder.from_pretrained(cfg.text_encoder, device="cpu")
+    return fmt.DatasetSpec(
+        resolution=cfg.resolution, token_grid=image.grid(cfg.resolution), codebook_size=image.codebook_size,
+        text_seq_len=text.seq_len, text_hidden_size=text.hidden_size, text_pooled_dim=text.pooled_dim,
+        image_tokenizer=identities["image"], text_encoder=identities["text"], crop=cfg.crop, views=cfg.views,
+        seed=cfg.seed, min_side=cfg.min_side, max_pixels=cfg.max_pixels,
+    )
+
+
+def _check_or_start_manifest(output: str, spec: fmt.DatasetSpec) -> None:
+    fs, path = url_to_fs(output)
+    if fs.exists(f"{path.rstrip('/')}/{fmt.MANIFEST}"):
+        existing = fmt.read_manifest(output).spec
+        if existing != spec:
+            diff = {k: (v, getattr(spec, k)) for k, v in dataclasses.asdict(existing).items()
+                    if dataclasses.asdict(spec)[k] != v}
+            raise ValueError(f"{output} holds a token dataset made with other settings; refusing to mix "
+                             f"(existing -> requested): {diff}")
+    else:
+        fmt.write_manifest(output, fmt.Manifest(spec, []))
+
+
+def finalize_manifest(output: str, spec: fmt.DatasetSpec) -> fmt.Manifest:
+    manifest = fmt.Manifest(spec, list(fmt.completed_shards(output).values()))
+    fmt.write_manifest(output, manifest)
+    return manifest
+
+
+def pretokenize(cfg: PretokenizeConfig) -> PretokenizeReport:
+    """Runs the job; shards already complete in `cfg.output` are skipped."""
+    import ray
+
+    cfg.validate()
+    started = time.monotonic()
+    sources = list_input_shards(cfg.input)
+    names = [fmt.shard_name(s) for s in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"input shards map to the same output name: {sorted(n for n in names if names.count(n) > 1)}")
+    spec = _dataset_spec(cfg)
+    _check_or_start_manifest(cfg.output, spec)
+    done = fmt.completed_shards(cfg.output)
+    pending = [s for s, n in zip(sources, names) if n not in done]
+    report = PretokenizeReport(output=cfg.output, shards_total=len(sources), shards_already_done=len(sources) - len(pending))
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
+    try:
+        if pending:
+            _run(cfg, spec, pending, report)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    finalize_manifest(cfg.output, spec)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _run(cfg: PretokenizeConfig, spec: fmt.DatasetSpec, pending: list[str], report: PretokenizeReport) -> None:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    use_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    n_encoders = cfg.encoders or (int(ray.cluster_resources().get("GPU", 1)) if use_gpu else 1)
+    device = "cuda" if use_gpu and cfg.device == "auto" else ("cpu" if cfg.device == "auto" else cfg.device)
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if use_gpu else "fp32")
+    threads = None if use_gpu else (cfg.encoder_threads or max(1, (os.cpu_count() or 1) // n_encoders))
+    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cfg.encoder_cpus}
+
+    items = [{"shard": i, "source": s} for i, s in enumerate(pending)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.flat_map(read_chunks, fn_kwargs={"batch_size": cfg.batch_size}, num_cpus=0.25)
+    ds = ds.map(decode_chunk, num_cpus=cfg.decode_cpus, fn_kwargs=dict(
+        resolution=cfg.resolution, crop=cfg.crop, views=cfg.views, seed=cfg.seed, min_side=cfg.min_side,
+        max_pixels=cfg.max_pixels))
+    ds = ds.map_batches(
+        ChunkEncoder, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_encoders),
+        fn_constructor_kwargs=dict(vqgan=cfg.vqgan, text_encoder=cfg.text_encoder, resolution=cfg.resolution,
+                                   device=device, dtype=dtype, threads=threads),
+        **resources,
+    )
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        assembler = ShardAssembler(cfg.output, spec, report, pool)
+        bar = tqdm(total=len(pending), unit="shard", desc="pretokenize", disable=not cfg.progress)
+        samples = 0
+        for row in ds.iter_rows():
+            samples += len(json.loads(row["items"]))
+            if assembler.add(row):
+                bar.update(1)
+            bar.set_postfix(samples=samples, refresh=False)
+        bar.close()
+        for future in assembler.writes:
+            record = future.result()
+            report.shards_written += 1
+            report.rows_written += record.rows
+            for reason, n in record.skipped.items():
+                report.skipped[reason] = report.skipped.get(reason, 0) + n

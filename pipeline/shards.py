@@ -1,0 +1,268 @@
+"""The token dataset: Parquet shards (zstd) plus a JSON manifest.
+
+Layout of a dataset folder (any fsspec URL):
+    manifest.json        format version, DatasetSpec, every complete shard (rows, bytes, sha256)
+    00042.parquet        one shard per input shard (00042.tar -> 00042.parquet)
+    _stats/00042.json    the shard's completion marker: its record and its skipped samples
+
+A shard counts only once its marker exists; the marker is written after the Parquet
+file, and both go through a temporary name. Tensors are stored as fixed-size binary
+columns (little-endian, dtype and shape in the field metadata and the manifest): they
+read back zero-copy with `numpy.frombuffer` and write 3-4x faster than Parquet's
+per-value float16 lists. Nothing here ever unpickles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.fsio import atomic_writer, read_json, write_json_atomic
+from tokenizer.storage import join, url_to_fs
+
+FORMAT = "amused-token-dataset"
+VERSION = 1
+MANIFEST = "manifest.json"
+STATS_DIR = "_stats"
+ROW_GROUP_ROWS = 512
+SHARD_NAME = re.compile(r"^\d+$")
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    path: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything that determines a dataset's contents besides its input shards."""
+
+    resolution: int
+    token_grid: tuple[int, int]
+    codebook_size: int
+    text_seq_len: int
+    text_hidden_size: int
+    text_pooled_dim: int
+    image_tokenizer: ModelIdentity
+    text_encoder: ModelIdentity
+    crop: str = "center"
+    views: int = 1
+    seed: int = 0
+    min_side: int = 32
+    max_pixels: int = 64_000_000
+
+    def tensor_columns(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        return {
+            "image_tokens": (np.dtype("<u2"), tuple(self.token_grid)),
+            "text_hidden_states": (np.dtype("<f2"), (self.text_seq_len, self.text_hidden_size)),
+            "text_pooled": (np.dtype("<f2"), (self.text_pooled_dim,)),
+        }
+
+    def schema(self) -> pa.Schema:
+        fields = [
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("content_id", pa.string(), nullable=False),
+            pa.field("caption", pa.string(), nullable=False),
+            pa.field("view", pa.int16(), nullable=False),
+        ]
+        for name, (dtype, shape) in self.tensor_columns().items():
+            meta = {"dtype": dtype.str, "shape": ",".join(map(str, shape))}
+            nbytes = int(dtype.itemsize * np.prod(shape))
+            fields.append(pa.field(name, pa.binary(nbytes), nullable=False, metadata=meta))
+        fields += [pa.field(c, pa.int32(), nullable=False) for c in SIZE_COLUMNS]
+        fields.append(pa.field("aesthetic_score", pa.float32(), nullable=True))
+        return pa.schema(fields, metadata={"format": FORMAT, "version": str(VERSION)})
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "DatasetSpec":
+        obj = dict(obj)
+        obj["token_grid"] = tuple(obj["token_grid"])
+        obj["image_tokenizer"] = ModelIdentity(**obj["image_tokenizer"])
+        obj["text_encoder"] = ModelIdentity(**obj["text_encoder"])
+        return cls(**obj)
+
+
+SIZE_COLUMNS = ("orig_width", "orig_height", "crop_top", "crop_left")
+
+
+@dataclass
+class ShardRecord:
+    name: str  # "00042.parquet"
+    source: str  # the input shard it came from
+    rows: int
+    bytes: int
+    sha256: str
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    spec: DatasetSpec
+    shards: list[ShardRecord]
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    def skipped(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for shard in self.shards:
+            for reason, n in shard.skipped.items():
+                total[reason] = total.get(reason, 0) + n
+        return dict(sorted(total.items()))
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "spec": self.spec.to_json(),
+            "rows": self.rows,
+            "skipped": self.skipped(),
+            "shards": [dataclasses.asdict(s) for s in sorted(self.shards, key=lambda s: s.name)],
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "Manifest":
+        if obj.get("format") != FORMAT:
+            raise ValueError(f"not a token dataset manifest (format={obj.get('format')!r})")
+        if obj.get("version") != VERSION:
+            raise ValueError(f"token dataset version {obj.get('version')} is not supported (expected {VERSION})")
+        return cls(DatasetSpec.from_json(obj["spec"]), [ShardRecord(**s) for s in obj["shards"]])
+
+
+def shard_name(source: str) -> str:
+    """`.../00042.tar` -> `00042.parquet`; input shards must be named by integers."""
+    stem = source.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0]
+    if not SHARD_NAME.match(stem):
+        raise ValueError(f"input shard {source!r}: names must be zero-padded integers like 00042.tar")
+    return f"{stem}.parquet"
+
+
+def build_table(spec: DatasetSpec, columns: dict) -> pa.Table:
+    """A shard table from numpy arrays (tensors) and lists (scalars), in schema order."""
+    schema = spec.schema()
+    tensors = spec.tensor_columns()
+    n = len(columns["key"])
+    arrays = []
+    for f in schema:
+        value = columns[f.name]
+        if f.name in tensors:
+            dtype, shape = tensors[f.name]
+            data = np.ascontiguousarray(value, dtype=dtype)
+            if data.shape != (n, *shape):
+                raise ValueError(f"column {f.name}: shape {data.shape}, expected {(n, *shape)}")
+            arrays.append(pa.FixedSizeBinaryArray.from_buffers(f.type, n, [None, pa.py_buffer(data)]))
+        else:
+            arrays.append(pa.array(value, type=f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def write_shard(dataset_url: str, record_source: str, table: pa.Table) -> ShardRecord:
+    name = shard_name(record_source)
+    with atomic_writer(join(dataset_url, name)) as fh:
+        pq.write_table(
+            table, fh, compression="zstd", row_group_size=ROW_GROUP_ROWS,
+            use_dictionary=["caption", "content_id"], write_statistics=list(SIZE_COLUMNS),
+        )
+    return ShardRecord(name=name, source=record_source, rows=table.num_rows, bytes=fh.size,
+                       sha256=fh.sha256.hexdigest())
+
+
+def marker_url(dataset_url: str, name: str) -> str:
+    return join(dataset_url, STATS_DIR, name.replace(".parquet", ".json"))
+
+
+def write_marker(dataset_url: str, record: ShardRecord, skipped_samples: list[dict]) -> None:
+    write_json_atomic(
+        marker_url(dataset_url, record.name),
+        {"record": dataclasses.asdict(record), "skipped_samples": skipped_samples},
+    )
+
+
+def completed_shards(dataset_url: str) -> dict[str, ShardRecord]:
+    """Records of every shard whose completion marker exists, by shard name."""
+    fs, root = url_to_fs(dataset_url)
+    stats = f"{root.rstrip('/')}/{STATS_DIR}"
+    if not fs.exists(stats):
+        return {}
+    out = {}
+    for path in fs.glob(f"{stats}/*.json"):
+        with fs.open(path, "rb") as fh:
+            record = ShardRecord(**json.loads(fh.read())["record"])
+        out[record.name] = record
+    return out
+
+
+def read_manifest(dataset_url: str) -> Manifest:
+    return Manifest.from_json(read_json(join(dataset_url, MANIFEST)))
+
+
+def write_manifest(dataset_url: str, manifest: Manifest) -> None:
+    write_json_atomic(join(dataset_url, MANIFEST), manifest.to_json())
+
+
+def tensor_view(column: pa.Array | pa.ChunkedArray, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """(N, *shape) numpy view of a fixed-size binary column; zero-copy for one chunk."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if column.null_count:
+        raise ValueError("tensor column has nulls")
+    width = column.type.byte_width
+    data = column.buffers()[1]
+    flat = np.frombuffer(data, dtype=np.uint8, count=(column.offset + len(column)) * width)
+    return flat[column.offset * width :].view(dtype).reshape(len(column), *shape)
+
+
+class TokenDataset:
+    """Reads a token dataset through its manifest."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.manifest = read_manifest(url)
+        self.spec = self.manifest.spec
+        self.shards = sorted(self.manifest.shards, key=lambda s: s.name)
+
+    @property
+    def num_rows(self) -> int:
+        return self.manifest.rows
+
+    def _open(self, name: str) -> pq.ParquetFile:
+        fs, path = url_to_fs(join(self.url, name))
+        return pq.ParquetFile(fs.open(path, "rb"))
+
+    def decode(self, batch: pa.RecordBatch | pa.Table) -> dict[str, np.ndarray | list]:
+        """Columns as numpy: tensors reshaped without copying, scalars as arrays or lists."""
+        tensors = self.spec.tensor_columns()
+        out = {}
+        for name in batch.schema.names:
+            col = batch.column(name)
+            if name in tensors:
+                out[name] = tensor_view(col, *tensors[name])
+            elif pa.types.is_string(col.type):
+                out[name] = col.to_pylist()
+            else:
+                out[name] = col.to_numpy(zero_copy_only=False)
+        return out
+
+    def iter_batches(
+        self, batch_size: int = 256, columns: list[str] | None = None, shards: list[str] | None = None
+    ) -> Iterator[dict[str, np.ndarray | list]]:
+        for name in shards or [s.name for s in self.shards]:
+            with self._open(name) as pf:
+                for batch in pf.iter_batches(batch_size=batch_size, columns=columns, use_threads=False):
+                    yield self.decode(batch)
+
+    def read_shard(self, name: str, columns: list[str] | None = None) -> pa.Table:
+        with self._open(name) as pf:
+            return pf.read(columns=columns)

@@ -1,0 +1,91 @@
+"""Captioned images of simple coloured shapes, written as img2dataset-style webdataset tars.
+
+Used by the demo, the tests and the benchmarks, so they exercise the same reader as
+real downloads. Every image is a function of (seed, shard, index).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from pipeline.fsio import atomic_writer
+from tokenizer.storage import join
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
+           "purple": (140, 60, 190), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def shape_image(rng: np.random.Generator, width: int, height: int) -> tuple[Image.Image, str]:
+    names = list(COLOURS)
+    fg, bg = rng.choice(len(names), size=2, replace=False)
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    img = Image.new("RGB", (width, height), COLOURS[names[bg]])
+    draw = ImageDraw.Draw(img)
+    side = int(min(width, height) * rng.uniform(0.3, 0.7))
+    x0 = int(rng.integers(0, width - side + 1))
+    y0 = int(rng.integers(0, height - side + 1))
+    box = (x0, y0, x0 + side, y0 + side)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLOURS[names[fg]])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLOURS[names[fg]])
+    else:
+        draw.polygon([(x0 + side // 2, y0), (x0, y0 + side), (x0 + side, y0 + side)], fill=COLOURS[names[fg]])
+    return img, f"a {names[fg]} {shape} on a {names[bg]} background"
+
+
+def encode_image(img: Image.Image, fmt: str = "jpg") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt], **({"quality": 90} if fmt == "jpg" else {}))
+    return buf.getvalue()
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar holding `members` in the given order, with fixed metadata (reproducible bytes)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def sample_members(key: str, image: bytes | None, caption: str | bytes | None, meta: dict | None,
+                   ext: str = "jpg") -> list[tuple[str, bytes]]:
+    members = []
+    if image is not None:
+        members.append((f"{key}.{ext}", image))
+    if caption is not None:
+        members.append((f"{key}.txt", caption.encode() if isinstance(caption, str) else caption))
+    if meta is not None:
+        members.append((f"{key}.json", json.dumps(meta).encode()))
+    return members
+
+
+def write_shape_shards(output: str, shards: int = 2, per_shard: int = 16, min_size: int = 64,
+                       max_size: int = 160, seed: int = 0, fmt: str = "jpg") -> list[str]:
+    """Writes `shards` tars named 00000.tar, 00001.tar, ... under `output`; returns their URLs."""
+    urls = []
+    for shard in range(shards):
+        members = []
+        for i in range(per_shard):
+            rng = np.random.default_rng([seed, shard, i])
+            w, h = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+            img, caption = shape_image(rng, w, h)
+            key = f"{shard:05d}{i:04d}"
+            meta = {"key": key, "caption": caption, "width": w, "height": h, "status": "success",
+                    "aesthetic_score": round(float(rng.uniform(4, 7)), 3)}
+            members += sample_members(key, encode_image(img, fmt), caption, meta, fmt)
+        url = join(output, f"{shard:05d}.tar")
+        with atomic_writer(url) as fh:
+            fh.write(tar_bytes(members))
+        urls.append(url)
+    return urls
+

@@ -1,0 +1,112 @@
+"""Model folders addressed by fsspec URLs: resolve sub-folders, cache remote ones, fingerprint.
+
+`from_pretrained` in diffusers and transformers reads only local folders, so a remote
+folder (s3://...) is copied once into a local cache under a temporary name and renamed
+into place, which makes concurrent fetches from several actors on one node safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import fsspec
+
+CACHE_ENV = "AMUSED_CACHE"
+
+
+def url_to_fs(url: str):
+    """(filesystem, path) for a local path, file:// or any fsspec URL."""
+    return fsspec.core.url_to_fs(url)
+
+
+def is_local(url: str) -> bool:
+    fs, _ = url_to_fs(url)
+    return "file" in _protocols(fs)
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *parts])
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "amused")) / "models"
+
+
+def _remote_listing(fs, root: str) -> dict[str, int]:
+    files = fs.find(root, detail=True)
+    return {os.path.relpath(p, root): int(info.get("size") or 0) for p, info in files.items()}
+
+
+def local_folder(url: str) -> Path:
+    """A local path holding the folder at `url`; remote folders are fetched into the cache.
+
+    A cached copy is reused while the remote listing (names and sizes) is unchanged.
+    """
+    fs, root = url_to_fs(url)
+    if "file" in _protocols(fs):
+        path = Path(root)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model folder not found: {url}")
+        return path
+    listing = _remote_listing(fs, root)
+    if not listing:
+        raise FileNotFoundError(f"model folder not found or empty: {url}")
+    dest = _cache_root() / hashlib.sha256(url.encode()).hexdigest()[:20]
+    marker = dest / ".amused-listing.json"
+    if marker.exists() and json.loads(marker.read_text()) == listing:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        for rel in listing:
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f"{root.rstrip('/')}/{rel}", str(target))
+        (tmp / marker.name).write_text(json.dumps(listing, sort_keys=True))
+        if dest.exists():
+            shutil.rmtree(dest, ignore_errors=True)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            # Another process on this node finished the same fetch first; use its copy.
+            if not (marker.exists() and json.loads(marker.read_text()) == listing):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def resolve_subfolder(url: str, names: tuple[str, ...]) -> str:
+    """`url/<name>` for the first name present, else `url` itself.
+
+    Lets one flag accept either a component folder or a whole diffusers pipeline folder
+    (where the VQ-GAN lives under `vqvae/` and CLIP under `text_encoder/` + `tokenizer/`).
+    """
+    fs, root = url_to_fs(url)
+    for name in names:
+        if fs.isdir(f"{root.rstrip('/')}/{name}"):
+            return join(url, name)
+    return url
+
+
+def folder_fingerprint(path: str | Path) -> str:
+    """SHA-256 over the relative names and contents of every file in a local folder."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".amused-")):
+        digest.update(str(file.relative_to(root)).encode() + b"\0")
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()

@@ -1,0 +1,78 @@
+"""CLIP text encoder producing aMUSEd's two text conditions.
+
+Cross-attention context: the penultimate layer's hidden states (`hidden_states[-2]`,
+before the final layer norm), padded to the tokenizer's max length (77). Global
+condition: the projected pooled embedding (`text_embeds`). This is exactly what
+diffusers' AmusedPipeline computes for a prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+from tokenizer.runtime import resolve_device, resolve_dtype
+from tokenizer.storage import join, local_folder, resolve_subfolder
+
+
+@dataclass
+class TextEmbeddings:
+    hidden_states: torch.Tensor  # (N, seq_len, hidden)
+    pooled: torch.Tensor  # (N, projection_dim)
+
+
+class TextEncoder:
+    def __init__(
+        self,
+        tokenizer: CLIPTokenizer,
+        model: CLIPTextModelWithProjection,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "fp32",
+    ):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.tokenizer = tokenizer
+        self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.seq_len = int(tokenizer.model_max_length)
+        if self.seq_len > model.config.max_position_embeddings:
+            raise ValueError(
+                f"tokenizer max length {self.seq_len} exceeds the text model's "
+                f"{model.config.max_position_embeddings} positions"
+            )
+        self.hidden_size = int(model.config.hidden_size)
+        self.pooled_dim = int(model.config.projection_dim)
+
+    @classmethod
+    def from_pretrained(
+        cls, url: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "fp32"
+    ) -> "TextEncoder":
+        """Load from a diffusers pipeline folder (`text_encoder/` + `tokenizer/`) or one CLIP folder."""
+        url = str(url)
+        model_url = resolve_subfolder(url, ("text_encoder",))
+        tokenizer_url = join(url, "tokenizer") if model_url != url else url
+        tokenizer = CLIPTokenizer.from_pretrained(local_folder(tokenizer_url))
+        model = CLIPTextModelWithProjection.from_pretrained(local_folder(model_url))
+        return cls(tokenizer, model, device=device, dtype=dtype)
+
+    def token_ids(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(
+            list(captions),
+            return_tensors="pt",
+            padding="max_length",
+            truncation=True,
+            max_length=self.seq_len,
+        ).input_ids
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> TextEmbeddings:
+        if not captions:
+            empty = torch.zeros(0, device=self.device, dtype=self.dtype)
+            return TextEmbeddings(
+                empty.reshape(0, self.seq_len, self.hidden_size), empty.reshape(0, self.pooled_dim)
+            )
+        ids = self.token_ids(captions).to(self.device)
+        out = self.model(ids, return_dict=True, output_hidden_states=True)
+        return TextEmbeddings(hidden_states=out.hidden_states[-2], pooled=out.text_embeds)

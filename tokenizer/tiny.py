@@ -1,0 +1,118 @@
+"""Small random models in the released layout, for tests, demos and benchmarks.
+
+They are saved and then loaded through the same `from_pretrained(path)` code as real
+weights. The CLIP tokenizer is the real one: OpenAI's BPE merges ship inside the
+open_clip_torch package (installed without its dependencies), so no hub is needed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+from pathlib import Path
+
+import torch
+from diffusers import UVit2DModel, VQModel
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+# aMUSEd's architectures (REFERENCE.md) and tiny ones of the same shape. The tiny VQ-GAN
+# downsamples 8x (not 16x) so that 64 px test images still give an 8x8 token grid.
+VQGAN_CONFIGS = {
+    "amused": dict(
+        block_out_channels=[128, 256, 256, 512, 768],
+        layers_per_block=2,
+        latent_channels=64,
+        num_vq_embeddings=8192,
+        norm_num_groups=32,
+    ),
+    "tiny": dict(
+        block_out_channels=[16, 32, 32, 64],
+        layers_per_block=1,
+        latent_channels=16,
+        num_vq_embeddings=64,
+        norm_num_groups=8,
+    ),
+}
+CLIP_TEXT_CONFIGS = {
+    # CLIP ViT-L/14 text tower.
+    "amused": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   projection_dim=768),
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 projection_dim=32),
+}
+UVIT_CONFIGS = {
+    "tiny": dict(
+        hidden_size=32, cond_embed_dim=32, micro_cond_encode_dim=8, micro_cond_embed_dim=40,
+        encoder_hidden_size=32, vocab_size=65, codebook_size=64, in_channels=16, block_out_channels=32,
+        num_res_blocks=1, block_num_heads=2, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, sample_size=8,
+    ),
+}
+
+
+def build_vqgan(preset: str = "tiny") -> VQModel:
+    cfg = VQGAN_CONFIGS[preset]
+    n = len(cfg["block_out_channels"])
+    return VQModel(
+        down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n,
+        mid_block_add_attention=False,
+        lookup_from_codebook=True,
+        force_upcast=True,
+        **cfg,
+    )
+
+
+def build_clip_text(preset: str = "tiny", vocab_size: int = 49408) -> CLIPTextModelWithProjection:
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, max_position_embeddings=77, hidden_act="quick_gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=1, **CLIP_TEXT_CONFIGS[preset],
+    )
+    return CLIPTextModelWithProjection(config)
+
+
+def clip_bpe_tokenizer(out: Path) -> CLIPTokenizer:
+    """OpenAI's CLIP BPE tokenizer, rebuilt from the merges file open_clip ships."""
+    # Located, not imported: open_clip's own imports need torchvision, which is not installed.
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "open_clip_torch is needed for its CLIP BPE vocabulary: "
+            "pip install --no-deps -r requirements/img2dataset.txt"
+        )
+    bpe_path = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.open(bpe_path, "rt", encoding="utf-8").read().split("\n")[1 : 49152 - 256 - 2 + 1]
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    tokenizer = CLIPTokenizer(
+        vocab={tok: i for i, tok in enumerate(vocab)},
+        merges=[tuple(m.split()) for m in merges],
+        model_max_length=77,
+    )
+    tokenizer.save_pretrained(out)
+    return tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2/CLIP byte-to-printable-character table.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_tiny_models(out: str | Path, seed: int = 0) -> Path:
+    """Write `vqgan/`, `text_encoder/`, `tokenizer/` and `transformer/` under `out`."""
+    out = Path(out)
+    torch.manual_seed(seed)
+    build_vqgan("tiny").save_pretrained(out / "vqgan")
+    clip_bpe_tokenizer(out / "tokenizer")
+    build_clip_text("tiny").save_pretrained(out / "text_encoder")
+    UVit2DModel(**UVIT_CONFIGS["tiny"]).save_pretrained(out / "transformer")
+    return out
