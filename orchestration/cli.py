@@ -57,6 +57,10 @@ def _shards_inspect(args) -> int:
 
     info = inspect_dataset(args.url, max_rows=args.max_rows)
     print(json.dumps(info, indent=1) if args.json else format_inspect(info))
+    if args.grid:
+        from pipeline.inspect import reconstruction_grid
+
+        print(f"decoded tokens of the first rows: {reconstruction_grid(args.url, args.grid, vqgan=args.vqgan)}")
     return 0
 
 
@@ -95,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("url")
     inspect.add_argument("--max-rows", type=int, default=100_000, help="rows read for the codebook statistics")
     inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("--grid", help="write a PNG of the first rows' tokens decoded by the VQ-GAN")
+    inspect.add_argument("--vqgan", help="VQ-GAN for --grid (default: the one recorded in the manifest)")
     inspect.set_defaults(func=_shards_inspect)
     return parser
 

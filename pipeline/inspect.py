@@ -164,3 +164,18 @@ def format_inspect(info: dict) -> str:
     if info["skipped"]:
         lines.append("  skipped while pre-tokenizing: " + ", ".join(f"{k} {v}" for k, v in info["skipped"].items()))
     return "\n".join(lines)
+
+
+def reconstruction_grid(url: str, out_png: str, n: int = 16, vqgan: str | None = None) -> str:
+    """Decodes the first `n` rows' tokens with the dataset's VQ-GAN (or `vqgan`) into a captioned PNG."""
+    from pipeline.fsio import atomic_writer
+    from pipeline.visual import image_grid
+    from tokenizer import ImageTokenizer
+
+    dataset = fmt.TokenDataset(url)
+    batch = next(dataset.iter_batches(batch_size=n, columns=["caption", "image_tokens"]))
+    tokenizer = ImageTokenizer.from_pretrained(vqgan or dataset.spec.image_tokenizer.path)
+    images = tokenizer.decode(batch["image_tokens"])
+    with atomic_writer(out_png) as fh:
+        image_grid(images, batch["caption"]).save(fh, format="PNG")
+    return out_png

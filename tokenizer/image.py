@@ -33,7 +33,9 @@ class ImageTokenizer:
             )
         if model.quantize.remap is not None:
             raise ValueError("VQ models with an index remap are not supported: token ids would not be codebook rows")
-        self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
+        if model.dtype != self.dtype:
+            model = model.to(dtype=self.dtype)
+        self.model = model.to(self.device).eval().requires_grad_(False)
         n_down = len(model.config.block_out_channels) - 1
         self.downsample = 2**n_down
         self.codebook_size = int(model.config.num_vq_embeddings)
