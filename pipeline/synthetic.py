@@ -21,7 +21,10 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), 
 SHAPES = ("circle", "square", "triangle")
 
 
-def shape_image(rng: np.random.Generator, width: int, height: int) -> tuple[Image.Image, str]:
+def shape_image(rng: np.random.Generator, width: int, height: int, texture: float = 0.0
+                ) -> tuple[Image.Image, str]:
+    """A shape on a plain background; `texture` > 0 adds Gaussian noise of that std-dev, which
+    makes JPEG sizes and decode costs like photographs' (plain shapes compress far better)."""
     names = list(COLOURS)
     fg, bg = rng.choice(len(names), size=2, replace=False)
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
@@ -37,6 +40,9 @@ def shape_image(rng: np.random.Generator, width: int, height: int) -> tuple[Imag
         draw.rectangle(box, fill=COLOURS[names[fg]])
     else:
         draw.polygon([(x0 + side // 2, y0), (x0, y0 + side), (x0 + side, y0 + side)], fill=COLOURS[names[fg]])
+    if texture:
+        noisy = np.asarray(img, np.float32) + rng.normal(0, texture, (height, width, 3)).astype(np.float32)
+        img = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
     return img, f"a {names[fg]} {shape} on a {names[bg]} background"
 
 
@@ -70,15 +76,16 @@ def sample_members(key: str, image: bytes | None, caption: str | bytes | None, m
 
 
 def write_shape_shards(output: str, shards: int = 2, per_shard: int = 16, min_size: int = 64,
-                       max_size: int = 160, seed: int = 0, fmt: str = "jpg") -> list[str]:
+                       max_size: int = 160, seed: int = 0, fmt: str = "jpg", texture: float = 0.0,
+                       first_shard: int = 0) -> list[str]:
     """Writes `shards` tars named 00000.tar, 00001.tar, ... under `output`; returns their URLs."""
     urls = []
-    for shard in range(shards):
+    for shard in range(first_shard, first_shard + shards):
         members = []
         for i in range(per_shard):
             rng = np.random.default_rng([seed, shard, i])
             w, h = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
-            img, caption = shape_image(rng, w, h)
+            img, caption = shape_image(rng, w, h, texture)
             key = f"{shard:05d}{i:04d}"
             meta = {"key": key, "caption": caption, "width": w, "height": h, "status": "success",
                     "aesthetic_score": round(float(rng.uniform(4, 7)), 3)}

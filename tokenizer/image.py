@@ -35,6 +35,10 @@ class ImageTokenizer:
             raise ValueError("VQ models with an index remap are not supported: token ids would not be codebook rows")
         if model.dtype != self.dtype:
             model = model.to(dtype=self.dtype)
+        if self.device.type == "cuda":
+            # NHWC uint8 batches permuted to NCHW are already channels-last: no copy, faster convs.
+            model = model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
         self.model = model.to(self.device).eval().requires_grad_(False)
         n_down = len(model.config.block_out_channels) - 1
         self.downsample = 2**n_down

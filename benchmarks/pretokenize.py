@@ -1,0 +1,177 @@
+"""Pre-tokenization throughput at aMUSEd size: bare models vs a plain loop vs the Ray job.
+
+    (a) bare models: VQ-GAN encode + CLIP on pre-decoded uint8 crops already in memory
+    (b) plain loop:  read tar -> decode -> crop -> encode -> embed -> write, one process
+    (c) Ray job:     `pipeline.pretokenize.pretokenize` on the same shards
+
+Models are the released aMUSEd VQ-GAN config and CLIP-L/14's text config with random
+weights (throughput does not depend on the weights). Images are noisy shape JPEGs of
+300-640 px, whose decode cost is like photographs'. (c) is reported end to end and in
+steady state (rows of the shards finished after the first one, over the time between
+the first and the last), since actor start-up is a one-off cost at scale.
+
+    python benchmarks/pretokenize.py                       # CPU: small counts
+    python benchmarks/pretokenize.py --images 16384 --batch-size 256 --shards 32   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import shards as fmt  # noqa: E402
+from pipeline.images import decode_views  # noqa: E402
+from pipeline.pretokenize import PretokenizeConfig, list_input_shards, pretokenize  # noqa: E402
+from pipeline.synthetic import write_shape_shards  # noqa: E402
+from pipeline.wds import BadSample, caption_of, iter_samples  # noqa: E402
+from tokenizer import ImageTokenizer, TextEncoder  # noqa: E402
+from tokenizer.tiny import build_clip_text, build_vqgan, clip_bpe_tokenizer  # noqa: E402
+
+RES = 256
+
+
+def write_models(root: Path) -> Path:
+    torch.manual_seed(0)
+    build_vqgan("amused").save_pretrained(root / "vqgan")
+    build_clip_text("amused").save_pretrained(root / "text_encoder")
+    clip_bpe_tokenizer(root / "tokenizer")
+    return root
+
+
+def _write_shards(args):
+    out, first, count, per_shard = args
+    write_shape_shards(out, shards=count, per_shard=per_shard, min_size=300, max_size=640, seed=11, texture=12.0,
+                       first_shard=first)
+
+
+def write_data(out: Path, images: int, shards: int) -> None:
+    per_shard = images // shards
+    jobs = [(str(out), i, 1, per_shard) for i in range(shards)]
+    with mp.Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
+        pool.map(_write_shards, jobs)
+
+
+def bare_models(models: Path, device: str, dtype: str, batch: int, n: int) -> float:
+    image = ImageTokenizer.from_pretrained(models / "vqgan", device=device, dtype=dtype)
+    text = TextEncoder.from_pretrained(models, device=device, dtype=dtype)
+    pixels = np.random.default_rng(0).integers(0, 256, (batch, RES, RES, 3), dtype=np.uint8)
+    captions = [f"a red circle on a blue background number {i}" for i in range(batch)]
+
+    def step():
+        image.encode(pixels)
+        text.encode(captions).hidden_states.float().cpu()
+
+    step()  # warm-up (cudnn autotune, allocator)
+    steps = max(1, n // batch)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def plain_loop(models: Path, src: Path, out: Path, device: str, dtype: str, batch: int) -> tuple[float, int]:
+    """What a user writes first: one process, decode then encode, shard after shard."""
+    image = ImageTokenizer.from_pretrained(models / "vqgan", device=device, dtype=dtype)
+    text = TextEncoder.from_pretrained(models, device=device, dtype=dtype)
+    none = fmt.ModelIdentity("", "")
+    spec = fmt.DatasetSpec(RES, image.grid(RES), image.codebook_size, text.seq_len, text.hidden_size,
+                           text.pooled_dim, none, none)
+    rows = 0
+    start = time.perf_counter()
+    for source in list_input_shards(str(src)):
+        columns: dict[str, list] = {k: [] for k in ("key", "caption", "image_tokens", "text_hidden_states",
+                                                     "text_pooled", *fmt.SIZE_COLUMNS)}
+        crops, captions = [], []
+
+        def flush():
+            if crops:
+                columns["image_tokens"].append(image.encode(np.stack(crops)))
+                emb = text.encode(captions)
+                columns["text_hidden_states"].append(emb.hidden_states.float().cpu().numpy().astype(np.float16))
+                columns["text_pooled"].append(emb.pooled.float().cpu().numpy().astype(np.float16))
+                columns["caption"] += captions
+                crops.clear()
+                captions.clear()
+
+        with open(source, "rb") as fh:
+            for sample in iter_samples(fh, source):
+                try:
+                    caption = caption_of(sample)
+                    orig, offsets, crop = decode_views(sample.image[1], RES, "center", 1, 0, sample.key, 32, 10**8)
+                except BadSample:
+                    continue
+                captions.append(caption)
+                crops.append(crop[0])
+                columns["key"].append(sample.key)
+                for name, value in zip(fmt.SIZE_COLUMNS, (*orig, *offsets[0])):
+                    columns[name].append(value)
+                if len(crops) == batch:
+                    flush()
+        flush()
+        n = len(columns["key"])
+        for name in ("image_tokens", "text_hidden_states", "text_pooled"):
+            columns[name] = np.concatenate(columns[name])
+        columns.update(content_id=columns["key"], view=[0] * n, aesthetic_score=[None] * n)
+        fmt.write_shard(str(out), source, fmt.build_table(spec, columns))
+        rows += n
+    return rows / (time.perf_counter() - start), rows
+
+
+def ray_job(models: Path, src: Path, out: Path, batch: int, decode_cpus: float) -> tuple[float, float, int]:
+    import ray
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    cfg = PretokenizeConfig(input=str(src), output=str(out), vqgan=str(models / "vqgan"), text_encoder=str(models),
+                            resolution=RES, batch_size=batch, decode_cpus=decode_cpus, progress=True)
+    start = time.perf_counter()
+    report = pretokenize(cfg)
+    total = time.perf_counter() - start
+    ray.shutdown()
+    assert report.ok, report.summary()
+    markers = sorted((p.stat().st_mtime, json.loads(p.read_text())["record"]["rows"])
+                     for p in (out / fmt.STATS_DIR).glob("*.json"))
+    steady = sum(r for _, r in markers[1:]) / max(markers[-1][0] - markers[0][0], 1e-9) if len(markers) > 2 else 0.0
+    return report.rows_written / total, steady, report.rows_written
+
+
+def main() -> None:
+    gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=4096 if gpu else 24)
+    p.add_argument("--shards", type=int, default=16 if gpu else 3)
+    p.add_argument("--batch-size", type=int, default=256 if gpu else 8)
+    p.add_argument("--decode-cpus", type=float, default=0.5)
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args()
+    device, dtype = ("cuda", "bf16") if gpu else ("cpu", "fp32")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-pretok-"))
+    models = write_models(work / "models")
+    t = time.perf_counter()
+    write_data(work / "wds", args.images, args.shards)
+    print(f"data: {args.images} images in {args.shards} shards written in {time.perf_counter() - t:.1f}s", flush=True)
+
+    a = bare_models(models, device, dtype, args.batch_size, n=max(args.batch_size * 4, args.images // 4))
+    print(f"(a) bare models      {a:9.1f} images/s", flush=True)
+    b, rows_b = plain_loop(models, work / "wds", work / "plain", device, dtype, args.batch_size)
+    print(f"(b) plain loop       {b:9.1f} images/s ({rows_b} rows)", flush=True)
+    c_total, c_steady, rows_c = ray_job(models, work / "wds", work / "ray", args.batch_size, args.decode_cpus)
+    print(f"(c) Ray job          {c_total:9.1f} images/s end to end, {c_steady:.1f} steady ({rows_c} rows)")
+    name = torch.cuda.get_device_name() if gpu else f"CPU x{os.cpu_count()}"
+    print(f"\ndevice {name}, {device} {dtype}, batch {args.batch_size}, {args.images} images, {RES}px")
+    print(f"c/a = {c_steady / a:.2f} (steady)   c/b = {c_steady / b:.2f} (steady)   "
+          f"end-to-end c/b = {c_total / b:.2f}")
+
+
+if __name__ == "__main__":
+    main()
