@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -398,6 +399,8 @@ def _run(cfg: PretokenizeConfig, spec: fmt.DatasetSpec, pending: list[str], repo
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # Our own bar and report say what Ray Data's per-dataset INFO lines would.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     use_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     n_encoders = cfg.encoders or (int(ray.cluster_resources().get("GPU", 1)) if use_gpu else 1)
     device = "cuda" if use_gpu and cfg.device == "auto" else ("cpu" if cfg.device == "auto" else cfg.device)

@@ -1,0 +1,43 @@
+"""The `amused` command called in-process: exit codes, output, one-line errors."""
+
+import json
+
+from orchestration.cli import main
+from pipeline.pretokenize import list_input_shards
+from tests.test_shards import write_dataset
+from tokenizer import ImageTokenizer
+
+
+def test_models_tiny_and_synth_write_what_the_loaders_read(tmp_path, capsys):
+    assert main(["models", "tiny", str(tmp_path / "m")]) == 0
+    assert ImageTokenizer.from_pretrained(str(tmp_path / "m" / "vqgan")).grid(64) == (8, 8)
+    assert main(["synth", str(tmp_path / "wds"), "--shards", "3", "--per-shard", "2"]) == 0
+    assert [s.rsplit("/", 1)[-1] for s in list_input_shards(str(tmp_path / "wds"))] == \
+        ["00000.tar", "00001.tar", "00002.tar"]
+    assert "3 webdataset shards" in capsys.readouterr().out
+
+
+def test_verify_and_inspect_exit_codes(tmp_path, capsys):
+    url = str(tmp_path / "tokens")
+    write_dataset(url, sizes=(4, 3))
+    assert main(["shards", "verify", url]) == 0
+    assert capsys.readouterr().out.startswith("OK")
+
+    assert main(["shards", "inspect", url, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["rows"] == 7 and info["shards"] == 2
+
+    shard = tmp_path / "tokens" / "00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert main(["shards", "verify", url]) == 1
+    captured = capsys.readouterr()
+    assert "00001.parquet" in captured.out
+    assert captured.err.strip().splitlines() == [captured.err.strip()]
+    assert captured.err.startswith("amused: error:")
+
+
+def test_errors_are_one_line_without_traceback(tmp_path, capsys):
+    assert main(["shards", "inspect", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("amused: error:") and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
