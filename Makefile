@@ -36,6 +36,7 @@ demo: $(STAMP)
 	$(AMUSED) shards inspect $(DEMO)/tokens --grid $(DEMO)/tokens-grid.png --vqgan $(DEMO)/models/vqgan
 
 bench: $(STAMP)
+	$(PY) benchmarks/shard_format.py
 	$(PY) benchmarks/pretokenize.py
 
 clean:
