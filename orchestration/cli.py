@@ -29,6 +29,14 @@ def _synth(args) -> int:
     return 0
 
 
+def _filter(args) -> int:
+    from pipeline.config import config_from_args
+    from pipeline.filter import FilterConfig, filter_metadata
+
+    print(filter_metadata(config_from_args(FilterConfig, args)).table())
+    return 0
+
+
 def _pretokenize(args) -> int:
     from pipeline.config import config_from_args
     from pipeline.pretokenize import PretokenizeConfig, pretokenize
@@ -66,6 +74,7 @@ def _shards_inspect(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.config import add_config_args
+    from pipeline.filter import FilterConfig
     from pipeline.pretokenize import PretokenizeConfig
 
     parser = argparse.ArgumentParser(prog="amused", description="aMUSEd data-and-training pipeline")
@@ -85,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--max-size", type=int, default=160)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=_synth)
+
+    filt = sub.add_parser("filter", help="image-text metadata Parquet -> filtered, shuffled download shards (Ray)")
+    add_config_args(filt, FilterConfig)
+    filt.set_defaults(func=_filter)
 
     pre = sub.add_parser("pretokenize", help="webdataset image shards -> token dataset (Ray)")
     add_config_args(pre, PretokenizeConfig)

@@ -80,3 +80,19 @@ def sha256_of(url: str) -> str:
         for block in iter(lambda: fh.read(8 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def list_files(url: str, suffix: str, required: bool = True) -> list[str]:
+    """URLs in name order of a single file, a folder's `*{suffix}` files, or a glob."""
+    fs, path = url_to_fs(url)
+    if any(c in path for c in "*?["):
+        found = fs.glob(path)
+    elif fs.isfile(path):
+        found = [path]
+    else:
+        found = fs.glob(f"{path.rstrip('/')}/*{suffix}")
+    found = sorted(p for p in found if TMP_MARK not in p.rsplit("/", 1)[-1])
+    if not found and required:
+        raise FileNotFoundError(f"no *{suffix} files at {url}")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return [p if protocol == "file" else f"{protocol}://{p}" for p in found]

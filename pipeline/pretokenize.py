@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +29,8 @@ from tqdm import tqdm
 from pipeline import shards as fmt
 from pipeline.config import opt
 from pipeline.images import decode_views
+from pipeline.fsio import list_files
+from pipeline.raysession import ray_session
 from pipeline.wds import BadSample, RawSample, ShardFormatError, aesthetic_of, caption_of, iter_samples, \
     metadata_of, original_size_of
 from tokenizer.storage import folder_fingerprint, local_folder, resolve_subfolder, url_to_fs
@@ -106,14 +107,16 @@ class PretokenizeReport:
 
 
 def list_input_shards(url: str) -> list[str]:
-    """Input tar URLs in name order: a folder of *.tar, or a glob."""
-    fs, path = url_to_fs(url)
-    pattern = path if any(c in path for c in "*?[") else f"{path.rstrip('/')}/*.tar"
-    found = sorted(fs.glob(pattern))
-    if not found:
-        raise FileNotFoundError(f"no .tar shards at {url}")
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return [p if protocol == "file" else f"{protocol}://{p}" for p in found]
+    """Input tar URLs in name order: a folder of *.tar, or a glob.
+
+    In img2dataset's output a tar is complete only once its `NNNNN_stats.json` exists
+    (it writes the tar under its final name): there, tars without one are left out.
+    """
+    tars = list_files(url, ".tar")
+    stats = {u[: -len("_stats.json")] for u in list_files(url, "_stats.json", required=False)}
+    if stats:
+        tars = [t for t in tars if t[: -len(".tar")] in stats]
+    return tars
 
 
 # ----- stage 1: read a tar into chunks of raw member bytes ---------------------------------
@@ -365,8 +368,6 @@ def finalize_manifest(output: str, spec: fmt.DatasetSpec) -> fmt.Manifest:
 
 def pretokenize(cfg: PretokenizeConfig) -> PretokenizeReport:
     """Runs the job; shards already complete in `cfg.output` are skipped."""
-    import ray
-
     cfg.validate()
     started = time.monotonic()
     sources = list_input_shards(cfg.input)
@@ -379,15 +380,9 @@ def pretokenize(cfg: PretokenizeConfig) -> PretokenizeReport:
     pending = [s for s, n in zip(sources, names) if n not in done]
     report = PretokenizeReport(output=cfg.output, shards_total=len(sources), shards_already_done=len(sources) - len(pending))
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
-    try:
-        if pending:
+    if pending:
+        with ray_session(cfg.ray_address):
             _run(cfg, spec, pending, report)
-    finally:
-        if started_ray:
-            ray.shutdown()
     finalize_manifest(cfg.output, spec)
     report.seconds = time.monotonic() - started
     return report
@@ -396,11 +391,6 @@ def pretokenize(cfg: PretokenizeConfig) -> PretokenizeReport:
 def _run(cfg: PretokenizeConfig, spec: fmt.DatasetSpec, pending: list[str], report: PretokenizeReport) -> None:
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    # Our own bar and report say what Ray Data's per-dataset INFO lines would.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     use_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     n_encoders = cfg.encoders or (int(ray.cluster_resources().get("GPU", 1)) if use_gpu else 1)
     device = "cuda" if use_gpu and cfg.device == "auto" else ("cpu" if cfg.device == "auto" else cfg.device)

@@ -1,0 +1,522 @@
+"""`amused filter`: image-text metadata Parquet in, filtered and shuffled download shards out.
+
+Three Ray Data passes, each resumable by its own completion files under `_work/`:
+
+1. per input file: read the mapped columns, apply the rules with pyarrow compute, key
+   each kept row by its normalised URL and give it a seeded rank; write the rows sorted
+   by rank (so pass 2 reads rank ranges through Parquet statistics).
+2. per rank range (partition): gather the range from every file, sort, drop duplicate
+   keys. Ranges split the 64-bit rank space evenly, so partition order is rank order:
+   the global result does not depend on the partition count, the file split or the
+   number of workers.
+3. per partition: cut the global order into download shards of `rows_per_shard` rows
+   (`00000.parquet`, ...), a shard reading into the next partition where it must.
+
+`_report.json`, written last, marks the job complete: rows in/out and rejections by
+rule, per file and in total. A row rejected by several rules counts under the first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline.config import opt
+from pipeline.fsio import atomic_writer, list_files, read_json, write_json_atomic
+from pipeline.raysession import ray_session
+from pipeline.urls import AddressPolicy, normalize, sample_keys, scheme_allowed, seeded_rank
+from tokenizer.storage import join, url_to_fs
+
+REPORT = "_report.json"
+WORK = "_work"
+
+# canonical column -> Arrow type of the output
+CANONICAL = {
+    "url": pa.string(), "caption": pa.string(), "width": pa.int64(), "height": pa.int64(),
+    "similarity": pa.float64(), "nsfw": pa.float64(), "watermark": pa.float64(),
+    "aesthetic_score": pa.float64(), "language": pa.string(),
+}
+OUTPUT_SCHEMA = pa.schema([pa.field("sample_key", pa.string(), nullable=False)]
+                          + [pa.field(k, t) for k, t in CANONICAL.items()])
+_WORK_SCHEMA = OUTPUT_SCHEMA.append(pa.field("_rank", pa.uint64())).append(pa.field("_file", pa.int32()))
+
+_LAION = dict(url="URL", caption="TEXT", width="WIDTH", height="HEIGHT", similarity="similarity", nsfw="punsafe",
+              watermark="pwatermark", aesthetic_score="AESTHETIC_SCORE", language="LANGUAGE")
+SCHEMAS: dict[str, dict[str, str]] = {
+    # LAION-5B, LAION-2B-en/multi, LAION-Aesthetics (AESTHETIC_SCORE), LAION-400M
+    "laion": _LAION,
+    "datacomp": dict(url="url", caption="text", width="original_width", height="original_height",
+                     similarity="clip_l14_similarity_score"),
+    "coyo": dict(url="url", caption="text", width="width", height="height", similarity="clip_similarity_vitl14",
+                 nsfw="nsfw_score_opennsfw2", watermark="watermark_score", aesthetic_score="aesthetic_score_laion_v2"),
+    "cc12m": dict(url="url", caption="caption"),
+    "custom": {},
+}
+# Detection order matters: the most specific column sets first.
+_SIGNATURES = (("laion", {"URL", "TEXT"}), ("datacomp", {"url", "text", "clip_l14_similarity_score"}),
+               ("coyo", {"url", "text", "clip_similarity_vitl14"}), ("cc12m", {"url", "caption"}))
+_NUMBER = r"^\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$"
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+@dataclass
+class FilterConfig:
+    input: str = opt(help="metadata Parquet: a file, a folder of *.parquet, or a glob (local or s3://)")
+    output: str = opt(help="folder for the download shards and _report.json")
+    schema: str = opt("auto", f"column names of the input: auto, {', '.join(SCHEMAS)}")
+    columns: str = opt("", "column mapping on top of the schema, e.g. 'url=URL,caption=TEXT,nsfw=punsafe'")
+    min_width: int | None = opt(None, "minimum original width in pixels")
+    min_height: int | None = opt(None, "minimum original height in pixels")
+    max_aspect_ratio: float | None = opt(None, "maximum of width/height and height/width")
+    min_similarity: float | None = opt(None, "minimum image-text CLIP similarity")
+    max_nsfw: float | None = opt(None, "maximum NSFW probability")
+    max_watermark: float | None = opt(None, "maximum watermark probability")
+    min_aesthetic: float | None = opt(None, "minimum aesthetic score")
+    min_caption_chars: int | None = opt(1, "minimum caption length in characters (after trimming)")
+    max_caption_chars: int | None = opt(None, "maximum caption length in characters")
+    min_caption_words: int | None = opt(None, "minimum caption length in words")
+    max_caption_words: int | None = opt(None, "maximum caption length in words")
+    languages: str = opt("", "comma-separated caption languages to keep (needs a language column)")
+    dedup: bool = opt(True, "drop repeated URLs (after normalisation) across all input files")
+    allow_hosts: str = opt("", "comma-separated addresses/networks/names exempt from the URL address policy")
+    seed: int = opt(0, "seed of the shuffle before sharding")
+    rows_per_shard: int = opt(10_000, "rows per download shard")
+    partition_rows: int = opt(2_000_000, "rows per de-duplication partition (memory of one task)")
+    workers: int | None = opt(None, "concurrent Ray tasks per pass (default: as many as fit)")
+    ray_address: str | None = opt(None, "Ray cluster address (default: a local Ray)")
+    progress: bool = opt(True, "progress bars")
+
+    def __post_init__(self) -> None:
+        if self.schema != "auto" and self.schema not in SCHEMAS:
+            raise ValueError(f"schema {self.schema!r}: expected auto or one of {sorted(SCHEMAS)}")
+        for name in ("rows_per_shard", "partition_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1:
+            raise ValueError("max_aspect_ratio must be >= 1")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError("workers must be >= 1")
+        self.column_overrides()
+        self.rules()
+
+    def column_overrides(self) -> dict[str, str]:
+        out = {}
+        for item in _csv(self.columns):
+            name, sep, source = item.partition("=")
+            if not sep or name.strip() not in CANONICAL or not source.strip():
+                raise ValueError(f"columns: {item!r} is not CANONICAL=SOURCE with CANONICAL in {sorted(CANONICAL)}")
+            out[name.strip()] = source.strip()
+        return out
+
+    def rules(self) -> RuleSet:
+        return RuleSet(
+            min_width=self.min_width, min_height=self.min_height, max_aspect_ratio=self.max_aspect_ratio,
+            min_similarity=self.min_similarity, max_nsfw=self.max_nsfw, max_watermark=self.max_watermark,
+            min_aesthetic=self.min_aesthetic, caption_chars=(self.min_caption_chars, self.max_caption_chars),
+            caption_words=(self.min_caption_words, self.max_caption_words),
+            languages=tuple(x.lower() for x in _csv(self.languages)), allow_hosts=_csv(self.allow_hosts))
+
+
+def _at_least(x, v):
+    return pc.greater_equal(x, v)
+
+
+def _at_most(x, v):
+    return pc.less_equal(x, v)
+
+
+def _within(x, bounds):
+    lo, hi = bounds
+    ok = pc.greater_equal(x, lo) if lo is not None else pc.is_valid(x)
+    return pc.and_(ok, pc.less_equal(x, hi)) if hi is not None else ok
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    columns: tuple[str, ...]
+    passes: Callable[[dict[str, pa.Array]], pa.Array]
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """The row rules in the order rejections are attributed; each None is off."""
+
+    min_width: int | None = None
+    min_height: int | None = None
+    max_aspect_ratio: float | None = None
+    min_similarity: float | None = None
+    max_nsfw: float | None = None
+    max_watermark: float | None = None
+    min_aesthetic: float | None = None
+    caption_chars: tuple[int | None, int | None] = (1, None)
+    caption_words: tuple[int | None, int | None] = (None, None)
+    languages: tuple[str, ...] = ()
+    allow_hosts: tuple[str, ...] = ()
+
+    def active(self) -> list[Rule]:
+        policy = AddressPolicy(self.allow_hosts)
+        rules = [Rule("url_scheme", ("url",), lambda c: scheme_allowed(c["_normalized"])),
+                 Rule("url_address", ("url",), lambda c: policy(c["_normalized"]))]
+        if self.caption_chars != (None, None):
+            rules.append(Rule("caption_chars", ("caption",),
+                              lambda c: _within(pc.utf8_length(c["caption"]), self.caption_chars)))
+        if self.caption_words != (None, None):
+            rules.append(Rule("caption_words", ("caption",), lambda c: _within(
+                pc.count_substring_regex(c["caption"], r"\S+"), self.caption_words)))
+        if self.languages:
+            rules.append(Rule("language", ("language",),
+                              lambda c: pc.is_in(pc.utf8_lower(c["language"]), pa.array(self.languages))))
+        if self.min_width is not None or self.min_height is not None:
+            rules.append(Rule("image_size", ("width", "height"), self._size_ok))
+        if self.max_aspect_ratio is not None:
+            rules.append(Rule("aspect_ratio", ("width", "height"), self._ratio_ok))
+        for name, column, value, test in (
+                ("similarity", "similarity", self.min_similarity, _at_least),
+                ("nsfw", "nsfw", self.max_nsfw, _at_most),
+                ("watermark", "watermark", self.max_watermark, _at_most),
+                ("aesthetic", "aesthetic_score", self.min_aesthetic, _at_least)):
+            if value is not None:
+                rules.append(Rule(name, (column,), lambda c, column=column, value=value, test=test:
+                                  test(c[column], value)))
+        return rules
+
+    def _size_ok(self, c):
+        ok = pc.and_(pc.is_valid(c["width"]), pc.is_valid(c["height"]))
+        if self.min_width is not None:
+            ok = pc.and_(ok, pc.greater_equal(c["width"], self.min_width))
+        if self.min_height is not None:
+            ok = pc.and_(ok, pc.greater_equal(c["height"], self.min_height))
+        return ok
+
+    def _ratio_ok(self, c):
+        w, h = pc.cast(c["width"], pa.float64()), pc.cast(c["height"], pa.float64())
+        positive = pc.and_(pc.greater(w, 0), pc.greater(h, 0))
+        ratio = pc.max_element_wise(pc.divide(w, h), pc.divide(h, w))
+        return pc.and_(positive, pc.less_equal(ratio, self.max_aspect_ratio))
+
+    def needed_columns(self) -> set[str]:
+        return {c for rule in self.active() for c in rule.columns}
+
+    def names(self) -> list[str]:
+        return [r.name for r in self.active()] + ["duplicate_url"]
+
+
+# ----- column mapping ---------------------------------------------------------------------
+
+def resolve_mapping(schema: str, overrides: dict[str, str], first_file_columns: list[str]) -> tuple[str, dict]:
+    if schema == "auto":
+        present = set(first_file_columns)
+        schema = next((name for name, needed in _SIGNATURES if needed <= present), "custom")
+        if schema == "custom" and not {"url", "caption"} <= set(overrides):
+            raise ValueError(f"cannot tell the schema from columns {sorted(present)}; pass --schema or "
+                             f"--columns url=...,caption=...")
+    return schema, {**SCHEMAS[schema], **overrides}
+
+
+def check_columns(path: str, names: list[str], mapping: dict[str, str], needed: set[str]) -> None:
+    for canonical in sorted(needed | {"url", "caption"}):
+        source = mapping.get(canonical)
+        if source is None:
+            raise ValueError(f"no input column is mapped to {canonical!r}, which a rule needs; "
+                             f"add --columns {canonical}=NAME")
+        if source not in names:
+            raise ValueError(f"{path}: missing column {source!r} (mapped to {canonical!r})")
+
+
+def _as_float(arr: pa.Array) -> pa.Array:
+    """Numbers as float64; unparseable strings and other types become null (the rule rejects them)."""
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        numeric = pc.fill_null(pc.match_substring_regex(arr, _NUMBER), False)
+        return pc.cast(pc.utf8_trim_whitespace(pc.if_else(numeric, arr, None)), pa.float64())
+    if pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_decimal(arr.type):
+        return pc.cast(arr, pa.float64())
+    return pa.nulls(len(arr), pa.float64())
+
+
+def _as_size(arr: pa.Array) -> pa.Array:
+    x = _as_float(arr)
+    ok = pc.fill_null(pc.and_(pc.is_finite(x), pc.and_(pc.greater_equal(x, -2.0**62), pc.less_equal(x, 2.0**62))),
+                      False)
+    return pc.cast(pc.floor(pc.if_else(ok, x, None)), pa.int64())
+
+
+def _as_text(arr: pa.Array) -> pa.Array:
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        try:
+            arr = pc.cast(arr, pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return pa.nulls(len(arr), pa.string())
+    return pc.utf8_trim_whitespace(pc.cast(arr, pa.string()))
+
+
+_CONVERT = {"width": _as_size, "height": _as_size, "similarity": _as_float, "nsfw": _as_float,
+            "watermark": _as_float, "aesthetic_score": _as_float}
+
+
+def canonical_table(table: pa.Table, mapping: dict[str, str]) -> dict[str, pa.Array]:
+    cols = {}
+    for name, kind in CANONICAL.items():
+        source = mapping.get(name)
+        if source is None or source not in table.column_names:
+            cols[name] = pa.nulls(table.num_rows, kind)
+            continue
+        arr = table.column(source).combine_chunks()
+        cols[name] = _CONVERT.get(name, _as_text)(arr)
+    return cols
+
+
+# ----- pass 1: one input file ------------------------------------------------------------
+
+def _work(output: str, *parts: str) -> str:
+    return join(output, WORK, *parts)
+
+
+def filter_file(item: dict, output: str, mapping: dict, rules: RuleSet, seed: int) -> dict:
+    """Filters one metadata file into `_work/files/NNNNN.parquet`; returns its counts."""
+    index, path = int(item["index"]), str(item["path"])
+    marker = _work(output, "files", f"{index:05d}.json")
+    fs, marker_path = url_to_fs(marker)
+    if fs.exists(marker_path):
+        return read_json(marker)
+    src_fs, src_path = url_to_fs(path)
+    sources = sorted({s for s in mapping.values()} & set(pq.read_schema(src_path, filesystem=src_fs).names))
+    table = pq.read_table(src_path, columns=sources, filesystem=src_fs)
+    cols = canonical_table(table, mapping)
+    cols["_normalized"] = normalize(cols["url"])
+    alive = pa.array(np.ones(table.num_rows, dtype=bool))
+    rejected = {}
+    for rule in rules.active():
+        ok = pc.fill_null(rule.passes(cols), False)
+        rejected[rule.name] = pc.sum(pc.and_(alive, pc.invert(ok))).as_py() or 0
+        alive = pc.and_(alive, ok)
+    kept = {k: v.filter(alive) for k, v in cols.items()}
+    keys, bits = sample_keys(kept.pop("_normalized"))
+    out = pa.table({"sample_key": keys, **kept, "_rank": pa.array(seeded_rank(bits, seed)),
+                    "_file": pa.array(np.full(len(keys), index, dtype=np.int32))}, schema=_WORK_SCHEMA)
+    out = out.sort_by([("_rank", "ascending"), ("sample_key", "ascending")])
+    with atomic_writer(_work(output, "files", f"{index:05d}.parquet")) as fh:
+        pq.write_table(out, fh, compression="zstd", row_group_size=65_536)
+    counts = {"index": index, "file": path, "rows_in": table.num_rows, "rows_kept": out.num_rows,
+              "rejected": rejected}
+    write_json_atomic(marker, counts)
+    return counts
+
+
+# ----- pass 2: one rank range ------------------------------------------------------------
+
+def rank_bounds(p: int, partitions: int) -> tuple[int, int]:
+    return (p << 64) // partitions, ((p + 1) << 64) // partitions
+
+
+def _sort_keys() -> list[tuple[str, str]]:
+    return [("_rank", "ascending"), ("sample_key", "ascending")] + \
+        [(c, "ascending") for c in (*CANONICAL, "_file")]
+
+
+def dedup_partition(item: dict, output: str, files: list[int], partitions: int, dedup: bool) -> dict:
+    p = int(item["partition"])
+    marker = _work(output, "parts", f"{p:05d}.json")
+    fs, marker_path = url_to_fs(marker)
+    if fs.exists(marker_path):
+        return read_json(marker)
+    lo, hi = rank_bounds(p, partitions)
+    rank = pc.field("_rank")
+    expr = rank >= pa.scalar(lo, pa.uint64())
+    if hi < 1 << 64:
+        expr = expr & (rank < pa.scalar(hi, pa.uint64()))
+    paths = [url_to_fs(_work(output, "files", f"{i:05d}.parquet"))[1] for i in files]
+    table = pads.dataset(paths, format="parquet", filesystem=fs, schema=_WORK_SCHEMA).to_table(filter=expr)
+    table = table.sort_by(_sort_keys())
+    duplicates: dict[str, int] = {}
+    if dedup and table.num_rows > 1:
+        key = table.column("sample_key").combine_chunks()
+        repeat = np.zeros(table.num_rows, dtype=bool)
+        repeat[1:] = pc.equal(key.slice(1), key.slice(0, len(key) - 1)).to_numpy(zero_copy_only=False)
+        if repeat.any():
+            dropped_files = table.column("_file").to_numpy()[repeat]
+            ids, n = np.unique(dropped_files, return_counts=True)
+            duplicates = {str(int(i)): int(c) for i, c in zip(ids, n)}
+            table = table.filter(pa.array(~repeat))
+    with atomic_writer(_work(output, "parts", f"{p:05d}.parquet")) as fh:
+        pq.write_table(table, fh, compression="zstd")
+    result = {"partition": p, "rows": table.num_rows, "duplicates": duplicates}
+    write_json_atomic(marker, result)
+    return result
+
+
+# ----- pass 3: download shards -----------------------------------------------------------
+
+def shard_url(output: str, index: int) -> str:
+    return join(output, f"{index:05d}.parquet")
+
+
+def write_shards(item: dict, output: str, offsets: list[int], rows_per_shard: int) -> dict:
+    """Writes the shards that start in partition `item['partition']` (global row order)."""
+    p, total = int(item["partition"]), offsets[-1]
+    start, end = offsets[p], offsets[p + 1]
+    first = -(-start // rows_per_shard)
+    shards = list(range(first, -(-end // rows_per_shard))) if end > start else []
+    fs, _ = url_to_fs(output)
+    todo = [s for s in shards if not fs.exists(url_to_fs(shard_url(output, s))[1])]
+    if not todo:
+        return {"partition": p, "written": 0}
+    need_end = min(total, (todo[-1] + 1) * rows_per_shard)
+    tables, q = [], p
+    while q < len(offsets) - 1 and offsets[q] < need_end:
+        if offsets[q + 1] > offsets[q]:
+            tables.append(pq.read_table(url_to_fs(_work(output, "parts", f"{q:05d}.parquet"))[1], filesystem=fs))
+        q += 1
+    rows = pa.concat_tables(tables).select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+    for s in todo:
+        lo = s * rows_per_shard - start
+        with atomic_writer(shard_url(output, s)) as fh:
+            pq.write_table(rows.slice(lo, min(rows_per_shard, total - s * rows_per_shard)), fh,
+                           compression="zstd")
+    return {"partition": p, "written": len(todo)}
+
+
+# ----- the job ---------------------------------------------------------------------------
+
+@dataclass
+class FilterReport:
+    output: str
+    schema: str
+    files: list[dict] = field(default_factory=list)
+    total: dict = field(default_factory=dict)
+    shards: int = 0
+    seconds: float = 0.0
+
+    def table(self, max_files: int = 20) -> str:
+        rules = [r for r in self.total["rejected"] if self.total["rejected"][r]] or list(self.total["rejected"])
+        head = f"{'file':<28}{'rows in':>12}{'rows out':>12}" + "".join(f"{r:>15}" for r in rules)
+        lines = [head, "-" * len(head)]
+        shown = self.files if len(self.files) <= max_files else self.files[:max_files]
+        for f in (*shown, {**self.total, "file": "TOTAL"}):
+            name = f["file"].rsplit("/", 1)[-1][-27:]
+            lines.append(f"{name:<28}{f['rows_in']:>12,}{f['rows_out']:>12,}"
+                         + "".join(f"{f['rejected'].get(r, 0):>15,}" for r in rules))
+        if len(shown) < len(self.files):
+            lines.insert(2 + len(shown), f"... {len(self.files) - len(shown)} more files in {REPORT}")
+        lines.append(f"{self.shards} download shards in {self.output} ({self.seconds:.1f}s, schema {self.schema})")
+        return "\n".join(lines)
+
+
+def _job_fingerprint(cfg: FilterConfig, files: list[str], mapping: dict) -> dict:
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("input", "output", "workers", "ray_address", "progress", "partition_rows")}
+    settings.update(files=files, mapping=mapping)
+    return {"settings": settings,
+            "sha256": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()}
+
+
+def _check_or_start_job(cfg: FilterConfig, job: dict) -> None:
+    url = _work(cfg.output, "job.json")
+    fs, path = url_to_fs(url)
+    if fs.exists(path):
+        if read_json(url)["sha256"] != job["sha256"]:
+            raise ValueError(f"{cfg.output} holds an unfinished filter job with other settings or inputs; "
+                             f"use another output folder or delete it")
+    else:
+        write_json_atomic(url, job)
+
+
+def _json_call(row: dict, fn, kwargs: dict) -> dict:
+    # Results travel as JSON text: their dicts have per-item keys that Arrow blocks cannot hold.
+    return {"out": json.dumps(fn(row, **kwargs))}
+
+
+def _ray_map(items: list[dict], fn, kwargs: dict, workers: int | None, desc: str, progress: bool) -> list[dict]:
+    """`fn(item, **kwargs)` for each item as Ray tasks; the results, in completion order."""
+    import ray
+
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    compute = ray.data.TaskPoolStrategy(size=workers) if workers else None
+    ds = ds.map(_json_call, fn_kwargs=dict(fn=fn, kwargs=kwargs), compute=compute, num_cpus=1)
+    rows = tqdm(ds.iter_rows(), total=len(items), desc=desc, disable=not progress)
+    return [json.loads(row["out"]) for row in rows]
+
+
+def _schemas(files: list[str]) -> list[list[str]]:
+    def names(url):
+        fs, path = url_to_fs(url)
+        return pq.read_schema(path, filesystem=fs).names
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(names, files))
+
+
+def filter_metadata(cfg: FilterConfig) -> FilterReport:
+    """Runs (or resumes) the filter job; returns its report, also written to `_report.json`."""
+    started = time.monotonic()
+    report_url = join(cfg.output, REPORT)
+    fs, report_path = url_to_fs(report_url)
+    files = list_files(cfg.input, ".parquet")
+    schemas = _schemas(files)
+    schema, mapping = resolve_mapping(cfg.schema, cfg.column_overrides(), schemas[0])
+    rules = cfg.rules()
+    for path, names in zip(files, schemas):
+        check_columns(path, names, mapping, rules.needed_columns())
+    job = _job_fingerprint(cfg, files, mapping)
+    if fs.exists(report_path):
+        done = read_json(report_url)
+        if done["job"] != job["sha256"]:
+            raise ValueError(f"{cfg.output} holds a finished filter job with other settings or inputs")
+        return FilterReport(**{k: v for k, v in done.items() if k != "job"})
+    _check_or_start_job(cfg, job)
+
+    with ray_session(cfg.ray_address):
+        counts = _ray_map([{"index": i, "path": p} for i, p in enumerate(files)], filter_file,
+                          dict(output=cfg.output, mapping=mapping, rules=rules, seed=cfg.seed),
+                          cfg.workers, "filter: files", cfg.progress)
+        counts.sort(key=lambda c: c["index"])
+        kept = sum(c["rows_kept"] for c in counts)
+        partitions = max(1, math.ceil(kept / cfg.partition_rows))
+        parts = _ray_map([{"partition": p} for p in range(partitions)], dedup_partition,
+                         dict(output=cfg.output, files=list(range(len(files))), partitions=partitions,
+                              dedup=cfg.dedup), cfg.workers, "filter: dedup", cfg.progress)
+        parts.sort(key=lambda r: r["partition"])
+        offsets = np.concatenate([[0], np.cumsum([r["rows"] for r in parts])]).astype(int).tolist()
+        _ray_map([{"partition": p} for p in range(partitions)], write_shards,
+                 dict(output=cfg.output, offsets=offsets, rows_per_shard=cfg.rows_per_shard),
+                 cfg.workers, "filter: shards", cfg.progress)
+
+    report = _report(cfg, schema, counts, parts, rules)
+    report.seconds = time.monotonic() - started
+    write_json_atomic(report_url, {**dataclasses.asdict(report), "job": job["sha256"]})
+    fs.rm(url_to_fs(_work(cfg.output))[1], recursive=True)
+    return report
+
+
+def _report(cfg: FilterConfig, schema: str, counts: list[dict], parts: list[dict], rules: RuleSet) -> FilterReport:
+    duplicates = np.zeros(len(counts), dtype=np.int64)
+    for part in parts:
+        for index, n in part["duplicates"].items():
+            duplicates[int(index)] += n
+    names = rules.names()
+    files = []
+    for c, dup in zip(counts, duplicates):
+        rejected = {name: int(c["rejected"].get(name, 0)) for name in names}
+        rejected["duplicate_url"] = int(dup)
+        files.append({"file": c["file"], "rows_in": c["rows_in"], "rows_out": c["rows_kept"] - int(dup),
+                      "rejected": rejected})
+    total = {"rows_in": sum(f["rows_in"] for f in files), "rows_out": sum(f["rows_out"] for f in files),
+             "rejected": {n: sum(f["rejected"][n] for f in files) for n in names}}
+    shards = -(-total["rows_out"] // cfg.rows_per_shard)
+    return FilterReport(output=cfg.output, schema=schema, files=files, total=total, shards=shards)

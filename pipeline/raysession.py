@@ -1,0 +1,27 @@
+"""One way for every data job to get Ray: join the running one or start one for the job."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Iterator
+
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Uses an initialised Ray as is; else connects to `address` (None: a local one) and
+    shuts it down afterwards. Our own progress bars and reports replace Ray Data's."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
