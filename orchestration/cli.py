@@ -37,6 +37,14 @@ def _filter(args) -> int:
     return 0
 
 
+def _download(args) -> int:
+    from pipeline.config import config_from_args
+    from pipeline.download import DownloadConfig, download
+
+    print(download(config_from_args(DownloadConfig, args)).table())
+    return 0
+
+
 def _pretokenize(args) -> int:
     from pipeline.config import config_from_args
     from pipeline.pretokenize import PretokenizeConfig, pretokenize
@@ -74,6 +82,7 @@ def _shards_inspect(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.config import add_config_args
+    from pipeline.download import DownloadConfig
     from pipeline.filter import FilterConfig
     from pipeline.pretokenize import PretokenizeConfig
 
@@ -98,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     filt = sub.add_parser("filter", help="image-text metadata Parquet -> filtered, shuffled download shards (Ray)")
     add_config_args(filt, FilterConfig)
     filt.set_defaults(func=_filter)
+
+    down = sub.add_parser("download", help="filtered metadata -> webdataset image shards (img2dataset)")
+    add_config_args(down, DownloadConfig)
+    down.set_defaults(func=_download)
 
     pre = sub.add_parser("pretokenize", help="webdataset image shards -> token dataset (Ray)")
     add_config_args(pre, PretokenizeConfig)

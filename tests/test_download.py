@@ -1,0 +1,164 @@
+"""`amused download` against an HTTP server on 127.0.0.1 that serves images and failures."""
+
+import dataclasses
+import io
+import tarfile
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.download import DownloadConfig, classify, download
+from pipeline.fsio import list_files
+from pipeline.pretokenize import PretokenizeConfig, pretokenize
+from pipeline.shards import TokenDataset
+from pipeline.wds import iter_samples, metadata_of
+
+
+def jpeg(n: int, size=(120, 90)) -> bytes:
+    rng = np.random.default_rng(n)
+    img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG")
+    return buf.getvalue()
+
+
+class Handler(BaseHTTPRequestHandler):
+    hits: Counter = Counter()
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, code: int, body: bytes = b"", ctype="image/jpeg", headers=()):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in headers:
+            self.send_header(k, v)
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (the slow path)
+            pass
+
+    def do_GET(self):
+        kind, name = self.path.strip("/").split("/", 1)
+        Handler.hits[self.path] += 1
+        n = int(name.split(".")[0])
+        if kind == "img":
+            self._send(200, jpeg(n))
+        elif kind == "missing":
+            self._send(404, b"not found", "text/plain")
+        elif kind == "gone":
+            self._send(410, b"gone", "text/plain")
+        elif kind == "error":
+            self._send(500, b"boom", "text/plain")
+        elif kind == "flaky":  # fails once, then serves the image
+            self._send(503, b"busy", "text/plain") if Handler.hits[self.path] == 1 else self._send(200, jpeg(n))
+        elif kind == "html":
+            self._send(200, b"<html><body>a page, not a picture</body></html>", "text/html")
+        elif kind == "trunc":
+            self._send(200, jpeg(n)[:400])
+        elif kind == "slow":
+            time.sleep(5)
+            self._send(200, jpeg(n))
+        elif kind == "noai":
+            self._send(200, jpeg(n), headers=[("X-Robots-Tag", "noai")])
+
+
+# path kind -> count; (failure reason, class) after the first run
+PLAN = {"img": 6, "missing": 2, "gone": 1, "error": 2, "flaky": 2, "html": 1, "trunc": 1, "slow": 1, "noai": 1}
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def image_hits() -> int:
+    return sum(n for path, n in Handler.hits.items() if path.startswith("/img/"))
+
+
+def write_input(folder, base: str) -> str:
+    rows = [(f"{base}/{kind}/{i}.jpg", f"{kind} number {i}") for kind, n in PLAN.items() for i in range(n)]
+    rows.append(("http://10.1.2.3/private.jpg", "a private address the filter never saw"))
+    rows.append(("file:///etc/passwd", "not http"))
+    half = len(rows) // 2
+    folder.mkdir()
+    for i, part in enumerate((rows[:half], rows[half:])):
+        pq.write_table(pa.table({"url": [u for u, _ in part], "caption": [c for _, c in part],
+                                 "aesthetic_score": [5.0 + i] * len(part)}), folder / f"{i:05d}.parquet")
+    return str(folder)
+
+
+def test_classify_failures():
+    assert classify("HTTP Error 404: Not Found") == ("http_404", "permanent")
+    assert classify("HTTP Error 503: Service Unavailable") == ("http_5xx", "transient")
+    assert classify("<urlopen error [Errno -3] Temporary failure in name resolution>") == ("dns", "transient")
+    assert classify("The read operation timed out") == ("timeout", "transient")
+    assert classify("HTTP Error 429: Too Many Requests") == ("http_429", "transient")
+    assert classify("Use of image disallowed by X-Robots-Tag directive") == ("opted_out", "permanent")
+    assert classify("Image decoding error") == ("not_an_image", "permanent")
+    assert classify("something new") == ("other", "permanent")
+
+
+def test_download_matches_server_then_resumes_retries_and_pretokenizes(server, tmp_path, tiny_models,
+                                                                       ray_session):
+    src = write_input(tmp_path / "meta", server)
+    out = str(tmp_path / "wds")
+    cfg = DownloadConfig(input=src, output=out, image_size=64, processes=1, threads=8, timeout=3,
+                         allow_hosts="127.0.0.1", samples_per_shard=100)
+    first = download(cfg)
+    assert first.policy_rejected == {"url_scheme": 1, "url_address": 1}
+    assert first.shards == 2 and first.samples == sum(PLAN.values())
+    assert first.successes == PLAN["img"]
+    assert first.failures == {"http_404": 2, "http_410": 1, "http_5xx": PLAN["error"] + PLAN["flaky"],
+                              "not_an_image": PLAN["html"] + PLAN["trunc"], "timeout": 1, "opted_out": 1}
+    assert first.transient_pending == PLAN["error"] + PLAN["flaky"] + PLAN["slow"]
+
+    fetched = image_hits()
+    again = download(cfg)
+    assert image_hits() == fetched and sum(Handler.hits.values()) == sum(PLAN.values())
+    assert (again.successes, again.failures) == (first.successes, first.failures)
+
+    shard0 = sorted(tmp_path.joinpath("wds").glob("00000.*"))
+    before = {p.name: p.stat().st_mtime_ns for p in shard0}
+    retried = download(dataclasses.replace(cfg, retry_failed=True, max_attempts=3))
+    # flaky URLs recovered; 500s and the slow one were tried three times in all, then given up
+    assert retried.successes == PLAN["img"] + PLAN["flaky"]
+    assert retried.failures["http_5xx"] == PLAN["error"] and retried.failures["timeout"] == 1
+    assert all(Handler.hits[f"/error/{i}.jpg"] == 3 for i in range(PLAN["error"]))
+    assert Handler.hits["/slow/0.jpg"] == 3
+    assert retried.shards == 4  # two retry rounds, each a new shard after the first two
+    assert {p.name: p.stat().st_mtime_ns for p in shard0} == before
+    hits = sum(Handler.hits.values())
+    assert download(dataclasses.replace(cfg, retry_failed=True)).successes == retried.successes
+    assert sum(Handler.hits.values()) == hits
+
+    samples = []
+    for tar in list_files(out, ".tar"):
+        with open(tar, "rb") as fh:
+            samples += [metadata_of(s) for s in iter_samples(fh, tar)]
+    assert len(samples) == retried.successes
+    assert all(len(m["sample_key"]) == 32 and m["original_width"] == 120 and m["aesthetic_score"] in (5.0, 6.0)
+               for m in samples)
+    with tarfile.open(list_files(out, ".tar")[0]) as tf:
+        assert any(m.name.endswith(".txt") for m in tf.getmembers())
+
+    report = pretokenize(PretokenizeConfig(input=out, output=str(tmp_path / "tokens"),
+                                           vqgan=str(tiny_models / "vqgan"), text_encoder=str(tiny_models),
+                                           resolution=64, batch_size=4, progress=False))
+    assert report.ok and report.rows_written == retried.successes
+    tokens = TokenDataset(str(tmp_path / "tokens"))
+    keys = [k for s in tokens.shards for k in tokens.read_shard(s.name, ["content_id"]).column(0).to_pylist()]
+    assert sorted(keys) == sorted(m["sample_key"] for m in samples)
