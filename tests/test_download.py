@@ -162,3 +162,21 @@ def test_download_matches_server_then_resumes_retries_and_pretokenizes(server, t
     tokens = TokenDataset(str(tmp_path / "tokens"))
     keys = [k for s in tokens.shards for k in tokens.read_shard(s.name, ["content_id"]).column(0).to_pylist()]
     assert sorted(keys) == sorted(m["sample_key"] for m in samples)
+
+
+def test_s3_input_and_output(server, tmp_path, s3_bucket):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    table = pa.table({"url": [f"{server}/img/{i}.jpg" for i in range(3)] + [f"{server}/missing/9.jpg"],
+                      "caption": ["a", "b", "c", "d"]})
+    with fs.open(f"{s3_bucket}/dl-meta/00000.parquet", "wb") as fh:
+        pq.write_table(table, fh)
+    out = f"{s3_bucket}/dl-wds"
+    cfg = DownloadConfig(input=f"{s3_bucket}/dl-meta", output=out, image_size=64, processes=1, threads=4,
+                         timeout=5, allow_hosts="127.0.0.1", samples_per_shard=10)
+    summary = download(cfg)
+    assert (summary.shards, summary.successes, summary.failures) == (1, 3, {"http_404": 1})
+    assert fs.exists(f"{out}/00000.tar") and fs.exists(f"{out}/00000_stats.json")
+    hits = sum(Handler.hits.values())
+    assert download(cfg).successes == 3 and sum(Handler.hits.values()) == hits
