@@ -133,14 +133,6 @@ class FilterConfig:
             languages=tuple(x.lower() for x in _csv(self.languages)), allow_hosts=_csv(self.allow_hosts))
 
 
-def _at_least(x, v):
-    return pc.greater_equal(x, v)
-
-
-def _at_most(x, v):
-    return pc.less_equal(x, v)
-
-
 def _within(x, bounds):
     lo, hi = bounds
     ok = pc.greater_equal(x, lo) if lo is not None else pc.is_valid(x)
@@ -188,10 +180,10 @@ class RuleSet:
         if self.max_aspect_ratio is not None:
             rules.append(Rule("aspect_ratio", ("width", "height"), self._ratio_ok))
         for name, column, value, test in (
-                ("similarity", "similarity", self.min_similarity, _at_least),
-                ("nsfw", "nsfw", self.max_nsfw, _at_most),
-                ("watermark", "watermark", self.max_watermark, _at_most),
-                ("aesthetic", "aesthetic_score", self.min_aesthetic, _at_least)):
+                ("similarity", "similarity", self.min_similarity, pc.greater_equal),
+                ("nsfw", "nsfw", self.max_nsfw, pc.less_equal),
+                ("watermark", "watermark", self.max_watermark, pc.less_equal),
+                ("aesthetic", "aesthetic_score", self.min_aesthetic, pc.greater_equal)):
             if value is not None:
                 rules.append(Rule(name, (column,), lambda c, column=column, value=value, test=test:
                                   test(c[column], value)))
