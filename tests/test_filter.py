@@ -212,3 +212,10 @@ def test_seed_changes_the_order_not_the_set(reference, nasty_input, tmp_path, ra
     assert sorted(a.column("sample_key").to_pylist()) == sorted(b.column("sample_key").to_pylist())
     assert a.column("sample_key").to_pylist() != b.column("sample_key").to_pylist()
     assert other.total == read_json(join(out, REPORT))["total"]
+
+
+def test_sample_keys_are_pinned_and_ignore_scheme_case_and_fragment():
+    # A change here (say, in pandas' SipHash) would re-key every dataset made before it.
+    keys, _ = sample_keys(normalize(pa.array(["http://example.com/a", "HTTP://EXAMPLE.com/a#top",
+                                              " http://example.com/a "])))
+    assert keys.to_pylist() == ["8d5f9d30607280c05187acc2a3fb64d3"] * 3
