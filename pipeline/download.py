@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import opt
-from pipeline.fsio import atomic_writer, list_files, read_json, write_json_atomic
+from pipeline.fsio import atomic_writer, list_files, parquet_columns, read_json, write_json_atomic
 from pipeline.urls import AddressPolicy, normalize, sample_keys, scheme_allowed
 from tokenizer.storage import join, url_to_fs
 
@@ -130,7 +130,7 @@ def prepare_input(source: str, dest: str, policy: AddressPolicy) -> dict:
     if fs.exists(url_to_fs(counts_url)[1]):
         return read_json(counts_url)
     src_fs, src_path = url_to_fs(source)
-    names = pq.read_schema(src_path, filesystem=src_fs).names
+    names = parquet_columns(source)
     missing = {"url", "caption"} - set(names)
     if missing:
         raise ValueError(f"{source}: missing column(s) {sorted(missing)}; run amused filter first or rename them")
@@ -264,11 +264,6 @@ def _retry_round(cfg: DownloadConfig, extra: list[str]) -> int:
     return plan["samples"]
 
 
-def _schema_names(url: str) -> list[str]:
-    fs, path = url_to_fs(url)
-    return pq.read_schema(path, filesystem=fs).names
-
-
 # ----- the stage ---------------------------------------------------------------------------
 
 def download(cfg: DownloadConfig) -> DownloadSummary:
@@ -282,7 +277,7 @@ def download(cfg: DownloadConfig) -> DownloadSummary:
         counts = prepare_input(source, join(checked, f"{i:05d}.parquet"), policy)
         for rule, n in counts.items():
             rejected[rule] = rejected.get(rule, 0) + n
-        names = _schema_names(join(checked, f"{i:05d}.parquet"))
+        names = parquet_columns(join(checked, f"{i:05d}.parquet"))
         extra = [c for c in EXTRA_COLUMNS if c in names] if extra is None else [c for c in extra if c in names]
     largest = max(pq.ParquetFile(url_to_fs(u)[1], filesystem=url_to_fs(u)[0]).metadata.num_rows
                   for u in list_files(checked, ".parquet"))

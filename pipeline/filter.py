@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.config import opt
-from pipeline.fsio import atomic_writer, list_files, read_json, write_json_atomic
+from pipeline.fsio import atomic_writer, list_files, parquet_columns, read_json, write_json_atomic
 from pipeline.raysession import ray_session
 from pipeline.urls import AddressPolicy, normalize, sample_keys, scheme_allowed, seeded_rank
 from tokenizer.storage import join, url_to_fs
@@ -288,7 +288,7 @@ def filter_file(item: dict, output: str, mapping: dict, rules: RuleSet, seed: in
     if fs.exists(marker_path):
         return read_json(marker)
     src_fs, src_path = url_to_fs(path)
-    sources = sorted({s for s in mapping.values()} & set(pq.read_schema(src_path, filesystem=src_fs).names))
+    sources = sorted(set(mapping.values()) & set(parquet_columns(path)))
     table = pq.read_table(src_path, columns=sources, filesystem=src_fs)
     cols = canonical_table(table, mapping)
     cols["_normalized"] = normalize(cols["url"])
@@ -446,12 +446,8 @@ def _ray_map(items: list[dict], fn, kwargs: dict, workers: int | None, desc: str
 
 
 def _schemas(files: list[str]) -> list[list[str]]:
-    def names(url):
-        fs, path = url_to_fs(url)
-        return pq.read_schema(path, filesystem=fs).names
-
     with ThreadPoolExecutor(16) as pool:
-        return list(pool.map(names, files))
+        return list(pool.map(parquet_columns, files))
 
 
 def filter_metadata(cfg: FilterConfig) -> FilterReport:

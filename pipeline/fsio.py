@@ -13,6 +13,8 @@ import uuid
 from contextlib import contextmanager
 from typing import Iterator
 
+import pyarrow.parquet as pq
+
 from tokenizer.storage import url_to_fs
 
 TMP_MARK = ".tmp-"
@@ -96,3 +98,9 @@ def list_files(url: str, suffix: str, required: bool = True) -> list[str]:
         raise FileNotFoundError(f"no *{suffix} files at {url}")
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return [p if protocol == "file" else f"{protocol}://{p}" for p in found]
+
+
+def parquet_columns(url: str) -> list[str]:
+    """Column names of a Parquet file, from its footer only."""
+    fs, path = url_to_fs(url)
+    return pq.read_schema(path, filesystem=fs).names
