@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import opt
-from pipeline.fsio import atomic_writer, list_files, parquet_columns, read_json, write_json_atomic
+from pipeline.fsio import atomic_writer, exists, list_files, parquet_columns, read_json, write_json_atomic
 from pipeline.urls import AddressPolicy, normalize, sample_keys, scheme_allowed
 from tokenizer.storage import join, url_to_fs
 
@@ -125,9 +125,8 @@ class DownloadSummary:
 
 def prepare_input(source: str, dest: str, policy: AddressPolicy) -> dict:
     """Copies one metadata file with the URL policy applied and sample keys filled in."""
-    fs, dest_path = url_to_fs(dest)
     counts_url = dest.removesuffix(".parquet") + ".json"
-    if fs.exists(url_to_fs(counts_url)[1]):
+    if exists(counts_url):
         return read_json(counts_url)
     src_fs, src_path = url_to_fs(source)
     names = parquet_columns(source)
@@ -234,7 +233,7 @@ def _retry_round(cfg: DownloadConfig, extra: list[str]) -> int:
     """One retry round (or the unfinished one a crash left); returns how many samples it tried."""
     fs, _ = url_to_fs(cfg.output)
     plans = list_files(join(cfg.output, STATE, "retry-*", "plan.json"), ".json", required=False)
-    unfinished = [p for p in plans if not fs.exists(url_to_fs(p.replace("plan.json", "done.json"))[1])]
+    unfinished = [p for p in plans if not exists(p.replace("plan.json", "done.json"))]
     if unfinished:
         plan_url = unfinished[0]
         plan = read_json(plan_url)
@@ -255,7 +254,7 @@ def _retry_round(cfg: DownloadConfig, extra: list[str]) -> int:
     run_img2dataset(join(base, "input"), staging, extra, cfg)
     for shard in _shard_ids(staging):
         target = plan["first_shard"] + shard
-        if fs.exists(url_to_fs(join(cfg.output, f"{target:05d}_stats.json"))[1]):
+        if exists(join(cfg.output, f"{target:05d}_stats.json")):
             continue
         for suffix in (".tar", ".parquet", "_stats.json"):  # the stats file, img2dataset's marker, last
             fs.mv(url_to_fs(join(staging, f"{shard:05d}{suffix}"))[1],

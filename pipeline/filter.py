@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.config import opt
-from pipeline.fsio import atomic_writer, list_files, parquet_columns, read_json, write_json_atomic
+from pipeline.fsio import atomic_writer, exists, list_files, parquet_columns, read_json, write_json_atomic
 from pipeline.raysession import ray_session
 from pipeline.urls import AddressPolicy, normalize, sample_keys, scheme_allowed, seeded_rank
 from tokenizer.storage import join, url_to_fs
@@ -284,8 +284,7 @@ def filter_file(item: dict, output: str, mapping: dict, rules: RuleSet, seed: in
     """Filters one metadata file into `_work/files/NNNNN.parquet`; returns its counts."""
     index, path = int(item["index"]), str(item["path"])
     marker = _work(output, "files", f"{index:05d}.json")
-    fs, marker_path = url_to_fs(marker)
-    if fs.exists(marker_path):
+    if exists(marker):
         return read_json(marker)
     src_fs, src_path = url_to_fs(path)
     sources = sorted(set(mapping.values()) & set(parquet_columns(path)))
@@ -365,15 +364,15 @@ def write_shards(item: dict, output: str, offsets: list[int], rows_per_shard: in
     start, end = offsets[p], offsets[p + 1]
     first = -(-start // rows_per_shard)
     shards = list(range(first, -(-end // rows_per_shard))) if end > start else []
-    fs, _ = url_to_fs(output)
-    todo = [s for s in shards if not fs.exists(url_to_fs(shard_url(output, s))[1])]
+    todo = [s for s in shards if not exists(shard_url(output, s))]
     if not todo:
         return {"partition": p, "written": 0}
     need_end = min(total, (todo[-1] + 1) * rows_per_shard)
     tables, q = [], p
     while q < len(offsets) - 1 and offsets[q] < need_end:
         if offsets[q + 1] > offsets[q]:
-            tables.append(pq.read_table(url_to_fs(_work(output, "parts", f"{q:05d}.parquet"))[1], filesystem=fs))
+            fs, path = url_to_fs(_work(output, "parts", f"{q:05d}.parquet"))
+            tables.append(pq.read_table(path, filesystem=fs))
         q += 1
     rows = pa.concat_tables(tables).select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
     for s in todo:

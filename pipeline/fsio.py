@@ -104,3 +104,8 @@ def parquet_columns(url: str) -> list[str]:
     """Column names of a Parquet file, from its footer only."""
     fs, path = url_to_fs(url)
     return pq.read_schema(path, filesystem=fs).names
+
+
+def exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    return fs.exists(path)
