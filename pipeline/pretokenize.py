@@ -330,7 +330,8 @@ class ShardAssembler:
 
 
 def _dataset_spec(cfg: PretokenizeConfig) -> fmt.DatasetSpec:
-    """Fingerprints the models and reads their shapes (on the driver, on CPU)."""
+    """Fingerprints the models and reads their shapes (on the driver, on CPU); writes the
+    empty prompt's embeddings next to the shards."""
     from tokenizer import ImageTokenizer, TextEncoder
 
     identities = {}
@@ -339,6 +340,9 @@ def _dataset_spec(cfg: PretokenizeConfig) -> fmt.DatasetSpec:
         identities[name] = fmt.ModelIdentity(path=resolved, sha256=folder_fingerprint(local_folder(resolved)))
     image = ImageTokenizer.from_pretrained(cfg.vqgan, device="cpu")
     text = TextEncoder.from_pretrained(cfg.text_encoder, device="cpu")
+    if fmt.read_empty_prompt(cfg.output) is None:
+        empty = text.encode([""])
+        fmt.write_empty_prompt(cfg.output, empty.hidden_states[0].float().numpy(), empty.pooled[0].float().numpy())
     return fmt.DatasetSpec(
         resolution=cfg.resolution, token_grid=image.grid(cfg.resolution), codebook_size=image.codebook_size,
         text_seq_len=text.seq_len, text_hidden_size=text.hidden_size, text_pooled_dim=text.pooled_dim,

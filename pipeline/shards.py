@@ -30,6 +30,9 @@ from tokenizer.storage import join, url_to_fs
 FORMAT = "amused-token-dataset"
 VERSION = 1
 MANIFEST = "manifest.json"
+# The text encoder's embeddings of "" (hidden states and pooled, float16): the
+# unconditional input that classifier-free-guidance training swaps in.
+EMPTY_PROMPT = "empty_prompt.safetensors"
 STATS_DIR = "_stats"
 ROW_GROUP_ROWS = 512
 SHARD_NAME = re.compile(r"^\d+$")
@@ -210,6 +213,25 @@ def read_manifest(dataset_url: str) -> Manifest:
 
 def write_manifest(dataset_url: str, manifest: Manifest) -> None:
     write_json_atomic(join(dataset_url, MANIFEST), manifest.to_json())
+
+
+def write_empty_prompt(dataset_url: str, hidden_states: np.ndarray, pooled: np.ndarray) -> None:
+    from safetensors.numpy import save
+
+    data = save({"hidden_states": np.ascontiguousarray(hidden_states, dtype="<f2"),
+                 "pooled": np.ascontiguousarray(pooled, dtype="<f2")})
+    with atomic_writer(join(dataset_url, EMPTY_PROMPT)) as fh:
+        fh.write(data)
+
+
+def read_empty_prompt(dataset_url: str) -> dict[str, np.ndarray] | None:
+    from safetensors.numpy import load
+
+    fs, path = url_to_fs(join(dataset_url, EMPTY_PROMPT))
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as fh:
+        return load(fh.read())
 
 
 def tensor_view(column: pa.Array | pa.ChunkedArray, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

@@ -145,3 +145,47 @@ def write_laion_metadata(out: str, files: int, rows_per_file: int, seed: int = 0
                            compression="snappy")
         urls.append(url)
     return urls
+
+
+def write_token_dataset(output: str, shard_rows: list[int], token_grid: tuple[int, int] = (8, 8),
+                        codebook_size: int = 64, text_seq_len: int = 8, text_dim: int = 32, classes: int = 8,
+                        seed: int = 0, nan_rows: tuple[int, ...] = ()) -> "Manifest":
+    """A token dataset whose image tokens follow from the caption, for training tests.
+
+    Sample i belongs to class i % classes; its text states are the class's fixed random
+    embedding and its tokens the class's fixed random grid, so a model that reads the
+    caption can predict every masked token, while chance is 1 / codebook_size.
+    crop_left holds the global row number, so a test can tell which rows a batch holds;
+    `nan_rows` (global row numbers) get NaN text states, to exercise the non-finite policy.
+    """
+    from pipeline import shards as fmt
+
+    rng = np.random.default_rng(seed)
+    grids = rng.integers(0, codebook_size, (classes, *token_grid))
+    hidden = rng.standard_normal((classes, text_seq_len, text_dim)).astype(np.float16)
+    pooled = rng.standard_normal((classes, text_dim)).astype(np.float16)
+    ident = fmt.ModelIdentity(path="synthetic", sha256="0" * 64)
+    spec = fmt.DatasetSpec(resolution=token_grid[0] * 8, token_grid=tuple(token_grid), codebook_size=codebook_size,
+                           text_seq_len=text_seq_len, text_hidden_size=text_dim, text_pooled_dim=text_dim,
+                           image_tokenizer=ident, text_encoder=ident)
+    records, start = [], 0
+    for shard, n in enumerate(shard_rows):
+        rows = np.arange(start, start + n)
+        cls = rows % classes
+        states = hidden[cls].copy()
+        states[np.isin(rows, nan_rows)] = np.nan
+        columns = {
+            "key": [f"{shard:05d}/{r}/0/c{r}" for r in rows], "content_id": [f"c{r}" for r in rows],
+            "caption": [f"class {c}" for c in cls], "view": [0] * n, "image_tokens": grids[cls],
+            "text_hidden_states": states, "text_pooled": pooled[cls],
+            "orig_width": [256] * n, "orig_height": [256] * n, "crop_top": [0] * n, "crop_left": rows.tolist(),
+            "aesthetic_score": [None if r % 3 == 0 else 5.0 + (r % 4) / 2 for r in rows],
+        }
+        record = fmt.write_shard(output, f"{shard:05d}.tar", fmt.build_table(spec, columns))
+        fmt.write_marker(output, record, [])
+        records.append(record)
+        start += n
+    fmt.write_empty_prompt(output, np.zeros((text_seq_len, text_dim)), np.zeros(text_dim))
+    manifest = fmt.Manifest(spec, records)
+    fmt.write_manifest(output, manifest)
+    return manifest

@@ -1,0 +1,177 @@
+"""The training config: one small typed section per component, read from YAML.
+
+Each section validates its own ranges; `load_config` rejects unknown keys and wrong
+types by their dotted name (pipeline.config.from_mapping). Checks that need the data
+or the world size (token grid vs model, batch vs lanes) run in `training.engine` at
+start-up, before any step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+import yaml
+
+from pipeline.config import from_mapping, opt
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt(help="token dataset URL, the output of `amused pretokenize`")
+    global_batch_size: int = opt(help="samples per optimizer step over all ranks (aMUSEd-512: 1024)")
+    micro_batch_size: int = opt(8, "samples per rank per forward pass; gradient accumulation makes up the rest")
+    lanes: int | None = opt(None, "data-parallel lanes (default: the world size at the first start); fixed for "
+                                  "the run so that resuming on another number of ranks sees the same samples")
+    workers: int = opt(2, "data-loader processes per rank (0 reads in the training process)")
+    prefetch: int = opt(2, "windows each data-loader process reads ahead")
+    window_rows: int = opt(1024, "rows per lane shuffled together")
+    seed: int = opt(0, "shuffle seed: the order is a function of (seed, epoch)")
+    default_aesthetic: float = opt(6.0, "aesthetic score used where a sample has none (aMUSEd samples with 6)")
+
+    def __post_init__(self):
+        _check(self.global_batch_size >= 1, f"data.global_batch_size must be >= 1, got {self.global_batch_size}")
+        _check(self.micro_batch_size >= 1, f"data.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        _check(self.lanes is None or self.lanes >= 1, f"data.lanes must be >= 1, got {self.lanes}")
+        _check(self.workers >= 0, f"data.workers must be >= 0, got {self.workers}")
+        _check(self.prefetch >= 1, f"data.prefetch must be >= 1, got {self.prefetch}")
+        _check(self.window_rows >= 1, f"data.window_rows must be >= 1, got {self.window_rows}")
+
+
+@dataclass
+class ModelConfig:
+    preset: Literal["tiny", "amused-256", "amused-512"] = opt("amused-256", "U-ViT architecture")
+    pretrained: str | None = opt(None, "start from this UVit2DModel folder (diffusers layout; a pipeline folder's "
+                                       "transformer/ is found) instead of random weights")
+    vqgan: str | None = opt(None, "the VQ-GAN folder the tokens came from; checked against the dataset manifest")
+    text_encoder: str | None = opt(None, "the CLIP folder the captions went through; checked against the manifest")
+    activation_checkpointing: bool = opt(False, "recompute transformer layers in the backward pass")
+
+
+@dataclass
+class ObjectiveConfig:
+    rect_mask_prob: float = opt(0.15, "probability per batch of masking one rectangle per sample instead")
+    label_smoothing: float = opt(0.1, "cross-entropy label smoothing")
+    cond_drop_prob: float = opt(0.1, "fraction of samples whose text condition becomes the empty prompt's")
+
+    def __post_init__(self):
+        for name in ("rect_mask_prob", "label_smoothing", "cond_drop_prob"):
+            value = getattr(self, name)
+            _check(0.0 <= value <= 1.0, f"objective.{name} must be in [0, 1], got {value}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(1e-4, "peak learning rate")
+    betas: tuple[float, ...] = opt((0.9, 0.999), "AdamW betas")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    weight_decay: float = opt(0.01, "AdamW weight decay (never on norms, biases, embeddings)")
+    warmup_steps: int = opt(2000, "linear warm-up steps")
+    schedule: Literal["constant", "cosine"] = opt("constant", "after warm-up")
+    min_lr_ratio: float = opt(0.0, "cosine: final lr as a fraction of the peak")
+    grad_clip: float = opt(0.0, "clip the global gradient norm to this (0 = off, as aMUSEd)")
+
+    def __post_init__(self):
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               f"optim.betas must be two values in [0, 1), got {list(self.betas)}")
+        _check(self.warmup_steps >= 0 and self.grad_clip >= 0 and self.weight_decay >= 0,
+               "optim.warmup_steps, grad_clip and weight_decay must be >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = opt(2, "DeepSpeed ZeRO stage (0, 1 or 2)")
+    precision: Literal["auto", "fp32", "bf16"] = opt("auto", "auto = bf16 on GPU, fp32 on CPU")
+    max_nonfinite_in_row: int = opt(10, "non-finite loss/gradient steps are skipped and counted; "
+                                        "this many in a row stops the run")
+
+    def __post_init__(self):
+        # Stage 3 partitions the parameters themselves, which the EMA and the export read
+        # whole; a 600M-parameter U-ViT fits every GPU with stage 2.
+        _check(self.zero_stage in (0, 1, 2), f"engine.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        _check(self.max_nonfinite_in_row >= 1, "engine.max_nonfinite_in_row must be >= 1")
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = opt(True, "keep an exponential moving average of the weights")
+    decay: float = opt(0.9999, "EMA decay")
+    warmup: bool = opt(True, "decay min((1 + step) / (10 + step), decay), as aMUSEd")
+
+    def __post_init__(self):
+        _check(0 < self.decay < 1, f"ema.decay must be in (0, 1), got {self.decay}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = opt(1000, "optimizer steps between checkpoints")
+    keep: int = opt(3, "complete checkpoints kept (older ones are deleted)")
+
+    def __post_init__(self):
+        _check(self.every >= 1 and self.keep >= 1, "checkpoint.every and checkpoint.keep must be >= 1")
+
+
+@dataclass
+class LogConfig:
+    every: int = opt(10, "optimizer steps between metrics.jsonl lines")
+    tensorboard: bool = opt(False, "also write TensorBoard events under RUN_DIR/tensorboard")
+    wandb_project: str | None = opt(None, "also log to this wandb project")
+    progress: bool = opt(True, "progress bar with ETA on rank 0")
+
+    def __post_init__(self):
+        _check(self.every >= 1, "log.every must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = opt(help="run folder (local or a shared file system): checkpoints, metrics, config")
+    steps: int = opt(help="optimizer steps to train to")
+    data: DataConfig = opt(help="token shards and the reader")
+    seed: int = opt(0, "model initialisation, masking and condition dropout")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self):
+        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        if "://" in self.run_dir and not self.run_dir.startswith("file://"):
+            raise ValueError(f"run_dir {self.run_dir!r}: DeepSpeed checkpoints need a local or shared file system path")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_config(data: dict) -> TrainConfig:
+    return from_mapping(TrainConfig, data)
+
+
+def load_config(path: str) -> TrainConfig:
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except OSError as exc:
+        raise ValueError(f"cannot read config {path}: {exc.strerror}") from None
+    return parse_config(data or {})
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return yaml.safe_dump(plain(cfg.to_json()), sort_keys=False)
