@@ -80,6 +80,26 @@ def _shards_inspect(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from training.config import load_config
+
+    cfg = load_config(args.config)
+    if args.ray_workers:
+        from training.launch import train_on_ray
+
+        result = train_on_ray(cfg, workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker,
+                              address=args.ray_address)
+    else:
+        from training.engine import train
+
+        result = train(cfg)
+    if os.environ.get("RANK", "0") == "0":
+        resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from is not None else ""
+        print(f"trained to step {result.step}{resumed}; checkpoint {result.checkpoint}; "
+              f"metrics {os.path.join(result.run_dir, 'metrics.jsonl')}: {json.dumps(result.last_metrics)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.config import add_config_args
     from pipeline.download import DownloadConfig
@@ -115,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretokenize", help="webdataset image shards -> token dataset (Ray)")
     add_config_args(pre, PretokenizeConfig)
     pre.set_defaults(func=_pretokenize)
+
+    train = sub.add_parser("train", help="DeepSpeed U-ViT training on a token dataset (resumes a run folder)")
+    train.add_argument("config", help="training config YAML (see configs/train-tiny.yaml)")
+    train.add_argument("--ray-workers", type=int, default=0, help="run under Ray Train with this many workers")
+    train.add_argument("--gpus-per-worker", type=float, default=0.0, help="Ray Train: GPUs per worker")
+    train.add_argument("--ray-address", default="", help="Ray cluster to join (empty: start a local one)")
+    # The deepspeed launcher appends --local_rank; the rank comes from the environment.
+    train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    train.set_defaults(func=_train)
 
     shards = sub.add_parser("shards", help="token datasets").add_subparsers(dest="shards_command", required=True)
     verify = shards.add_parser("verify", help="check manifest, files, checksums, row counts, dtypes and shapes")

@@ -1,0 +1,415 @@
+"""`train(cfg)`: the DeepSpeed training loop, the same under torchrun, the deepspeed
+launcher, Ray Train and a plain in-process call (one rank).
+
+Start-up checks everything that depends on the data, the model and the world size
+before any step. A rerun on a run folder resumes from its newest complete checkpoint;
+on another number of ranks through DeepSpeed's universal checkpoint conversion.
+
+Non-finite policy: every micro-step's loss is checked on all ranks. A step in which any
+rank saw a non-finite loss is skipped: its bad micro-steps contribute no gradient and
+the optimizer step runs at learning rate 0, so the weights do not change (the data and
+the schedule move on), and it is counted in `metrics.jsonl` (`nonfinite_skipped`).
+`engine.max_nonfinite_in_row` such steps in a row stop the run with an error. A
+non-finite gradient norm after a finite loss counts the same way (ZeRO 1/2 skip that
+update themselves).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from pipeline.shards import TokenDataset, read_empty_prompt
+from tokenizer.storage import folder_fingerprint, local_folder, resolve_subfolder
+from training import checkpoint as ckpt
+from training.config import TrainConfig, dump_config
+from training.data import ShardReader
+from training.ema import EMA
+from training.model import build_model, enable_activation_checkpointing, mask_id, param_groups, token_grid
+from training.objective import draw_masks, masked_loss
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    step: int
+    resumed_from: int | None
+    checkpoint: str | None
+    last_metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class Layout:
+    """How the global batch splits over ranks, lanes and micro-steps."""
+
+    world_size: int
+    lanes: int
+    lane_batch: int  # rows per lane per micro-step
+    accum: int
+
+    @classmethod
+    def plan(cls, global_batch: int, micro_batch: int, world_size: int, lanes: int) -> "Layout":
+        if lanes % world_size:
+            raise ValueError(f"data.lanes={lanes} must be a multiple of the number of ranks ({world_size})")
+        per_rank = lanes // world_size
+        if micro_batch % per_rank:
+            raise ValueError(f"data.micro_batch_size={micro_batch} must be a multiple of the lanes per rank "
+                             f"({lanes} lanes / {world_size} ranks = {per_rank})")
+        if global_batch % (micro_batch * world_size):
+            raise ValueError(f"data.global_batch_size={global_batch} must be a multiple of micro_batch_size x ranks "
+                             f"({micro_batch} x {world_size})")
+        return cls(world_size, lanes, micro_batch // per_rank, global_batch // (micro_batch * world_size))
+
+
+# ---------------------------------------------------------------- distributed set-up
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> bool:
+    """Joins the launcher's process group (or makes a one-rank one); True if we made it."""
+    import deepspeed
+
+    created = False
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+        created = True
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return created
+
+
+def rank0_decides(fn, *args):
+    """Runs `fn` on rank 0 only (file-system checks) and gives every rank its result or
+    its error, so all ranks fail the same way before any work."""
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn(*args))
+        except (ValueError, OSError) as exc:
+            box[0] = ("error", f"{exc}")
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise ValueError(value)
+    return value
+
+
+# ---------------------------------------------------------------- start-up checks
+
+def _check_identity(what: str, configured: str | None, subfolders: tuple[str, ...], recorded) -> None:
+    if configured is None:
+        return
+    folder = resolve_subfolder(configured, subfolders) if subfolders else configured
+    digest = folder_fingerprint(local_folder(folder))
+    if digest != recorded.sha256:
+        raise ValueError(f"model.{what} = {configured} is not the model the token dataset was made with "
+                         f"(the manifest names {recorded.path}, sha256 {recorded.sha256[:12]}...; this folder "
+                         f"hashes to {digest[:12]}...)")
+
+
+def _inspect_run(cfg: TrainConfig) -> dict:
+    """Rank 0: the dataset, the tokenizer identities, the empty prompt and the checkpoint to resume."""
+    try:
+        dataset = TokenDataset(cfg.data.dataset)
+    except FileNotFoundError:
+        raise ValueError(f"data.dataset: no token dataset at {cfg.data.dataset} (manifest.json missing)") from None
+    spec = dataset.spec
+    _check_identity("vqgan", cfg.model.vqgan, ("vqvae", "vqgan"), spec.image_tokenizer)
+    _check_identity("text_encoder", cfg.model.text_encoder, (), spec.text_encoder)
+    empty = read_empty_prompt(cfg.data.dataset)
+    if empty is None and cfg.objective.cond_drop_prob > 0:
+        if cfg.model.text_encoder is None:
+            raise ValueError(f"objective.cond_drop_prob > 0 needs the empty prompt's embeddings: {cfg.data.dataset} "
+                             "has no empty_prompt.safetensors; set model.text_encoder")
+        from tokenizer import TextEncoder
+
+        out = TextEncoder.from_pretrained(cfg.model.text_encoder, device="cpu").encode([""])
+        empty = {"hidden_states": out.hidden_states[0].half().numpy(), "pooled": out.pooled[0].half().numpy()}
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    removed = ckpt.remove_incomplete(cfg.run_dir)
+    steps = ckpt.complete_steps(cfg.run_dir)
+    resume = None
+    if steps:
+        folder = ckpt.checkpoints_dir(cfg.run_dir) / ckpt.tag(steps[-1])
+        resume = json.loads((folder / "trainer.json").read_text())
+    (Path(cfg.run_dir) / "config.yaml").write_text(dump_config(cfg))
+    return {"spec": spec, "empty": empty, "resume": resume, "removed": removed}
+
+
+def _check_model(model, spec) -> None:
+    grid = token_grid(model)
+    problems = []
+    if tuple(spec.token_grid) != grid:
+        problems.append(f"token grid {tuple(spec.token_grid)} in the dataset, {grid} in the model")
+    if spec.codebook_size != model.config.codebook_size:
+        problems.append(f"codebook {spec.codebook_size} in the dataset, {model.config.codebook_size} in the model")
+    if spec.text_hidden_size != model.config.encoder_hidden_size:
+        problems.append(f"text hidden size {spec.text_hidden_size} vs encoder_hidden_size "
+                        f"{model.config.encoder_hidden_size}")
+    if spec.text_pooled_dim != model.config.cond_embed_dim:
+        problems.append(f"pooled text size {spec.text_pooled_dim} vs cond_embed_dim {model.config.cond_embed_dim}")
+    if problems:
+        raise ValueError("the token dataset does not fit model.preset/model.pretrained: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------- the engine
+
+def _lr_lambda(optim, total_steps: int):
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.schedule == "constant":
+            return 1.0
+        progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _deepspeed_config(cfg: TrainConfig, layout: Layout, bf16: bool, universal: bool) -> dict:
+    return {
+        "train_batch_size": cfg.data.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": layout.accum,
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        # A torch AdamW: DeepSpeed's own needs a C++ build and behaves the same.
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 1 << 62,
+        "checkpoint": {"load_universal": universal},
+    }
+
+
+class MetricsLog:
+    """Rank 0's metrics.jsonl (and optional TensorBoard / wandb)."""
+
+    def __init__(self, run_dir: str, cfg, resume_step: int, config: dict):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if self.path.exists():
+            # Lines past the checkpoint come from steps that are about to be redone.
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+        self.fh = open(self.path, "a")
+        self.tb = self.wandb = None
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("log.tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        if cfg.wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.wandb_project, dir=run_dir, config=config, resume="allow",
+                                    id=Path(run_dir).resolve().name)
+
+    def write(self, record: dict) -> None:
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+        if self.tb:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+        if self.wandb:
+            self.wandb.log(record, step=record["step"])
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    created = init_distributed()
+    try:
+        return _train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            if created:
+                dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig) -> TrainResult:
+    import deepspeed
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    info = rank0_decides(_inspect_run, cfg)
+    spec, resume = info["spec"], info["resume"]
+    lanes = resume["lanes"] if resume else (cfg.data.lanes or world)
+    if resume and cfg.data.lanes and cfg.data.lanes != resume["lanes"]:
+        raise ValueError(f"data.lanes={cfg.data.lanes} but the run was started with {resume['lanes']} lanes")
+    layout = Layout.plan(cfg.data.global_batch_size, cfg.data.micro_batch_size, world, lanes)
+    bf16 = cfg.engine.precision == "bf16" or (cfg.engine.precision == "auto" and device.type == "cuda")
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model.preset, cfg.model.pretrained)
+    _check_model(model, spec)
+    if cfg.model.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    # Lets DeepSpeed's universal conversion read checkpoints of this model.
+    model.universal_checkpoint_info = {"universal_checkpoint_version": 0.4}
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.optim, cfg.steps))
+    universal = bool(resume) and resume["world_size"] != world
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=_deepspeed_config(cfg, layout, bf16, universal))
+    ema = EMA(engine.module, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled and rank == 0 else None
+
+    dataset = TokenDataset(cfg.data.dataset)
+    reader = ShardReader(dataset, lanes=lanes, rank=rank, world_size=world, lane_batch=layout.lane_batch,
+                         accum=layout.accum, window_rows=cfg.data.window_rows, seed=cfg.data.seed,
+                         workers=cfg.data.workers, prefetch=cfg.data.prefetch,
+                         default_aesthetic=cfg.data.default_aesthetic, pin_memory=device.type == "cuda")
+    start_step, in_row = 0, 0
+    if resume:
+        start_step = resume["step"]
+        root = ckpt.checkpoints_dir(cfg.run_dir)
+        load_dir = rank0_decides(ckpt.to_universal, cfg.run_dir, start_step) if universal else root
+        engine.load_checkpoint(str(load_dir), tag=ckpt.tag(start_step), load_module_strict=True)
+        reader.load_state_dict(resume["reader"])
+        in_row = resume["nonfinite_in_row"]
+        folder = root / ckpt.tag(start_step)
+        if ema is not None:
+            ema.load(str(folder / "ema.safetensors"))
+        if universal or not ckpt.restore_rank_rng(folder, rank):
+            torch.manual_seed(cfg.seed * 7919 + start_step * 104729 + rank)
+
+    empty_hidden = torch.as_tensor(info["empty"]["hidden_states"]).to(device) if info["empty"] else None
+    empty_pooled = torch.as_tensor(info["empty"]["pooled"]).to(device) if info["empty"] else None
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    grid, mask_token = token_grid(engine.module), mask_id(engine.module)
+    my_lanes = reader.lanes
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    log = MetricsLog(cfg.run_dir, cfg.log, start_step, cfg.to_json()) if rank == 0 else None
+    bar = tqdm(total=cfg.steps, initial=start_step, unit="step", desc="train",
+               disable=rank != 0 or not cfg.log.progress)
+    stats = torch.zeros(4, dtype=torch.float64, device=device)  # ce sum, correct, masked count, skipped steps
+    interval_start, interval_steps = time.monotonic(), 0
+    last_metrics: dict = {}
+    saved_at = start_step if resume else None
+
+    step = start_step
+    while step < cfg.steps:
+        masks = draw_masks(cfg.seed, step, lanes, layout.lane_batch * layout.accum, grid,
+                           cfg.objective.rect_mask_prob, cfg.objective.cond_drop_prob)
+        scale = world * layout.accum / max(1, masks.total_masked())
+        bad = False
+        for k in range(layout.accum):
+            batch = {n: t.to(device, non_blocking=True) for n, t in next(reader).items()}
+            masked, drop = masks.micro(my_lanes, slice(k * layout.lane_batch, (k + 1) * layout.lane_batch))
+            masked, drop = masked.to(device), drop.to(device)
+            hidden, pooled = batch["text_hidden_states"], batch["text_pooled"]
+            if drop.any():
+                hidden = torch.where(drop[:, None, None], empty_hidden, hidden)
+                pooled = torch.where(drop[:, None], empty_pooled, pooled)
+            tokens = batch["image_tokens"]
+            logits = engine(tokens.masked_fill(masked, mask_token), hidden.to(dtype), pooled.to(dtype),
+                            batch["micro_conds"])
+            parts = masked_loss(logits, tokens, masked, cfg.objective.label_smoothing, scale)
+            finite = torch.isfinite(parts.loss.detach()).to(torch.float32).reshape(1)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() < 1:
+                bad = True
+                loss = torch.stack([p.sum() for p in trainable]).sum() * 0.0
+            else:
+                loss = parts.loss
+                stats[:3] += torch.stack([parts.ce_sum.double(), parts.correct.double(),
+                                          torch.tensor(parts.count, dtype=torch.float64, device=device)])
+            engine.backward(loss)
+        if bad:
+            for group in engine.optimizer.param_groups:
+                group["lr"] = 0.0
+        lr = scheduler.get_last_lr()[0]
+        engine.step()
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            bad = True
+        in_row = in_row + 1 if bad else 0
+        stats[3] += float(bad)
+        if ema is not None and not bad:
+            ema.update(engine.module)
+        step += 1
+        interval_steps += 1
+        bar.update(1)
+        if in_row >= cfg.engine.max_nonfinite_in_row:
+            last = ckpt.complete_steps(cfg.run_dir)
+            raise NonFiniteError(
+                f"stopping at step {step}: {in_row} steps in a row had a non-finite loss or gradient "
+                f"(engine.max_nonfinite_in_row={cfg.engine.max_nonfinite_in_row}); the last good checkpoint is "
+                f"{ckpt.tag(last[-1]) if last else 'none'}. Check the data (NaN embeddings?) and the learning rate.")
+
+        if step % cfg.log.every == 0 or step == cfg.steps:
+            dist.all_reduce(stats)
+            elapsed = time.monotonic() - interval_start
+            ce, correct, count, skipped = stats.tolist()
+            samples = interval_steps * cfg.data.global_batch_size
+            last_metrics = {
+                "step": step, "epoch": reader.epoch, "loss": ce / count if count else float("nan"),
+                "masked_accuracy": correct / count if count else float("nan"), "lr": lr,
+                "grad_norm": grad_norm, "samples_per_s": samples / elapsed,
+                "tokens_per_s": samples * grid[0] * grid[1] / elapsed, "nonfinite_skipped": int(skipped),
+            }
+            if log:
+                log.write(last_metrics)
+                bar.set_postfix(loss=f"{last_metrics['loss']:.4f}", acc=f"{last_metrics['masked_accuracy']:.3f}")
+            stats.zero_()
+            interval_start, interval_steps = time.monotonic(), 0
+
+        if step % cfg.checkpoint.every == 0 or step == cfg.steps:
+            save_checkpoint(engine, cfg, step, reader, ema, in_row, lanes)
+            saved_at = step
+    bar.close()
+    if log:
+        log.close()
+    reader.close()
+    path = str(ckpt.checkpoints_dir(cfg.run_dir) / ckpt.tag(saved_at)) if saved_at is not None else None
+    return TrainResult(run_dir=cfg.run_dir, step=step, resumed_from=start_step if resume else None,
+                       checkpoint=path, last_metrics=last_metrics)
+
+
+def save_checkpoint(engine, cfg: TrainConfig, step: int, reader: ShardReader, ema: EMA | None, in_row: int,
+                    lanes: int) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    root = ckpt.checkpoints_dir(cfg.run_dir)
+    folder = root / ckpt.tag(step)
+    engine.save_checkpoint(str(root), tag=ckpt.tag(step), save_latest=False)
+    ckpt.write_rank_files(folder, rank)
+    if rank == 0:
+        if ema is not None:
+            ema.save(str(folder / "ema.safetensors"))
+        (folder / "config.yaml").write_text(dump_config(cfg))
+        state = {"step": step, "reader": reader.state_dict(), "world_size": world, "lanes": lanes,
+                 "nonfinite_in_row": in_row}
+        (folder / "trainer.json").write_text(json.dumps(state))
+    dist.barrier()
+    if rank == 0:
+        ckpt.mark_complete(cfg.run_dir, step, cfg.checkpoint.keep)

@@ -1,0 +1,50 @@
+"""Ray Train launch: the same `train(cfg)` on N Ray workers (gloo on CPU, NCCL on GPU),
+so one Ray cluster runs the data jobs and the training alike. Under torchrun or the
+deepspeed launcher, `amused train CONFIG` calls `train(cfg)` directly."""
+
+from __future__ import annotations
+
+from training.config import TrainConfig, parse_config
+from training.engine import TrainResult
+
+
+def _worker(loop_config: dict) -> None:
+    import ray.train
+
+    from training.engine import train
+
+    result = train(parse_config(loop_config["config"]))
+    # A collective in Ray Train 2: every rank reports; the trainer keeps rank 0's metrics.
+    ray.train.report({"step": result.step, "resumed_from": result.resumed_from,
+                      "checkpoint": result.checkpoint, **result.last_metrics})
+
+
+def train_on_ray(cfg: TrainConfig, workers: int, gpus_per_worker: float = 0.0, address: str = "",
+                 cpus_per_worker: float = 1.0) -> TrainResult:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.raysession import ray_session
+
+    use_gpu = gpus_per_worker > 0
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    with ray_session(address or None):
+        trainer = TorchTrainer(
+            _worker,
+            train_loop_config={"config": cfg.to_json()},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            # Ray's own storage holds only the run record; checkpoints live in cfg.run_dir.
+            run_config=RunConfig(name="amused-train", storage_path=str(_storage(cfg.run_dir))),
+        )
+        metrics = dict(trainer.fit().metrics or {})
+    return TrainResult(run_dir=cfg.run_dir, step=metrics.pop("step"), resumed_from=metrics.pop("resumed_from"),
+                       checkpoint=metrics.pop("checkpoint"), last_metrics=metrics)
+
+
+def _storage(run_dir: str):
+    from pathlib import Path
+
+    path = Path(run_dir).resolve() / "ray"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
