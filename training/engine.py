@@ -16,6 +16,7 @@ update themselves).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from pipeline.fsio import read_json, write_json_atomic
 from pipeline.shards import TokenDataset, read_empty_prompt
 from tokenizer.storage import folder_fingerprint, local_folder, resolve_subfolder
 from training import checkpoint as ckpt
@@ -49,6 +51,15 @@ class TrainResult:
     resumed_from: int | None
     checkpoint: str | None
     last_metrics: dict = field(default_factory=dict)
+
+    FILE = "result.json"
+
+    def write(self) -> None:
+        write_json_atomic(str(Path(self.run_dir) / self.FILE), dataclasses.asdict(self))
+
+    @classmethod
+    def read(cls, run_dir: str) -> "TrainResult":
+        return cls(**read_json(str(Path(run_dir) / cls.FILE)))
 
 
 @dataclass
@@ -251,7 +262,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     finally:
         if dist.is_initialized():
             dist.barrier()
-            if created:
+            # Ranks of a launch end their group (exiting with it alive sometimes aborts).
+            # A one-rank group made here stays for the next in-process call: DeepSpeed
+            # caches its groups module-wide and cannot be initialised twice in a process.
+            if created and dist.get_world_size() > 1:
                 dist.destroy_process_group()
 
 
@@ -344,12 +358,17 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 stats[:3] += torch.stack([parts.ce_sum.double(), parts.correct.double(),
                                           torch.tensor(parts.count, dtype=torch.float64, device=device)])
             engine.backward(loss)
-        if bad:
-            for group in engine.optimizer.param_groups:
-                group["lr"] = 0.0
-        lr = scheduler.get_last_lr()[0]
-        engine.step()
-        grad_norm = engine.get_global_grad_norm()
+            boundary = k == layout.accum - 1
+            if boundary:
+                lr = scheduler.get_last_lr()[0]
+                own_norm = _grad_norm(trainable) if engine.zero_optimization_stage() == 0 else None
+                if bad or (own_norm is not None and not math.isfinite(own_norm)):
+                    bad = True
+                    for group in engine.optimizer.param_groups:
+                        group["lr"] = 0.0
+            # DeepSpeed counts micro-steps in step() and updates only at the accumulation boundary.
+            engine.step()
+        grad_norm = own_norm if own_norm is not None else engine.get_global_grad_norm()
         grad_norm = None if grad_norm is None else float(grad_norm)
         if grad_norm is not None and not math.isfinite(grad_norm):
             bad = True
@@ -373,14 +392,14 @@ def _train(cfg: TrainConfig) -> TrainResult:
             ce, correct, count, skipped = stats.tolist()
             samples = interval_steps * cfg.data.global_batch_size
             last_metrics = {
-                "step": step, "epoch": reader.epoch, "loss": ce / count if count else float("nan"),
-                "masked_accuracy": correct / count if count else float("nan"), "lr": lr,
+                "step": step, "epoch": reader.epoch, "loss": ce / count if count else None,
+                "masked_accuracy": correct / count if count else None, "lr": lr,
                 "grad_norm": grad_norm, "samples_per_s": samples / elapsed,
                 "tokens_per_s": samples * grid[0] * grid[1] / elapsed, "nonfinite_skipped": int(skipped),
             }
             if log:
                 log.write(last_metrics)
-                bar.set_postfix(loss=f"{last_metrics['loss']:.4f}", acc=f"{last_metrics['masked_accuracy']:.3f}")
+                bar.set_postfix(loss=last_metrics["loss"], acc=last_metrics["masked_accuracy"], refresh=False)
             stats.zero_()
             interval_start, interval_steps = time.monotonic(), 0
 
@@ -392,8 +411,21 @@ def _train(cfg: TrainConfig) -> TrainResult:
         log.close()
     reader.close()
     path = str(ckpt.checkpoints_dir(cfg.run_dir) / ckpt.tag(saved_at)) if saved_at is not None else None
-    return TrainResult(run_dir=cfg.run_dir, step=step, resumed_from=start_step if resume else None,
-                       checkpoint=path, last_metrics=last_metrics)
+    result = TrainResult(run_dir=cfg.run_dir, step=step, resumed_from=start_step if resume else None,
+                         checkpoint=path, last_metrics=last_metrics)
+    if rank == 0:
+        result.write()
+    return result
+
+
+def _grad_norm(params: list[torch.Tensor]) -> float:
+    """Gradient norm where DeepSpeed reports none (stage 0). Its backward at the
+    accumulation boundary has already all-reduced the gradients, so every rank holds the
+    averaged gradient and the local norm is the global one."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 def save_checkpoint(engine, cfg: TrainConfig, step: int, reader: ShardReader, ema: EMA | None, in_row: int,

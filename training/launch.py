@@ -9,14 +9,9 @@ from training.engine import TrainResult
 
 
 def _worker(loop_config: dict) -> None:
-    import ray.train
-
     from training.engine import train
 
-    result = train(parse_config(loop_config["config"]))
-    # A collective in Ray Train 2: every rank reports; the trainer keeps rank 0's metrics.
-    ray.train.report({"step": result.step, "resumed_from": result.resumed_from,
-                      "checkpoint": result.checkpoint, **result.last_metrics})
+    train(parse_config(loop_config["config"]))
 
 
 def train_on_ray(cfg: TrainConfig, workers: int, gpus_per_worker: float = 0.0, address: str = "",
@@ -37,9 +32,9 @@ def train_on_ray(cfg: TrainConfig, workers: int, gpus_per_worker: float = 0.0, a
             # Ray's own storage holds only the run record; checkpoints live in cfg.run_dir.
             run_config=RunConfig(name="amused-train", storage_path=str(_storage(cfg.run_dir))),
         )
-        metrics = dict(trainer.fit().metrics or {})
-    return TrainResult(run_dir=cfg.run_dir, step=metrics.pop("step"), resumed_from=metrics.pop("resumed_from"),
-                       checkpoint=metrics.pop("checkpoint"), last_metrics=metrics)
+        trainer.fit()
+    # Ray Train 2 returns metrics only with Ray checkpoints; rank 0 wrote the outcome.
+    return TrainResult.read(cfg.run_dir)
 
 
 def _storage(run_dir: str):

@@ -1,0 +1,188 @@
+"""Training with 2 processes (gloo) under torchrun, as a user launches it.
+
+One module fixture makes the runs the tests compare:
+  straight   2 ranks, ZeRO-2, 60 steps                    (the reference)
+  killed     the same, SIGKILLed after its step-20 checkpoint, then rerun to 60
+  zero0      2 ranks, ZeRO-0
+  one_rank   1 rank, 2 lanes, micro-batch doubled (same global batch)
+  universal  straight's step-40 checkpoint resumed on 1 rank (DeepSpeed universal conversion)
+  ray        2 Ray Train workers
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.synthetic import write_token_dataset
+from training.checkpoint import MARKER
+
+STEPS = 60
+# fp32 on CPU: the runs differ only in the order of floating-point sums (ZeRO's bucketed
+# reduce-scatter vs all-reduce, one rank summing what two did), ~1e-7 per step, which
+# the optimizer compounds over 60 steps; a wrong sample, mask or scale moves the loss by
+# more than 1e-2.
+LOSS_RTOL = 1e-4
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(folder: Path, name: str, dataset: str, **over) -> Path:
+    cfg = {
+        "run_dir": str(folder / name), "steps": STEPS, "seed": 1,
+        "data": {"dataset": dataset, "global_batch_size": 16, "micro_batch_size": 8, "workers": 1,
+                 "window_rows": 64},
+        "model": {"preset": "tiny"},
+        "optim": {"lr": 3e-3, "warmup_steps": 5, "schedule": "cosine"},
+        "checkpoint": {"every": 20, "keep": 5},
+        "log": {"every": 1, "progress": False},
+    }
+    for key, value in over.items():
+        section, _, field = key.partition("__")
+        if field:
+            cfg[section][field] = value
+        else:
+            cfg[section] = value
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def torchrun(nproc: int, config: Path) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+            "-m", "orchestration.cli", "train", str(config)]
+
+
+def run(cmd: list[str]) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in lines]
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    return {r["step"]: r["loss"] for r in lines}
+
+
+def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    # The run's own DeepSpeed file: trusted, it never left the run folder.
+    folder = run_dir / "checkpoints" / f"step_{step:08d}"
+    return torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")["module"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dist")
+    dataset = str(folder / "tokens")
+    write_token_dataset(dataset, [300, 200, 150])
+    out = {"folder": folder, "dataset": dataset}
+
+    run(torchrun(2, write_config(folder, "straight", dataset)))
+    out["straight"] = folder / "straight"
+
+    killed = write_config(folder, "killed", dataset)
+    proc = subprocess.Popen(torchrun(2, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    marker = folder / "killed" / "checkpoints" / "step_00000020" / MARKER
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    out["killed_while_running"] = proc.poll() is None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    out["killed_metrics_lines"] = len((folder / "killed" / "metrics.jsonl").read_text().splitlines())
+    out["resume_stdout"] = run(torchrun(2, killed))
+    out["killed"] = folder / "killed"
+
+    run(torchrun(2, write_config(folder, "zero0", dataset, engine={"zero_stage": 0},
+                                 checkpoint={"every": STEPS})))
+    out["zero0"] = folder / "zero0"
+    run(torchrun(1, write_config(folder, "one_rank", dataset, data__micro_batch_size=16, data__lanes=2,
+                                 checkpoint={"every": STEPS})))
+    out["one_rank"] = folder / "one_rank"
+
+    shutil.copytree(folder / "straight", folder / "universal")
+    shutil.rmtree(folder / "universal" / "checkpoints" / "step_00000060")
+    out["universal_stdout"] = run(torchrun(1, write_config(folder, "universal", dataset, data__micro_batch_size=16)))
+    out["universal"] = folder / "universal"
+    return out
+
+
+def test_kill_after_checkpoint_and_resume_is_exact(runs):
+    assert runs["killed_while_running"], "the run finished before it could be killed"
+    assert "resumed from step" in runs["resume_stdout"]
+    straight, killed = losses(runs["straight"]), losses(runs["killed"])
+    assert sorted(killed) == list(range(1, STEPS + 1))
+    assert killed == straight  # bit for bit, every step
+    a, b = weights(runs["straight"], STEPS), weights(runs["killed"], STEPS)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from safetensors.torch import load_file
+
+    ema_a = load_file(str(runs["straight"] / "checkpoints" / "step_00000060" / "ema.safetensors"))
+    ema_b = load_file(str(runs["killed"] / "checkpoints" / "step_00000060" / "ema.safetensors"))
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+
+def test_checkpoints_complete_kept_and_resumable_only_when_marked(runs):
+    ckpts = runs["straight"] / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000020", "step_00000040", "step_00000060"]
+    for p in ckpts.glob("step_*"):
+        assert (p / MARKER).exists() and (p / "ema.safetensors").exists()
+        assert sorted(f.name for f in (p / "rng").iterdir()) == [
+            "rank_00000.json", "rank_00000.safetensors", "rank_00001.json", "rank_00001.safetensors"]
+        state = json.loads((p / "trainer.json").read_text())
+        assert state["world_size"] == 2 and state["lanes"] == 2
+    assert json.loads((ckpts / "latest.json").read_text())["step"] == STEPS
+    assert not (ckpts / "latest").exists()  # DeepSpeed's unsynchronised tag file is never written
+
+
+def test_zero0_and_zero2_agree(runs):
+    a, b = losses(runs["straight"]), losses(runs["zero0"])
+    assert a.keys() == b.keys()
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=LOSS_RTOL), step
+
+
+def test_one_rank_with_the_same_global_batch_agrees(runs):
+    a, b = losses(runs["straight"]), losses(runs["one_rank"])
+    assert a.keys() == b.keys()
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=LOSS_RTOL), step
+
+
+def test_resume_on_fewer_ranks_through_universal_checkpoint(runs):
+    assert "resumed from step 40" in runs["universal_stdout"]
+    assert (runs["universal"] / "checkpoints" / "universal" / "step_00000040" / MARKER).exists()
+    a, b = losses(runs["straight"]), losses(runs["universal"])
+    assert sorted(b) == list(range(1, STEPS + 1))
+    for step in range(41, STEPS + 1):
+        assert b[step] == pytest.approx(a[step], rel=LOSS_RTOL), step
+    state = json.loads((runs["universal"] / "checkpoints" / "step_00000060" / "trainer.json").read_text())
+    assert state["world_size"] == 1 and state["lanes"] == 2
+
+
+def test_ray_train_workers_match_torchrun(runs, ray_session):
+    from training.config import load_config
+    from training.launch import train_on_ray
+
+    cfg = load_config(str(write_config(runs["folder"], "ray", runs["dataset"], checkpoint={"every": STEPS})))
+    result = train_on_ray(cfg, workers=2)
+    assert result.step == STEPS and result.checkpoint.endswith(f"step_{STEPS:08d}")
+    assert losses(Path(cfg.run_dir)) == losses(runs["straight"])  # the same ranks, so bit for bit
