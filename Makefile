@@ -34,10 +34,12 @@ demo: $(STAMP)
 		--text-encoder $(DEMO)/models --resolution 64 --batch-size 16
 	$(AMUSED) shards verify $(DEMO)/tokens
 	$(AMUSED) shards inspect $(DEMO)/tokens --grid $(DEMO)/tokens-grid.png --vqgan $(DEMO)/models/vqgan
+	$(AMUSED) train configs/train-tiny.yaml
 
 bench: $(STAMP)
 	$(PY) benchmarks/shard_format.py
 	$(PY) benchmarks/pretokenize.py
+	$(PY) benchmarks/train.py
 
 clean:
 	rm -rf $(DEMO)
