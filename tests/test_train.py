@@ -212,6 +212,14 @@ def test_learns_the_tokens_a_caption_implies(tmp_path, tokens, monkeypatch):
     assert (Path(result.checkpoint) / "ema.safetensors").exists()
 
 
+@pytest.mark.gpu
+def test_bf16_steps_on_a_gpu(tmp_path, tokens):
+    result = train(parse_config(config(tmp_path / "run", tokens, steps=10, checkpoint={"every": 10})))
+    state = torch.load(Path(result.checkpoint) / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert next(iter(state.values())).dtype == torch.bfloat16  # precision "auto" = bf16 on a GPU
+    assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "run"))
+
+
 def test_rerun_ignores_and_removes_a_checkpoint_without_marker(tmp_path, tokens):
     run_dir = tmp_path / "run"
     train(parse_config(config(run_dir, tokens, steps=10)))
