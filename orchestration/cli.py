@@ -96,7 +96,8 @@ def _train(args) -> int:
     if os.environ.get("RANK", "0") == "0":
         resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from is not None else ""
         print(f"trained to step {result.step}{resumed}; checkpoint {result.checkpoint}; "
-              f"metrics {os.path.join(result.run_dir, 'metrics.jsonl')}: {json.dumps(result.last_metrics)}")
+              f"metrics {os.path.join(result.run_dir, 'metrics.jsonl')} (plot: metrics.png): "
+              f"{json.dumps(result.last_metrics)}")
     return 0
 
 

@@ -149,7 +149,7 @@ def write_laion_metadata(out: str, files: int, rows_per_file: int, seed: int = 0
 
 def write_token_dataset(output: str, shard_rows: list[int], token_grid: tuple[int, int] = (8, 8),
                         codebook_size: int = 64, text_seq_len: int = 8, text_dim: int = 32, classes: int = 8,
-                        seed: int = 0, nan_rows: tuple[int, ...] = ()) -> "Manifest":
+                        seed: int = 0, nan_rows: tuple[int, ...] = ()):
     """A token dataset whose image tokens follow from the caption, for training tests.
 
     Sample i belongs to class i % classes; its text states are the class's fixed random

@@ -119,6 +119,14 @@ def test_activation_checkpointing_keeps_the_loss_and_saves_less():
     assert set(ckpt.state_dict()) == set(base.state_dict())  # names unchanged: checkpoints and export still load
 
 
+def test_activation_checkpointing_in_the_engine_gives_the_same_losses(tmp_path, tokens):
+    plain = train(parse_config(config(tmp_path / "plain", tokens, steps=8)))
+    ckpt = train(parse_config(config(tmp_path / "ckpt", tokens, steps=8, model={"preset": "tiny",
+                                                                                "activation_checkpointing": True})))
+    assert plain.step == ckpt.step == 8
+    assert [r["loss"] for r in metrics(tmp_path / "plain")] == [r["loss"] for r in metrics(tmp_path / "ckpt")]
+
+
 # ---------------------------------------------------------------- config and start-up errors
 
 @pytest.mark.parametrize("change, message", [
@@ -210,6 +218,7 @@ def test_learns_the_tokens_a_caption_implies(tmp_path, tokens, monkeypatch):
     assert seen["dropped"] / seen["total"] == pytest.approx(0.1, abs=0.015)
     assert set(last) >= {"loss", "masked_accuracy", "lr", "grad_norm", "samples_per_s", "tokens_per_s"}
     assert (Path(result.checkpoint) / "ema.safetensors").exists()
+    assert (tmp_path / "run" / "metrics.png").stat().st_size > 1000
 
 
 @pytest.mark.gpu
@@ -226,6 +235,8 @@ def test_rerun_ignores_and_removes_a_checkpoint_without_marker(tmp_path, tokens)
     half_written = run_dir / "checkpoints" / "step_00000015"
     half_written.mkdir()
     (half_written / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match="global_batch_size=32 but the run's checkpoints were made with 16"):
+        train(parse_config(config(run_dir, tokens, steps=20, data__global_batch_size=32)))
     result = train(parse_config(config(run_dir, tokens, steps=20)))
     assert result.resumed_from == 10 and result.step == 20
     assert not half_written.exists()

@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from pipeline.synthetic import write_token_dataset
+from tests.conftest import _free_port
 from training.checkpoint import MARKER
 
 STEPS = 60
@@ -31,14 +32,6 @@ STEPS = 60
 # the optimizer compounds over 60 steps; a wrong sample, mask or scale moves the loss by
 # more than 1e-2.
 LOSS_RTOL = 1e-4
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(folder: Path, name: str, dataset: str, **over) -> Path:

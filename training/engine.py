@@ -37,7 +37,7 @@ from training.config import TrainConfig, dump_config
 from training.data import ShardReader
 from training.ema import EMA
 from training.model import build_model, enable_activation_checkpointing, mask_id, param_groups, token_grid
-from training.objective import draw_masks, masked_loss
+from training.objective import LossParts, draw_masks, masked_loss
 
 
 class NonFiniteError(RuntimeError):
@@ -116,8 +116,8 @@ def rank0_decides(fn, *args):
     if dist.get_rank() == 0:
         try:
             box[0] = ("ok", fn(*args))
-        except (ValueError, OSError) as exc:
-            box[0] = ("error", f"{exc}")
+        except Exception as exc:  # any failure must reach the other ranks, or they wait forever
+            box[0] = ("error", f"{exc}" if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}")
     dist.broadcast_object_list(box, src=0)
     status, value = box[0]
     if status == "error":
@@ -163,7 +163,6 @@ def _inspect_run(cfg: TrainConfig) -> dict:
     if steps:
         folder = ckpt.checkpoints_dir(cfg.run_dir) / ckpt.tag(steps[-1])
         resume = json.loads((folder / "trainer.json").read_text())
-    (Path(cfg.run_dir) / "config.yaml").write_text(dump_config(cfg))
     return {"spec": spec, "empty": empty, "resume": resume, "removed": removed}
 
 
@@ -279,12 +278,17 @@ def _train(cfg: TrainConfig) -> TrainResult:
     lanes = resume["lanes"] if resume else (cfg.data.lanes or world)
     if resume and cfg.data.lanes and cfg.data.lanes != resume["lanes"]:
         raise ValueError(f"data.lanes={cfg.data.lanes} but the run was started with {resume['lanes']} lanes")
+    if resume and resume["global_batch_size"] != cfg.data.global_batch_size:
+        raise ValueError(f"data.global_batch_size={cfg.data.global_batch_size} but the run's checkpoints were made "
+                         f"with {resume['global_batch_size']}: a resumed run must keep its batch")
     layout = Layout.plan(cfg.data.global_batch_size, cfg.data.micro_batch_size, world, lanes)
     bf16 = cfg.engine.precision == "bf16" or (cfg.engine.precision == "auto" and device.type == "cuda")
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.preset, cfg.model.pretrained)
     _check_model(model, spec)
+    if rank == 0:
+        (Path(cfg.run_dir) / "config.yaml").write_text(dump_config(cfg))
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model)
     # Lets DeepSpeed's universal conversion read checkpoints of this model.
@@ -316,16 +320,16 @@ def _train(cfg: TrainConfig) -> TrainResult:
         if universal or not ckpt.restore_rank_rng(folder, rank):
             torch.manual_seed(cfg.seed * 7919 + start_step * 104729 + rank)
 
-    empty_hidden = torch.as_tensor(info["empty"]["hidden_states"]).to(device) if info["empty"] else None
-    empty_pooled = torch.as_tensor(info["empty"]["pooled"]).to(device) if info["empty"] else None
+    empty = {k: torch.as_tensor(v).to(device) for k, v in info["empty"].items()} if info["empty"] else None
     dtype = torch.bfloat16 if bf16 else torch.float32
-    grid, mask_token = token_grid(engine.module), mask_id(engine.module)
+    grid = token_grid(engine.module)
     my_lanes = reader.lanes
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
     log = MetricsLog(cfg.run_dir, cfg.log, start_step, cfg.to_json()) if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=start_step, unit="step", desc="train",
                disable=rank != 0 or not cfg.log.progress)
-    stats = torch.zeros(4, dtype=torch.float64, device=device)  # ce sum, correct, masked count, skipped steps
+    stats = torch.zeros(3, dtype=torch.float64, device=device)  # ce sum, correct, masked count (this rank)
+    skipped = 0  # steps skipped in the interval (every rank agrees)
     interval_start, interval_steps = time.monotonic(), 0
     last_metrics: dict = {}
     saved_at = start_step if resume else None
@@ -337,17 +341,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
         scale = world * layout.accum / max(1, masks.total_masked())
         bad = False
         for k in range(layout.accum):
-            batch = {n: t.to(device, non_blocking=True) for n, t in next(reader).items()}
             masked, drop = masks.micro(my_lanes, slice(k * layout.lane_batch, (k + 1) * layout.lane_batch))
-            masked, drop = masked.to(device), drop.to(device)
-            hidden, pooled = batch["text_hidden_states"], batch["text_pooled"]
-            if drop.any():
-                hidden = torch.where(drop[:, None, None], empty_hidden, hidden)
-                pooled = torch.where(drop[:, None], empty_pooled, pooled)
-            tokens = batch["image_tokens"]
-            logits = engine(tokens.masked_fill(masked, mask_token), hidden.to(dtype), pooled.to(dtype),
-                            batch["micro_conds"])
-            parts = masked_loss(logits, tokens, masked, cfg.objective.label_smoothing, scale)
+            parts = _forward(engine, next(reader), masked, drop, empty, dtype, device, cfg.objective.label_smoothing,
+                             scale)
             finite = torch.isfinite(parts.loss.detach()).to(torch.float32).reshape(1)
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             if finite.item() < 1:
@@ -355,7 +351,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 loss = torch.stack([p.sum() for p in trainable]).sum() * 0.0
             else:
                 loss = parts.loss
-                stats[:3] += torch.stack([parts.ce_sum.double(), parts.correct.double(),
+                stats += torch.stack([parts.ce_sum.double(), parts.correct.double(),
                                           torch.tensor(parts.count, dtype=torch.float64, device=device)])
             engine.backward(loss)
             boundary = k == layout.accum - 1
@@ -373,7 +369,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
         if grad_norm is not None and not math.isfinite(grad_norm):
             bad = True
         in_row = in_row + 1 if bad else 0
-        stats[3] += float(bad)
+        skipped += int(bad)
         if ema is not None and not bad:
             ema.update(engine.module)
         step += 1
@@ -389,19 +385,19 @@ def _train(cfg: TrainConfig) -> TrainResult:
         if step % cfg.log.every == 0 or step == cfg.steps:
             dist.all_reduce(stats)
             elapsed = time.monotonic() - interval_start
-            ce, correct, count, skipped = stats.tolist()
+            ce, correct, count = stats.tolist()
             samples = interval_steps * cfg.data.global_batch_size
             last_metrics = {
                 "step": step, "epoch": reader.epoch, "loss": ce / count if count else None,
                 "masked_accuracy": correct / count if count else None, "lr": lr,
                 "grad_norm": grad_norm, "samples_per_s": samples / elapsed,
-                "tokens_per_s": samples * grid[0] * grid[1] / elapsed, "nonfinite_skipped": int(skipped),
+                "tokens_per_s": samples * grid[0] * grid[1] / elapsed, "nonfinite_skipped": skipped,
             }
             if log:
                 log.write(last_metrics)
                 bar.set_postfix(loss=last_metrics["loss"], acc=last_metrics["masked_accuracy"], refresh=False)
             stats.zero_()
-            interval_start, interval_steps = time.monotonic(), 0
+            interval_start, interval_steps, skipped = time.monotonic(), 0, 0
 
         if step % cfg.checkpoint.every == 0 or step == cfg.steps:
             save_checkpoint(engine, cfg, step, reader, ema, in_row, lanes)
@@ -409,6 +405,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     bar.close()
     if log:
         log.close()
+        plot_metrics(cfg.run_dir)
     reader.close()
     path = str(ckpt.checkpoints_dir(cfg.run_dir) / ckpt.tag(saved_at)) if saved_at is not None else None
     result = TrainResult(run_dir=cfg.run_dir, step=step, resumed_from=start_step if resume else None,
@@ -416,6 +413,32 @@ def _train(cfg: TrainConfig) -> TrainResult:
     if rank == 0:
         result.write()
     return result
+
+
+def _forward(engine, batch: dict, masked: torch.Tensor, drop: torch.Tensor, empty: dict | None, dtype,
+             device, label_smoothing: float, scale: float) -> LossParts:
+    """One micro-batch: mask, swap dropped captions for the empty prompt, run, score."""
+    batch = {n: t.to(device, non_blocking=True) for n, t in batch.items()}
+    masked, drop = masked.to(device), drop.to(device)
+    hidden, pooled = batch["text_hidden_states"], batch["text_pooled"]
+    if drop.any():
+        hidden = torch.where(drop[:, None, None], empty["hidden_states"], hidden)
+        pooled = torch.where(drop[:, None], empty["pooled"], pooled)
+    tokens = batch["image_tokens"]
+    logits = engine(tokens.masked_fill(masked, mask_id(engine.module)), hidden.to(dtype), pooled.to(dtype),
+                    batch["micro_conds"])
+    return masked_loss(logits, tokens, masked, label_smoothing, scale)
+
+
+def plot_metrics(run_dir: str) -> Path:
+    """RUN_DIR/metrics.png: loss, masked-token accuracy and learning rate against step."""
+    from pipeline.visual import line_plots
+
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    series = {name: [(r["step"], r[name]) for r in records] for name in ("loss", "masked_accuracy", "lr")}
+    path = Path(run_dir) / "metrics.png"
+    line_plots(series).save(path)
+    return path
 
 
 def _grad_norm(params: list[torch.Tensor]) -> float:
@@ -440,7 +463,7 @@ def save_checkpoint(engine, cfg: TrainConfig, step: int, reader: ShardReader, em
             ema.save(str(folder / "ema.safetensors"))
         (folder / "config.yaml").write_text(dump_config(cfg))
         state = {"step": step, "reader": reader.state_dict(), "world_size": world, "lanes": lanes,
-                 "nonfinite_in_row": in_row}
+                 "global_batch_size": cfg.data.global_batch_size, "nonfinite_in_row": in_row}
         (folder / "trainer.json").write_text(json.dumps(state))
     dist.barrier()
     if rank == 0:
