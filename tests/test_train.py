@@ -231,15 +231,17 @@ def test_bf16_steps_on_a_gpu(tmp_path, tokens):
 
 def test_rerun_ignores_and_removes_a_checkpoint_without_marker(tmp_path, tokens):
     run_dir = tmp_path / "run"
-    train(parse_config(config(run_dir, tokens, steps=10)))
-    half_written = run_dir / "checkpoints" / "step_00000015"
+    keep2 = {"every": 5, "keep": 2}
+    train(parse_config(config(run_dir, tokens, steps=10, checkpoint=keep2)))
+    half_written = run_dir / "checkpoints" / "step_00000013"
     half_written.mkdir()
     (half_written / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
     with pytest.raises(ValueError, match="global_batch_size=32 but the run's checkpoints were made with 16"):
-        train(parse_config(config(run_dir, tokens, steps=20, data__global_batch_size=32)))
-    result = train(parse_config(config(run_dir, tokens, steps=20)))
+        train(parse_config(config(run_dir, tokens, steps=20, data__global_batch_size=32, checkpoint=keep2)))
+    result = train(parse_config(config(run_dir, tokens, steps=20, checkpoint=keep2)))
     assert result.resumed_from == 10 and result.step == 20
     assert not half_written.exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000015", "step_00000020"]
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, 21))
     # The config is snapshotted with the run and with each checkpoint.
     assert "steps: 20" in (run_dir / "config.yaml").read_text()
