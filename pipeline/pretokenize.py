@@ -33,7 +33,7 @@ from pipeline.fsio import list_files
 from pipeline.raysession import ray_session
 from pipeline.wds import BadSample, RawSample, ShardFormatError, aesthetic_of, caption_of, iter_samples, \
     metadata_of, original_size_of
-from tokenizer.storage import folder_fingerprint, local_folder, resolve_subfolder, url_to_fs
+from tokenizer.storage import VQGAN_SUBFOLDERS, url_to_fs
 
 
 @dataclass
@@ -334,10 +334,6 @@ def _dataset_spec(cfg: PretokenizeConfig) -> fmt.DatasetSpec:
     empty prompt's embeddings next to the shards."""
     from tokenizer import ImageTokenizer, TextEncoder
 
-    identities = {}
-    for name, url, subfolders in (("image", cfg.vqgan, ("vqvae", "vqgan")), ("text", cfg.text_encoder, ())):
-        resolved = resolve_subfolder(url, subfolders) if subfolders else url
-        identities[name] = fmt.ModelIdentity(path=resolved, sha256=folder_fingerprint(local_folder(resolved)))
     image = ImageTokenizer.from_pretrained(cfg.vqgan, device="cpu")
     text = TextEncoder.from_pretrained(cfg.text_encoder, device="cpu")
     if fmt.read_empty_prompt(cfg.output) is None:
@@ -346,7 +342,8 @@ def _dataset_spec(cfg: PretokenizeConfig) -> fmt.DatasetSpec:
     return fmt.DatasetSpec(
         resolution=cfg.resolution, token_grid=image.grid(cfg.resolution), codebook_size=image.codebook_size,
         text_seq_len=text.seq_len, text_hidden_size=text.hidden_size, text_pooled_dim=text.pooled_dim,
-        image_tokenizer=identities["image"], text_encoder=identities["text"], crop=cfg.crop, views=cfg.views,
+        image_tokenizer=fmt.ModelIdentity.of(cfg.vqgan, VQGAN_SUBFOLDERS),
+        text_encoder=fmt.ModelIdentity.of(cfg.text_encoder), crop=cfg.crop, views=cfg.views,
         seed=cfg.seed, min_side=cfg.min_side, max_pixels=cfg.max_pixels,
     )
 

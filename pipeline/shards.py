@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.fsio import atomic_writer, read_json, write_json_atomic
-from tokenizer.storage import join, url_to_fs
+from tokenizer.storage import folder_fingerprint, join, local_folder, resolve_subfolder, url_to_fs
 
 FORMAT = "amused-token-dataset"
 VERSION = 1
@@ -42,6 +42,12 @@ SHARD_NAME = re.compile(r"^\d+$")
 class ModelIdentity:
     path: str
     sha256: str
+
+    @classmethod
+    def of(cls, url: str, subfolders: tuple[str, ...] = ()) -> "ModelIdentity":
+        """A model folder's identity: its resolved path and the hash of its files."""
+        resolved = resolve_subfolder(url, subfolders) if subfolders else url
+        return cls(path=resolved, sha256=folder_fingerprint(local_folder(resolved)))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import torch
 from pipeline.shards import TokenDataset
 from pipeline.synthetic import write_token_dataset
 from training import engine as engine_mod
+from training.checkpoint import module_weights
 from training.config import parse_config
 from training.data import ShardReader
 from training.engine import NonFiniteError, train
@@ -176,7 +177,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
                 if any([{7, 200} & set(next(reader)["micro_conds"][:, 3].long().tolist()) for _ in range(2)])]
     assert skipped == poisoned and len(poisoned) >= 3  # 2 rows x 2 epochs, unless two share a batch
     assert all(math.isfinite(r["loss"]) for r in lines if r["loss"] is not None)
-    state = torch.load(Path(result.checkpoint) / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    state = module_weights(result.checkpoint)
     assert all(torch.isfinite(t).all() for t in state.values())
 
     bad = str(tmp_path / "all-nan")
@@ -224,7 +225,7 @@ def test_learns_the_tokens_a_caption_implies(tmp_path, tokens, monkeypatch):
 @pytest.mark.gpu
 def test_bf16_steps_on_a_gpu(tmp_path, tokens):
     result = train(parse_config(config(tmp_path / "run", tokens, steps=10, checkpoint={"every": 10})))
-    state = torch.load(Path(result.checkpoint) / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    state = module_weights(result.checkpoint)
     assert next(iter(state.values())).dtype == torch.bfloat16  # precision "auto" = bf16 on a GPU
     assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "run"))
 

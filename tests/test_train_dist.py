@@ -24,7 +24,7 @@ import yaml
 
 from pipeline.synthetic import write_token_dataset
 from tests.conftest import _free_port
-from training.checkpoint import MARKER
+from training.checkpoint import MARKER, module_weights
 
 STEPS = 60
 # fp32 on CPU: the runs differ only in the order of floating-point sums (ZeRO's bucketed
@@ -75,9 +75,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    # The run's own DeepSpeed file: trusted, it never left the run folder.
-    folder = run_dir / "checkpoints" / f"step_{step:08d}"
-    return torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")["module"]
+    return module_weights(run_dir / "checkpoints" / f"step_{step:08d}")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 from diffusers import VQModel
 
 from tokenizer.runtime import resolve_device, resolve_dtype
-from tokenizer.storage import local_folder, resolve_subfolder
+from tokenizer.storage import VQGAN_SUBFOLDERS, local_folder, resolve_subfolder
 
 # Rows of latents compared against the codebook at once: bounds the distance matrix
 # to CHUNK x codebook_size floats (64 MiB at 8192 codes) whatever the batch size.
@@ -51,7 +51,7 @@ class ImageTokenizer:
         cls, url: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "fp32"
     ) -> "ImageTokenizer":
         """Load from a VQModel folder, or a diffusers pipeline folder with `vqvae/` (local or fsspec URL)."""
-        folder = local_folder(resolve_subfolder(str(url), ("vqvae", "vqgan")))
+        folder = local_folder(resolve_subfolder(str(url), VQGAN_SUBFOLDERS))
         return cls(VQModel.from_pretrained(folder), device=device, dtype=dtype)
 
     def grid(self, resolution: int) -> tuple[int, int]:

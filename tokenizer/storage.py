@@ -86,6 +86,10 @@ def local_folder(url: str) -> Path:
     return dest
 
 
+# Where a VQ-GAN sits inside a diffusers pipeline folder (`vqvae/`) or ours (`vqgan/`).
+VQGAN_SUBFOLDERS = ("vqvae", "vqgan")
+
+
 def resolve_subfolder(url: str, names: tuple[str, ...]) -> str:
     """`url/<name>` for the first name present, else `url` itself.
 

@@ -128,3 +128,10 @@ def to_universal(run_dir: str | Path, step: int) -> Path:
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
     return dst.parent
+
+
+def module_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint folder (DeepSpeed's model-states file, read with
+    `weights_only=True`: plain tensors and containers, nothing executed)."""
+    state = torch.load(Path(folder) / "mp_rank_00_model_states.pt", weights_only=True, map_location="cpu")
+    return state["module"]

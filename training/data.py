@@ -189,10 +189,10 @@ class ShardReader:
                 "window_rows": self.plan.window_rows}
 
     def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
         for key in ("lanes", "seed", "window_rows"):
-            mine = {"lanes": self.plan.lanes, "seed": self.plan.seed, "window_rows": self.plan.window_rows}[key]
-            if state[key] != mine:
-                raise ValueError(f"the checkpoint's reader used {key}={state[key]}, this run {mine}: "
+            if state[key] != mine[key]:
+                raise ValueError(f"the checkpoint's reader used {key}={state[key]}, this run {mine[key]}: "
                                  "the sample order would change")
         self.epoch, self.position = state["epoch"], state["position"]
         self._it = None

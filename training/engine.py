@@ -30,8 +30,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline.fsio import read_json, write_json_atomic
-from pipeline.shards import TokenDataset, read_empty_prompt
-from tokenizer.storage import folder_fingerprint, local_folder, resolve_subfolder
+from pipeline.shards import ModelIdentity, TokenDataset, read_empty_prompt
+from tokenizer.storage import VQGAN_SUBFOLDERS
 from training import checkpoint as ckpt
 from training.config import TrainConfig, dump_config
 from training.data import ShardReader
@@ -130,12 +130,11 @@ def rank0_decides(fn, *args):
 def _check_identity(what: str, configured: str | None, subfolders: tuple[str, ...], recorded) -> None:
     if configured is None:
         return
-    folder = resolve_subfolder(configured, subfolders) if subfolders else configured
-    digest = folder_fingerprint(local_folder(folder))
-    if digest != recorded.sha256:
+    mine = ModelIdentity.of(configured, subfolders)
+    if mine.sha256 != recorded.sha256:
         raise ValueError(f"model.{what} = {configured} is not the model the token dataset was made with "
                          f"(the manifest names {recorded.path}, sha256 {recorded.sha256[:12]}...; this folder "
-                         f"hashes to {digest[:12]}...)")
+                         f"hashes to {mine.sha256[:12]}...)")
 
 
 def _inspect_run(cfg: TrainConfig) -> dict:
@@ -145,7 +144,7 @@ def _inspect_run(cfg: TrainConfig) -> dict:
     except FileNotFoundError:
         raise ValueError(f"data.dataset: no token dataset at {cfg.data.dataset} (manifest.json missing)") from None
     spec = dataset.spec
-    _check_identity("vqgan", cfg.model.vqgan, ("vqvae", "vqgan"), spec.image_tokenizer)
+    _check_identity("vqgan", cfg.model.vqgan, VQGAN_SUBFOLDERS, spec.image_tokenizer)
     _check_identity("text_encoder", cfg.model.text_encoder, (), spec.text_encoder)
     empty = read_empty_prompt(cfg.data.dataset)
     if empty is None and cfg.objective.cond_drop_prob > 0:
