@@ -230,7 +230,7 @@ def test_bf16_steps_on_a_gpu(tmp_path, tokens):
     assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "run"))
 
 
-def test_rerun_ignores_and_removes_a_checkpoint_without_marker(tmp_path, tokens):
+def test_rerun_ignores_and_removes_a_checkpoint_without_marker(tmp_path, tokens, capsys):
     run_dir = tmp_path / "run"
     keep2 = {"every": 5, "keep": 2}
     train(parse_config(config(run_dir, tokens, steps=10, checkpoint=keep2)))
@@ -242,6 +242,7 @@ def test_rerun_ignores_and_removes_a_checkpoint_without_marker(tmp_path, tokens)
     result = train(parse_config(config(run_dir, tokens, steps=20, checkpoint=keep2)))
     assert result.resumed_from == 10 and result.step == 20
     assert not half_written.exists()
+    assert "incomplete: step_00000013" in capsys.readouterr().err
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000015", "step_00000020"]
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, 21))
     # The config is snapshotted with the run and with each checkpoint.

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,6 +275,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     info = rank0_decides(_inspect_run, cfg)
     spec, resume = info["spec"], info["resume"]
+    if rank == 0 and info["removed"]:
+        print(f"removed checkpoint folders a crash left incomplete: {', '.join(info['removed'])}", file=sys.stderr)
     lanes = resume["lanes"] if resume else (cfg.data.lanes or world)
     if resume and cfg.data.lanes and cfg.data.lanes != resume["lanes"]:
         raise ValueError(f"data.lanes={cfg.data.lanes} but the run was started with {resume['lanes']} lanes")
