@@ -35,6 +35,8 @@ demo: $(STAMP)
 	$(AMUSED) shards verify $(DEMO)/tokens
 	$(AMUSED) shards inspect $(DEMO)/tokens --grid $(DEMO)/tokens-grid.png --vqgan $(DEMO)/models/vqgan
 	$(AMUSED) train configs/train-tiny.yaml
+	$(AMUSED) sample --checkpoint $(DEMO)/run/checkpoints/step_00000200 --output $(DEMO)/samples.png \
+		--prompt "a red circle on a grey background" --prompt "a blue square on a white background"
 
 bench: $(STAMP)
 	$(PY) benchmarks/shard_format.py

@@ -101,11 +101,30 @@ def _train(args) -> int:
     return 0
 
 
+def _sample(args) -> int:
+    from pipeline.config import config_from_args
+    from pipeline.visual import image_grid
+    from training.config import SampleConfig, load_config
+    from training.sample import load_trained_model, sample_images
+
+    model = load_trained_model(args.checkpoint, ema=not args.no_ema)
+    trained = load_config(os.path.join(args.checkpoint, "config.yaml")).model
+    vqgan, text_encoder = args.vqgan or trained.vqgan, args.text_encoder or trained.text_encoder
+    if not vqgan or not text_encoder:
+        raise ValueError("the checkpoint's config names no VQ-GAN / text encoder: pass --vqgan and --text-encoder")
+    _, images = sample_images(model, vqgan, text_encoder, args.prompt, config_from_args(SampleConfig, args),
+                              seed=args.seed, device=args.device)
+    image_grid(images, args.prompt, columns=min(4, len(images)), cell=max(128, images.shape[1])).save(args.output)
+    print(f"{len(images)} image(s) of {images.shape[2]}x{images.shape[1]} written to {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.config import add_config_args
     from pipeline.download import DownloadConfig
     from pipeline.filter import FilterConfig
     from pipeline.pretokenize import PretokenizeConfig
+    from training.config import SampleConfig
 
     parser = argparse.ArgumentParser(prog="amused", description="aMUSEd data-and-training pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     # The deepspeed launcher appends --local_rank; the rank comes from the environment.
     train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     train.set_defaults(func=_train)
+
+    sample = sub.add_parser("sample", help="images from a training checkpoint (MaskGIT decoding, EMA weights)")
+    sample.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_N")
+    sample.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    sample.add_argument("--output", required=True, help="PNG grid, prompts under images")
+    sample.add_argument("--vqgan", help="default: the checkpoint config's model.vqgan")
+    sample.add_argument("--text-encoder", help="default: the checkpoint config's model.text_encoder")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", default="cpu")
+    sample.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
+    add_config_args(sample, SampleConfig)
+    sample.set_defaults(func=_sample)
 
     shards = sub.add_parser("shards", help="token datasets").add_subparsers(dest="shards_command", required=True)
     verify = shards.add_parser("verify", help="check manifest, files, checksums, row counts, dtypes and shapes")

@@ -153,6 +153,27 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class SampleConfig:
+    """Decoding settings of `amused sample` (aMUSEd's defaults)."""
+
+    steps: int = opt(12, "decoding steps")
+    guidance_scale: float = opt(10.0, "classifier-free guidance scale (1 = off)")
+    temperature_start: float = opt(2.0, "Gumbel temperature at the first step, annealed linearly")
+    temperature_end: float = opt(0.0, "... to this at the last")
+    schedule: str = opt("cosine", "mask-ratio schedule: cosine or linear")
+    aesthetic_score: float = opt(6.0, "micro-conditioning aesthetic score")
+    crop_top: int = opt(0, "micro-conditioning crop top")
+    crop_left: int = opt(0, "micro-conditioning crop left")
+    negative_prompt: str = opt("", "the prompt guidance steers away from")
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.schedule not in ("cosine", "linear"):
+            raise ValueError(f"schedule must be cosine or linear, got {self.schedule!r}")
+
+
 def parse_config(data: dict) -> TrainConfig:
     return from_mapping(TrainConfig, data)
 

@@ -13,31 +13,13 @@ same (tests/test_sample.py pins this against diffusers 0.42.1).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import UVit2DModel
 
-from pipeline.config import opt
-
-
-@dataclass
-class SampleConfig:
-    steps: int = opt(12, "decoding steps")
-    guidance_scale: float = opt(10.0, "classifier-free guidance scale (1 = off)")
-    temperature_start: float = opt(2.0, "Gumbel temperature at the first step, annealed linearly")
-    temperature_end: float = opt(0.0, "... to this at the last")
-    schedule: str = opt("cosine", "mask-ratio schedule: cosine or linear")
-    aesthetic_score: float = opt(6.0, "micro-conditioning aesthetic score")
-    crop_top: int = opt(0, "micro-conditioning crop top")
-    crop_left: int = opt(0, "micro-conditioning crop left")
-    negative_prompt: str = opt("", "the prompt guidance steers away from")
-
-    def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.schedule not in ("cosine", "linear"):
-            raise ValueError(f"schedule must be cosine or linear, got {self.schedule!r}")
+from training.config import SampleConfig
 
 
 def _mask_ratio(schedule: str, progress: torch.Tensor) -> torch.Tensor:
@@ -98,3 +80,37 @@ def decode_tokens(model: UVit2DModel, hidden: torch.Tensor, pooled: torch.Tensor
         cut_off = torch.gather(confidence.sort(-1).values, 1, mask_len.long())
         latents = torch.where(confidence < cut_off, mask_id, drawn).view(b, side, side)
     return latents
+
+
+def load_trained_model(checkpoint: str | Path, ema: bool = True) -> UVit2DModel:
+    """The U-ViT of a training checkpoint folder: the architecture from its config, the
+    weights from `ema.safetensors` (default) or DeepSpeed's model states (weights only)."""
+    from safetensors.torch import load_file
+
+    from training.checkpoint import module_weights
+    from training.config import load_config
+    from training.model import build_model
+
+    folder = Path(checkpoint)
+    if not (folder / "COMPLETE").exists():
+        raise ValueError(f"{folder} is not a complete training checkpoint (no COMPLETE marker)")
+    cfg = load_config(str(folder / "config.yaml"))
+    model = build_model(cfg.model.preset, cfg.model.pretrained)
+    weights = load_file(str(folder / "ema.safetensors")) if ema else module_weights(folder)
+    model.load_state_dict(weights, strict=True)
+    return model.eval()
+
+
+def sample_images(model: UVit2DModel, vqgan: str, text_encoder: str, prompts: list[str], cfg: SampleConfig,
+                  seed: int, device: str = "cpu") -> tuple[torch.Tensor, np.ndarray]:
+    """Token ids and uint8 images for prompts; one generator seeded once, so a seed gives
+    the same images every time."""
+    from tokenizer import ImageTokenizer, TextEncoder
+
+    text = TextEncoder.from_pretrained(text_encoder, device=device)
+    image = ImageTokenizer.from_pretrained(vqgan, device=device)
+    cond, neg = text.encode(prompts), text.encode([cfg.negative_prompt] * len(prompts))
+    side = model.config.sample_size * image.downsample
+    tokens = decode_tokens(model.to(device), cond.hidden_states, cond.pooled, neg.hidden_states, neg.pooled,
+                           (side, side), cfg, generator=torch.Generator().manual_seed(seed))
+    return tokens, image.decode(tokens)
