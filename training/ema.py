@@ -40,6 +40,3 @@ class EMA:
             raise ValueError(f"{path}: EMA parameters do not match the model")
         for n, t in loaded.items():
             self.shadow[n].copy_(t)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.shadow)

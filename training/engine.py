@@ -139,7 +139,8 @@ def _check_identity(what: str, configured: str | None, subfolders: tuple[str, ..
 
 
 def _inspect_run(cfg: TrainConfig) -> dict:
-    """Rank 0: the dataset, the tokenizer identities, the empty prompt and the checkpoint to resume."""
+    """Rank 0: the dataset (its manifest read once, for every rank), the tokenizer identities,
+    the empty prompt and the checkpoint to resume."""
     try:
         dataset = TokenDataset(cfg.data.dataset)
     except FileNotFoundError:
@@ -163,7 +164,7 @@ def _inspect_run(cfg: TrainConfig) -> dict:
     if steps:
         folder = ckpt.checkpoints_dir(cfg.run_dir) / ckpt.tag(steps[-1])
         resume = json.loads((folder / "trainer.json").read_text())
-    return {"spec": spec, "empty": empty, "resume": resume, "removed": removed}
+    return {"dataset": dataset, "empty": empty, "resume": resume, "removed": removed}
 
 
 def _check_model(model, spec) -> None:
@@ -274,7 +275,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     info = rank0_decides(_inspect_run, cfg)
-    spec, resume = info["spec"], info["resume"]
+    dataset, resume = info["dataset"], info["resume"]
+    spec = dataset.spec
     if rank == 0 and info["removed"]:
         print(f"removed checkpoint folders a crash left incomplete: {', '.join(info['removed'])}", file=sys.stderr)
     lanes = resume["lanes"] if resume else (cfg.data.lanes or world)
@@ -303,7 +305,6 @@ def _train(cfg: TrainConfig) -> TrainResult:
                                            config=_deepspeed_config(cfg, layout, bf16, universal))
     ema = EMA(engine.module, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled and rank == 0 else None
 
-    dataset = TokenDataset(cfg.data.dataset)
     reader = ShardReader(dataset, lanes=lanes, rank=rank, world_size=world, lane_batch=layout.lane_batch,
                          accum=layout.accum, window_rows=cfg.data.window_rows, seed=cfg.data.seed,
                          workers=cfg.data.workers, prefetch=cfg.data.prefetch,

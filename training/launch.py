@@ -4,6 +4,8 @@ deepspeed launcher, `amused train CONFIG` calls `train(cfg)` directly."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from training.config import TrainConfig, parse_config
 from training.engine import TrainResult
 
@@ -37,9 +39,7 @@ def train_on_ray(cfg: TrainConfig, workers: int, gpus_per_worker: float = 0.0, a
     return TrainResult.read(cfg.run_dir)
 
 
-def _storage(run_dir: str):
-    from pathlib import Path
-
+def _storage(run_dir: str) -> Path:
     path = Path(run_dir).resolve() / "ray"
     path.mkdir(parents=True, exist_ok=True)
     return path
