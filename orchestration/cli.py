@@ -102,18 +102,33 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
+    import torch
+    from PIL import Image
+
     from pipeline.config import config_from_args
     from pipeline.visual import image_grid
     from training.config import SampleConfig, load_config
-    from training.sample import load_trained_model, sample_images
+    from training.sample import Sampler, fit_image, load_trained_model
 
+    if args.mask and not args.image:
+        raise ValueError("--mask needs --image (the picture to inpaint)")
     model = load_trained_model(args.checkpoint, ema=not args.no_ema)
     trained = load_config(os.path.join(args.checkpoint, "config.yaml")).model
     vqgan, text_encoder = args.vqgan or trained.vqgan, args.text_encoder or trained.text_encoder
     if not vqgan or not text_encoder:
         raise ValueError("the checkpoint's config names no VQ-GAN / text encoder: pass --vqgan and --text-encoder")
-    _, images = sample_images(model, vqgan, text_encoder, args.prompt, config_from_args(SampleConfig, args),
-                              seed=args.seed, device=args.device)
+    sampler = Sampler.from_folders(model, vqgan, text_encoder, device=args.device)
+    cfg, generator = config_from_args(SampleConfig, args), torch.Generator().manual_seed(args.seed)
+    if args.image:
+        image = fit_image(Image.open(args.image).convert("RGB"), sampler.side)
+    if args.mask:
+        mask = fit_image(Image.open(args.mask).convert("L"), sampler.side, Image.Resampling.NEAREST)
+        tokens = sampler.inpaint(args.prompt, image, mask, cfg, generator)
+    elif args.image:
+        tokens = sampler.vary(args.prompt, image, args.strength, cfg, generator)
+    else:
+        tokens = sampler.generate(args.prompt, cfg, generator)
+    images = sampler.decode(tokens)
     image_grid(images, args.prompt, columns=min(4, len(images)), cell=max(128, images.shape[1])).save(args.output)
     print(f"{len(images)} image(s) of {images.shape[2]}x{images.shape[1]} written to {args.output}")
     return 0
@@ -174,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default="cpu")
     sample.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
+    sample.add_argument("--image", help="start from this picture: a variation, or inpainting with --mask")
+    sample.add_argument("--mask", help="inpainting: white = regenerate, black = keep (resized like --image)")
+    sample.add_argument("--strength", type=float, default=0.5,
+                        help="variation: fraction of the steps re-run (0.5 = the last 6 of 12)")
     add_config_args(sample, SampleConfig)
     sample.set_defaults(func=_sample)
 

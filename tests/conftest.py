@@ -79,3 +79,19 @@ def ray_session(s3_server):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory) -> str:
+    """A tiny U-ViT's training checkpoint after 4 steps (its EMA differs from the raw weights)."""
+    from pipeline.synthetic import write_token_dataset
+    from training.config import parse_config
+    from training.engine import train
+
+    root = tmp_path_factory.mktemp("trained")
+    write_token_dataset(str(root / "tokens"), [64])
+    return train(parse_config({
+        "run_dir": str(root / "run"), "steps": 4,
+        "data": {"dataset": str(root / "tokens"), "global_batch_size": 8, "micro_batch_size": 8, "workers": 0},
+        "model": {"preset": "tiny"}, "optim": {"lr": 1e-2, "warmup_steps": 1}, "ema": {"decay": 0.5},
+        "checkpoint": {"every": 4}, "log": {"every": 4, "progress": False}})).checkpoint

@@ -5,42 +5,76 @@ Each step: logits for [negative, prompt] in one batch, guided = neg + s * (cond 
 one token drawn per position from the softmax (known tokens kept); the mask ratio of
 the schedule at (i + 1) / N decides how many of the drawn tokens go back under the mask:
 the least confident, confidence = log p + temperature_i * Gumbel noise, temperature
-annealed linearly. The random draws are made in the same order and shapes as
-diffusers' AmusedScheduler, so for the same weights, prompt and seed the tokens are the
-same (tests/test_sample.py pins this against diffusers 0.42.1).
+annealed linearly. With one generator the random draws are made in the same order and
+shapes as diffusers' AmusedScheduler, so for the same weights, prompt and seed the
+tokens are the same (tests/test_sample.py pins this against diffusers 0.42.1). With a
+list of generators, one per image, every image's draws come from its own stream, so an
+image does not depend on which batch it was generated in (evaluation relies on this).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import UVit2DModel
+from PIL import Image
 
+from tokenizer import ImageTokenizer, TextEncoder
 from training.config import SampleConfig
+
+Generators = torch.Generator | list[torch.Generator] | None
 
 
 def _mask_ratio(schedule: str, progress: torch.Tensor) -> torch.Tensor:
     return torch.cos(progress * math.pi / 2) if schedule == "cosine" else 1 - progress
 
 
-def _gumbel(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    device = generator.device if generator is not None else like.device
-    u = torch.zeros(shape, dtype=like.dtype, device=device).uniform_(0, 1, generator=generator).to(like.device)
+def _per_image(generator: Generators, draw: Callable[[torch.Generator | None, slice], torch.Tensor]) -> torch.Tensor:
+    """`draw(gen, rows)` for the whole batch from one generator, or row by row from one each."""
+    if isinstance(generator, list):
+        return torch.cat([draw(g, slice(j, j + 1)) for j, g in enumerate(generator)])
+    return draw(generator, slice(None))
+
+
+def _uniform(generator: Generators, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    def draw(gen, rows):
+        n = len(range(*rows.indices(shape[0])))
+        device = gen.device if gen is not None else like.device
+        return torch.zeros((n, *shape[1:]), dtype=like.dtype, device=device).uniform_(0, 1, generator=gen)
+
+    return _per_image(generator, draw).to(like.device)
+
+
+def _gumbel(generator: Generators, like: torch.Tensor) -> torch.Tensor:
+    u = _uniform(generator, tuple(like.shape), like)
     return -torch.log((-torch.log(u.clamp(1e-20))).clamp(1e-20))
+
+
+def _multinomial(generator: Generators, probs: torch.Tensor) -> torch.Tensor:
+    """One draw per position of probs (B, seq, V) -> (B, seq)."""
+    def draw(gen, rows):
+        p = probs[rows]
+        p = p.to(gen.device) if gen is not None else p
+        return torch.multinomial(p.float().reshape(-1, p.shape[-1]), 1, generator=gen).view(p.shape[:-1])
+
+    return _per_image(generator, draw).to(probs.device)
 
 
 @torch.no_grad()
 def decode_tokens(model: UVit2DModel, hidden: torch.Tensor, pooled: torch.Tensor, neg_hidden: torch.Tensor,
-                  neg_pooled: torch.Tensor, size: tuple[int, int], cfg: SampleConfig,
-                  generator: torch.Generator | None = None, tokens: torch.Tensor | None = None,
-                  starting_mask_ratio: float = 1.0) -> torch.Tensor:
+                  neg_pooled: torch.Tensor, size: tuple[int, int], cfg: SampleConfig, generator: Generators = None,
+                  tokens: torch.Tensor | None = None, starting_mask_ratio: float | torch.Tensor = 1.0,
+                  first_step: int = 0) -> torch.Tensor:
     """Token ids (B, h, w) for text embeddings (B, L, D) / (B, P).
 
     `tokens` (B, h, w) starts the decoding from partly known ids (mask id where unknown),
-    as inpainting and variations do; known ids are never resampled.
+    as inpainting and variations do; known ids are never resampled. `first_step` skips
+    the schedule's first steps (a variation starts where its mask ratio is reached).
     """
     mask_id = model.config.vocab_size - 1
     side = model.config.sample_size
@@ -48,6 +82,7 @@ def decode_tokens(model: UVit2DModel, hidden: torch.Tensor, pooled: torch.Tensor
     device = hidden.device
     latents = tokens.clone() if tokens is not None else torch.full((b, side, side), mask_id, dtype=torch.long,
                                                                     device=device)
+    start_ratio = torch.as_tensor(starting_mask_ratio, dtype=torch.float32, device=device).reshape(-1, 1)
     guided = cfg.guidance_scale > 1.0
     width, height = size
     micro = torch.tensor([width, height, cfg.crop_top, cfg.crop_left, cfg.aesthetic_score], device=device,
@@ -56,7 +91,7 @@ def decode_tokens(model: UVit2DModel, hidden: torch.Tensor, pooled: torch.Tensor
         hidden, pooled = torch.cat([neg_hidden, hidden]), torch.cat([neg_pooled, pooled])
     temperatures = torch.linspace(cfg.temperature_start, cfg.temperature_end, cfg.steps, device=device)
     seq = side * side
-    for i in range(cfg.steps):
+    for i in range(first_step, cfg.steps):
         logits = model(torch.cat([latents] * 2) if guided else latents, micro_conds=micro, pooled_text_emb=pooled,
                        encoder_hidden_states=hidden)
         if guided:
@@ -65,21 +100,99 @@ def decode_tokens(model: UVit2DModel, hidden: torch.Tensor, pooled: torch.Tensor
         flat = latents.reshape(b, seq)
         unknown = flat == mask_id
         probs = logits.reshape(b, logits.shape[1], seq).permute(0, 2, 1).softmax(-1)
-        draw_from = probs.to(generator.device) if generator is not None else probs
-        drawn = torch.multinomial(draw_from.float().reshape(-1, probs.shape[-1]), 1, generator=generator)
-        drawn = torch.where(unknown, drawn.to(device)[:, 0].view(b, seq), flat)
+        drawn = torch.where(unknown, _multinomial(generator, probs), flat)
         if i == cfg.steps - 1:
             latents = drawn.view(b, side, side)
             break
-        ratio = starting_mask_ratio * _mask_ratio(cfg.schedule, torch.tensor((i + 1) / cfg.steps, device=device))
-        mask_len = (seq * ratio).floor().reshape(1, 1)
-        mask_len = torch.clamp(torch.minimum(unknown.sum(-1, keepdim=True) - 1, mask_len), min=1)
+        ratio = start_ratio * _mask_ratio(cfg.schedule, torch.tensor((i + 1) / cfg.steps, device=device))
+        mask_len = torch.clamp(torch.minimum(unknown.sum(-1, keepdim=True) - 1, (seq * ratio).floor()), min=1)
         chosen = torch.gather(probs, -1, drawn[:, :, None])[:, :, 0]
         chosen = torch.where(unknown, chosen, torch.finfo(chosen.dtype).max)
-        confidence = torch.log(chosen.clamp(1e-20)) + temperatures[i] * _gumbel(chosen.shape, chosen, generator)
+        confidence = torch.log(chosen.clamp(1e-20)) + temperatures[i] * _gumbel(generator, chosen)
         cut_off = torch.gather(confidence.sort(-1).values, 1, mask_len.long())
         latents = torch.where(confidence < cut_off, mask_id, drawn).view(b, side, side)
     return latents
+
+
+def token_mask(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """A pixel mask (H, W), non-zero = regenerate, as a bool token-grid mask (h, w): the
+    grey mask resized with Lanczos and thresholded at one half, as aMUSEd's inpainting."""
+    grey = Image.fromarray(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8), mode="L")
+    small = np.asarray(grey.resize((grid[1], grid[0]), Image.Resampling.LANCZOS), dtype=np.float32) / 255.0
+    return small >= 0.5
+
+
+def fit_image(image: Image.Image, side: int, resample: Image.Resampling = Image.Resampling.BICUBIC) -> np.ndarray:
+    """Resize the shorter side to `side` and centre-crop: (side, side, C) uint8."""
+    w, h = image.size
+    scale = side / min(w, h)
+    image = image.resize((max(side, round(w * scale)), max(side, round(h * scale))), resample)
+    left, top = (image.size[0] - side) // 2, (image.size[1] - side) // 2
+    return np.array(image.crop((left, top, left + side, top + side)))
+
+
+class Sampler:
+    """The U-ViT with the VQ-GAN and text encoder it was trained with, loaded once (an
+    evaluation actor keeps one for all its prompts)."""
+
+    def __init__(self, model: UVit2DModel, image: ImageTokenizer, text: TextEncoder):
+        self.device = image.device
+        self.model = model.to(self.device).eval()
+        self.image, self.text = image, text
+        self.grid = (model.config.sample_size, model.config.sample_size)
+        self.side = model.config.sample_size * image.downsample
+
+    @classmethod
+    def from_folders(cls, model: UVit2DModel, vqgan: str, text_encoder: str, device: str = "cpu") -> "Sampler":
+        return cls(model, ImageTokenizer.from_pretrained(vqgan, device=device),
+                   TextEncoder.from_pretrained(text_encoder, device=device))
+
+    def _decode(self, prompts: list[str], cfg: SampleConfig, generator: Generators, **start) -> torch.Tensor:
+        cond, neg = self.text.encode(prompts), self.text.encode([cfg.negative_prompt] * len(prompts))
+        return decode_tokens(self.model, cond.hidden_states, cond.pooled, neg.hidden_states, neg.pooled,
+                             (self.side, self.side), cfg, generator=generator, **start)
+
+    def _tokens_of(self, image: np.ndarray, n: int) -> torch.Tensor:
+        pixels = np.asarray(image)
+        if pixels.shape != (self.side, self.side, 3) or pixels.dtype != np.uint8:
+            raise ValueError(f"expected a {self.side}x{self.side} RGB uint8 image, got {pixels.shape} {pixels.dtype}")
+        ids = torch.from_numpy(self.image.encode(pixels[None]).astype(np.int64)).to(self.device)
+        return ids.expand(n, -1, -1)
+
+    def generate(self, prompts: list[str], cfg: SampleConfig, generator: Generators = None) -> torch.Tensor:
+        return self._decode(prompts, cfg, generator)
+
+    def inpaint(self, prompts: list[str], image: np.ndarray, mask: np.ndarray, cfg: SampleConfig,
+                generator: Generators = None) -> torch.Tensor:
+        """Regenerate the tokens under `mask` (pixels, non-zero = regenerate); the others are
+        the image's tokens and never resampled. aMUSEd's linear schedule, starting at the
+        masked fraction."""
+        known = self._tokens_of(image, len(prompts))
+        hole = torch.from_numpy(token_mask(mask, self.grid)).to(self.device)
+        if not hole.any():
+            raise ValueError("the mask covers no token: nothing to inpaint")
+        tokens = torch.where(hole, self.model.config.vocab_size - 1, known)
+        ratio = hole.float().mean()
+        return self._decode(prompts, dataclasses.replace(cfg, schedule="linear"), generator, tokens=tokens,
+                            starting_mask_ratio=ratio)
+
+    def vary(self, prompts: list[str], image: np.ndarray, strength: float, cfg: SampleConfig,
+             generator: Generators = None) -> torch.Tensor:
+        """A variation: each token of the image re-masked with the schedule's ratio at step
+        N - int(N * strength), then the remaining steps run (strength 0.5 = the last 6 of 12)."""
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        first = cfg.steps - int(cfg.steps * strength)
+        if first == cfg.steps:
+            raise ValueError(f"strength {strength} leaves no step of {cfg.steps} to run")
+        tokens = self._tokens_of(image, len(prompts))
+        ratio = _mask_ratio(cfg.schedule, torch.tensor(first / cfg.steps)) if first else torch.tensor(1.0)
+        remask = _uniform(generator, tuple(tokens.shape), torch.empty(0, device=self.device)) < ratio
+        tokens = torch.where(remask, self.model.config.vocab_size - 1, tokens)
+        return self._decode(prompts, cfg, generator, tokens=tokens, first_step=first)
+
+    def decode(self, tokens: torch.Tensor) -> np.ndarray:
+        return self.image.decode(tokens)
 
 
 def load_trained_model(checkpoint: str | Path, ema: bool = True) -> UVit2DModel:
@@ -99,18 +212,3 @@ def load_trained_model(checkpoint: str | Path, ema: bool = True) -> UVit2DModel:
     weights = load_file(str(folder / "ema.safetensors")) if ema else module_weights(folder)
     model.load_state_dict(weights, strict=True)
     return model.eval()
-
-
-def sample_images(model: UVit2DModel, vqgan: str, text_encoder: str, prompts: list[str], cfg: SampleConfig,
-                  seed: int, device: str = "cpu") -> tuple[torch.Tensor, np.ndarray]:
-    """Token ids and uint8 images for prompts; one generator seeded once, so a seed gives
-    the same images every time."""
-    from tokenizer import ImageTokenizer, TextEncoder
-
-    text = TextEncoder.from_pretrained(text_encoder, device=device)
-    image = ImageTokenizer.from_pretrained(vqgan, device=device)
-    cond, neg = text.encode(prompts), text.encode([cfg.negative_prompt] * len(prompts))
-    side = model.config.sample_size * image.downsample
-    tokens = decode_tokens(model.to(device), cond.hidden_states, cond.pooled, neg.hidden_states, neg.pooled,
-                           (side, side), cfg, generator=torch.Generator().manual_seed(seed))
-    return tokens, image.decode(tokens)
