@@ -107,16 +107,13 @@ def _sample(args) -> int:
 
     from pipeline.config import config_from_args
     from pipeline.visual import image_grid
-    from training.config import SampleConfig, load_config
+    from training.config import SampleConfig
     from training.sample import Sampler, fit_image, load_trained_model
 
     if args.mask and not args.image:
         raise ValueError("--mask needs --image (the picture to inpaint)")
     model = load_trained_model(args.checkpoint, ema=not args.no_ema)
-    trained = load_config(os.path.join(args.checkpoint, "config.yaml")).model
-    vqgan, text_encoder = args.vqgan or trained.vqgan, args.text_encoder or trained.text_encoder
-    if not vqgan or not text_encoder:
-        raise ValueError("the checkpoint's config names no VQ-GAN / text encoder: pass --vqgan and --text-encoder")
+    vqgan, text_encoder = _checkpoint_models(args.checkpoint, args.vqgan, args.text_encoder)
     sampler = Sampler.from_folders(model, vqgan, text_encoder, device=args.device)
     cfg, generator = config_from_args(SampleConfig, args), torch.Generator().manual_seed(args.seed)
     if args.image:
@@ -131,6 +128,27 @@ def _sample(args) -> int:
     images = sampler.decode(tokens)
     image_grid(images, args.prompt, columns=min(4, len(images)), cell=max(128, images.shape[1])).save(args.output)
     print(f"{len(images)} image(s) of {images.shape[2]}x{images.shape[1]} written to {args.output}")
+    return 0
+
+
+def _checkpoint_models(checkpoint: str, vqgan: str | None, text_encoder: str | None) -> tuple[str, str]:
+    """The VQ-GAN and text encoder a checkpoint was trained with, unless given."""
+    from training.config import load_config
+
+    trained = load_config(os.path.join(checkpoint, "config.yaml")).model
+    vqgan, text_encoder = vqgan or trained.vqgan, text_encoder or trained.text_encoder
+    if not vqgan or not text_encoder:
+        raise ValueError("the checkpoint's config names no VQ-GAN / text encoder: pass --vqgan and --text-encoder")
+    return vqgan, text_encoder
+
+
+def _export(args) -> int:
+    from training.export import export_pipeline
+
+    vqgan, text_encoder = _checkpoint_models(args.checkpoint, args.vqgan, args.text_encoder)
+    out = export_pipeline(args.checkpoint, args.output, vqgan, text_encoder, ema=not args.no_ema)
+    print(f"exported {'EMA' if not args.no_ema else 'raw'} weights of {args.checkpoint} to {out} "
+          "(diffusers.AmusedPipeline.from_pretrained opens it)")
     return 0
 
 
@@ -195,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="variation: fraction of the steps re-run (0.5 = the last 6 of 12)")
     add_config_args(sample, SampleConfig)
     sample.set_defaults(func=_sample)
+
+    export = sub.add_parser("export", help="a checkpoint as a folder diffusers.AmusedPipeline.from_pretrained opens")
+    export.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_N")
+    export.add_argument("--output", required=True, help="new folder (local or s3://)")
+    export.add_argument("--vqgan", help="default: the checkpoint config's model.vqgan")
+    export.add_argument("--text-encoder", help="default: the checkpoint config's model.text_encoder")
+    export.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
+    export.set_defaults(func=_export)
 
     shards = sub.add_parser("shards", help="token datasets").add_subparsers(dest="shards_command", required=True)
     verify = shards.add_parser("verify", help="check manifest, files, checksums, row counts, dtypes and shapes")
