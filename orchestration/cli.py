@@ -152,12 +152,38 @@ def _export(args) -> int:
     return 0
 
 
+def _evaluate(args) -> int:
+    from pipeline.config import config_from_args
+    from training.config import EvalConfig, SampleConfig
+    from training.evaluate import evaluate
+
+    results = evaluate(config_from_args(EvalConfig, args), config_from_args(SampleConfig, args),
+                       checkpoint=args.checkpoint or "", run_dir=args.run or "", watch=args.watch,
+                       poll_seconds=args.poll, timeout_seconds=args.timeout, ray_address=args.ray_address)
+    for r in results:
+        clip = "n/a" if r["clip_score"] is None else f"{r['clip_score']:.2f}"
+        print(f"step {r['step']}: FID {r['fid']:.3f} ({r['images']} images vs {r['fid_reference_images']} reference), "
+              f"CLIP score {clip}  ({r['seconds']} s)")
+    if not results:
+        print("nothing to evaluate: every complete checkpoint already has a result")
+    return 0
+
+
+def _fid_stats(args) -> int:
+    from training.evaluate import fid_reference
+
+    report = fid_reference(args.images, args.output, args.inception, resolution=args.resolution,
+                           max_images=args.max_images, batch_size=args.batch_size)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.config import add_config_args
     from pipeline.download import DownloadConfig
     from pipeline.filter import FilterConfig
     from pipeline.pretokenize import PretokenizeConfig
-    from training.config import SampleConfig
+    from training.config import EvalConfig, SampleConfig
 
     parser = argparse.ArgumentParser(prog="amused", description="aMUSEd data-and-training pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -221,6 +247,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--text-encoder", help="default: the checkpoint config's model.text_encoder")
     export.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
     export.set_defaults(func=_export)
+
+    ev = sub.add_parser("evaluate", help="FID, CLIP score and a sample grid of a checkpoint or a run (Ray actors)")
+    which = ev.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="RUN_DIR/checkpoints/step_N")
+    which.add_argument("--run", help="RUN_DIR: every complete checkpoint without a result")
+    ev.add_argument("--watch", action="store_true", help="with --run: evaluate new checkpoints until training ends")
+    ev.add_argument("--poll", type=float, default=30.0, help="watcher: seconds between looks")
+    ev.add_argument("--timeout", type=float, default=0.0, help="watcher: give up after this many seconds (0 = never)")
+    ev.add_argument("--ray-address", default=None, help="Ray cluster (default: a local one)")
+    add_config_args(ev, EvalConfig)
+    add_config_args(ev, SampleConfig)
+    ev.set_defaults(func=_evaluate)
+
+    fid = sub.add_parser("fid-stats", help="FID reference statistics of real images (webdataset shards)")
+    fid.add_argument("--images", required=True, help="webdataset shards: a folder, a .tar or a glob (local or s3)")
+    fid.add_argument("--output", required=True, help="statistics file (.npz)")
+    fid.add_argument("--inception", required=True, help="FID Inception weights file")
+    fid.add_argument("--resolution", type=int, default=256, help="shorter side resized to this, centre-cropped")
+    fid.add_argument("--max-images", type=int, default=0, help="0 = all")
+    fid.add_argument("--batch-size", type=int, default=32)
+    fid.set_defaults(func=_fid_stats)
 
     shards = sub.add_parser("shards", help="token datasets").add_subparsers(dest="shards_command", required=True)
     verify = shards.add_parser("verify", help="check manifest, files, checksums, row counts, dtypes and shapes")

@@ -107,6 +107,23 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+def write_tiny_clip(out: str | Path, seed: int = 0) -> Path:
+    """A small random two-tower CLIP (CLIPModel + tokenizer in one folder), the layout the
+    CLIP score reads (a released CLIP folder such as ViT-L/14 has the same)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    text = dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406,
+                eos_token_id=49407, pad_token_id=1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4)
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, hidden_act="quick_gelu")
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)).save_pretrained(out)
+    clip_bpe_tokenizer(out)
+    return out
+
+
 def write_tiny_models(out: str | Path, seed: int = 0) -> Path:
     """Write `vqgan/`, `text_encoder/`, `tokenizer/` and `transformer/` under `out`."""
     out = Path(out)

@@ -174,6 +174,33 @@ class SampleConfig:
             raise ValueError(f"schedule must be cosine or linear, got {self.schedule!r}")
 
 
+@dataclass
+class EvalConfig:
+    """What `amused evaluate` measures and with which models (all local or s3 paths)."""
+
+    prompts: str = opt(help="prompt set: a text file (one per line) or Parquet (column caption/prompt/TEXT)")
+    reference: str = opt(help="FID reference statistics (.npz) from `amused fid-stats`")
+    inception: str = opt(help="FID Inception weights file (pt_inception-2015-12-05-6726825d.pth)")
+    clip: str = opt("", "CLIP folder (CLIPModel + tokenizer) for the CLIP score; empty = no CLIP score")
+    vqgan: str = opt("", "VQ-GAN (default: the checkpoint config's model.vqgan)")
+    text_encoder: str = opt("", "text encoder (default: the checkpoint config's model.text_encoder)")
+    actors: int = opt(1, "Ray actors generating and measuring in parallel")
+    gpus_per_actor: float = opt(0.0, "GPUs per actor (0 = CPU)")
+    batch_size: int = opt(8, "prompts per generation batch in an actor")
+    max_prompts: int = opt(0, "use the first N prompts (0 = all)")
+    grid: int = opt(16, "images of the first prompts in the sample grid")
+    seed: int = opt(0, "image i is drawn with seed * 2^32 + i")
+    ema: bool = opt(True, "evaluate the EMA weights (--no-ema: the raw ones)")
+    output: str = opt("", "results folder (default: RUN_DIR/eval)")
+
+    def __post_init__(self):
+        for name in ("actors", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.gpus_per_actor < 0 or self.max_prompts < 0 or self.grid < 0:
+            raise ValueError("gpus_per_actor, max_prompts and grid must be >= 0")
+
+
 def parse_config(data: dict) -> TrainConfig:
     return from_mapping(TrainConfig, data)
 

@@ -1,0 +1,152 @@
+"""FID / CLIP score and the distributed `amused evaluate` (Ray actors, watcher)."""
+
+import json
+import shutil
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from training.metrics import FeatureStats, frechet_distance
+
+PROMPTS = ["a red circle on a grey background", "a blue square", "a green triangle", "a yellow star",
+           "a purple circle on a white background", "a black square"]
+
+
+def _spd(rng, d):
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def _scipy_frechet(mu1, s1, mu2, s2):
+    """pytorch-fid's formulation: an independent computation through scipy's sqrtm."""
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def test_frechet_distance_equals_the_closed_form_and_an_independent_implementation():
+    rng = np.random.default_rng(0)
+    d = 12
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+    closed = float(((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum())  # diagonal Gaussians
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(closed, rel=1e-10)
+    s = _spd(rng, d)
+    c = 2.5  # S2 = c S1: FD = tr(S1) (1 + c - 2 sqrt(c))
+    assert frechet_distance(mu1, s, mu1, c * s) == pytest.approx(np.trace(s) * (1 + c - 2 * np.sqrt(c)), rel=1e-9)
+    for seed in range(3):  # general, non-commuting covariances
+        r = np.random.default_rng(seed + 1)
+        s1, s2 = _spd(r, 32), _spd(r, 32)
+        m1, m2 = r.normal(size=32), r.normal(size=32)
+        assert frechet_distance(m1, s1, m2, s2) == pytest.approx(_scipy_frechet(m1, s1, m2, s2), rel=1e-8)
+
+
+def test_fid_of_a_feature_set_against_itself_is_zero_and_mismatched_protocols_are_refused():
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(40, 64))  # fewer samples than dimensions: a singular covariance, as in practice
+    stats = FeatureStats.of(features, weights_sha256="abc")
+    assert abs(stats.fid(stats)) < 1e-5  # ~1e-6: rounding under the square roots of the zero eigenvalues (trace 64)
+    other = FeatureStats.of(features + 0.5, weights_sha256="abc")
+    assert other.fid(stats) == pytest.approx(64 * 0.25, rel=1e-6)  # a mean shift only
+    with pytest.raises(ValueError, match="another resize protocol or Inception weights"):
+        stats.fid(replace(stats, weights_sha256="def"))
+    with pytest.raises(ValueError, match="at least 2"):
+        FeatureStats.of(features[:1])
+
+
+@pytest.fixture(scope="module")
+def eval_setup(tmp_path_factory, tiny_models, trained_checkpoint, ray_session):
+    from orchestration.cli import main
+    from pipeline.synthetic import write_shape_shards
+    from tokenizer.tiny import write_tiny_clip
+    from training.metrics import write_random_inception
+
+    root = tmp_path_factory.mktemp("eval")
+    inception = write_random_inception(root / "inception.pth")
+    clip = write_tiny_clip(root / "clip")
+    write_shape_shards(str(root / "real"), shards=1, per_shard=10, min_size=48, max_size=96)
+    (root / "real" / "00001.tar").write_bytes(b"not a tar")  # a bad shard among real images: refused loudly
+    assert main(["fid-stats", "--images", str(root / "real"), "--output", str(root / "ref.npz"),
+                 "--inception", str(inception), "--resolution", "64"]) == 1
+    (root / "real" / "00001.tar").unlink()
+    assert main(["fid-stats", "--images", str(root / "real"), "--output", str(root / "ref.npz"),
+                 "--inception", str(inception), "--resolution", "64"]) == 0
+    (root / "prompts.txt").write_text("\n".join(PROMPTS[:3]) + "\n\n" + "\n".join(PROMPTS[3:]) + "\n")
+    run = root / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(trained_checkpoint, run / "checkpoints" / "step_00000004")
+    args = ["--prompts", str(root / "prompts.txt"), "--reference", str(root / "ref.npz"), "--inception",
+            str(inception), "--clip", str(clip), "--vqgan", str(tiny_models / "vqgan"), "--text-encoder",
+            str(tiny_models), "--steps", "4", "--grid", "4"]
+    return root, run, args
+
+
+def test_reference_statistics_record_protocol_and_count(eval_setup):
+    from training.metrics import RESIZE_PROTOCOL
+
+    root, _, _ = eval_setup
+    ref = FeatureStats.load(root / "ref.npz")
+    assert ref.count == 10 and ref.protocol == RESIZE_PROTOCOL and len(ref.weights_sha256) == 64
+    assert ref.mu.shape == (2048,) and ref.sigma.shape == (2048, 2048) and np.isfinite(ref.sigma).all()
+
+
+def test_two_actors_equal_one_and_batch_size_does_not_matter(eval_setup):
+    from orchestration.cli import main
+
+    root, run, args = eval_setup
+    ckpt = str(run / "checkpoints" / "step_00000004")
+    results = {}
+    for name, extra in {"one": ["--actors", "1", "--batch-size", "6"], "two": ["--actors", "2", "--batch-size", "2"],
+                        "batch1": ["--actors", "1", "--batch-size", "1"]}.items():
+        out = root / f"out-{name}"
+        assert main(["evaluate", "--checkpoint", ckpt, "--output", str(out), *args, *extra]) == 0
+        results[name] = json.loads((out / "step_00000004.json").read_text())
+        assert (out / "step_00000004.png").exists() and (out / "metrics.png").exists()
+    one = results["one"]
+    assert one["images"] == 6 and one["fid_reference_images"] == 10 and one["weights"] == "ema"
+    assert one["fid"] > 1e-3 and np.isfinite(one["clip_score"])  # generated vs real: not the same distribution
+    assert "clean-fid" in one["fid_protocol"] and "100 x cosine" in one["clip_score_scale"]
+    for other in ("two", "batch1"):
+        # the same images (tests/test_sample.py pins the tokens); features differ only by float rounding
+        # of batched convolutions (measured: 6e-6 relative at batch 1)
+        assert results[other]["actors"] == (2 if other == "two" else 1)
+        assert results[other]["fid"] == pytest.approx(one["fid"], rel=1e-4)
+        assert results[other]["clip_score_unfloored"] == pytest.approx(one["clip_score_unfloored"], rel=1e-4)
+        assert results[other]["clip_score"] == pytest.approx(one["clip_score"], rel=1e-4, abs=1e-9)
+
+
+def test_watcher_evaluates_checkpoints_as_they_appear_and_a_rerun_does_nothing(eval_setup, tmp_path, capsys):
+    from orchestration.cli import main
+
+    _, done_run, args = eval_setup
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    source = done_run / "checkpoints" / "step_00000004"
+
+    def training():  # writes checkpoints the way training does: complete folder, then the run's result
+        for step in (2, 4):
+            time.sleep(1.0)
+            shutil.copytree(source, run / "checkpoints" / f"step_{step:08d}")
+        time.sleep(1.0)
+        (run / "result.json").write_text("{}")
+
+    writer = threading.Thread(target=training)
+    writer.start()
+    try:
+        assert main(["evaluate", "--run", str(run), "--watch", "--poll", "0.3", "--timeout", "300", *args]) == 0
+    finally:
+        writer.join()
+    results = sorted(p.name for p in (run / "eval").glob("step_*.json"))
+    assert results == ["step_00000002.json", "step_00000004.json"]
+    two, four = (json.loads((run / "eval" / r).read_text()) for r in results)
+    assert two["fid"] == pytest.approx(four["fid"], rel=1e-9)  # the same weights under two names
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), *args]) == 0
+    assert "nothing to evaluate" in capsys.readouterr().out
+    assert Path(run / "eval" / "metrics.png").exists()

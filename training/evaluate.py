@@ -1,0 +1,291 @@
+"""Distributed checkpoint evaluation: FID, CLIP score and a sample grid per checkpoint.
+
+Ray actors (one per GPU, or N on CPU) each keep the VQ-GAN, text encoder, FID Inception
+and CLIP loaded and take a disjoint, contiguous slice of the prompt set. Every image is
+drawn from its own generator seeded by (seed, prompt index), so the images, and so the
+metrics, do not depend on how many actors there are or on the batch size. The driver
+gathers features in prompt order and writes `eval/step_N.json` (under a temporary name,
+then renamed: a result exists only when complete), `eval/step_N.png` and
+`eval/metrics.png` (each metric against step). A rerun skips checkpoints that already
+have a result; the watcher evaluates checkpoints as training writes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.fsio import read_json, write_json_atomic
+from training.checkpoint import MARKER, checkpoints_dir, complete_steps, tag
+from training.config import EvalConfig, SampleConfig
+from training.metrics import (CLIP_SCORE_SCALE, FEATURES, RESIZE_PROTOCOL, FeatureStats, clip_score, file_sha256)
+
+_SEED_STRIDE = 1 << 32  # image i of seed s draws from generator s * 2^32 + i
+
+
+def read_prompts(url: str, limit: int = 0) -> list[str]:
+    """Non-empty prompts of a text file or a Parquet file, in order."""
+    from tokenizer.storage import url_to_fs
+
+    fs, path = url_to_fs(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"prompt set {url} not found")
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with fs.open(path, "rb") as fh:
+            table = pq.read_table(fh)
+        column = next((c for c in ("caption", "prompt", "TEXT", "text") if c in table.column_names), None)
+        if column is None:
+            raise ValueError(f"{url}: no caption/prompt/TEXT/text column (has {table.column_names})")
+        prompts = [str(p).strip() for p in table.column(column).to_pylist() if p is not None]
+    else:
+        with fs.open(path, "rt", encoding="utf-8") as fh:
+            prompts = [line.strip() for line in fh]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"{url}: no prompts")
+    return prompts[:limit] if limit else prompts
+
+
+class EvalWorker:
+    """One actor: generation and feature extraction for its slice of the prompts."""
+
+    def __init__(self, inception: str, clip: str, vqgan: str, text_encoder: str, gpu: bool):
+        import torch
+
+        from tokenizer import ImageTokenizer, TextEncoder
+        from training.metrics import ClipScorer, load_inception
+
+        self.device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
+        self.inception = load_inception(inception, self.device)
+        self.clip = ClipScorer(clip, self.device) if clip else None
+        self.image = ImageTokenizer.from_pretrained(vqgan, device=self.device)
+        self.text = TextEncoder.from_pretrained(text_encoder, device=self.device)
+        self.loaded: tuple[str, bool] | None = None
+        self.sampler = None
+
+    def _load(self, checkpoint: str, ema: bool) -> None:
+        from training.sample import Sampler, load_trained_model
+
+        if self.loaded != (checkpoint, ema):
+            self.sampler = Sampler(load_trained_model(checkpoint, ema=ema), self.image, self.text)
+            self.loaded = (checkpoint, ema)
+
+    def run(self, checkpoint: str, ema: bool, items: list[tuple[int, str]], sample: SampleConfig, seed: int,
+            batch_size: int, keep_below: int) -> dict:
+        """Features, CLIP scores and the images of indices < keep_below for `items`."""
+        import torch
+
+        from training.metrics import inception_features
+
+        self._load(checkpoint, ema)
+        out = {"index": [], "features": [], "clip": [], "kept": {}}
+        for start in range(0, len(items), batch_size):
+            batch = items[start:start + batch_size]
+            index, prompts = [i for i, _ in batch], [p for _, p in batch]
+            generators = [torch.Generator().manual_seed(seed * _SEED_STRIDE + i) for i in index]
+            images = self.sampler.decode(self.sampler.generate(prompts, sample, generators))
+            out["index"] += index
+            out["features"].append(inception_features(self.inception, images))
+            if self.clip is not None:
+                out["clip"].append(self.clip.scores(images, prompts))
+            out["kept"].update({i: im for i, im in zip(index, images) if i < keep_below})
+        return out
+
+
+def start_workers(cfg: EvalConfig, vqgan: str, text_encoder: str) -> list:
+    import ray
+
+    actor = ray.remote(EvalWorker).options(num_cpus=1, num_gpus=cfg.gpus_per_actor)
+    return [actor.remote(cfg.inception, cfg.clip, vqgan, text_encoder, cfg.gpus_per_actor > 0)
+            for _ in range(cfg.actors)]
+
+
+def step_of(checkpoint: str | Path) -> int:
+    name = Path(checkpoint).name
+    if not name.startswith("step_") or not name[5:].isdigit():
+        raise ValueError(f"{checkpoint} is not a checkpoint folder (RUN_DIR/checkpoints/step_N)")
+    return int(name[5:])
+
+
+def results_dir(run_dir: str | Path, cfg: EvalConfig) -> Path:
+    return Path(cfg.output) if cfg.output else Path(run_dir) / "eval"
+
+
+def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, sample: SampleConfig, workers: list,
+                        prompts: list[str], reference: FeatureStats) -> dict:
+    """Metrics of one checkpoint over all prompts, split across `workers`; writes the result."""
+    import ray
+
+    from pipeline.visual import image_grid
+
+    started = time.monotonic()
+    step = step_of(checkpoint)
+    out_dir = results_dir(Path(checkpoint).parent.parent, cfg)
+    slices = [s for s in np.array_split(np.arange(len(prompts)), len(workers)) if len(s)]
+    parts = ray.get([w.run.remote(str(checkpoint), cfg.ema, [(int(i), prompts[i]) for i in s], sample, cfg.seed,
+                                  cfg.batch_size, cfg.grid) for w, s in zip(workers, slices)])
+    index = np.concatenate([p["index"] for p in parts])
+    order = np.argsort(index)
+    features = np.concatenate([f for p in parts for f in p["features"]])[order]
+    inception_sha = file_sha256(cfg.inception)
+    stats = FeatureStats.of(features, weights_sha256=inception_sha)
+    per_image = np.concatenate([c for p in parts for c in p["clip"]])[order] if cfg.clip else None
+    kept = {i: im for p in parts for i, im in p["kept"].items()}
+    result = {
+        "step": step, "checkpoint": str(checkpoint), "weights": "ema" if cfg.ema else "raw",
+        "fid": stats.fid(reference), "clip_score": clip_score(per_image) if per_image is not None else None,
+        "clip_score_unfloored": float(np.mean(per_image)) if per_image is not None else None,
+        "images": len(prompts), "fid_protocol": RESIZE_PROTOCOL, "fid_features": FEATURES,
+        "fid_reference": cfg.reference, "fid_reference_images": reference.count, "inception_sha256": inception_sha,
+        "clip_score_scale": CLIP_SCORE_SCALE if cfg.clip else None, "clip": cfg.clip or None,
+        "prompts": cfg.prompts, "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+        "seed": cfg.seed, "sample": asdict(sample), "actors": len(slices),
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if kept:
+        shown = sorted(kept)
+        grid = image_grid(np.stack([kept[i] for i in shown]), [prompts[i] for i in shown], columns=4,
+                          cell=max(128, kept[shown[0]].shape[0]))
+        tmp = out_dir / f".{tag(step)}.png.tmp"
+        grid.save(tmp, format="PNG")
+        tmp.rename(out_dir / f"{tag(step)}.png")
+    write_json_atomic(str(out_dir / f"{tag(step)}.json"), result)
+    plot_results(out_dir)
+    return result
+
+
+def read_results(out_dir: str | Path) -> list[dict]:
+    return sorted((read_json(str(p)) for p in Path(out_dir).glob("step_*.json")), key=lambda r: r["step"])
+
+
+def plot_results(out_dir: str | Path) -> Path:
+    """eval/metrics.png: FID and CLIP score against training step."""
+    from pipeline.visual import line_plots
+
+    results = read_results(out_dir)
+    series = {"FID (lower is better)": [(r["step"], r["fid"]) for r in results]}
+    if any(r["clip_score"] is not None for r in results):
+        series["CLIP score (100 x cosine)"] = [(r["step"], r["clip_score"]) for r in results
+                                               if r["clip_score"] is not None]
+    path = Path(out_dir) / "metrics.png"
+    line_plots(series).save(path)
+    return path
+
+
+def _models(checkpoint: str, cfg: EvalConfig) -> tuple[str, str]:
+    from training.config import load_config
+
+    trained = load_config(str(Path(checkpoint) / "config.yaml")).model
+    vqgan, text_encoder = cfg.vqgan or trained.vqgan, cfg.text_encoder or trained.text_encoder
+    if not vqgan or not text_encoder:
+        raise ValueError("the checkpoint's config names no VQ-GAN / text encoder: set vqgan and text_encoder")
+    return vqgan, text_encoder
+
+
+def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_dir: str = "", watch: bool = False,
+             poll_seconds: float = 10.0, timeout_seconds: float = 0.0, ray_address: str | None = None) -> list[dict]:
+    """Evaluates one checkpoint, or every complete checkpoint of a run that has no result
+    yet; with `watch`, keeps evaluating new ones until the run has finished training
+    (its result.json exists) and all are done, or `timeout_seconds` pass."""
+    from pipeline.raysession import ray_session
+
+    if bool(checkpoint) == bool(run_dir):
+        raise ValueError("give either a checkpoint or a run folder")
+    if checkpoint and not (Path(checkpoint) / MARKER).exists():
+        raise ValueError(f"{checkpoint} is not a complete training checkpoint (no {MARKER} marker)")
+    if run_dir and not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} not found")
+    prompts = read_prompts(cfg.prompts, cfg.max_prompts)
+    reference = FeatureStats.load(cfg.reference)
+    if reference.protocol != RESIZE_PROTOCOL:
+        raise ValueError(f"{cfg.reference} was computed with {reference.protocol!r}, not {RESIZE_PROTOCOL!r}")
+    deadline = time.monotonic() + timeout_seconds if timeout_seconds else None
+    done: list[dict] = []
+    workers = None
+    with ray_session(ray_address):
+        while True:
+            finished = bool(run_dir) and (Path(run_dir) / "result.json").exists()  # before listing: no race
+            if checkpoint:
+                pending = [Path(checkpoint)]
+            else:
+                evaluated = {r["step"] for r in read_results(results_dir(run_dir, cfg))}
+                pending = [checkpoints_dir(run_dir) / tag(s) for s in complete_steps(run_dir) if s not in evaluated]
+            for ckpt in tqdm(pending, desc="evaluate", unit="ckpt", disable=len(pending) < 2):
+                if workers is None:
+                    workers = start_workers(cfg, *_models(str(ckpt), cfg))
+                try:
+                    done.append(evaluate_checkpoint(str(ckpt), cfg, sample, workers, prompts, reference))
+                except Exception as exc:
+                    if (ckpt / MARKER).exists():
+                        raise
+                    print(f"skipped {ckpt.name}: removed (kept-last pruning) while it was evaluated ({exc})")
+            if checkpoint or not watch or (finished and not pending):
+                return done
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"watcher: training of {run_dir} did not finish within {timeout_seconds} s")
+            if not pending:
+                time.sleep(poll_seconds)
+
+
+def fid_reference(images: str, output: str, inception: str, resolution: int = 256, max_images: int = 0,
+                  batch_size: int = 32, min_side: int = 16) -> dict:
+    """FID statistics of real held-out images (webdataset shards): each image's shorter
+    side resized to `resolution` and centre-cropped like the generated ones, then the
+    FID resize protocol. Undecodable images are counted by reason, not fatal."""
+    from collections import Counter
+
+    from PIL import Image
+
+    from pipeline.fsio import list_files
+    from pipeline.images import open_image
+    from pipeline.wds import BadSample, iter_samples
+    from tokenizer.storage import url_to_fs
+    from training.metrics import inception_features, load_inception
+    from training.sample import fit_image
+
+    net = load_inception(inception)
+    skipped: Counter = Counter()
+    features, batch = [], []
+    bar = tqdm(desc="reference images", unit="img", total=max_images or None)
+
+    def flush():
+        if batch:
+            features.append(inception_features(net, np.stack(batch)))
+            bar.update(len(batch))
+            batch.clear()
+
+    count = 0
+    for shard in list_files(images, ".tar"):
+        fs, path = url_to_fs(shard)
+        with fs.open(path, "rb") as fh:
+            for sample in iter_samples(fh, shard):
+                if max_images and count >= max_images:
+                    break
+                found = sample.image
+                if found is None:
+                    skipped["no_image"] += 1
+                    continue
+                try:
+                    img, _ = open_image(found[1], min_side=min_side, max_pixels=1 << 28, target=resolution)
+                except BadSample as exc:
+                    skipped[exc.args[0]] += 1
+                    continue
+                batch.append(fit_image(img, resolution, Image.Resampling.BICUBIC))
+                count += 1
+                if len(batch) == batch_size:
+                    flush()
+    flush()
+    bar.close()
+    stats = FeatureStats.of(np.concatenate(features) if features else np.zeros((0, 2048)),
+                            weights_sha256=file_sha256(inception))
+    stats.save(output)
+    return {"output": output, "images": stats.count, "skipped": dict(skipped), "protocol": RESIZE_PROTOCOL,
+            "resolution": resolution}
