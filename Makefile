@@ -37,11 +37,13 @@ demo: $(STAMP)
 	$(AMUSED) train configs/train-tiny.yaml
 	$(AMUSED) sample --checkpoint $(DEMO)/run/checkpoints/step_00000200 --output $(DEMO)/samples.png \
 		--prompt "a red circle on a grey background" --prompt "a blue square on a white background"
+	$(AMUSED) export --checkpoint $(DEMO)/run/checkpoints/step_00000200 --output $(DEMO)/pipeline
 
 bench: $(STAMP)
 	$(PY) benchmarks/shard_format.py
 	$(PY) benchmarks/pretokenize.py
 	$(PY) benchmarks/train.py
+	$(PY) benchmarks/sample.py
 
 clean:
 	rm -rf $(DEMO)

@@ -25,7 +25,7 @@ def exported(tmp_path_factory, tiny_models, trained_checkpoint):
 def test_exported_folder_opens_in_amused_pipeline_and_gives_amused_sample_images(exported, tiny_models,
                                                                                   trained_checkpoint):
     assert sorted(p.name for p in exported.iterdir()) == [
-        "model_index.json", "scheduler", "text_encoder", "tokenizer", "transformer", "vqvae"]
+        "amused_export.json", "model_index.json", "scheduler", "text_encoder", "tokenizer", "transformer", "vqvae"]
     assert json.loads((exported / "model_index.json").read_text())["_class_name"] == "AmusedPipeline"
     assert not list(exported.rglob("*.bin")) and list(exported.rglob("*.safetensors"))  # safetensors only
     assert not [p for p in exported.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
@@ -46,8 +46,11 @@ def test_exported_folder_opens_in_amused_pipeline_and_gives_amused_sample_images
     again = Sampler.from_folders(load_trained_model(trained_checkpoint), str(exported), str(exported))
     assert np.array_equal(again.decode(again.generate(PROMPTS, SampleConfig(steps=6, guidance_scale=8.0),
                                                       torch.Generator().manual_seed(3))), ours)
-    assert main(["export", "--checkpoint", trained_checkpoint, "--output", str(exported),
-                 "--vqgan", str(tiny_models / "vqgan"), "--text-encoder", str(tiny_models)]) == 1  # never overwritten
+    models = ["--vqgan", str(tiny_models / "vqgan"), "--text-encoder", str(tiny_models)]
+    before = {p: p.stat().st_mtime_ns for p in exported.rglob("*")}
+    assert main(["export", "--checkpoint", trained_checkpoint, "--output", str(exported), *models]) == 0  # a rerun
+    assert {p: p.stat().st_mtime_ns for p in exported.rglob("*")} == before  # found done, nothing rewritten
+    assert main(["export", "--checkpoint", trained_checkpoint, "--output", str(exported), "--no-ema", *models]) == 1
 
 
 def test_training_starts_from_an_exported_folder(exported, tmp_path, trained_checkpoint):

@@ -10,12 +10,15 @@ never leaves a folder that looks exported.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from tokenizer.storage import VQGAN_SUBFOLDERS, is_local, local_folder, resolve_subfolder, url_to_fs
 
+# What the folder was exported from: a rerun of the same export is a no-op.
+SOURCE = "amused_export.json"
 # Written last into a remote export: an s3 prefix cannot be renamed atomically.
 EXPORT_COMPLETE = "model_index.json"
 
@@ -28,8 +31,13 @@ def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str,
     from training.sample import load_trained_model
 
     fs, root = url_to_fs(output)
+    source = {"checkpoint": str(Path(checkpoint).resolve()), "weights": "ema" if ema else "raw",
+              "vqgan": vqgan, "text_encoder": text_encoder}
     if fs.exists(f"{root.rstrip('/')}/{EXPORT_COMPLETE}"):
-        raise FileExistsError(f"{output} already holds an exported pipeline; choose another --output")
+        recorded = f"{root.rstrip('/')}/{SOURCE}"
+        if fs.exists(recorded) and json.loads(fs.cat_file(recorded)) == source:
+            return output  # a rerun: this very export is already complete
+        raise FileExistsError(f"{output} already holds another exported pipeline; choose another --output")
     transformer = load_trained_model(checkpoint, ema=ema)
     text = TextEncoder.from_pretrained(text_encoder, device="cpu")
     pipe = AmusedPipeline(
@@ -42,6 +50,7 @@ def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str,
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
             pipe.save_pretrained(staging, safe_serialization=True)
+            (staging / SOURCE).write_text(json.dumps(source, indent=2))
             if final.exists():
                 shutil.rmtree(final)  # a folder without model_index.json: an earlier export's leftover
             staging.rename(final)
@@ -50,6 +59,7 @@ def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str,
         return str(final)
     with tempfile.TemporaryDirectory() as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
+        (Path(staging) / SOURCE).write_text(json.dumps(source, indent=2))
         index = Path(staging) / EXPORT_COMPLETE
         for file in sorted(p for p in Path(staging).rglob("*") if p.is_file() and p != index):
             fs.put_file(str(file), f"{root.rstrip('/')}/{file.relative_to(staging)}")
