@@ -1,0 +1,140 @@
+"""What training a VQ-GAN needs beyond diffusers' `VQModel`: a forward pass that keeps
+the terms apart, codebook health, the patch discriminator and PSNR.
+
+diffusers' quantizer returns one mixed loss and, for models that look codes up from the
+codebook (aMUSEd's), `decode` expects ids; training needs the codebook and commitment
+terms separately (own weights), a straight-through estimator, and the ids to watch
+codebook usage, so the pass is assembled here from the model's own modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import VQModel
+from torch import nn
+
+from tokenizer.image import nearest_codes
+
+
+@dataclass
+class VQForward:
+    reconstruction: torch.Tensor  # (N, 3, H, W), the decoder's output for the quantised latents
+    latents: torch.Tensor  # (N, C, h, w) encoder output after quant_conv
+    quantized: torch.Tensor  # (N, C, h, w) codebook rows
+    ids: torch.Tensor  # (N, h, w)
+
+
+def vq_forward(model: VQModel, pixels: torch.Tensor) -> VQForward:
+    """Encode, quantise to the nearest code, decode through a straight-through estimator
+    (the decoder's gradient reaches the encoder as if quantisation were the identity)."""
+    z = model.quant_conv(model.encoder(pixels))
+    n, c, h, w = z.shape
+    codebook = model.quantize.embedding.weight
+    ids = nearest_codes(z.detach().permute(0, 2, 3, 1).reshape(-1, c).float(), codebook.detach().float())
+    z_q = codebook[ids].view(n, h, w, c).permute(0, 3, 1, 2)
+    straight = z + (z_q - z).detach()
+    quant2 = model.post_quant_conv(straight)
+    out = model.decoder(quant2, straight if model.config.norm_type == "spatial" else None)
+    return VQForward(out, z, z_q, ids.view(n, h, w))
+
+
+def codebook_loss(fwd: VQForward) -> torch.Tensor:
+    """Moves the chosen codes towards the encoder outputs (gradient to the codebook only)."""
+    return F.mse_loss(fwd.quantized, fwd.latents.detach())
+
+
+def commitment_loss(fwd: VQForward) -> torch.Tensor:
+    """Keeps the encoder close to its codes (gradient to the encoder only)."""
+    return F.mse_loss(fwd.latents, fwd.quantized.detach())
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [0, 1]."""
+    mse = (a.float().clamp(0, 1) - b.float().clamp(0, 1)).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+class CodebookHealth:
+    """Code counts over the last `window` batches: usage (fraction of codes seen),
+    perplexity (exp of the usage distribution's entropy; = codebook size when uniform)
+    and the dead codes (unseen in the window)."""
+
+    def __init__(self, size: int, window: int):
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.size, self.window = size, window
+        self.history: list[torch.Tensor] = []
+
+    def update(self, ids: torch.Tensor) -> None:
+        self.history.append(torch.bincount(ids.flatten().cpu(), minlength=self.size))
+        del self.history[:-self.window]
+
+    def counts(self) -> torch.Tensor:
+        return torch.stack(self.history).sum(0) if self.history else torch.zeros(self.size, dtype=torch.long)
+
+    def usage(self) -> float:
+        return float((self.counts() > 0).float().mean())
+
+    def perplexity(self) -> float:
+        counts = self.counts().double()
+        if counts.sum() == 0:
+            return 0.0
+        p = counts[counts > 0] / counts.sum()
+        return float(torch.exp(-(p * p.log()).sum()))
+
+    def dead(self) -> torch.Tensor:
+        return torch.nonzero(self.counts() == 0).flatten()
+
+    def state_dict(self) -> dict:
+        return {"size": self.size, "window": self.window, "history": [h.tolist() for h in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["size"], state["window"]) != (self.size, self.window):
+            raise ValueError(f"codebook health of size/window {state['size']}/{state['window']} "
+                             f"does not match {self.size}/{self.window}")
+        self.history = [torch.tensor(h, dtype=torch.long) for h in state["history"]]
+
+
+@torch.no_grad()
+def reinit_dead_codes(codebook: nn.Embedding, dead: torch.Tensor, latents: torch.Tensor,
+                      generator: torch.Generator) -> int:
+    """Moves each dead code onto a randomly chosen recent encoder output (N, C), so that
+    it is some latent's nearest code again. Returns how many were moved."""
+    if len(dead) == 0 or len(latents) == 0:
+        return 0
+    pick = torch.randint(len(latents), (len(dead),), generator=generator)
+    codebook.weight[dead.to(codebook.weight.device)] = latents[pick].to(codebook.weight)
+    return len(dead)
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN: strided 4x4 convolutions, one real/fake logit per receptive-field patch.
+    GroupNorm instead of BatchNorm so that a rank's statistics never depend on the
+    others' batches (and a micro-batch of 1 works)."""
+
+    def __init__(self, channels: int = 3, width: int = 64, layers: int = 3):
+        super().__init__()
+        blocks: list[nn.Module] = [nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
+        ch = width
+        for i in range(1, layers + 1):
+            out = width * min(2 ** i, 8)
+            stride = 2 if i < layers else 1
+            blocks += [nn.Conv2d(ch, out, 4, stride, 1, bias=False), nn.GroupNorm(min(32, out // 4), out),
+                       nn.LeakyReLU(0.2)]
+            ch = out
+        blocks.append(nn.Conv2d(ch, 1, 4, 1, 1))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images * 2 - 1)  # [0, 1] pixels, as the aMUSEd VQ-GAN reads them
+
+
+def discriminator_hinge_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean())
+
+
+def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    return -fake_logits.mean()
