@@ -276,7 +276,7 @@ def fid_reference(images: str, output: str, inception: str, resolution: int = 25
                 try:
                     img, _ = open_image(found[1], min_side=min_side, max_pixels=1 << 28, target=resolution)
                 except BadSample as exc:
-                    skipped[exc.args[0]] += 1
+                    skipped[exc.reason] += 1
                     continue
                 batch.append(fit_image(img, resolution, Image.Resampling.BICUBIC))
                 count += 1
