@@ -178,6 +178,18 @@ def _fid_stats(args) -> int:
     return 0
 
 
+def _vqgan_evaluate(args) -> int:
+    from training.vq_eval import evaluate_vqgan
+
+    r = evaluate_vqgan(args.vqgan, args.images, args.output, resolution=args.resolution, batch_size=args.batch_size,
+                       max_images=args.max_images, inception=args.inception or "", device=args.device)
+    rfid = "n/a (no --inception)" if r["rfid"] is None else f"{r['rfid']:.3f}"
+    print(f"{r['images']} held-out images at {r['resolution']} px: PSNR {r['psnr_db']:.2f} dB, codebook usage "
+          f"{r['codebook_usage']:.1%} (perplexity {r['codebook_perplexity']:.1f} of {r['codebook_size']}), rFID {rfid}; "
+          f"skipped {r['skipped'] or 'none'}; {args.output}/reconstructions.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.config import add_config_args
     from pipeline.download import DownloadConfig
@@ -268,6 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--max-images", type=int, default=0, help="0 = all")
     fid.add_argument("--batch-size", type=int, default=32)
     fid.set_defaults(func=_fid_stats)
+
+    vq = sub.add_parser("vqgan", help="the image tokenizer").add_subparsers(dest="vqgan_command", required=True)
+    vq_eval = vq.add_parser("evaluate", help="PSNR, codebook usage, rFID and a reconstruction PNG on held-out images")
+    vq_eval.add_argument("--vqgan", required=True, help="VQModel folder or pipeline folder with vqvae/")
+    vq_eval.add_argument("--images", required=True, help="held-out webdataset shards (folder, .tar or glob)")
+    vq_eval.add_argument("--output", required=True, help="folder for vqgan_eval.json and reconstructions.png")
+    vq_eval.add_argument("--resolution", type=int, default=256)
+    vq_eval.add_argument("--batch-size", type=int, default=16)
+    vq_eval.add_argument("--max-images", type=int, default=0, help="0 = all")
+    vq_eval.add_argument("--inception", help="FID Inception weights file: adds reconstruction FID")
+    vq_eval.add_argument("--device", default="cpu")
+    vq_eval.set_defaults(func=_vqgan_evaluate)
 
     shards = sub.add_parser("shards", help="token datasets").add_subparsers(dest="shards_command", required=True)
     verify = shards.add_parser("verify", help="check manifest, files, checksums, row counts, dtypes and shapes")

@@ -236,54 +236,22 @@ def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_di
 
 
 def fid_reference(images: str, output: str, inception: str, resolution: int = 256, max_images: int = 0,
-                  batch_size: int = 32, min_side: int = 16) -> dict:
+                  batch_size: int = 32) -> dict:
     """FID statistics of real held-out images (webdataset shards): each image's shorter
     side resized to `resolution` and centre-cropped like the generated ones, then the
     FID resize protocol. Undecodable images are counted by reason, not fatal."""
     from collections import Counter
 
-    from PIL import Image
-
-    from pipeline.fsio import list_files
-    from pipeline.images import open_image
-    from pipeline.wds import BadSample, iter_samples
-    from tokenizer.storage import url_to_fs
     from training.metrics import inception_features, load_inception
-    from training.sample import fit_image
+    from training.vq_data import held_out_batches
 
     net = load_inception(inception)
     skipped: Counter = Counter()
-    features, batch = [], []
-    bar = tqdm(desc="reference images", unit="img", total=max_images or None)
-
-    def flush():
-        if batch:
-            features.append(inception_features(net, np.stack(batch)))
+    features = []
+    with tqdm(desc="reference images", unit="img", total=max_images or None) as bar:
+        for batch in held_out_batches(images, resolution, batch_size, max_images, skipped):
+            features.append(inception_features(net, batch))
             bar.update(len(batch))
-            batch.clear()
-
-    count = 0
-    for shard in list_files(images, ".tar"):
-        fs, path = url_to_fs(shard)
-        with fs.open(path, "rb") as fh:
-            for sample in iter_samples(fh, shard):
-                if max_images and count >= max_images:
-                    break
-                found = sample.image
-                if found is None:
-                    skipped["no_image"] += 1
-                    continue
-                try:
-                    img, _ = open_image(found[1], min_side=min_side, max_pixels=1 << 28, target=resolution)
-                except BadSample as exc:
-                    skipped[exc.reason] += 1
-                    continue
-                batch.append(fit_image(img, resolution, Image.Resampling.BICUBIC))
-                count += 1
-                if len(batch) == batch_size:
-                    flush()
-    flush()
-    bar.close()
     stats = FeatureStats.of(np.concatenate(features) if features else np.zeros((0, 2048)),
                             weights_sha256=file_sha256(inception))
     stats.save(output)

@@ -1,4 +1,5 @@
-"""Random crops from webdataset image shards, for VQ-GAN training.
+"""Images from webdataset shards: random crops for VQ-GAN training (ImageCropReader),
+centre crops of held-out images for evaluation (held_out_batches).
 
 Each epoch permutes the shards by (seed, epoch); rank r reads every world-th shard of
 that order, front to back, and streams on into the next epoch when its shards run out,
@@ -105,3 +106,36 @@ class ImageCropReader:
         self.yielded_in_epoch = state["yielded_in_epoch"]
         self.skipped = Counter(state["skipped"])
         self._samples = None
+
+
+def held_out_batches(images: str, resolution: int, batch_size: int, max_images: int = 0, skipped: Counter | None = None,
+                     min_side: int = 16, max_pixels: int = 1 << 28) -> Iterator[np.ndarray]:
+    """uint8 (n, resolution, resolution, 3) batches, in shard order: each image's shorter side
+    resized to `resolution` (bicubic) and centre-cropped. Undecodable images are counted
+    by reason in `skipped`, not fatal."""
+    from training.sample import fit_image
+
+    skipped = Counter() if skipped is None else skipped
+    batch, count = [], 0
+    for shard in list_files(images, ".tar"):
+        fs, path = url_to_fs(shard)
+        with fs.open(path, "rb") as fh:
+            for sample in iter_samples(fh, shard):
+                if max_images and count >= max_images:
+                    break
+                found = sample.image
+                if found is None:
+                    skipped["no_image"] += 1
+                    continue
+                try:
+                    img, _ = open_image(found[1], min_side=min_side, max_pixels=max_pixels, target=resolution)
+                except BadSample as exc:
+                    skipped[exc.reason] += 1
+                    continue
+                batch.append(fit_image(img, resolution, Image.Resampling.BICUBIC))
+                count += 1
+                if len(batch) == batch_size:
+                    yield np.stack(batch)
+                    batch = []
+    if batch:
+        yield np.stack(batch)
