@@ -92,3 +92,28 @@ def test_psnr():
     a = torch.rand(2, 3, 8, 8)
     assert psnr(a, a).tolist() == pytest.approx([100.0, 100.0])
     assert psnr(torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 0.1)).item() == pytest.approx(20.0, abs=1e-4)
+
+
+def test_one_backward_trains_each_player_only_on_its_own_term(vq):
+    from tokenizer.vq_objective import VQLossWeights, vqgan_losses
+
+    disc = PatchDiscriminator(width=8, layers=2)
+    pixels = torch.rand(2, 3, 64, 64)
+    weights = VQLossWeights(adversarial=0.5, adversarial_start=10)
+    _, terms, _ = vqgan_losses(vq, disc, pixels, weights, step=9)
+    assert set(terms) == {"l1", "codebook", "commitment"}  # the adversarial game has not started
+    total, terms, _ = vqgan_losses(vq, disc, pixels, weights, step=10)
+    assert set(terms) == {"l1", "codebook", "commitment", "adversarial", "discriminator"}
+    vq_params, disc_params = list(vq.parameters()), list(disc.parameters())
+    g_only = torch.autograd.grad(terms["adversarial"], vq_params + disc_params, retain_graph=True, allow_unused=True)
+    assert all(g is None for g in g_only[len(vq_params):])  # the generator's term leaves D alone
+    assert any(g is not None and g.abs().sum() > 0 for g in g_only[:len(vq_params)])
+    d_only = torch.autograd.grad(terms["discriminator"], vq_params + disc_params, retain_graph=True,
+                                 allow_unused=True)
+    assert all(g is None for g in d_only[:len(vq_params)])  # the discriminator's term leaves G alone
+    assert any(g is not None and g.abs().sum() > 0 for g in d_only[len(vq_params):])
+    expected = terms["l1"] + terms["codebook"] + 0.25 * terms["commitment"] + 0.5 * terms["adversarial"] \
+        + terms["discriminator"]
+    assert torch.allclose(total, expected)
+    with pytest.raises(ValueError, match="pixel reconstruction"):
+        VQLossWeights(l1=0, l2=0)

@@ -138,3 +138,52 @@ def discriminator_hinge_loss(real_logits: torch.Tensor, fake_logits: torch.Tenso
 
 def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.mean()
+
+
+@dataclass
+class VQLossWeights:
+    """Weights of the VQ-GAN training terms. Default: L1 pixels + codebook + 0.25 x
+    commitment, adversarial term 0.1 from `adversarial_start` (0 = never)."""
+
+    l1: float = 1.0
+    l2: float = 0.0
+    codebook: float = 1.0
+    commitment: float = 0.25
+    adversarial: float = 0.1
+    adversarial_start: int = 0
+
+    def __post_init__(self):
+        for name in ("l1", "l2", "codebook", "commitment", "adversarial"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"loss weight {name} must be >= 0, got {getattr(self, name)}")
+        if self.l1 == 0 and self.l2 == 0:
+            raise ValueError("at least one pixel reconstruction term (l1 or l2) must have a weight > 0")
+        if self.adversarial_start < 0:
+            raise ValueError(f"adversarial_start must be >= 0, got {self.adversarial_start}")
+
+    def adversarial_on(self, step: int) -> bool:
+        return self.adversarial > 0 and self.adversarial_start > 0 and step >= self.adversarial_start
+
+
+def vqgan_losses(vq: VQModel, discriminator: PatchDiscriminator | None, pixels: torch.Tensor,
+                 weights: VQLossWeights, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], VQForward]:
+    """One loss whose single backward trains both players: the generator's adversarial
+    term runs the discriminator with detached parameters (its gradient reaches the VQ-GAN
+    only), the discriminator's hinge term sees detached reconstructions (its gradient
+    reaches the discriminator only). So one optimizer (one DeepSpeed engine) steps both."""
+    fwd = vq_forward(vq, pixels)
+    terms = {"codebook": codebook_loss(fwd), "commitment": commitment_loss(fwd)}
+    if weights.l1:
+        terms["l1"] = F.l1_loss(fwd.reconstruction, pixels)
+    if weights.l2:
+        terms["l2"] = F.mse_loss(fwd.reconstruction, pixels)
+    if discriminator is not None and weights.adversarial_on(step):
+        frozen = {k: v.detach() for k, v in discriminator.named_parameters()}
+        fake_for_g = torch.func.functional_call(discriminator, frozen, (fwd.reconstruction,))
+        terms["adversarial"] = generator_adversarial_loss(fake_for_g)
+        terms["discriminator"] = discriminator_hinge_loss(discriminator(pixels),
+                                                          discriminator(fwd.reconstruction.detach()))
+    total = sum(getattr(weights, k) * v for k, v in terms.items() if k != "discriminator")
+    if "discriminator" in terms:
+        total = total + terms["discriminator"]
+    return total, terms, fwd
