@@ -178,6 +178,31 @@ def _fid_stats(args) -> int:
     return 0
 
 
+def _vqgan_train(args) -> int:
+    import yaml
+
+    from training.vqgan import parse_vqgan_config, train_vqgan
+
+    try:
+        with open(args.config) as fh:
+            data = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise ValueError(f"cannot read config {args.config}: {exc.strerror}") from None
+    result = train_vqgan(parse_vqgan_config(data))
+    m = result.last_metrics
+    print(f"VQ-GAN trained to step {result.step}: PSNR {m.get('psnr_db', float('nan')):.2f} dB, codebook usage "
+          f"{m.get('codebook_usage', float('nan')):.1%}; checkpoint {result.checkpoint}; "
+          f"metrics in {result.run_dir}/metrics.jsonl and metrics.png")
+    return 0
+
+
+def _vqgan_export(args) -> int:
+    from training.vqgan import export_vqgan
+
+    print(f"VQModel written to {export_vqgan(args.checkpoint, args.output)}")
+    return 0
+
+
 def _vqgan_evaluate(args) -> int:
     from training.vq_eval import evaluate_vqgan
 
@@ -282,6 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     fid.set_defaults(func=_fid_stats)
 
     vq = sub.add_parser("vqgan", help="the image tokenizer").add_subparsers(dest="vqgan_command", required=True)
+    vq_train = vq.add_parser("train", help="train or fine-tune a VQ-GAN on webdataset image shards (DeepSpeed)")
+    vq_train.add_argument("config", help="YAML (training/vqgan.py: VQGANConfig)")
+    vq_train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    vq_train.set_defaults(func=_vqgan_train)
+    vq_export = vq.add_parser("export", help="a VQ-GAN checkpoint as a VQModel folder")
+    vq_export.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_N")
+    vq_export.add_argument("--output", required=True)
+    vq_export.set_defaults(func=_vqgan_export)
     vq_eval = vq.add_parser("evaluate", help="PSNR, codebook usage, rFID and a reconstruction PNG on held-out images")
     vq_eval.add_argument("--vqgan", required=True, help="VQModel folder or pipeline folder with vqvae/")
     vq_eval.add_argument("--images", required=True, help="held-out webdataset shards (folder, .tar or glob)")

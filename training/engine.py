@@ -24,6 +24,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 from pathlib import Path
 
 import torch
@@ -108,6 +109,14 @@ def init_distributed() -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return created
+
+
+def current_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def wants_bf16(precision: str, device: torch.device) -> bool:
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 def rank0_decides(fn, *args):
@@ -256,9 +265,14 @@ class MetricsLog:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    return in_process_group(_train, cfg)
+
+
+def in_process_group(fn, *args):
+    """Runs `fn(*args)` inside the launcher's process group (or a one-rank one)."""
     created = init_distributed()
     try:
-        return _train(cfg)
+        return fn(*args)
     finally:
         if dist.is_initialized():
             dist.barrier()
@@ -269,11 +283,86 @@ def train(cfg: TrainConfig) -> TrainResult:
                 dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig) -> TrainResult:
-    import deepspeed
+class Task(Protocol):
+    """What a model family brings to the loop (the U-ViT here, the VQ-GAN in
+    training/vqgan.py); the loop owns DeepSpeed, the schedule, the non-finite policy,
+    EMA, metrics, checkpoints and resume."""
 
+    model: torch.nn.Module
+    layout: Layout
+    stats_size: int  # length of the per-micro-step statistics vector
+    plot: tuple[str, ...]  # metrics drawn in metrics.png
+
+    def param_groups(self, weight_decay: float) -> list[dict]: ...
+    def begin_step(self, step: int) -> None: ...
+    def micro_step(self, engine, step: int, k: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def metrics(self, stats: list[float], samples: int, elapsed: float) -> dict: ...
+    def after_update(self, engine, step: int) -> dict: ...
+    def state_dict(self) -> dict: ...  # every rank calls it at a checkpoint (it may be a collective)
+    def load_state_dict(self, state: dict) -> None: ...
+    def epoch(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class UViTTask:
+    """Masked-token training of the U-ViT on token shards."""
+
+    plot = ("loss", "masked_accuracy", "lr")
+    stats_size = 3  # cross-entropy sum, correct, masked count (this rank)
+
+    def __init__(self, cfg: TrainConfig, model, dataset: TokenDataset, layout: Layout, rank: int, world: int,
+                 device: torch.device, empty: dict | None, dtype: torch.dtype):
+        self.cfg, self.model, self.layout, self.device, self.dtype = cfg, model, layout, device, dtype
+        self.world = world
+        self.reader = ShardReader(dataset, lanes=layout.lanes, rank=rank, world_size=world,
+                                  lane_batch=layout.lane_batch, accum=layout.accum, window_rows=cfg.data.window_rows,
+                                  seed=cfg.data.seed, workers=cfg.data.workers, prefetch=cfg.data.prefetch,
+                                  default_aesthetic=cfg.data.default_aesthetic, pin_memory=device.type == "cuda")
+        self.empty = {k: torch.as_tensor(v).to(device) for k, v in empty.items()} if empty else None
+        self.grid = token_grid(model)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        return param_groups(self.model, weight_decay)
+
+    def begin_step(self, step: int) -> None:
+        lay, obj = self.layout, self.cfg.objective
+        self.masks = draw_masks(self.cfg.seed, step, lay.lanes, lay.lane_batch * lay.accum, self.grid,
+                                obj.rect_mask_prob, obj.cond_drop_prob)
+        self.scale = self.world * lay.accum / max(1, self.masks.total_masked())
+
+    def micro_step(self, engine, step: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = slice(k * self.layout.lane_batch, (k + 1) * self.layout.lane_batch)
+        masked, drop = self.masks.micro(self.reader.lanes, rows)
+        parts = _forward(engine, next(self.reader), masked, drop, self.empty, self.dtype, self.device,
+                         self.cfg.objective.label_smoothing, self.scale)
+        stats = torch.stack([parts.ce_sum.double(), parts.correct.double(),
+                             torch.tensor(parts.count, dtype=torch.float64, device=self.device)])
+        return parts.loss, stats
+
+    def metrics(self, stats: list[float], samples: int, elapsed: float) -> dict:
+        ce, correct, count = stats
+        return {"loss": ce / count if count else None, "masked_accuracy": correct / count if count else None,
+                "tokens_per_s": samples * self.grid[0] * self.grid[1] / elapsed}
+
+    def after_update(self, engine, step: int) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"reader": self.reader.state_dict(), "lanes": self.layout.lanes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reader.load_state_dict(state["reader"])
+
+    def epoch(self) -> int:
+        return self.reader.epoch
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def _train(cfg: TrainConfig) -> TrainResult:
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = current_device()
     info = rank0_decides(_inspect_run, cfg)
     dataset, resume = info["dataset"], info["resume"]
     spec = dataset.spec
@@ -282,11 +371,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
     lanes = resume["lanes"] if resume else (cfg.data.lanes or world)
     if resume and cfg.data.lanes and cfg.data.lanes != resume["lanes"]:
         raise ValueError(f"data.lanes={cfg.data.lanes} but the run was started with {resume['lanes']} lanes")
-    if resume and resume["global_batch_size"] != cfg.data.global_batch_size:
-        raise ValueError(f"data.global_batch_size={cfg.data.global_batch_size} but the run's checkpoints were made "
-                         f"with {resume['global_batch_size']}: a resumed run must keep its batch")
     layout = Layout.plan(cfg.data.global_batch_size, cfg.data.micro_batch_size, world, lanes)
-    bf16 = cfg.engine.precision == "bf16" or (cfg.engine.precision == "auto" and device.type == "cuda")
+    bf16 = wants_bf16(cfg.engine.precision, device)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.preset, cfg.model.pretrained)
@@ -295,27 +381,38 @@ def _train(cfg: TrainConfig) -> TrainResult:
         (Path(cfg.run_dir) / "config.yaml").write_text(dump_config(cfg))
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model)
+    task = UViTTask(cfg, model, dataset, layout, rank, world, device, info["empty"],
+                    torch.bfloat16 if bf16 else torch.float32)
+    universal = bool(resume) and resume["world_size"] != world
+    return run_loop(cfg, task, resume, universal, device, bf16)
+
+
+def run_loop(cfg, task: Task, resume: dict | None, universal: bool, device: torch.device, bf16: bool) -> TrainResult:
+    """The training loop over any Task. `cfg` provides run_dir, steps, seed, data.global_batch_size,
+    data.micro_batch_size and the optim, engine, ema, checkpoint and log sections."""
+    import deepspeed
+
+    rank = dist.get_rank()
+    layout = task.layout
+    if resume and resume["global_batch_size"] != cfg.data.global_batch_size:
+        raise ValueError(f"data.global_batch_size={cfg.data.global_batch_size} but the run's checkpoints were made "
+                         f"with {resume['global_batch_size']}: a resumed run must keep its batch")
     # Lets DeepSpeed's universal conversion read checkpoints of this model.
-    model.universal_checkpoint_info = {"universal_checkpoint_version": 0.4}
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+    task.model.universal_checkpoint_info = {"universal_checkpoint_version": 0.4}
+    optimizer = torch.optim.AdamW(task.param_groups(cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.optim, cfg.steps))
-    universal = bool(resume) and resume["world_size"] != world
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+    engine, _, _, _ = deepspeed.initialize(model=task.model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=_deepspeed_config(cfg, layout, bf16, universal))
     ema = EMA(engine.module, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled and rank == 0 else None
 
-    reader = ShardReader(dataset, lanes=lanes, rank=rank, world_size=world, lane_batch=layout.lane_batch,
-                         accum=layout.accum, window_rows=cfg.data.window_rows, seed=cfg.data.seed,
-                         workers=cfg.data.workers, prefetch=cfg.data.prefetch,
-                         default_aesthetic=cfg.data.default_aesthetic, pin_memory=device.type == "cuda")
     start_step, in_row = 0, 0
     if resume:
         start_step = resume["step"]
         root = ckpt.checkpoints_dir(cfg.run_dir)
         load_dir = rank0_decides(ckpt.to_universal, cfg.run_dir, start_step) if universal else root
         engine.load_checkpoint(str(load_dir), tag=ckpt.tag(start_step), load_module_strict=True)
-        reader.load_state_dict(resume["reader"])
+        task.load_state_dict(resume)
         in_row = resume["nonfinite_in_row"]
         folder = root / ckpt.tag(start_step)
         if ema is not None:
@@ -323,39 +420,30 @@ def _train(cfg: TrainConfig) -> TrainResult:
         if universal or not ckpt.restore_rank_rng(folder, rank):
             torch.manual_seed(cfg.seed * 7919 + start_step * 104729 + rank)
 
-    empty = {k: torch.as_tensor(v).to(device) for k, v in info["empty"].items()} if info["empty"] else None
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    grid = token_grid(engine.module)
-    my_lanes = reader.lanes
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
     log = MetricsLog(cfg.run_dir, cfg.log, start_step, cfg.to_json()) if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=start_step, unit="step", desc="train",
                disable=rank != 0 or not cfg.log.progress)
-    stats = torch.zeros(3, dtype=torch.float64, device=device)  # ce sum, correct, masked count (this rank)
+    stats = torch.zeros(task.stats_size, dtype=torch.float64, device=device)
     skipped = 0  # steps skipped in the interval (every rank agrees)
     interval_start, interval_steps = time.monotonic(), 0
     last_metrics: dict = {}
+    events: dict = {}
     saved_at = start_step if resume else None
 
     step = start_step
     while step < cfg.steps:
-        masks = draw_masks(cfg.seed, step, lanes, layout.lane_batch * layout.accum, grid,
-                           cfg.objective.rect_mask_prob, cfg.objective.cond_drop_prob)
-        scale = world * layout.accum / max(1, masks.total_masked())
+        task.begin_step(step)
         bad = False
         for k in range(layout.accum):
-            masked, drop = masks.micro(my_lanes, slice(k * layout.lane_batch, (k + 1) * layout.lane_batch))
-            parts = _forward(engine, next(reader), masked, drop, empty, dtype, device, cfg.objective.label_smoothing,
-                             scale)
-            finite = torch.isfinite(parts.loss.detach()).to(torch.float32).reshape(1)
+            loss, micro_stats = task.micro_step(engine, step, k)
+            finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             if finite.item() < 1:
                 bad = True
                 loss = torch.stack([p.sum() for p in trainable]).sum() * 0.0
             else:
-                loss = parts.loss
-                stats += torch.stack([parts.ce_sum.double(), parts.correct.double(),
-                                          torch.tensor(parts.count, dtype=torch.float64, device=device)])
+                stats += micro_stats
             engine.backward(loss)
             boundary = k == layout.accum - 1
             if boundary:
@@ -373,8 +461,11 @@ def _train(cfg: TrainConfig) -> TrainResult:
             bad = True
         in_row = in_row + 1 if bad else 0
         skipped += int(bad)
-        if ema is not None and not bad:
-            ema.update(engine.module)
+        if not bad:
+            for key, value in task.after_update(engine, step + 1).items():
+                events[key] = events.get(key, 0) + value
+            if ema is not None:
+                ema.update(engine.module)
         step += 1
         interval_steps += 1
         bar.update(1)
@@ -388,28 +479,24 @@ def _train(cfg: TrainConfig) -> TrainResult:
         if step % cfg.log.every == 0 or step == cfg.steps:
             dist.all_reduce(stats)
             elapsed = time.monotonic() - interval_start
-            ce, correct, count = stats.tolist()
             samples = interval_steps * cfg.data.global_batch_size
-            last_metrics = {
-                "step": step, "epoch": reader.epoch, "loss": ce / count if count else None,
-                "masked_accuracy": correct / count if count else None, "lr": lr,
-                "grad_norm": grad_norm, "samples_per_s": samples / elapsed,
-                "tokens_per_s": samples * grid[0] * grid[1] / elapsed, "nonfinite_skipped": skipped,
-            }
+            last_metrics = {"step": step, "epoch": task.epoch(), **task.metrics(stats.tolist(), samples, elapsed),
+                            "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples / elapsed,
+                            "nonfinite_skipped": skipped, **events}
             if log:
                 log.write(last_metrics)
-                bar.set_postfix(loss=last_metrics["loss"], acc=last_metrics["masked_accuracy"], refresh=False)
+                bar.set_postfix({k: last_metrics[k] for k in task.plot[:2]}, refresh=False)
             stats.zero_()
-            interval_start, interval_steps, skipped = time.monotonic(), 0, 0
+            interval_start, interval_steps, skipped, events = time.monotonic(), 0, 0, {}
 
         if step % cfg.checkpoint.every == 0 or step == cfg.steps:
-            save_checkpoint(engine, cfg, step, reader, ema, in_row, lanes)
+            save_checkpoint(engine, cfg, step, task, ema, in_row)
             saved_at = step
     bar.close()
     if log:
         log.close()
-        plot_metrics(cfg.run_dir)
-    reader.close()
+        plot_metrics(cfg.run_dir, task.plot)
+    task.close()
     path = str(ckpt.checkpoints_dir(cfg.run_dir) / ckpt.tag(saved_at)) if saved_at is not None else None
     result = TrainResult(run_dir=cfg.run_dir, step=step, resumed_from=start_step if resume else None,
                          checkpoint=path, last_metrics=last_metrics)
@@ -433,12 +520,13 @@ def _forward(engine, batch: dict, masked: torch.Tensor, drop: torch.Tensor, empt
     return masked_loss(logits, tokens, masked, label_smoothing, scale)
 
 
-def plot_metrics(run_dir: str) -> Path:
-    """RUN_DIR/metrics.png: loss, masked-token accuracy and learning rate against step."""
+def plot_metrics(run_dir: str, names: tuple[str, ...] = UViTTask.plot) -> Path:
+    """RUN_DIR/metrics.png: the task's main metrics (the U-ViT's: loss, masked-token
+    accuracy, learning rate) against step."""
     from pipeline.visual import line_plots
 
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    series = {name: [(r["step"], r[name]) for r in records] for name in ("loss", "masked_accuracy", "lr")}
+    series = {name: [(r["step"], r[name]) for r in records if r.get(name) is not None] for name in names}
     path = Path(run_dir) / "metrics.png"
     line_plots(series).save(path)
     return path
@@ -454,19 +542,19 @@ def _grad_norm(params: list[torch.Tensor]) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
-def save_checkpoint(engine, cfg: TrainConfig, step: int, reader: ShardReader, ema: EMA | None, in_row: int,
-                    lanes: int) -> None:
+def save_checkpoint(engine, cfg, step: int, task: Task, ema: EMA | None, in_row: int) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     root = ckpt.checkpoints_dir(cfg.run_dir)
     folder = root / ckpt.tag(step)
     engine.save_checkpoint(str(root), tag=ckpt.tag(step), save_latest=False)
     ckpt.write_rank_files(folder, rank)
+    task_state = task.state_dict()
     if rank == 0:
         if ema is not None:
             ema.save(str(folder / "ema.safetensors"))
         (folder / "config.yaml").write_text(dump_config(cfg))
-        state = {"step": step, "reader": reader.state_dict(), "world_size": world, "lanes": lanes,
-                 "global_batch_size": cfg.data.global_batch_size, "nonfinite_in_row": in_row}
+        state = {"step": step, "world_size": world, "global_batch_size": cfg.data.global_batch_size,
+                 "nonfinite_in_row": in_row, **task_state}
         (folder / "trainer.json").write_text(json.dumps(state))
     dist.barrier()
     if rank == 0:

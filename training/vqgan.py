@@ -1,0 +1,288 @@
+"""`amused vqgan train CONFIG`: VQ-GAN training on webdataset image shards, on the same
+DeepSpeed loop as the U-ViT (`training.engine.run_loop`: schedule, non-finite policy,
+metrics, checkpoints with exact resume).
+
+The VQ-GAN and the patch discriminator are one module with one optimizer: the loss
+(`tokenizer.vq_objective.vqgan_losses`) routes each player's gradient to its own
+parameters, so no second engine is needed. Codebook health (usage and perplexity over
+the last `codebook.window` batches of all ranks) is logged; with `codebook.reinit_every`
+the codes no rank used in that window move onto rank 0's recent encoder outputs, the
+same on every rank. A codebook that collapses is reported in the metrics, not hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from diffusers import VQModel
+from torch import nn
+
+from pipeline.config import from_mapping, opt
+from tokenizer.storage import VQGAN_SUBFOLDERS, local_folder, resolve_subfolder
+from tokenizer.tiny import VQGAN_CONFIGS, build_vqgan
+from tokenizer.vq_objective import CodebookHealth, PatchDiscriminator, VQLossWeights, psnr, reinit_dead_codes, \
+    vqgan_losses
+from training import checkpoint as ckpt
+from training.config import CheckpointConfig, EMAConfig, EngineConfig, LogConfig, OptimConfig, _check, dump_config
+from training.vq_data import ImageCropReader
+
+
+@dataclass
+class VQDataConfig:
+    images: str = opt(help="webdataset image shards (folder, .tar or glob; local or s3)")
+    resolution: int = opt(256, "random crops of this size")
+    global_batch_size: int = opt(32, "images per optimizer step over all ranks")
+    micro_batch_size: int = opt(8, "images per rank per forward")
+    seed: int = opt(0, "shard order and crops")
+
+    def __post_init__(self):
+        _check(self.resolution >= 8 and self.global_batch_size >= 1 and self.micro_batch_size >= 1,
+               "data.resolution must be >= 8 and the batch sizes >= 1")
+
+
+@dataclass
+class VQModelConfig:
+    preset: str = opt("amused", f"architecture from scratch: {', '.join(VQGAN_CONFIGS)}")
+    pretrained: str | None = opt(None, "fine-tune this VQModel folder (or a pipeline folder with vqvae/)")
+
+    def __post_init__(self):
+        _check(self.preset in VQGAN_CONFIGS, f"model.preset must be one of {', '.join(VQGAN_CONFIGS)}, "
+                                             f"got {self.preset!r}")
+
+
+@dataclass
+class CodebookConfig:
+    window: int = opt(100, "batches over which codebook usage is counted")
+    reinit_every: int = opt(0, "every N steps move dead codes onto recent encoder outputs (0 = never)")
+
+    def __post_init__(self):
+        _check(self.window >= 1 and self.reinit_every >= 0, "codebook.window must be >= 1, reinit_every >= 0")
+
+
+@dataclass
+class DiscriminatorConfig:
+    width: int = opt(64, "channels of the first PatchGAN layer")
+    layers: int = opt(3, "strided layers")
+    lr_ratio: float = opt(1.0, "discriminator lr / VQ-GAN lr")
+
+
+@dataclass
+class VQGANConfig:
+    run_dir: str = opt(help="run folder (local or a shared file system)")
+    steps: int = opt(help="optimizer steps to train to")
+    data: VQDataConfig = opt(help="image shards")
+    seed: int = opt(0, "initialisation")
+    model: VQModelConfig = field(default_factory=VQModelConfig)
+    loss: VQLossWeights = field(default_factory=VQLossWeights)
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=500, weight_decay=0.0))
+    # Stage 0: dead-code re-initialisation writes the codebook in place, which ZeRO 1/2
+    # would overwrite from their fp32 partitions; a VQ-GAN (~80M) needs no partitioning.
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(zero_stage=0))
+    ema: EMAConfig = field(default_factory=lambda: EMAConfig(enabled=False))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self):
+        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _check(not (self.codebook.reinit_every and self.engine.zero_stage),
+               "codebook.reinit_every needs engine.zero_stage: 0 (ZeRO 1/2 would overwrite the re-initialised codes)")
+
+    def to_json(self) -> dict:
+        import dataclasses
+
+        return dataclasses.asdict(self)
+
+
+def parse_vqgan_config(data: dict) -> VQGANConfig:
+    return from_mapping(VQGANConfig, data)
+
+
+class VQGANWithDiscriminator(nn.Module):
+    def __init__(self, vq: VQModel, discriminator: PatchDiscriminator | None):
+        super().__init__()
+        self.vq, self.discriminator = vq, discriminator
+
+    def forward(self, pixels: torch.Tensor, step: int, weights: VQLossWeights):
+        return vqgan_losses(self.vq, self.discriminator, pixels, weights, step)
+
+
+def build_vq(model: VQModelConfig) -> VQModel:
+    if model.pretrained:
+        return VQModel.from_pretrained(local_folder(resolve_subfolder(model.pretrained, VQGAN_SUBFOLDERS)),
+                                       use_safetensors=True)
+    return build_vqgan(model.preset)
+
+
+_TERMS = ("l1", "l2", "codebook", "commitment", "adversarial", "discriminator")
+
+
+class VQGANTask:
+    plot = ("psnr_db", "codebook_usage", "l1", "lr")
+    stats_size = len(_TERMS) + 2  # the terms' sums, PSNR sum, images
+
+    def __init__(self, cfg: VQGANConfig, module: VQGANWithDiscriminator, layout, rank: int, world: int,
+                 device: torch.device):
+        self.cfg, self.model, self.layout, self.device, self.rank, self.world = cfg, module, layout, device, rank, world
+        self.reader = ImageCropReader(cfg.data.images, cfg.data.resolution, cfg.data.micro_batch_size, rank, world,
+                                      cfg.data.seed)
+        self.health = CodebookHealth(module.vq.config.num_vq_embeddings, cfg.codebook.window)
+        self.recent: torch.Tensor | None = None
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        groups = [{"params": list(self.model.vq.parameters()), "weight_decay": weight_decay}]
+        if self.model.discriminator is not None:
+            groups.append({"params": list(self.model.discriminator.parameters()), "weight_decay": 0.0,
+                           "lr": self.cfg.optim.lr * self.cfg.discriminator.lr_ratio})
+        return groups
+
+    def begin_step(self, step: int) -> None:
+        pass
+
+    def micro_step(self, engine, step: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = next(self.reader).to(self.device)
+        total, terms, fwd = engine(pixels, step, self.cfg.loss)
+        ids = fwd.ids.detach()
+        self.health.update(ids)
+        self.recent = fwd.latents.detach().permute(0, 2, 3, 1).reshape(-1, fwd.latents.shape[1])
+        n = float(len(pixels))
+        values = [terms[t].detach().double() * n if t in terms else torch.zeros((), dtype=torch.float64,
+                                                                                 device=self.device) for t in _TERMS]
+        quality = psnr(fwd.reconstruction.detach(), pixels).double().sum()
+        return total, torch.stack([*values, quality, torch.tensor(n, dtype=torch.float64, device=self.device)])
+
+    def _global_counts(self) -> torch.Tensor:
+        counts = self.health.counts().to(self.device)
+        dist.all_reduce(counts)
+        return counts
+
+    def metrics(self, stats: list[float], samples: int, elapsed: float) -> dict:
+        *terms, quality, n = stats
+        counts = self._global_counts().double()
+        p = counts[counts > 0] / counts.sum()
+        out = {t: v / n for t, v in zip(_TERMS, terms) if v}
+        out.update(psnr_db=quality / n, codebook_usage=float((counts > 0).double().mean()),
+                   codebook_perplexity=float(torch.exp(-(p * p.log()).sum())))
+        if out["codebook_usage"] < 0.1:
+            out["codebook_collapse"] = True  # shown in metrics.jsonl, not hidden
+        return out
+
+    def after_update(self, engine, step: int) -> dict:
+        every = self.cfg.codebook.reinit_every
+        if not every or step % every:
+            return {}
+        dead = torch.nonzero(self._global_counts() == 0).flatten()
+        if len(dead) == 0:
+            return {}
+        codebook = engine.module.vq.quantize.embedding
+        fresh = torch.empty(len(dead), codebook.weight.shape[1], device=codebook.weight.device,
+                            dtype=codebook.weight.dtype)
+        if self.rank == 0:
+            tmp = nn.Embedding(len(dead), fresh.shape[1]).to(fresh)
+            reinit_dead_codes(tmp, torch.arange(len(dead)), self.recent,
+                              torch.Generator().manual_seed(self.cfg.seed * 7919 + step))
+            fresh.copy_(tmp.weight.detach())
+        dist.broadcast(fresh, src=0)
+        with torch.no_grad():
+            codebook.weight[dead.to(codebook.weight.device)] = fresh
+        return {"codes_reinitialised": len(dead)}
+
+    def state_dict(self) -> dict:
+        mine = {"reader": self.reader.state_dict(), "health": self.health.state_dict()}
+        every = [None] * self.world
+        dist.all_gather_object(every, mine)
+        return {"ranks": every}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["ranks"]) != self.world:
+            raise ValueError(f"this VQ-GAN run was checkpointed on {len(state['ranks'])} ranks; resume it on as many "
+                             f"(now {self.world})")
+        mine = state["ranks"][self.rank]
+        self.reader.load_state_dict(mine["reader"])
+        self.health.load_state_dict(mine["health"])
+
+    def epoch(self) -> int:
+        return self.reader.epoch
+
+    def close(self) -> None:
+        pass
+
+
+def train_vqgan(cfg: VQGANConfig):
+    """Trains (or resumes) the run; returns training.engine.TrainResult."""
+    from training.engine import in_process_group
+
+    return in_process_group(_train_vqgan, cfg)
+
+
+def _train_vqgan(cfg: VQGANConfig):
+    from training.engine import Layout, current_device, rank0_decides, run_loop, wants_bf16
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = current_device()
+    resume = rank0_decides(_inspect, cfg)
+    layout = Layout.plan(cfg.data.global_batch_size, cfg.data.micro_batch_size, world, world)
+    bf16 = wants_bf16(cfg.engine.precision, device)
+    torch.manual_seed(cfg.seed)
+    vq = build_vq(cfg.model)
+    disc = PatchDiscriminator(3, cfg.discriminator.width, cfg.discriminator.layers) \
+        if cfg.loss.adversarial_start and cfg.loss.adversarial else None
+    module = VQGANWithDiscriminator(vq, disc)
+    if rank == 0:
+        (Path(cfg.run_dir) / "config.yaml").write_text(dump_config(cfg))
+    task = VQGANTask(cfg, module, layout, rank, world, device)
+    return run_loop(cfg, task, resume, False, device, bf16)
+
+
+def _inspect(cfg: VQGANConfig) -> dict | None:
+    import json
+
+    from pipeline.fsio import list_files
+
+    list_files(cfg.data.images, ".tar")  # no shards: a clear error before any work
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    ckpt.remove_incomplete(cfg.run_dir)
+    steps = ckpt.complete_steps(cfg.run_dir)
+    if not steps:
+        return None
+    return json.loads((ckpt.checkpoints_dir(cfg.run_dir) / ckpt.tag(steps[-1]) / "trainer.json").read_text())
+
+
+def vq_from_checkpoint(checkpoint: str) -> VQModel:
+    """The VQModel of a VQ-GAN training checkpoint (its own weights; the discriminator dropped)."""
+    import yaml
+
+    from training.checkpoint import module_weights
+
+    folder = Path(checkpoint)
+    if not (folder / ckpt.MARKER).exists():
+        raise ValueError(f"{folder} is not a complete checkpoint (no {ckpt.MARKER} marker)")
+    cfg = parse_vqgan_config(yaml.safe_load((folder / "config.yaml").read_text()))
+    vq = build_vq(cfg.model)
+    weights = {k[len("vq."):]: v for k, v in module_weights(folder).items() if k.startswith("vq.")}
+    vq.load_state_dict(weights, strict=True)
+    return vq.eval()
+
+
+def export_vqgan(checkpoint: str, output: str) -> str:
+    """A VQModel folder (safetensors) that `amused pretokenize --vqgan` and diffusers load."""
+    import shutil
+    import tempfile
+
+    final = Path(output)
+    if (final / "config.json").exists():
+        raise FileExistsError(f"{output} already holds a model; choose another --output")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        vq_from_checkpoint(checkpoint).save_pretrained(staging, safe_serialization=True)
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(final)
