@@ -57,6 +57,15 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
+def usage_and_perplexity(counts: torch.Tensor) -> tuple[float, float]:
+    """Fraction of codes used, and exp(entropy) of the usage distribution (0 when empty)."""
+    counts = counts.double()
+    if counts.sum() == 0:
+        return 0.0, 0.0
+    p = counts[counts > 0] / counts.sum()
+    return float((counts > 0).double().mean()), float(torch.exp(-(p * p.log()).sum()))
+
+
 class CodebookHealth:
     """Code counts over the last `window` batches: usage (fraction of codes seen),
     perplexity (exp of the usage distribution's entropy; = codebook size when uniform)
@@ -76,14 +85,10 @@ class CodebookHealth:
         return torch.stack(self.history).sum(0) if self.history else torch.zeros(self.size, dtype=torch.long)
 
     def usage(self) -> float:
-        return float((self.counts() > 0).float().mean())
+        return usage_and_perplexity(self.counts())[0]
 
     def perplexity(self) -> float:
-        counts = self.counts().double()
-        if counts.sum() == 0:
-            return 0.0
-        p = counts[counts > 0] / counts.sum()
-        return float(torch.exp(-(p * p.log()).sum()))
+        return usage_and_perplexity(self.counts())[1]
 
     def dead(self) -> torch.Tensor:
         return torch.nonzero(self.counts() == 0).flatten()
@@ -105,9 +110,13 @@ def reinit_dead_codes(codebook: nn.Embedding, dead: torch.Tensor, latents: torch
     it is some latent's nearest code again. Returns how many were moved."""
     if len(dead) == 0 or len(latents) == 0:
         return 0
-    pick = torch.randint(len(latents), (len(dead),), generator=generator)
-    codebook.weight[dead.to(codebook.weight.device)] = latents[pick].to(codebook.weight)
+    codebook.weight[dead.to(codebook.weight.device)] = replacements(latents, len(dead), generator).to(codebook.weight)
     return len(dead)
+
+
+def replacements(latents: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """`n` rows drawn from recent encoder outputs (N, C): where dead codes go."""
+    return latents[torch.randint(len(latents), (n,), generator=generator)]
 
 
 class PatchDiscriminator(nn.Module):

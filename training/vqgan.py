@@ -23,8 +23,8 @@ from torch import nn
 from pipeline.config import from_mapping, opt
 from tokenizer.storage import VQGAN_SUBFOLDERS, local_folder, resolve_subfolder
 from tokenizer.tiny import VQGAN_CONFIGS, build_vqgan
-from tokenizer.vq_objective import CodebookHealth, PatchDiscriminator, VQLossWeights, psnr, reinit_dead_codes, \
-    vqgan_losses
+from tokenizer.vq_objective import CodebookHealth, PatchDiscriminator, VQLossWeights, psnr, replacements, \
+    usage_and_perplexity, vqgan_losses
 from training import checkpoint as ckpt
 from training.config import CheckpointConfig, EMAConfig, EngineConfig, LogConfig, OptimConfig, _check, dump_config
 from training.vq_data import ImageCropReader
@@ -162,11 +162,9 @@ class VQGANTask:
 
     def metrics(self, stats: list[float], samples: int, elapsed: float) -> dict:
         *terms, quality, n = stats
-        counts = self._global_counts().double()
-        p = counts[counts > 0] / counts.sum()
+        usage, perplexity = usage_and_perplexity(self._global_counts().cpu())
         out = {t: v / n for t, v in zip(_TERMS, terms) if v}
-        out.update(psnr_db=quality / n, codebook_usage=float((counts > 0).double().mean()),
-                   codebook_perplexity=float(torch.exp(-(p * p.log()).sum())))
+        out.update(psnr_db=quality / n, codebook_usage=usage, codebook_perplexity=perplexity)
         if out["codebook_usage"] < 0.1:
             out["codebook_collapse"] = True  # shown in metrics.jsonl, not hidden
         return out
@@ -182,10 +180,7 @@ class VQGANTask:
         fresh = torch.empty(len(dead), codebook.weight.shape[1], device=codebook.weight.device,
                             dtype=codebook.weight.dtype)
         if self.rank == 0:
-            tmp = nn.Embedding(len(dead), fresh.shape[1]).to(fresh)
-            reinit_dead_codes(tmp, torch.arange(len(dead)), self.recent,
-                              torch.Generator().manual_seed(self.cfg.seed * 7919 + step))
-            fresh.copy_(tmp.weight.detach())
+            fresh.copy_(replacements(self.recent, len(dead), torch.Generator().manual_seed(self.cfg.seed * 7919 + step)))
         dist.broadcast(fresh, src=0)
         with torch.no_grad():
             codebook.weight[dead.to(codebook.weight.device)] = fresh
