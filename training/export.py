@@ -45,18 +45,11 @@ def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str,
         tokenizer=text.tokenizer, text_encoder=text.model, transformer=transformer,
         scheduler=AmusedScheduler(mask_token_id=transformer.config.vocab_size - 1, masking_schedule="cosine"))
     if is_local(output):
-        final = Path(root)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        try:
+        def write(staging: Path) -> None:
             pipe.save_pretrained(staging, safe_serialization=True)
             (staging / SOURCE).write_text(json.dumps(source, indent=2))
-            if final.exists():
-                shutil.rmtree(final)  # a folder without model_index.json: an earlier export's leftover
-            staging.rename(final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return str(final)
+
+        return publish_folder(Path(root), write)
     with tempfile.TemporaryDirectory() as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
         (Path(staging) / SOURCE).write_text(json.dumps(source, indent=2))
@@ -65,3 +58,18 @@ def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str,
             fs.put_file(str(file), f"{root.rstrip('/')}/{file.relative_to(staging)}")
         fs.put_file(str(index), f"{root.rstrip('/')}/{EXPORT_COMPLETE}")
     return output
+
+
+def publish_folder(final: Path, write) -> str:
+    """`write(staging)` fills a temporary sibling folder, which then replaces `final`
+    (a leftover without the completion file of an earlier attempt) by one rename."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        write(staging)
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(final)

@@ -265,19 +265,10 @@ def vq_from_checkpoint(checkpoint: str) -> VQModel:
 
 def export_vqgan(checkpoint: str, output: str) -> str:
     """A VQModel folder (safetensors) that `amused pretokenize --vqgan` and diffusers load."""
-    import shutil
-    import tempfile
+    from training.export import publish_folder
 
     final = Path(output)
     if (final / "config.json").exists():
         raise FileExistsError(f"{output} already holds a model; choose another --output")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        vq_from_checkpoint(checkpoint).save_pretrained(staging, safe_serialization=True)
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return str(final)
+    return publish_folder(final, lambda staging: vq_from_checkpoint(checkpoint).save_pretrained(
+        staging, safe_serialization=True))
