@@ -108,12 +108,12 @@ def _sample(args) -> int:
     from pipeline.config import config_from_args
     from pipeline.visual import image_grid
     from training.config import SampleConfig
-    from training.sample import Sampler, fit_image, load_trained_model
+    from training.sample import Sampler, checkpoint_models, fit_image, load_trained_model
 
     if args.mask and not args.image:
         raise ValueError("--mask needs --image (the picture to inpaint)")
     model = load_trained_model(args.checkpoint, ema=not args.no_ema)
-    vqgan, text_encoder = _checkpoint_models(args.checkpoint, args.vqgan, args.text_encoder)
+    vqgan, text_encoder = checkpoint_models(args.checkpoint, args.vqgan, args.text_encoder)
     sampler = Sampler.from_folders(model, vqgan, text_encoder, device=args.device)
     cfg, generator = config_from_args(SampleConfig, args), torch.Generator().manual_seed(args.seed)
     if args.image:
@@ -131,21 +131,11 @@ def _sample(args) -> int:
     return 0
 
 
-def _checkpoint_models(checkpoint: str, vqgan: str | None, text_encoder: str | None) -> tuple[str, str]:
-    """The VQ-GAN and text encoder a checkpoint was trained with, unless given."""
-    from training.config import load_config
-
-    trained = load_config(os.path.join(checkpoint, "config.yaml")).model
-    vqgan, text_encoder = vqgan or trained.vqgan, text_encoder or trained.text_encoder
-    if not vqgan or not text_encoder:
-        raise ValueError("the checkpoint's config names no VQ-GAN / text encoder: pass --vqgan and --text-encoder")
-    return vqgan, text_encoder
-
-
 def _export(args) -> int:
     from training.export import export_pipeline
+    from training.sample import checkpoint_models
 
-    vqgan, text_encoder = _checkpoint_models(args.checkpoint, args.vqgan, args.text_encoder)
+    vqgan, text_encoder = checkpoint_models(args.checkpoint, args.vqgan, args.text_encoder)
     out = export_pipeline(args.checkpoint, args.output, vqgan, text_encoder, ema=not args.no_ema)
     print(f"exported {'EMA' if not args.no_ema else 'raw'} weights of {args.checkpoint} to {out} "
           "(diffusers.AmusedPipeline.from_pretrained opens it)")
@@ -212,6 +202,32 @@ def _vqgan_evaluate(args) -> int:
     print(f"{r['images']} held-out images at {r['resolution']} px: PSNR {r['psnr_db']:.2f} dB, codebook usage "
           f"{r['codebook_usage']:.1%} (perplexity {r['codebook_perplexity']:.1f} of {r['codebook_size']}), rFID {rfid}; "
           f"skipped {r['skipped'] or 'none'}; {args.output}/reconstructions.png")
+    return 0
+
+
+def _run(args) -> int:
+    from orchestration.run import run
+    from orchestration.run_config import load_run_config
+    from orchestration.status import status
+
+    cfg = load_run_config(args.config)
+    run(cfg, only=args.only, start=args.start)
+    print(status(cfg.run_dir))
+    return 0
+
+
+def _status(args) -> int:
+    from orchestration.status import status
+
+    print(status(args.run_dir))
+    return 0
+
+
+def _config(args) -> int:
+    from orchestration.run_config import dump_run_config, load_run_config
+
+    cfg = load_run_config(args.file)
+    print(dump_run_config(cfg) if args.config_command == "show" else f"{args.file}: valid")
     return 0
 
 
@@ -325,6 +341,21 @@ def build_parser() -> argparse.ArgumentParser:
     vq_eval.add_argument("--inception", help="FID Inception weights file: adds reconstruction FID")
     vq_eval.add_argument("--device", default="cpu")
     vq_eval.set_defaults(func=_vqgan_evaluate)
+
+    run = sub.add_parser("run", help="the whole run graph from one config; resumes and skips what is done")
+    run.add_argument("config", help="run config YAML (orchestration/run_config.py; configs/demo.yaml)")
+    run.add_argument("--only", action="append", metavar="STAGE", help="run just this stage (repeatable)")
+    run.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and the ones after it")
+    run.set_defaults(func=_run)
+    st = sub.add_parser("status", help="a run's stages, progress, counts, latest checkpoint and metrics")
+    st.add_argument("run_dir")
+    st.set_defaults(func=_status)
+    config = sub.add_parser("config", help="run configs").add_subparsers(dest="config_command", required=True)
+    for name, text in (("validate", "check a run config (types, ranges, derived keys) without running"),
+                       ("show", "print a run config with every default and derived path filled in")):
+        c = config.add_parser(name, help=text)
+        c.add_argument("file")
+        c.set_defaults(func=_config)
 
     shards = sub.add_parser("shards", help="token datasets").add_subparsers(dest="shards_command", required=True)
     verify = shards.add_parser("verify", help="check manifest, files, checksums, row counts, dtypes and shapes")

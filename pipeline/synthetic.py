@@ -49,6 +49,38 @@ def shape_image(rng: np.random.Generator, width: int, height: int, texture: floa
     return img, f"a {names[fg]} {shape} on a {names[bg]} background"
 
 
+def classify_shape_image(img: Image.Image) -> tuple[str, str, str]:
+    """(shape colour, shape, background colour) of an image like `shape_image`'s, read
+    from the pixels: the background is the border's median colour, the shape the pixels
+    far from it; colours are the nearest palette entries and the shape follows from how
+    much of its bounding box it fills (square ~1, circle ~0.79, triangle ~0.5). "none"
+    when less than 2% of the image differs from the background."""
+    px = np.asarray(img.convert("RGB"), np.float32)
+    palette = np.array(list(COLOURS.values()), np.float32)
+    names = list(COLOURS)
+
+    def nearest(colour: np.ndarray) -> str:
+        return names[int(np.argmin(((palette - colour) ** 2).sum(1)))]
+
+    border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
+    bg = np.median(border, axis=0)
+    mask = np.sqrt(((px - bg) ** 2).sum(-1)) > 35  # half the closest palette pair (yellow, orange)
+    if mask.mean() < 0.02:
+        return "none", "none", nearest(bg)
+    ys, xs = np.nonzero(mask)
+    fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    shape = "square" if fill > 0.88 else "circle" if fill > 0.64 else "triangle"
+    return nearest(np.median(px[mask], axis=0)), shape, nearest(bg)
+
+
+def caption_parts(caption: str) -> tuple[str, str, str]:
+    """(colour, shape, background) of a caption "a red circle on a grey background"."""
+    words = caption.split()
+    if len(words) != 7 or words[0] != "a" or words[3:5] != ["on", "a"] or words[6] != "background":
+        raise ValueError(f"not a shape caption: {caption!r}")
+    return words[1], words[2], words[5]
+
+
 def encode_image(img: Image.Image, fmt: str = "jpg") -> bytes:
     buf = io.BytesIO()
     img.save(buf, {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt], **({"quality": 90} if fmt == "jpg" else {}))
@@ -99,6 +131,65 @@ def write_shape_shards(output: str, shards: int = 2, per_shard: int = 16, min_si
         urls.append(url)
     return urls
 
+
+
+def write_shape_site(www: str, metadata: str, images: int, base_url: str, min_size: int = 48, max_size: int = 96,
+                     seed: int = 0, per_part: int = 500) -> dict:
+    """Shape images as files under `www` (local) and LAION-schema metadata Parquet under
+    `metadata` whose URLs point at `base_url`. Written in parts of `per_part` images; a
+    part counts once its Parquet file exists (written last, atomically), so a rerun
+    writes only the missing parts and the same bytes."""
+    from pathlib import Path
+
+    fs, root = url_to_fs(metadata)
+    fs.makedirs(root, exist_ok=True)
+    parts = (images + per_part - 1) // per_part
+    written = 0
+    for part in range(parts):
+        url = join(metadata, f"part-{part:05d}.parquet")
+        if fs.exists(url_to_fs(url)[1]):
+            continue
+        folder = Path(www) / f"{part:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        rows: dict[str, list] = {k: [] for k in ("SAMPLE_ID", "URL", "TEXT", "WIDTH", "HEIGHT", "similarity",
+                                                 "punsafe", "pwatermark", "AESTHETIC_SCORE")}
+        for i in range(part * per_part, min(images, (part + 1) * per_part)):
+            rng = np.random.default_rng([seed, i])
+            w, h = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+            img, caption = shape_image(rng, w, h)
+            (folder / f"{i}.jpg").write_bytes(encode_image(img))
+            for key, value in (("SAMPLE_ID", i), ("URL", f"{base_url}/{part:05d}/{i}.jpg"), ("TEXT", caption),
+                               ("WIDTH", float(w)), ("HEIGHT", float(h)), ("similarity", 0.35), ("punsafe", 0.01),
+                               ("pwatermark", 0.05), ("AESTHETIC_SCORE", round(float(rng.uniform(5, 7)), 3))):
+                rows[key].append(value)
+        with atomic_writer(url) as fh:
+            pq.write_table(pa.table(rows), fh, compression="zstd")
+        written += 1
+    return {"images": images, "parts": parts, "parts_written": written}
+
+
+class ImageServer:
+    """Serves a local folder on 127.0.0.1:`port` from a thread (the demo's internet)."""
+
+    def __init__(self, folder: str, port: int):
+        import functools
+        import threading
+        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+        class Quiet(SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), functools.partial(Quiet, directory=folder))
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "ImageServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 _WORDS = ("a photo of a red blue green small large old new cat dog house tree car city beach mountain river "

@@ -180,22 +180,13 @@ def plot_results(out_dir: str | Path) -> Path:
     return path
 
 
-def _models(checkpoint: str, cfg: EvalConfig) -> tuple[str, str]:
-    from training.config import load_config
-
-    trained = load_config(str(Path(checkpoint) / "config.yaml")).model
-    vqgan, text_encoder = cfg.vqgan or trained.vqgan, cfg.text_encoder or trained.text_encoder
-    if not vqgan or not text_encoder:
-        raise ValueError("the checkpoint's config names no VQ-GAN / text encoder: set vqgan and text_encoder")
-    return vqgan, text_encoder
-
-
 def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_dir: str = "", watch: bool = False,
              poll_seconds: float = 10.0, timeout_seconds: float = 0.0, ray_address: str | None = None) -> list[dict]:
     """Evaluates one checkpoint, or every complete checkpoint of a run that has no result
     yet; with `watch`, keeps evaluating new ones until the run has finished training
     (its result.json exists) and all are done, or `timeout_seconds` pass."""
     from pipeline.raysession import ray_session
+    from training.sample import checkpoint_models
 
     if bool(checkpoint) == bool(run_dir):
         raise ValueError("give either a checkpoint or a run folder")
@@ -220,7 +211,7 @@ def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_di
                 pending = [checkpoints_dir(run_dir) / tag(s) for s in complete_steps(run_dir) if s not in evaluated]
             for ckpt in tqdm(pending, desc="evaluate", unit="ckpt", disable=len(pending) < 2):
                 if workers is None:
-                    workers = start_workers(cfg, *_models(str(ckpt), cfg))
+                    workers = start_workers(cfg, *checkpoint_models(str(ckpt), cfg.vqgan, cfg.text_encoder))
                 try:
                     done.append(evaluate_checkpoint(str(ckpt), cfg, sample, workers, prompts, reference))
                 except Exception as exc:

@@ -212,3 +212,15 @@ def load_trained_model(checkpoint: str | Path, ema: bool = True) -> UVit2DModel:
     weights = load_file(str(folder / "ema.safetensors")) if ema else module_weights(folder)
     model.load_state_dict(weights, strict=True)
     return model.eval()
+
+
+def checkpoint_models(checkpoint: str | Path, vqgan: str | None = None, text_encoder: str | None = None
+                      ) -> tuple[str, str]:
+    """The VQ-GAN and text encoder a checkpoint was trained with, unless given."""
+    from training.config import load_config
+
+    trained = load_config(str(Path(checkpoint) / "config.yaml")).model
+    vqgan, text_encoder = vqgan or trained.vqgan, text_encoder or trained.text_encoder
+    if not vqgan or not text_encoder:
+        raise ValueError("the checkpoint's config names no VQ-GAN / text encoder: pass --vqgan and --text-encoder")
+    return vqgan, text_encoder

@@ -1,0 +1,153 @@
+"""`amused run CONFIG` and `amused status RUN_DIR`: the stage graph with its persisted state.
+
+RUN_DIR/config.yaml is the snapshot of the last run's config; RUN_DIR/stages/NAME.json
+holds each stage's status (running, done, failed), the fingerprint of its settings and
+inputs (its own settings plus the fingerprints of the stages it reads), the settings
+themselves (to say what changed), timings and counts. A stage is done only when its
+state file says so with the current fingerprint. A rerun skips done stages, resumes
+unfinished ones (each from its own resume points), and when a fingerprint changed it
+says which settings differ, removes that stage's outputs and runs it again; the stages
+after it then see a changed input fingerprint and follow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+import yaml
+
+from orchestration.run_config import RunConfig, dump_run_config
+from orchestration.stages import STAGES, Stage
+from pipeline.fsio import atomic_writer, exists, read_json, write_json_atomic
+from tokenizer.storage import join, url_to_fs
+
+
+def _state_url(run_dir: str, name: str) -> str:
+    return join(run_dir, f"stages/{name}.json")
+
+
+def read_state(run_dir: str, name: str) -> dict | None:
+    url = _state_url(run_dir, name)
+    return read_json(url) if exists(url) else None
+
+
+def _fingerprint(settings: Any, inputs: list[str]) -> str:
+    blob = json.dumps({"settings": settings, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def plan(cfg: RunConfig) -> dict[str, tuple[str, Any]]:
+    """(fingerprint, settings) of every enabled stage; a disabled stage's fingerprint is
+    'off', so turning one on or off changes what follows it."""
+    out: dict[str, tuple[str, Any]] = {}
+    for stage in STAGES:
+        if not stage.enabled(cfg):
+            out[stage.name] = ("off", None)
+            continue
+        settings = json.loads(json.dumps(stage.settings(cfg), default=str))
+        out[stage.name] = (_fingerprint(settings, [out[a][0] for a in stage.after]), settings)
+    return out
+
+
+def _changes(old: Any, new: Any, where: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in sorted(set(old) | set(new))
+                for c in _changes(old.get(k), new.get(k), f"{where}.{k}" if where else k)]
+    return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
+
+
+def _remove(url: str) -> None:
+    fs, path = url_to_fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def _select(only: list[str] | None, start: str | None) -> set[str]:
+    names = [s.name for s in STAGES]
+    for name in (only or []) + ([start] if start else []):
+        if name not in names:
+            raise ValueError(f"unknown stage {name!r}; stages: {', '.join(names)}")
+    if only and start:
+        raise ValueError("give --only or --from, not both")
+    if only:
+        return set(only)
+    return set(names[names.index(start):]) if start else set(names)
+
+
+def run(cfg: RunConfig, only: list[str] | None = None, start: str | None = None,
+        log=print) -> dict[str, dict]:
+    """Runs (or resumes) the selected stages in order; returns every stage's state."""
+    from pipeline.raysession import ray_session
+
+    selected = _select(only, start)
+    fs, root = url_to_fs(cfg.run_dir)
+    fs.makedirs(root, exist_ok=True)
+    # The config as written (what `amused status` reads back) and with every default filled in.
+    for name, text in (("config.yaml", yaml.safe_dump(cfg.given, sort_keys=False)),
+                       ("config.resolved.yaml", dump_run_config(cfg))):
+        with atomic_writer(join(cfg.run_dir, name)) as fh:
+            fh.write(text.encode())
+    planned = plan(cfg)
+    states: dict[str, dict] = {}
+    with ray_session(cfg.ray.address or None):
+        for stage in STAGES:
+            fingerprint, settings = planned[stage.name]
+            if fingerprint == "off":
+                continue
+            state = read_state(cfg.run_dir, stage.name)
+            if state and state["fingerprint"] != fingerprint and stage.name in selected:
+                changed = _changes(state.get("settings"), settings) or ["an input stage's output"]
+                log(f"[{stage.name}] settings or inputs changed ({'; '.join(changed)}): "
+                    f"removing its outputs and running it again")
+                for url in stage.outputs(cfg):
+                    _remove(url)
+                state = None
+            if state and state["status"] == "done" and state["fingerprint"] == fingerprint:
+                log(f"[{stage.name}] done ({state['seconds']:.1f}s), skipped")
+                states[stage.name] = state
+                continue
+            if stage.name not in selected:
+                unmet = [s.name for s in STAGES if s.name in selected and stage.name in _upstream(s)]
+                if unmet:
+                    raise RuntimeError(f"stage {unmet[0]!r} needs {stage.name!r}, which is not done with the "
+                                       f"current settings; run it first (drop --only / --from)")
+                continue
+            states[stage.name] = _run_stage(cfg, stage, fingerprint, settings, state, log)
+    return states
+
+
+def _upstream(stage: Stage) -> set[str]:
+    by_name = {s.name: s for s in STAGES}
+    seen: set[str] = set()
+    todo = list(stage.after)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(by_name[name].after)
+    return seen
+
+
+def _run_stage(cfg: RunConfig, stage: Stage, fingerprint: str, settings: Any, previous: dict | None,
+               log) -> dict:
+    resumed = previous is not None
+    log(f"[{stage.name}] {'resuming' if resumed else 'starting'}")
+    state = {"stage": stage.name, "status": "running", "fingerprint": fingerprint, "settings": settings,
+             "started": time.time(), "attempts": (previous or {}).get("attempts", 0) + 1,
+             "seconds_before": (previous or {}).get("seconds_before", 0.0) + (previous or {}).get("seconds", 0.0)}
+    write_json_atomic(_state_url(cfg.run_dir, stage.name), state)
+    t0 = time.monotonic()
+    try:
+        counts = stage.run(cfg)
+    except BaseException as exc:
+        state.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000], seconds=time.monotonic() - t0)
+        write_json_atomic(_state_url(cfg.run_dir, stage.name), state)
+        raise
+    state.update(status="done", counts=counts, outputs=stage.outputs(cfg), seconds=time.monotonic() - t0,
+                 finished=time.time())
+    write_json_atomic(_state_url(cfg.run_dir, stage.name), state)
+    log(f"[{stage.name}] done in {state['seconds']:.1f}s: {json.dumps(counts, default=str)[:300]}")
+    return state

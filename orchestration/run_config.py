@@ -1,0 +1,200 @@
+"""The run config: one YAML file for the whole graph, validated before anything runs.
+
+Each stage's section is that stage's own config class (FilterConfig, DownloadConfig,
+PretokenizeConfig, VQGANConfig, TrainConfig, EvalConfig) minus the keys the run derives:
+where a stage reads and writes (`data_dir/...`, `run_dir/...`), which models it uses
+and the Ray address. Setting a derived key is an error that names it, so there is one
+place for every path and no stage config is copied and edited by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from pipeline.config import from_mapping, opt
+from pipeline.download import DownloadConfig
+from pipeline.filter import FilterConfig
+from pipeline.pretokenize import PretokenizeConfig
+from tokenizer.storage import join
+from training.config import EvalConfig, SampleConfig, TrainConfig
+from training.vqgan import VQGANConfig
+
+
+@dataclass
+class SyntheticSource:
+    """Generated captioned shape images served on 127.0.0.1, with LAION-schema metadata
+    pointing at them: the embedded default's stand-in for the internet."""
+
+    images: int = opt(2000, "images to generate")
+    min_size: int = opt(48, "smallest side drawn")
+    max_size: int = opt(96, "largest side drawn")
+    port: int = opt(8765, "port of the image server on 127.0.0.1 (the metadata's URLs name it)")
+    seed: int = opt(0, "images, captions and sizes")
+
+    def __post_init__(self):
+        if self.images < 1 or not 8 <= self.min_size <= self.max_size or not 0 < self.port < 65536:
+            raise ValueError("source.synthetic: images >= 1, 8 <= min_size <= max_size, 0 < port < 65536")
+
+
+@dataclass
+class SourceConfig:
+    metadata: str | None = opt(None, "image-text metadata Parquet (file, folder or glob; local or s3)")
+    synthetic: SyntheticSource | None = opt(None, "generate the images and their metadata instead")
+
+    def __post_init__(self):
+        if (self.metadata is None) == (self.synthetic is None):
+            raise ValueError("source: give exactly one of metadata (a Parquet URL) or synthetic (generated images)")
+
+
+@dataclass
+class ModelsConfig:
+    text_encoder: str = opt(help="CLIP text folder (text_encoder/ + tokenizer/), or 'tiny': a small random one")
+    vqgan: str = opt(help="VQModel folder, 'tiny' (small random), or 'train': the run's own `vqgan` stage")
+    inception: str = opt("", "FID Inception weights file; 'tiny': random weights in the real format (demo only)")
+    clip: str = opt("", "CLIP folder for the CLIP score; 'tiny': a small random one (demo only); '' = none")
+
+
+@dataclass
+class RayConfig:
+    address: str = opt("", "Ray cluster address; empty = start a local Ray")
+    train_workers: int = opt(1, "Ray Train workers (one DeepSpeed rank each)")
+    gpus_per_worker: float = opt(0.0, "GPUs per training worker (0 = CPU with gloo)")
+    cpus_per_worker: float = opt(1.0, "CPUs reserved per training worker")
+
+    def __post_init__(self):
+        if self.train_workers < 1 or self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
+            raise ValueError("ray: train_workers >= 1, gpus_per_worker >= 0, cpus_per_worker > 0")
+
+
+@dataclass
+class RunConfig:
+    run_dir: str
+    data_dir: str
+    ray: RayConfig
+    source: SourceConfig
+    models: ModelsConfig
+    filter: FilterConfig
+    download: DownloadConfig
+    vqgan: VQGANConfig | None
+    pretokenize: PretokenizeConfig
+    train: TrainConfig
+    evaluate: EvalConfig | None
+    sample: SampleConfig
+    prompts: list[str] = field(default_factory=list)  # the sample grid's prompts
+    given: dict = field(default_factory=dict, repr=False)  # the mapping as written, for the run's snapshot
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("given")
+        return out
+
+
+# Keys a stage section may not set, with where the run puts them (for the error message).
+def _derived(run_dir: str, data_dir: str, ray: RayConfig, source: SourceConfig, models: ModelsConfig) -> dict:
+    metadata = source.metadata or join(data_dir, "source/metadata")
+    images, tokens = join(data_dir, "images"), join(data_dir, "tokens")
+    vqgan = {"tiny": join(run_dir, "models/vqgan"), "train": join(run_dir, "vqgan/export")}.get(models.vqgan,
+                                                                                                  models.vqgan)
+    text_encoder = join(run_dir, "models") if models.text_encoder == "tiny" else models.text_encoder
+    address = ray.address or None
+    return {
+        "filter": {"input": metadata, "output": join(data_dir, "filtered"), "ray_address": address},
+        "download": {"input": join(data_dir, "filtered"), "output": images},
+        "vqgan": {"run_dir": join(run_dir, "vqgan"), "data.images": images},
+        "pretokenize": {"input": images, "output": tokens, "vqgan": vqgan, "text_encoder": text_encoder,
+                        "ray_address": address},
+        "train": {"run_dir": join(run_dir, "train"), "data.dataset": tokens, "model.vqgan": vqgan,
+                  "model.text_encoder": text_encoder},
+        "evaluate": {"vqgan": vqgan, "text_encoder": text_encoder, "output": join(run_dir, "eval"),
+                     **({"inception": join(run_dir, "models/inception.pth")} if models.inception == "tiny"
+                        else {"inception": models.inception} if models.inception else {}),
+                     **({"clip": join(run_dir, "models/clip")} if models.clip == "tiny"
+                        else {"clip": models.clip} if models.clip else {})},
+    }
+
+
+def _section(cls: type, name: str, data: dict, derived: dict[str, Any]):
+    """`cls` from the user's section plus the derived keys, refusing a derived key set by hand."""
+    merged = _copy(data)
+    for dotted, value in derived.items():
+        *parents, leaf = dotted.split(".")
+        node = merged
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{name}.{p}: expected a mapping, got {node!r}")
+        if leaf in node:
+            raise ValueError(f"{name}.{dotted} is set by the run (to {value!r}); remove it from the config")
+        node[leaf] = value
+    return from_mapping(cls, merged, name)
+
+
+def _copy(data: Any) -> Any:
+    return {k: _copy(v) for k, v in data.items()} if isinstance(data, dict) else data
+
+
+SECTIONS = ("run_dir", "data_dir", "ray", "source", "models", "filter", "download", "vqgan", "pretokenize",
+            "train", "evaluate", "sample", "prompts")
+
+
+def parse_run_config(data: Any) -> RunConfig:
+    if not isinstance(data, dict):
+        raise ValueError(f"run config: expected a mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r}; allowed at the top: {', '.join(SECTIONS)}")
+    for key in ("run_dir", "source", "models", "train"):
+        if key not in data:
+            raise ValueError(f"missing required key {key!r}")
+    run_dir = data["run_dir"]
+    if not isinstance(run_dir, str) or not run_dir:
+        raise ValueError(f"run_dir: expected a folder path, got {run_dir!r}")
+    data_dir = data.get("data_dir") or join(run_dir, "data")
+    ray = from_mapping(RayConfig, data.get("ray") or {}, "ray")
+    source = from_mapping(SourceConfig, data["source"], "source")
+    models = from_mapping(ModelsConfig, data["models"], "models")
+    if models.vqgan == "train" and not data.get("vqgan"):
+        raise ValueError("models.vqgan is 'train' but there is no vqgan section to train it")
+    derived = _derived(run_dir, data_dir, ray, source, models)
+    sections = {name: _section(cls, name, data.get(name) or {}, derived[name])
+                for name, cls in (("filter", FilterConfig), ("download", DownloadConfig),
+                                  ("pretokenize", PretokenizeConfig), ("train", TrainConfig))}
+    vqgan = _section(VQGANConfig, "vqgan", data["vqgan"], derived["vqgan"]) if data.get("vqgan") else None
+    if vqgan is not None and models.vqgan != "train":
+        raise ValueError(f"a vqgan section trains a VQ-GAN, but models.vqgan is {models.vqgan!r}; set it to 'train'")
+    evaluate = None
+    if data.get("evaluate"):
+        section = _copy(data["evaluate"])
+        # No reference statistics given: the evaluate stage computes them from the run's own images.
+        section.setdefault("reference", join(run_dir, "eval/reference.npz"))
+        evaluate = _section(EvalConfig, "evaluate", section, derived["evaluate"])
+    prompts = data.get("prompts") or []
+    if not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError("prompts: expected a list of non-empty strings (the sample grid's prompts)")
+    return RunConfig(run_dir=run_dir, data_dir=data_dir, ray=ray, source=source, models=models, vqgan=vqgan,
+                     evaluate=evaluate, sample=from_mapping(SampleConfig, data.get("sample") or {}, "sample"),
+                     prompts=prompts, given=_copy(data), **sections)
+
+
+def load_run_config(path: str) -> RunConfig:
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except OSError as exc:
+        raise ValueError(f"cannot read run config {path}: {exc.strerror}") from None
+    return parse_run_config(data or {})
+
+
+def dump_run_config(cfg: RunConfig) -> str:
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return yaml.safe_dump(plain(cfg.to_json()), sort_keys=False)

@@ -1,0 +1,95 @@
+"""`amused status RUN_DIR`: where a run stands, from its state files and outputs alone."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from orchestration.run import read_state
+from orchestration.run_config import RunConfig, parse_run_config
+from orchestration.stages import STAGES
+from pipeline.fsio import exists, list_files
+from tokenizer.storage import join, url_to_fs
+
+
+def _progress(cfg: RunConfig, name: str) -> str:
+    """Units of work present so far, read from the stage's outputs."""
+    from training.checkpoint import complete_steps
+
+    if name in ("train", "vqgan"):
+        section = cfg.train if name == "train" else cfg.vqgan
+        done = complete_steps(section.run_dir) if exists(join(section.run_dir, "checkpoints")) else []
+        return f"step {done[-1] if done else 0}/{section.steps}"
+    folder = {"filter": cfg.filter.output, "download": cfg.download.output, "pretokenize": cfg.pretokenize.output}
+    if name in folder:
+        suffix = ".parquet" if name == "filter" else ".tar"
+        return f"{len(list_files(folder[name], suffix, required=False))} shards"
+    return ""
+
+
+def _counts(counts: dict | None) -> str:
+    if not counts:
+        return ""
+    shown = {k: v for k, v in counts.items() if k not in ("checkpoint", "exported", "metrics", "grid") and v not in
+             (None, {}, [])}
+    return json.dumps(shown, default=str)[:160]
+
+
+def status(run_dir: str) -> str:
+    snapshot = join(run_dir, "config.yaml")
+    if not exists(snapshot):
+        raise FileNotFoundError(f"{run_dir} holds no run (no config.yaml): start one with `amused run CONFIG`")
+    fs, path = url_to_fs(snapshot)
+    with fs.open(path, "r") as fh:
+        cfg = parse_run_config(yaml.safe_load(fh))
+    rows = [("stage", "status", "seconds", "progress", "counts")]
+    for stage in STAGES:
+        if not stage.enabled(cfg):
+            continue
+        state = read_state(run_dir, stage.name)
+        status_, seconds = (state["status"], f"{state.get('seconds', 0) + state.get('seconds_before', 0):.1f}") \
+            if state else ("pending", "")
+        rows.append((stage.name, status_, seconds, _progress(cfg, stage.name), _counts((state or {}).get("counts"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]
+    lines += _latest(cfg)
+    return "\n".join(lines)
+
+
+def _latest(cfg: RunConfig) -> list[str]:
+    from training.checkpoint import checkpoints_dir, complete_steps, tag
+
+    out = []
+    if exists(join(cfg.train.run_dir, "checkpoints")):
+        steps = complete_steps(cfg.train.run_dir)
+        if steps:
+            out.append(f"latest checkpoint: {checkpoints_dir(cfg.train.run_dir) / tag(steps[-1])}")
+    metrics = join(cfg.train.run_dir, "metrics.jsonl")
+    if exists(metrics):
+        fs, path = url_to_fs(metrics)
+        with fs.open(path, "r") as fh:
+            lines = [line for line in fh.read().splitlines() if line.strip()]
+        if lines:
+            last = json.loads(lines[-1])
+            out.append("latest training metrics: " + ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()
+                if k in ("step", "loss", "accuracy", "lr", "samples_per_second")))
+    if cfg.evaluate is not None and exists(cfg.evaluate.output):
+        from training.evaluate import read_results
+
+        results = read_results(cfg.evaluate.output)
+        if results:
+            r = max(results, key=lambda r: r["step"])
+            out.append(f"latest evaluation: step {r['step']} FID {r.get('fid', float('nan')):.2f} "
+                       f"CLIP score {r.get('clip_score', float('nan')):.2f} ({cfg.evaluate.output})")
+    samples = join(cfg.run_dir, "samples/result.json")
+    if exists(samples):
+        from pipeline.fsio import read_json
+
+        s = read_json(samples)
+        pf = s.get("prompt_following")
+        out.append(f"samples: {s['grid']}" + (f"; prompt following {pf['score']:.0%} ({pf['matches']}/{pf['samples']})"
+                                              if pf else ""))
+    return out
+

@@ -1,0 +1,57 @@
+"""What a person looks at after a run: a grid of samples with their prompts under them
+and, for the generated shape images, a prompt-following score (the fraction of samples
+whose shape colour and shape, read from the pixels by a fixed classifier, match the
+prompt)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.fsio import read_json, write_json_atomic
+from training.checkpoint import checkpoints_dir, complete_steps, tag
+from training.config import SampleConfig
+
+
+def prompt_following(images, prompts: list[str]) -> dict:
+    """Fraction of images (uint8 N x H x W x 3) whose (colour, shape) match their prompt."""
+    from PIL import Image
+
+    from pipeline.synthetic import caption_parts, classify_shape_image
+
+    hits = []
+    for img, prompt in zip(images, prompts):
+        colour, shape, _ = classify_shape_image(Image.fromarray(img))
+        hits.append((colour, shape) == caption_parts(prompt)[:2])
+    return {"score": sum(hits) / len(hits), "matches": sum(hits), "samples": len(hits)}
+
+
+def sample_grid(run_dir: str, prompts: list[str], out: str, cfg: SampleConfig, score_shapes: bool,
+                per_prompt: int = 4, seed: int = 0) -> dict:
+    """Samples of the run's latest checkpoint (EMA weights): `per_prompt` per prompt, image
+    i of prompt p drawn from its own generator (seed, p, i). Writes grid.png and
+    result.json under `out`; a rerun for the same checkpoint is a no-op."""
+    from pipeline.visual import image_grid
+    from training.sample import Sampler, checkpoint_models, load_trained_model
+
+    steps = complete_steps(run_dir)
+    if not steps:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint to sample from")
+    checkpoint = str(checkpoints_dir(run_dir) / tag(steps[-1]))
+    result_url = str(Path(out) / "result.json")
+    if Path(result_url).exists() and read_json(result_url).get("checkpoint") == checkpoint:
+        return read_json(result_url)
+    sampler = Sampler.from_folders(load_trained_model(checkpoint), *checkpoint_models(checkpoint))
+    expanded = [p for p in prompts for _ in range(per_prompt)]
+    generators = [torch.Generator().manual_seed(seed * 1_000_003 + p * 1009 + i)
+                  for p in range(len(prompts)) for i in range(per_prompt)]
+    images = sampler.decode(sampler.generate(expanded, cfg, generators))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    grid = str(Path(out) / "grid.png")
+    image_grid(images, expanded, columns=per_prompt * 2, cell=max(96, images.shape[1])).save(grid)
+    result = {"checkpoint": checkpoint, "step": steps[-1], "grid": grid, "images": len(images)}
+    if score_shapes:
+        result["prompt_following"] = prompt_following(images, expanded)
+    write_json_atomic(result_url, result)
+    return result
