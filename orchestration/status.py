@@ -23,7 +23,7 @@ def _progress(cfg: RunConfig, name: str) -> str:
         return f"step {done[-1] if done else 0}/{section.steps}"
     folder = {"filter": cfg.filter.output, "download": cfg.download.output, "pretokenize": cfg.pretokenize.output}
     if name in folder:
-        suffix = ".parquet" if name == "filter" else ".tar"
+        suffix = ".tar" if name == "download" else ".parquet"
         return f"{len(list_files(folder[name], suffix, required=False))} shards"
     return ""
 

@@ -65,3 +65,42 @@ def test_resume_is_exact_and_export_round_trips(tmp_path, images):
     ours = ImageTokenizer(vq_from_checkpoint(whole.checkpoint), device="cpu").encode(pixels)
     assert np.array_equal(ImageTokenizer(loaded, device="cpu").encode(pixels), ours)
     assert np.array_equal(ImageTokenizer.from_pretrained(str(out), device="cpu").encode(pixels), ours)
+
+
+def _mean_colour_psnr(images: str, resolution: int) -> float:
+    """PSNR of replacing each held-out image by its own mean colour: what a tokenizer that
+    kept nothing but the average colour would score."""
+    from tokenizer.vq_objective import psnr
+    from training.vq_data import held_out_batches
+
+    scores = []
+    for batch in held_out_batches(images, resolution, 64):
+        x = torch.from_numpy(batch).float().div(255).permute(0, 3, 1, 2)
+        scores.append(psnr(x.mean((2, 3), keepdim=True).expand_as(x), x))
+    return float(torch.cat(scores).mean())
+
+
+@pytest.mark.slow
+def test_a_few_cpu_minutes_learn_shapes(tmp_path, images):
+    """~3 min: the small preset (8x8 tokens of 64 codes at 32 px) trained 450 steps.
+
+    Threshold: the held-out PSNR of each image's own mean colour + 3 dB. Beating the mean
+    colour needs the tokens to say where the shape is and what colour it has; +3 dB is
+    half the mean squared error of that baseline. Measured: 20.0 dB vs a baseline of
+    16.0 dB, 81% of the 64 codes used by the 16 held-out images (192 s)."""
+    from training.vq_eval import evaluate_vqgan
+
+    cfg = _config(tmp_path / "run", images, 450, model={"preset": "small"}, optim={"lr": 3e-4},
+                  codebook={"window": 10, "reinit_every": 10}, data={"micro_batch_size": 16},
+                  checkpoint={"every": 450}, log={"every": 50, "progress": False})
+    result = train_vqgan(parse_vqgan_config(cfg))
+    out = tmp_path / "eval"
+    assert main(["vqgan", "export", "--checkpoint", result.checkpoint, "--output", str(tmp_path / "vq")]) == 0
+    held_out = str(images / "held-out")
+    scores = evaluate_vqgan(str(tmp_path / "vq"), held_out, str(out), resolution=32)
+    baseline = _mean_colour_psnr(held_out, 32)
+    print(f"held-out PSNR {scores['psnr_db']:.2f} dB vs mean-colour {baseline:.2f} dB; "
+          f"usage {scores['codebook_usage']:.0%}")
+    assert scores["psnr_db"] > baseline + 3.0
+    assert scores["codebook_usage"] > 0.5
+    assert (out / "reconstructions.png").exists()

@@ -1,0 +1,132 @@
+"""`amused run` / `status` / `config`: the run config, the stage graph's fingerprints,
+an end-to-end scaled-down demo run that resumes, skips and re-runs what changed."""
+
+import copy
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestration.cli import main
+from orchestration.run import plan
+from orchestration.run_config import load_run_config, parse_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def demo_config(run_dir, port: int | None = None) -> dict:
+    """configs/demo.yaml scaled down to a minute or two of CPU."""
+    cfg = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
+    cfg["run_dir"] = str(run_dir)
+    cfg["source"]["synthetic"].update(images=96, port=port or _free_port())
+    cfg["filter"]["rows_per_shard"] = 48
+    cfg["download"].update(samples_per_shard=48, processes=1, threads=4)
+    cfg["vqgan"].update(steps=4)
+    cfg["vqgan"]["checkpoint"] = {"every": 2, "keep": 1}
+    cfg["vqgan"]["log"] = {"every": 2, "progress": False}
+    cfg["train"].update(steps=6)
+    cfg["train"]["data"].update(global_batch_size=8, micro_batch_size=8, workers=0)
+    cfg["train"]["checkpoint"] = {"every": 3, "keep": 2}
+    cfg["train"]["log"] = {"every": 3, "progress": False}
+    cfg["evaluate"].update(prompts=str(ROOT / "configs/demo-prompts.txt"), max_prompts=4, batch_size=4, grid=4)
+    cfg["sample"]["steps"] = 4
+    cfg["prompts"] = cfg["prompts"][:2]
+    return cfg
+
+
+def test_shipped_configs_validate():
+    for name in ("demo.yaml", "laion-256.yaml"):
+        assert main(["config", "validate", str(ROOT / "configs" / name)]) == 0
+
+
+def test_config_errors_name_key_value_and_allowed(tmp_path, capsys):
+    good = demo_config(tmp_path / "run", port=8765)
+    cases = [
+        ({"train": {**good["train"], "steps": "ten"}}, "train.steps: expected int, got 'ten'"),
+        ({"filter": {**good["filter"], "output": "/elsewhere"}}, "filter.output is set by the run"),
+        ({"train": {**good["train"], "model": {"preset": "huge"}}}, "train.model.preset: 'huge' is not one of"),
+        ({"sourse": {}}, "unknown key 'sourse'; allowed at the top"),
+        ({"source": {"metadata": "x.parquet", "synthetic": {}}}, "exactly one of metadata"),
+        ({"vqgan": None}, "models.vqgan is 'train' but there is no vqgan section"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+            parse_run_config({**good, **change})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**good, "ray": {"train_workers": 0}}))
+    assert main(["config", "validate", str(bad)]) == 1
+    assert "train_workers >= 1" in capsys.readouterr().err
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(yaml.safe_dump(good))
+    assert main(["config", "show", str(ok)]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["train"]["data"]["dataset"] == str(tmp_path / "run/data/tokens")  # derived
+    assert shown["train"]["optim"]["betas"] == [0.9, 0.999]  # a default filled in
+
+
+def _changed(base: dict, **edits) -> set[str]:
+    new = copy.deepcopy(base)
+    for dotted, value in edits.items():
+        *parents, leaf = dotted.split(".")
+        node = new
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    before, after = plan(parse_run_config(base)), plan(parse_run_config(new))
+    return {name for name in before if before[name][0] != after[name][0]}
+
+
+def test_fingerprints_follow_the_graph(tmp_path):
+    base = demo_config(tmp_path, port=8765)
+    downstream_of_filter = {"filter", "download", "vqgan", "pretokenize", "train", "evaluate", "samples"}
+    assert _changed(base, **{"train.optim.lr": 0.002}) == {"train", "evaluate", "samples"}
+    assert _changed(base, **{"filter.min_width": 40}) == downstream_of_filter
+    assert _changed(base, **{"vqgan.steps": 5}) == {"vqgan", "pretokenize", "train", "evaluate", "samples"}
+    assert _changed(base, **{"evaluate.max_prompts": 8}) == {"evaluate"}
+    # How a stage runs, not what it writes: no re-run.
+    assert _changed(base, **{"pretokenize.encoders": 2, "filter.workers": 1, "download.threads": 2}) == set()
+
+
+def _ran(log: list[str]) -> set[str]:
+    return {line.split("]")[0][1:] for line in log if line.endswith("starting") or line.endswith("resuming")}
+
+
+def test_run_resumes_skips_and_reruns_what_changed(tmp_path, capsys):
+    cfg = demo_config(tmp_path / "run")
+    log: list[str] = []
+    from orchestration.run import run
+
+    states = run(parse_run_config(cfg), log=log.append)
+    assert _ran(log) == {"source", "models", "filter", "download", "vqgan", "pretokenize", "train", "evaluate",
+                         "samples"}
+    assert all(s["status"] == "done" for s in states.values())
+    assert states["download"]["counts"]["downloaded"] == 96
+    assert states["pretokenize"]["counts"]["tokenized"] == 96
+    manifest = (tmp_path / "run/data/tokens/manifest.json").read_bytes()
+    assert json.loads((tmp_path / "run/samples/result.json").read_text())["prompt_following"]["samples"] == 8
+
+    log.clear()
+    run(parse_run_config(cfg), log=log.append)
+    assert _ran(log) == set() and sum("skipped" in line for line in log) == 9
+
+    cfg["train"]["optim"]["lr"] = 0.002
+    log.clear()
+    run(parse_run_config(cfg), log=log.append)
+    assert _ran(log) == {"train", "evaluate", "samples"}
+    assert any("train.optim.lr: 0.001 -> 0.002" in line for line in log)
+    assert (tmp_path / "run/data/tokens/manifest.json").read_bytes() == manifest
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["status", str(tmp_path / "run")]) == 0
+    table = capsys.readouterr().out
+    assert "train        done" in table and "step 6/6" in table and "latest checkpoint:" in table
+    assert load_run_config(str(path)).train.optim.lr == 0.002
