@@ -28,16 +28,9 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m '' --durations=10
 
 demo: $(STAMP)
-	$(AMUSED) models tiny $(DEMO)/models
-	$(AMUSED) synth $(DEMO)/images --shards 4 --per-shard 32
-	$(AMUSED) pretokenize --input $(DEMO)/images --output $(DEMO)/tokens --vqgan $(DEMO)/models/vqgan \
-		--text-encoder $(DEMO)/models --resolution 64 --batch-size 16
-	$(AMUSED) shards verify $(DEMO)/tokens
-	$(AMUSED) shards inspect $(DEMO)/tokens --grid $(DEMO)/tokens-grid.png --vqgan $(DEMO)/models/vqgan
-	$(AMUSED) train configs/train-tiny.yaml
-	$(AMUSED) sample --checkpoint $(DEMO)/run/checkpoints/step_00000200 --output $(DEMO)/samples.png \
-		--prompt "a red circle on a grey background" --prompt "a blue square on a white background"
-	$(AMUSED) export --checkpoint $(DEMO)/run/checkpoints/step_00000200 --output $(DEMO)/pipeline
+	# The whole graph from one config (configs/demo.yaml); a rerun finds every stage done.
+	$(AMUSED) run configs/demo.yaml
+	$(AMUSED) export --checkpoint $(DEMO)/run/train/checkpoints/step_00001200 --output $(DEMO)/pipeline
 
 bench: $(STAMP)
 	$(PY) benchmarks/shard_format.py

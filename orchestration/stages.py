@@ -144,12 +144,12 @@ def run_train(cfg: RunConfig) -> dict:
 
 def run_evaluate(cfg: RunConfig) -> dict:
     from pipeline.fsio import exists
-    from training.evaluate import evaluate, fid_reference
+    from training.evaluate import evaluate, fid_reference, read_prompts
 
     ev = cfg.evaluate
-    if not exists(ev.reference):
+    if not exists(ev.reference):  # as many real images as images generated per checkpoint
         fid_reference(cfg.download.output, ev.reference, ev.inception, cfg.pretokenize.resolution,
-                      max_images=max(ev.max_prompts, 256))
+                      max_images=ev.max_prompts or len(read_prompts(ev.prompts)))
     results = evaluate(ev, cfg.sample, run_dir=cfg.train.run_dir, ray_address=cfg.ray.address or None)
     latest = max(results, key=lambda r: r["step"], default=None)
     return {"evaluated": len(results), "latest": latest and {k: latest.get(k) for k in ("step", "fid", "clip_score")}}
