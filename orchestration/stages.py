@@ -90,7 +90,7 @@ def run_filter(cfg: RunConfig) -> dict:
 
     report = filter_metadata(cfg.filter)
     print(report.table())
-    return {"rows": report.total.get("rows"), "kept": report.total.get("kept"),
+    return {"rows": report.total.get("rows_in"), "kept": report.total.get("rows_out"),
             "rejected": {k: v for k, v in report.total.get("rejected", {}).items() if v}, "shards": report.shards}
 
 
@@ -167,7 +167,7 @@ STAGES: tuple[Stage, ...] = (
           enabled=lambda c: c.source.synthetic is not None),
     Stage("models", (), lambda c: _tiny_models(c), lambda c: [join(c.run_dir, "models")], run_models,
           enabled=lambda c: any(_tiny_models(c).values())),
-    Stage("filter", ("source",), lambda c: _asdict(c.filter, "workers", "progress", "ray_address"),
+    Stage("filter", ("source",), lambda c: _asdict(c.filter, "workers", "progress", "ray_address", "partition_rows"),
           lambda c: [c.filter.output], run_filter),
     Stage("download", ("filter",), lambda c: _asdict(c.download, "processes", "threads"),
           lambda c: [c.download.output], run_download),

@@ -83,6 +83,10 @@ def _latest(cfg: RunConfig) -> list[str]:
             r = max(results, key=lambda r: r["step"])
             out.append(f"latest evaluation: step {r['step']} FID {r.get('fid', float('nan')):.2f} "
                        f"CLIP score {r.get('clip_score', float('nan')):.2f} ({cfg.evaluate.output})")
+    plots = [p for p in (join(cfg.train.run_dir, "metrics.png"), cfg.vqgan and join(cfg.vqgan.run_dir, "metrics.png"),
+                         cfg.evaluate and join(cfg.evaluate.output, "metrics.png")) if p and exists(p)]
+    if plots:
+        out.append(f"metric plots: {', '.join(plots)}")
     samples = join(cfg.run_dir, "samples/result.json")
     if exists(samples):
         from pipeline.fsio import read_json

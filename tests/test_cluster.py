@@ -29,6 +29,6 @@ def test_two_nodes_then_one_every_sample_once(tmp_path, tiny_models, ray_session
                            str(tmp_path / "out"), "1.0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["encoder_nodes"] == 2 and result["worker_removed"]
+    assert result["encoder_nodes"] == 2 and result["worker_removed"] and result["removed_mid_job"]
     assert result["failed"] == {}
     assert sorted(result["keys"]) == expected and len(set(result["keys"])) == len(expected) == 144

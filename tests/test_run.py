@@ -108,6 +108,7 @@ def test_run_resumes_skips_and_reruns_what_changed(tmp_path, capsys):
     assert _ran(log) == {"source", "models", "filter", "download", "vqgan", "pretokenize", "train", "evaluate",
                          "samples"}
     assert all(s["status"] == "done" for s in states.values())
+    assert states["filter"]["counts"]["kept"] == 96
     assert states["download"]["counts"]["downloaded"] == 96
     assert states["pretokenize"]["counts"]["tokenized"] == 96
     manifest = (tmp_path / "run/data/tokens/manifest.json").read_bytes()
