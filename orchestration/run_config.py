@@ -133,6 +133,12 @@ def _section(cls: type, name: str, data: dict, derived: dict[str, Any]):
     return from_mapping(cls, merged, name)
 
 
+def _absolute(url: str) -> str:
+    import os
+
+    return url if "://" in url else os.path.abspath(url)
+
+
 def _copy(data: Any) -> Any:
     return {k: _copy(v) for k, v in data.items()} if isinstance(data, dict) else data
 
@@ -153,10 +159,14 @@ def parse_run_config(data: Any) -> RunConfig:
     run_dir = data["run_dir"]
     if not isinstance(run_dir, str) or not run_dir:
         raise ValueError(f"run_dir: expected a folder path, got {run_dir!r}")
-    data_dir = data.get("data_dir") or join(run_dir, "data")
+    # Local folders become absolute: Ray Train runs its workers in another directory.
+    run_dir = _absolute(run_dir)
+    data_dir = _absolute(data.get("data_dir") or join(run_dir, "data"))
     ray = from_mapping(RayConfig, data.get("ray") or {}, "ray")
     source = from_mapping(SourceConfig, data["source"], "source")
     models = from_mapping(ModelsConfig, data["models"], "models")
+    models = dataclasses.replace(models, **{f.name: _absolute(getattr(models, f.name)) for f in dataclasses.fields(models)
+                                            if getattr(models, f.name) not in ("", "tiny", "train")})
     if models.vqgan == "train" and not data.get("vqgan"):
         raise ValueError("models.vqgan is 'train' but there is no vqgan section to train it")
     derived = _derived(run_dir, data_dir, ray, source, models)
