@@ -185,3 +185,14 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path):
     assert kills >= 1
     assert start(killed, "killed").wait(timeout=900) == 0
     assert _outcome(tmp_path / "killed") == _outcome(tmp_path / "straight")
+
+
+def test_local_paths_become_absolute(tmp_path, monkeypatch):
+    """Ray Train runs its workers in another directory: a relative run_dir must not reach them."""
+    monkeypatch.chdir(tmp_path)
+    cfg = demo_config("rel/run", port=8765)
+    cfg["models"]["text_encoder"] = "weights/clip"
+    parsed = parse_run_config(cfg)
+    assert parsed.train.run_dir == str(tmp_path / "rel/run/train")
+    assert parsed.train.data.dataset == str(tmp_path / "rel/run/data/tokens")
+    assert parsed.pretokenize.text_encoder == str(tmp_path / "weights/clip")
