@@ -169,16 +169,10 @@ def _fid_stats(args) -> int:
 
 
 def _vqgan_train(args) -> int:
-    import yaml
-
+    from pipeline.config import read_yaml
     from training.vqgan import parse_vqgan_config, train_vqgan
 
-    try:
-        with open(args.config) as fh:
-            data = yaml.safe_load(fh) or {}
-    except OSError as exc:
-        raise ValueError(f"cannot read config {args.config}: {exc.strerror}") from None
-    result = train_vqgan(parse_vqgan_config(data))
+    result = train_vqgan(parse_vqgan_config(read_yaml(args.config)))
     m = result.last_metrics
     print(f"VQ-GAN trained to step {result.step}: PSNR {m.get('psnr_db', float('nan')):.2f} dB, codebook usage "
           f"{m.get('codebook_usage', float('nan')):.1%}; checkpoint {result.checkpoint}; "
@@ -224,10 +218,11 @@ def _status(args) -> int:
 
 
 def _config(args) -> int:
-    from orchestration.run_config import dump_run_config, load_run_config
+    from orchestration.run_config import load_run_config
+    from training.config import dump_config
 
     cfg = load_run_config(args.file)
-    print(dump_run_config(cfg) if args.config_command == "show" else f"{args.file}: valid")
+    print(dump_config(cfg) if args.config_command == "show" else f"{args.file}: valid")
     return 0
 
 

@@ -19,10 +19,11 @@ from typing import Any
 
 import yaml
 
-from orchestration.run_config import RunConfig, dump_run_config
+from orchestration.run_config import RunConfig
 from orchestration.stages import STAGES, Stage
 from pipeline.fsio import atomic_writer, exists, read_json, write_json_atomic
 from tokenizer.storage import join, url_to_fs
+from training.config import dump_config
 
 
 def _state_url(run_dir: str, name: str) -> str:
@@ -87,7 +88,7 @@ def run(cfg: RunConfig, only: list[str] | None = None, start: str | None = None,
     fs.makedirs(root, exist_ok=True)
     # The config as written (what `amused status` reads back) and with every default filled in.
     for name, text in (("config.yaml", yaml.safe_dump(cfg.given, sort_keys=False)),
-                       ("config.resolved.yaml", dump_run_config(cfg))):
+                       ("config.resolved.yaml", dump_config(cfg))):
         with atomic_writer(join(cfg.run_dir, name)) as fh:
             fh.write(text.encode())
     planned = plan(cfg)

@@ -13,9 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
-from pipeline.config import from_mapping, opt
+from pipeline.config import from_mapping, opt, read_yaml
 from pipeline.download import DownloadConfig
 from pipeline.filter import FilterConfig
 from pipeline.pretokenize import PretokenizeConfig
@@ -191,20 +189,4 @@ def parse_run_config(data: Any) -> RunConfig:
 
 
 def load_run_config(path: str) -> RunConfig:
-    try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh)
-    except OSError as exc:
-        raise ValueError(f"cannot read run config {path}: {exc.strerror}") from None
-    return parse_run_config(data or {})
-
-
-def dump_run_config(cfg: RunConfig) -> str:
-    def plain(value):
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        return value
-
-    return yaml.safe_dump(plain(cfg.to_json()), sort_keys=False)
+    return parse_run_config(read_yaml(path))

@@ -98,3 +98,14 @@ def _coerce(hint, value: Any, key: str) -> Any:
     if hint is Any or (isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         return value
     raise ValueError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def read_yaml(path: str) -> Any:
+    """A YAML config file's content ({} when empty); an unreadable file is a one-line error."""
+    import yaml
+
+    try:
+        with open(path) as fh:
+            return yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise ValueError(f"cannot read config {path}: {exc.strerror}") from None

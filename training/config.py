@@ -14,7 +14,7 @@ from typing import Literal
 
 import yaml
 
-from pipeline.config import from_mapping, opt
+from pipeline.config import from_mapping, opt, read_yaml
 
 
 def _check(ok: bool, message: str) -> None:
@@ -206,15 +206,11 @@ def parse_config(data: dict) -> TrainConfig:
 
 
 def load_config(path: str) -> TrainConfig:
-    try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh)
-    except OSError as exc:
-        raise ValueError(f"cannot read config {path}: {exc.strerror}") from None
-    return parse_config(data or {})
+    return parse_config(read_yaml(path))
 
 
-def dump_config(cfg: TrainConfig) -> str:
+def dump_config(cfg) -> str:
+    """Any config with `to_json()` as YAML, in field order."""
     def plain(value):
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
