@@ -66,7 +66,7 @@ def run_models(cfg: RunConfig) -> dict:
 
     import torch
 
-    from tokenizer.tiny import build_clip_text, build_vqgan, clip_bpe_tokenizer, write_tiny_clip
+    from tokenizer.tiny import build_vqgan, write_tiny_clip, write_tiny_text_encoder
     from training.metrics import write_random_inception
 
     out, wanted = Path(cfg.run_dir) / "models", _tiny_models(cfg)
@@ -74,8 +74,7 @@ def run_models(cfg: RunConfig) -> dict:
     if wanted["vqgan"] and not (out / "vqgan/config.json").exists():
         build_vqgan("tiny").save_pretrained(out / "vqgan")
     if wanted["text_encoder"] and not (out / "text_encoder/config.json").exists():
-        clip_bpe_tokenizer(out / "tokenizer")
-        build_clip_text("tiny").save_pretrained(out / "text_encoder")
+        write_tiny_text_encoder(out)
     if wanted["inception"] and not (out / "inception.pth").exists():
         write_random_inception(out / "inception.pth")
     if wanted["clip"] and not (out / "clip/config.json").exists():

@@ -134,12 +134,17 @@ def write_tiny_clip(out: str | Path, seed: int = 0) -> Path:
     return out
 
 
+def write_tiny_text_encoder(out: Path) -> None:
+    """`tokenizer/` (the real CLIP BPE) and a small random `text_encoder/` under `out`."""
+    clip_bpe_tokenizer(out / "tokenizer")
+    build_clip_text("tiny").save_pretrained(out / "text_encoder")
+
+
 def write_tiny_models(out: str | Path, seed: int = 0) -> Path:
     """Write `vqgan/`, `text_encoder/`, `tokenizer/` and `transformer/` under `out`."""
     out = Path(out)
     torch.manual_seed(seed)
     build_vqgan("tiny").save_pretrained(out / "vqgan")
-    clip_bpe_tokenizer(out / "tokenizer")
-    build_clip_text("tiny").save_pretrained(out / "text_encoder")
+    write_tiny_text_encoder(out)
     UVit2DModel(**UVIT_CONFIGS["tiny"]).save_pretrained(out / "transformer")
     return out
