@@ -148,7 +148,7 @@ def _evaluate(args) -> int:
     from training.evaluate import evaluate
 
     results = evaluate(config_from_args(EvalConfig, args), config_from_args(SampleConfig, args),
-                       checkpoint=args.checkpoint or "", run_dir=args.run or "", watch=args.watch,
+                       checkpoint=args.checkpoint or "", run_dir=args.run or "",
                        poll_seconds=args.poll, timeout_seconds=args.timeout, ray_address=args.ray_address)
     for r in results:
         clip = "n/a" if r["clip_score"] is None else f"{r['clip_score']:.2f}"
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(func=_pretokenize)
 
     train = sub.add_parser("train", help="DeepSpeed U-ViT training on a token dataset (resumes a run folder)")
-    train.add_argument("config", help="training config YAML (see configs/train-tiny.yaml)")
+    train.add_argument("config", help="training config YAML (see configs/train-small.yaml)")
     train.add_argument("--ray-workers", type=int, default=0, help="run under Ray Train with this many workers")
     train.add_argument("--gpus-per-worker", type=float, default=0.0, help="Ray Train: GPUs per worker")
     train.add_argument("--ray-address", default="", help="Ray cluster to join (empty: start a local one)")
@@ -300,7 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
     which = ev.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="RUN_DIR/checkpoints/step_N")
     which.add_argument("--run", help="RUN_DIR: every complete checkpoint without a result")
-    ev.add_argument("--watch", action="store_true", help="with --run: evaluate new checkpoints until training ends")
     ev.add_argument("--poll", type=float, default=30.0, help="watcher: seconds between looks")
     ev.add_argument("--timeout", type=float, default=0.0, help="watcher: give up after this many seconds (0 = never)")
     ev.add_argument("--ray-address", default=None, help="Ray cluster (default: a local one)")

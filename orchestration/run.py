@@ -92,6 +92,18 @@ def run(cfg: RunConfig, only: list[str] | None = None, start: str | None = None,
         with atomic_writer(join(cfg.run_dir, name)) as fh:
             fh.write(text.encode())
     planned = plan(cfg)
+    # Stale outputs go before any stage runs: a stage may write a later one's outputs
+    # early (the evaluation watcher during training), and those must survive.
+    for stage in STAGES:
+        fingerprint, settings = planned[stage.name]
+        state = read_state(cfg.run_dir, stage.name)
+        if fingerprint != "off" and stage.name in selected and state and state["fingerprint"] != fingerprint:
+            changed = _changes(state.get("settings"), settings) or ["an input stage's output"]
+            log(f"[{stage.name}] settings or inputs changed ({'; '.join(changed)}): "
+                f"removing its outputs and running it again")
+            for url in stage.outputs(cfg):
+                _remove(url)
+            _remove(_state_url(cfg.run_dir, stage.name))
     states: dict[str, dict] = {}
     with ray_session(cfg.ray.address or None):
         for stage in STAGES:
@@ -99,13 +111,6 @@ def run(cfg: RunConfig, only: list[str] | None = None, start: str | None = None,
             if fingerprint == "off":
                 continue
             state = read_state(cfg.run_dir, stage.name)
-            if state and state["fingerprint"] != fingerprint and stage.name in selected:
-                changed = _changes(state.get("settings"), settings) or ["an input stage's output"]
-                log(f"[{stage.name}] settings or inputs changed ({'; '.join(changed)}): "
-                    f"removing its outputs and running it again")
-                for url in stage.outputs(cfg):
-                    _remove(url)
-                state = None
             if state and state["status"] == "done" and state["fingerprint"] == fingerprint:
                 log(f"[{stage.name}] done ({state['seconds']:.1f}s), skipped")
                 states[stage.name] = state

@@ -180,12 +180,32 @@ def parse_run_config(data: Any) -> RunConfig:
         # No reference statistics given: the evaluate stage computes them from the run's own images.
         section.setdefault("reference", join(run_dir, "eval/reference.npz"))
         evaluate = _section(EvalConfig, "evaluate", section, derived["evaluate"])
+    _check_tokens_fit(models, vqgan, sections["pretokenize"], sections["train"])
     prompts = data.get("prompts") or []
     if not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError("prompts: expected a list of non-empty strings (the sample grid's prompts)")
     return RunConfig(run_dir=run_dir, data_dir=data_dir, ray=ray, source=source, models=models, vqgan=vqgan,
                      evaluate=evaluate, sample=from_mapping(SampleConfig, data.get("sample") or {}, "sample"),
                      prompts=prompts, given=_copy(data), **sections)
+
+
+def _check_tokens_fit(models: ModelsConfig, vqgan: VQGANConfig | None, pretokenize: PretokenizeConfig,
+                      train: TrainConfig) -> None:
+    """The U-ViT preset must take the tokens the run's VQ-GAN will make (grid and codebook);
+    known before any work whenever both come from presets, not from folders."""
+    from tokenizer.tiny import VQGAN_CONFIGS
+    from training.model import PRESETS
+
+    preset = {"tiny": "tiny", "train": vqgan and not vqgan.model.pretrained and vqgan.model.preset}.get(models.vqgan)
+    if not preset or train.model.pretrained:
+        return
+    vq, uvit = VQGAN_CONFIGS[preset], PRESETS[train.model.preset]
+    grid = pretokenize.resolution // 2 ** (len(vq["block_out_channels"]) - 1)
+    if (grid, vq["num_vq_embeddings"]) != (uvit["sample_size"], uvit["codebook_size"]):
+        raise ValueError(f"train.model.preset {train.model.preset!r} takes {uvit['sample_size']}x"
+                         f"{uvit['sample_size']} tokens of {uvit['codebook_size']} codes, but the VQ-GAN preset "
+                         f"{preset!r} at pretokenize.resolution {pretokenize.resolution} makes {grid}x{grid} tokens "
+                         f"of {vq['num_vq_embeddings']} codes")
 
 
 def load_run_config(path: str) -> RunConfig:

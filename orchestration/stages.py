@@ -134,22 +134,55 @@ def run_pretokenize(cfg: RunConfig) -> dict:
 # ----- training and evaluation --------------------------------------------------------------
 
 def run_train(cfg: RunConfig) -> dict:
+    """Trains through Ray Train; with `evaluate.watch`, evaluation actors score each
+    checkpoint as it is written, and the evaluate stage then only finishes what is left."""
+    import threading
+
     from training.launch import train_on_ray
 
-    result = train_on_ray(cfg.train, workers=cfg.ray.train_workers, gpus_per_worker=cfg.ray.gpus_per_worker,
-                          address=cfg.ray.address, cpus_per_worker=cfg.ray.cpus_per_worker)
+    stop = threading.Event()
+    watcher = None
+    if cfg.evaluate is not None and cfg.evaluate.watch:
+        watcher = threading.Thread(target=_watch_training, args=(cfg, stop), name="evaluation-watcher", daemon=True)
+        watcher.start()
+    try:
+        result = train_on_ray(cfg.train, workers=cfg.ray.train_workers, gpus_per_worker=cfg.ray.gpus_per_worker,
+                              address=cfg.ray.address, cpus_per_worker=cfg.ray.cpus_per_worker)
+    finally:
+        stop.set()  # the watcher evaluates what is complete, then returns
+        if watcher is not None:
+            watcher.join()
     return {"step": result.step, "checkpoint": result.checkpoint, "metrics": result.last_metrics}
 
 
-def run_evaluate(cfg: RunConfig) -> dict:
+def _watch_training(cfg: RunConfig, stop) -> None:
+    from training.evaluate import evaluate
+
+    try:
+        _fid_reference(cfg)
+        evaluate(cfg.evaluate, cfg.sample, run_dir=cfg.train.run_dir, poll_seconds=5.0,
+                 ray_address=cfg.ray.address or None, stop=stop)
+    except Exception as exc:  # training goes on; the evaluate stage redoes what is missing
+        print(f"[train] evaluation watcher stopped: {type(exc).__name__}: {exc}")
+
+
+def _fid_reference(cfg: RunConfig) -> None:
+    """As many of the run's own images as images generated per checkpoint, unless given."""
     from pipeline.fsio import exists
-    from training.evaluate import evaluate, fid_reference, read_prompts
+    from training.evaluate import fid_reference, read_prompts
 
     ev = cfg.evaluate
-    if not exists(ev.reference):  # as many real images as images generated per checkpoint
+    if not exists(ev.reference):
         fid_reference(cfg.download.output, ev.reference, ev.inception, cfg.pretokenize.resolution,
                       max_images=ev.max_prompts or len(read_prompts(ev.prompts)))
-    results = evaluate(ev, cfg.sample, run_dir=cfg.train.run_dir, ray_address=cfg.ray.address or None)
+
+
+def run_evaluate(cfg: RunConfig) -> dict:
+    from training.evaluate import evaluate, read_results, results_dir
+
+    _fid_reference(cfg)
+    evaluate(cfg.evaluate, cfg.sample, run_dir=cfg.train.run_dir, ray_address=cfg.ray.address or None)
+    results = read_results(results_dir(cfg.train.run_dir, cfg.evaluate))
     latest = max(results, key=lambda r: r["step"], default=None)
     return {"evaluated": len(results), "latest": latest and {k: latest.get(k) for k in ("step", "fid", "clip_score")}}
 
@@ -178,7 +211,7 @@ STAGES: tuple[Stage, ...] = (
           lambda c: [c.pretokenize.output], run_pretokenize),
     Stage("train", ("pretokenize", "models"), lambda c: {**_asdict(c.train, "log"), "ray": _asdict(c.ray, "address")},
           lambda c: [c.train.run_dir], run_train),
-    Stage("evaluate", ("train",), lambda c: {"evaluate": _asdict(c.evaluate), "sample": _asdict(c.sample)},
+    Stage("evaluate", ("train",), lambda c: {"evaluate": _asdict(c.evaluate, "watch"), "sample": _asdict(c.sample)},
           lambda c: [c.evaluate.output], run_evaluate, enabled=lambda c: c.evaluate is not None),
     Stage("samples", ("train",), lambda c: {"prompts": c.prompts, "sample": _asdict(c.sample)},
           lambda c: [join(c.run_dir, "samples")], run_samples, enabled=lambda c: bool(c.prompts)),

@@ -8,6 +8,9 @@ reader -> policy -> img2dataset -> summary:
   becomes shard i (`number_sample_per_shard` covers a whole file).
 - img2dataset runs in its incremental mode: a shard counts as done once its
   `NNNNN_stats.json` exists, so a rerun fetches only the missing shards.
+- img2dataset writes a shard's samples in the order their downloads finish, which
+  differs between runs with several threads; every finished shard is then rewritten once
+  in key order, so two clean downloads of the same input give the same shards.
 - `retry_failed` gathers the samples whose last attempt failed transiently (timeout,
   DNS, connection, 429, 5xx), downloads them into a staging folder and moves the
   finished shards in under new numbers after the existing ones (tar and metadata
@@ -263,6 +266,25 @@ def _retry_round(cfg: DownloadConfig, extra: list[str]) -> int:
     return plan["samples"]
 
 
+def _sort_shards(output: str) -> int:
+    """Rewrites each finished shard's tar in key order (temp name, then rename); a marker
+    under `_amused/sorted/` written after it lets a rerun skip it. Returns how many."""
+    from pipeline.wds import sort_shard
+
+    fs, _ = url_to_fs(output)
+    rewritten = 0
+    for shard in _shard_ids(output):
+        marker = join(output, STATE, "sorted", f"{shard:05d}.json")
+        if exists(marker):
+            continue
+        url = join(output, f"{shard:05d}.tar")
+        with fs.open(url_to_fs(url)[1], "rb") as src, atomic_writer(url) as dst:
+            members = sort_shard(src, dst)
+        write_json_atomic(marker, {"members": members})
+        rewritten += 1
+    return rewritten
+
+
 # ----- the stage ---------------------------------------------------------------------------
 
 def download(cfg: DownloadConfig) -> DownloadSummary:
@@ -288,6 +310,7 @@ def download(cfg: DownloadConfig) -> DownloadSummary:
     if cfg.retry_failed:
         while _retry_round(cfg, extra):
             pass
+    _sort_shards(cfg.output)
     summary = summarize(cfg.output, rejected)
     write_json_atomic(join(cfg.output, STATE, SUMMARY),
                       {**dataclasses.asdict(summary), "wall_seconds": time.monotonic() - started})

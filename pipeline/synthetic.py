@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +16,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from pipeline.fsio import atomic_writer
+from pipeline.wds import tar_bytes
 from tokenizer.storage import join, url_to_fs
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
@@ -24,18 +24,21 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), 
 SHAPES = ("circle", "square", "triangle")
 
 
-def shape_image(rng: np.random.Generator, width: int, height: int, texture: float = 0.0
-                ) -> tuple[Image.Image, str]:
-    """A shape on a plain background; `texture` > 0 adds Gaussian noise of that std-dev, which
-    makes JPEG sizes and decode costs like photographs' (plain shapes compress far better)."""
+def shape_image(rng: np.random.Generator, width: int, height: int, texture: float = 0.0,
+                size: tuple[float, float] = (0.4, 0.8)) -> tuple[Image.Image, str]:
+    """A shape on a plain background, its side a random fraction in `size` of the shorter
+    image side, placed in the centred square; `texture` > 0 adds Gaussian noise of that std-dev, which makes JPEG sizes
+    and decode costs like photographs' (plain shapes compress far better)."""
     names = list(COLOURS)
     fg, bg = rng.choice(len(names), size=2, replace=False)
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     img = Image.new("RGB", (width, height), COLOURS[names[bg]])
     draw = ImageDraw.Draw(img)
-    side = int(min(width, height) * rng.uniform(0.3, 0.7))
-    x0 = int(rng.integers(0, width - side + 1))
-    y0 = int(rng.integers(0, height - side + 1))
+    # Inside the centred square, so the caption stays true after a centre crop.
+    square = min(width, height)
+    side = int(square * rng.uniform(*size))
+    x0 = (width - square) // 2 + int(rng.integers(0, square - side + 1))
+    y0 = (height - square) // 2 + int(rng.integers(0, square - side + 1))
     box = (x0, y0, x0 + side, y0 + side)
     if shape == "circle":
         draw.ellipse(box, fill=COLOURS[names[fg]])
@@ -51,10 +54,13 @@ def shape_image(rng: np.random.Generator, width: int, height: int, texture: floa
 
 def classify_shape_image(img: Image.Image) -> tuple[str, str, str]:
     """(shape colour, shape, background colour) of an image like `shape_image`'s, read
-    from the pixels: the background is the border's median colour, the shape the pixels
-    far from it; colours are the nearest palette entries and the shape follows from how
-    much of its bounding box it fills (square ~1, circle ~0.79, triangle ~0.5). "none"
-    when less than 2% of the image differs from the background."""
+    from the pixels: the background is the border's median colour, the shape the largest
+    connected region far from it (stray pixels of a decoder do not count); colours are the
+    nearest palette entries (the shape's from its interior, away from blended edges) and
+    the shape is the one whose ideal outline, drawn into the region's bounding box,
+    overlaps it most. "none" when that region covers less than 2% of the image."""
+    from scipy import ndimage
+
     px = np.asarray(img.convert("RGB"), np.float32)
     palette = np.array(list(COLOURS.values()), np.float32)
     names = list(COLOURS)
@@ -64,13 +70,40 @@ def classify_shape_image(img: Image.Image) -> tuple[str, str, str]:
 
     border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
     bg = np.median(border, axis=0)
-    mask = np.sqrt(((px - bg) ** 2).sum(-1)) > 35  # half the closest palette pair (yellow, orange)
+    distance = np.sqrt(((px - bg) ** 2).sum(-1))
+
+    def largest_region(threshold: float) -> np.ndarray:
+        regions, count = ndimage.label(distance > threshold)
+        if count == 0:
+            return np.zeros_like(distance, dtype=bool)
+        return regions == 1 + int(np.argmax(np.bincount(regions.ravel())[1:]))
+
+    mask = largest_region(35)  # half the closest palette pair (yellow, orange)
     if mask.mean() < 0.02:
         return "none", "none", nearest(bg)
+    # A blurred edge is where the colour is half-way between shape and background; a
+    # fixed threshold would take a wider, rounder outline on high-contrast pairs.
+    mask = largest_region(max(35.0, 0.5 * float(np.percentile(distance[mask], 90))))
+    shape = max(SHAPES, key=lambda name: _overlap(mask, name))
+    inside = ndimage.binary_erosion(mask)
+    return nearest(np.median(px[inside if inside.any() else mask], axis=0)), shape, nearest(bg)
+
+
+def _overlap(mask: np.ndarray, shape: str) -> float:
+    """Intersection over union of `mask` with `shape` drawn into the mask's bounding box
+    (pixel centres; the triangle points up, as `shape_image` draws it)."""
     ys, xs = np.nonzero(mask)
-    fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-    shape = "square" if fill > 0.88 else "circle" if fill > 0.64 else "triangle"
-    return nearest(np.median(px[mask], axis=0)), shape, nearest(bg)
+    top, left, h, w = ys.min(), xs.min(), ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    v, u = np.mgrid[0:h, 0:w]
+    v, u = (v + 0.5) / h, (u + 0.5) / w  # 0..1 inside the box
+    if shape == "square":
+        ideal = np.ones((h, w), bool)
+    elif shape == "circle":
+        ideal = (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
+    else:
+        ideal = np.abs(u - 0.5) <= v / 2
+    box = mask[top:top + h, left:left + w]
+    return (box & ideal).sum() / (box | ideal).sum()
 
 
 def caption_parts(caption: str) -> tuple[str, str, str]:
@@ -84,17 +117,6 @@ def caption_parts(caption: str) -> tuple[str, str, str]:
 def encode_image(img: Image.Image, fmt: str = "jpg") -> bytes:
     buf = io.BytesIO()
     img.save(buf, {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt], **({"quality": 90} if fmt == "jpg" else {}))
-    return buf.getvalue()
-
-
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    """A tar holding `members` in the given order, with fixed metadata (reproducible bytes)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
 

@@ -8,11 +8,12 @@ of one key are not adjacent, or that repeats a member, is malformed and raises
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import tarfile
 from dataclasses import dataclass, field
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 AESTHETIC_KEYS = ("aesthetic_score", "AESTHETIC_SCORE", "aesthetic")
@@ -123,3 +124,29 @@ def original_size_of(meta: dict) -> tuple[int, int] | None:
     if isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0:
         return w, h
     return None
+
+
+def write_tar(fileobj: IO[bytes], members: Iterable[tuple[str, int, IO[bytes]]]) -> None:
+    """(name, size, data) members in the given order, with fixed metadata (mtime 0, mode
+    644): the same samples in the same order give the same bytes."""
+    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, size, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = size, 0, 0o644
+            tar.addfile(info, data)
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    write_tar(buf, ((name, len(data), io.BytesIO(data)) for name, data in members))
+    return buf.getvalue()
+
+
+def sort_shard(src: IO[bytes], dst: IO[bytes]) -> int:
+    """Copies a webdataset tar with its samples in key order (each sample's files by
+    extension), streaming member by member; returns the number of members."""
+    with tarfile.open(fileobj=src, mode="r:") as tar:
+        members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: split_member_name(m.name))
+        write_tar(dst, ((m.name, m.size, tar.extractfile(m)) for m in members))
+    return len(members)
+

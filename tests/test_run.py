@@ -56,6 +56,9 @@ def test_config_errors_name_key_value_and_allowed(tmp_path, capsys):
         ({"sourse": {}}, "unknown key 'sourse'; allowed at the top"),
         ({"source": {"metadata": "x.parquet", "synthetic": {}}}, "exactly one of metadata"),
         ({"vqgan": None}, "models.vqgan is 'train' but there is no vqgan section"),
+        ({"train": {**good["train"], "model": {"preset": "tiny"}}},
+         "train.model.preset 'tiny' takes 8x8 tokens of 64 codes, but the VQ-GAN preset 'small' at "
+         "pretokenize.resolution 32 makes 16x16 tokens of 256 codes"),
     ]
     for change, message in cases:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
@@ -92,7 +95,8 @@ def test_fingerprints_follow_the_graph(tmp_path):
     assert _changed(base, **{"vqgan.steps": 5}) == {"vqgan", "pretokenize", "train", "evaluate", "samples"}
     assert _changed(base, **{"evaluate.max_prompts": 8}) == {"evaluate"}
     # How a stage runs, not what it writes: no re-run.
-    assert _changed(base, **{"pretokenize.encoders": 2, "filter.workers": 1, "download.threads": 2}) == set()
+    assert _changed(base, **{"pretokenize.encoders": 2, "filter.workers": 1, "download.threads": 2,
+                             "evaluate.watch": True}) == set()
 
 
 def _ran(log: list[str]) -> set[str]:
@@ -118,12 +122,19 @@ def test_run_resumes_skips_and_reruns_what_changed(tmp_path, capsys):
     run(parse_run_config(cfg), log=log.append)
     assert _ran(log) == set() and sum("skipped" in line for line in log) == 9
 
+    # A new learning rate, and now the watcher evaluates checkpoints while training runs.
     cfg["train"]["optim"]["lr"] = 0.002
+    cfg["evaluate"]["watch"] = True
     log.clear()
-    run(parse_run_config(cfg), log=log.append)
+    states = run(parse_run_config(cfg), log=log.append)
     assert _ran(log) == {"train", "evaluate", "samples"}
     assert any("optim.lr: 0.001 -> 0.002" in line for line in log)
     assert (tmp_path / "run/data/tokens/manifest.json").read_bytes() == manifest
+    results = sorted((tmp_path / "run/eval").glob("step_*.json"))
+    assert [p.name for p in results] == ["step_00000003.json", "step_00000006.json"]
+    assert all(p.stat().st_mtime < states["train"]["finished"] for p in results)  # written by the train stage
+    assert json.loads(results[-1].read_text())["sample"]["steps"] == 4
+    assert states["evaluate"]["counts"]["evaluated"] == 2
 
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -162,15 +173,12 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path):
         return subprocess.Popen([sys.executable, "-m", "orchestration.cli", "run", str(path)], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
-    # One download thread and one port for both runs: img2dataset writes a shard's samples
-    # in the order their downloads finish, so with several threads two clean runs can
-    # already order a shard differently (and everything after follows the order).
+    # One port for both runs: the image URLs, kept in each sample's metadata, contain it.
+    # Several download threads: the download stage puts each shard in key order.
     port = _free_port()
     straight = demo_config(tmp_path / "straight", port)
-    straight["download"]["threads"] = 1
     assert start(straight, "straight").wait(timeout=900) == 0
     killed = demo_config(tmp_path / "killed", port)
-    killed["download"]["threads"] = 1
     rng = random.Random(7)
     kills = 0
     for delay in sorted(rng.uniform(5, 120) for _ in range(3)):

@@ -35,11 +35,13 @@ VQGAN_CONFIGS = {
         num_vq_embeddings=64,
         norm_num_groups=8,
     ),
+    # One 2x down-sampling: 32 px -> 16x16 tokens. On a CPU this learns shapes in
+    # minutes; 4x (8x8 tokens) blurred small shapes past recognition.
     "small": dict(
-        block_out_channels=[32, 64, 64],
+        block_out_channels=[32, 64],
         layers_per_block=1,
         latent_channels=16,
-        num_vq_embeddings=64,
+        num_vq_embeddings=256,
         norm_num_groups=8,
     ),
 }
@@ -56,6 +58,14 @@ UVIT_CONFIGS = {
         encoder_hidden_size=32, vocab_size=65, codebook_size=64, in_channels=16, block_out_channels=32,
         num_res_blocks=1, block_num_heads=2, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, sample_size=8,
+    ),
+    # For the `small` VQ-GAN's 16x16 tokens; the transformer runs on 8x8 after a 2x
+    # down-sampling, as aMUSEd-512 does.
+    "small": dict(
+        hidden_size=96, cond_embed_dim=32, micro_cond_encode_dim=8, micro_cond_embed_dim=40,
+        encoder_hidden_size=32, vocab_size=257, codebook_size=256, in_channels=32, block_out_channels=32,
+        num_res_blocks=1, block_num_heads=2, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=384, sample_size=16, downsample=True, upsample=True,
     ),
 }
 

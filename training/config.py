@@ -46,7 +46,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    preset: Literal["tiny", "amused-256", "amused-512"] = opt("amused-256", "U-ViT architecture")
+    preset: Literal["tiny", "small", "amused-256", "amused-512"] = opt("amused-256", "U-ViT architecture")
     pretrained: str | None = opt(None, "start from this UVit2DModel folder (diffusers layout; a pipeline folder's "
                                        "transformer/ is found) instead of random weights")
     vqgan: str | None = opt(None, "the VQ-GAN folder the tokens came from; checked against the dataset manifest")
@@ -192,6 +192,8 @@ class EvalConfig:
     seed: int = opt(0, "image i is drawn with seed * 2^32 + i")
     ema: bool = opt(True, "evaluate the EMA weights (--no-ema: the raw ones)")
     output: str = opt("", "results folder (default: RUN_DIR/eval)")
+    watch: bool = opt(False, "with a run folder: keep evaluating new checkpoints until training ends "
+                             "(in `amused run`: while the train stage runs)")
 
     def __post_init__(self):
         for name in ("actors", "batch_size"):

@@ -13,6 +13,7 @@ have a result; the watcher evaluates checkpoints as training writes them.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -180,11 +181,12 @@ def plot_results(out_dir: str | Path) -> Path:
     return path
 
 
-def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_dir: str = "", watch: bool = False,
-             poll_seconds: float = 10.0, timeout_seconds: float = 0.0, ray_address: str | None = None) -> list[dict]:
+def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_dir: str = "",
+             poll_seconds: float = 10.0, timeout_seconds: float = 0.0, ray_address: str | None = None,
+             stop: threading.Event | None = None) -> list[dict]:
     """Evaluates one checkpoint, or every complete checkpoint of a run that has no result
-    yet; with `watch`, keeps evaluating new ones until the run has finished training
-    (its result.json exists) and all are done, or `timeout_seconds` pass."""
+    yet; with `cfg.watch`, keeps evaluating new ones until the run has finished training
+    (its result.json exists, or `stop` is set) and all are done, or `timeout_seconds` pass."""
     from pipeline.raysession import ray_session
     from training.sample import checkpoint_models
 
@@ -203,7 +205,8 @@ def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_di
     workers = None
     with ray_session(ray_address):
         while True:
-            finished = bool(run_dir) and (Path(run_dir) / "result.json").exists()  # before listing: no race
+            # Before listing: a checkpoint written after this look is seen by the next one.
+            finished = bool(run_dir) and (Path(run_dir) / "result.json").exists() or bool(stop and stop.is_set())
             if checkpoint:
                 pending = [Path(checkpoint)]
             else:
@@ -218,12 +221,12 @@ def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_di
                     if (ckpt / MARKER).exists():
                         raise
                     print(f"skipped {ckpt.name}: removed (kept-last pruning) while it was evaluated ({exc})")
-            if checkpoint or not watch or (finished and not pending):
+            if checkpoint or not cfg.watch or (finished and not pending):
                 return done
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"watcher: training of {run_dir} did not finish within {timeout_seconds} s")
             if not pending:
-                time.sleep(poll_seconds)
+                (stop or threading.Event()).wait(poll_seconds)
 
 
 def fid_reference(images: str, output: str, inception: str, resolution: int = 256, max_images: int = 0,

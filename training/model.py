@@ -21,7 +21,7 @@ _AMUSED = dict(
 PRESETS = {
     "amused-256": dict(_AMUSED, downsample=False, upsample=False, sample_size=16),
     "amused-512": dict(_AMUSED, downsample=True, upsample=True, sample_size=32),
-    "tiny": dict(UVIT_CONFIGS["tiny"]),
+    **{name: dict(cfg) for name, cfg in UVIT_CONFIGS.items()},
 }
 # Order of the micro-conditioning values, as aMUSEd feeds them.
 MICRO_CONDS = ("orig_width", "orig_height", "crop_top", "crop_left", "aesthetic_score")
