@@ -30,7 +30,7 @@ test-all: $(STAMP)
 demo: $(STAMP)
 	# The whole graph from one config (configs/demo.yaml); a rerun finds every stage done.
 	$(AMUSED) run configs/demo.yaml
-	$(AMUSED) export --checkpoint $(DEMO)/run/train/checkpoints/step_00001200 --output $(DEMO)/pipeline
+	$(AMUSED) export --checkpoint $$(ls -d $(DEMO)/run/train/checkpoints/step_* | tail -1) --output $(DEMO)/pipeline
 
 bench: $(STAMP)
 	$(PY) benchmarks/shard_format.py
