@@ -266,13 +266,12 @@ def _retry_round(cfg: DownloadConfig, extra: list[str]) -> int:
     return plan["samples"]
 
 
-def _sort_shards(output: str) -> int:
+def _sort_shards(output: str) -> None:
     """Rewrites each finished shard's tar in key order (temp name, then rename); a marker
-    under `_amused/sorted/` written after it lets a rerun skip it. Returns how many."""
+    under `_amused/sorted/` written after it lets a rerun skip it."""
     from pipeline.wds import sort_shard
 
     fs, _ = url_to_fs(output)
-    rewritten = 0
     for shard in _shard_ids(output):
         marker = join(output, STATE, "sorted", f"{shard:05d}.json")
         if exists(marker):
@@ -281,8 +280,6 @@ def _sort_shards(output: str) -> int:
         with fs.open(url_to_fs(url)[1], "rb") as src, atomic_writer(url) as dst:
             members = sort_shard(src, dst)
         write_json_atomic(marker, {"members": members})
-        rewritten += 1
-    return rewritten
 
 
 # ----- the stage ---------------------------------------------------------------------------

@@ -27,8 +27,9 @@ SHAPES = ("circle", "square", "triangle")
 def shape_image(rng: np.random.Generator, width: int, height: int, texture: float = 0.0,
                 size: tuple[float, float] = (0.4, 0.8)) -> tuple[Image.Image, str]:
     """A shape on a plain background, its side a random fraction in `size` of the shorter
-    image side, placed in the centred square; `texture` > 0 adds Gaussian noise of that std-dev, which makes JPEG sizes
-    and decode costs like photographs' (plain shapes compress far better)."""
+    image side, placed in the centred square; `texture` > 0 adds Gaussian noise of that
+    std-dev, which makes JPEG sizes and decode costs like photographs' (plain shapes
+    compress far better)."""
     names = list(COLOURS)
     fg, bg = rng.choice(len(names), size=2, replace=False)
     shape = SHAPES[int(rng.integers(len(SHAPES)))]

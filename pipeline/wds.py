@@ -149,4 +149,3 @@ def sort_shard(src: IO[bytes], dst: IO[bytes]) -> int:
         members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: split_member_name(m.name))
         write_tar(dst, ((m.name, m.size, tar.extractfile(m)) for m in members))
     return len(members)
-
