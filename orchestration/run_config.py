@@ -193,6 +193,7 @@ def _check_tokens_fit(models: ModelsConfig, vqgan: VQGANConfig | None, pretokeni
                       train: TrainConfig) -> None:
     """The U-ViT preset must take the tokens the run's VQ-GAN will make (grid and codebook);
     known before any work whenever both come from presets, not from folders."""
+    from tokenizer.image import downsample_of
     from tokenizer.tiny import VQGAN_CONFIGS
     from training.model import PRESETS
 
@@ -200,7 +201,7 @@ def _check_tokens_fit(models: ModelsConfig, vqgan: VQGANConfig | None, pretokeni
     if not preset or train.model.pretrained:
         return
     vq, uvit = VQGAN_CONFIGS[preset], PRESETS[train.model.preset]
-    grid = pretokenize.resolution // 2 ** (len(vq["block_out_channels"]) - 1)
+    grid = pretokenize.resolution // downsample_of(vq["block_out_channels"])
     if (grid, vq["num_vq_embeddings"]) != (uvit["sample_size"], uvit["codebook_size"]):
         raise ValueError(f"train.model.preset {train.model.preset!r} takes {uvit['sample_size']}x"
                          f"{uvit['sample_size']} tokens of {uvit['codebook_size']} codes, but the VQ-GAN preset "

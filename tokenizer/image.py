@@ -21,6 +21,11 @@ from tokenizer.storage import VQGAN_SUBFOLDERS, local_folder, resolve_subfolder
 _NEAREST_CHUNK = 2048
 
 
+def downsample_of(block_out_channels) -> int:
+    """Pixels per token side of a diffusers VQModel: each block after the first halves."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 class ImageTokenizer:
     """Encodes uint8 RGB batches to uint16 token grids and decodes them back."""
 
@@ -40,8 +45,7 @@ class ImageTokenizer:
             model = model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
         self.model = model.to(self.device).eval().requires_grad_(False)
-        n_down = len(model.config.block_out_channels) - 1
-        self.downsample = 2**n_down
+        self.downsample = downsample_of(model.config.block_out_channels)
         self.codebook_size = int(model.config.num_vq_embeddings)
         if self.codebook_size > np.iinfo(np.uint16).max + 1:
             raise ValueError(f"codebook of {self.codebook_size} codes does not fit uint16 token ids")
