@@ -33,6 +33,8 @@ def demo_config(run_dir, port: int | None = None) -> dict:
     cfg["vqgan"]["checkpoint"] = {"every": 2, "keep": 1}
     cfg["vqgan"]["log"] = {"every": 2, "progress": False}
     cfg["train"].update(steps=6)
+    # The evaluation watcher's actor needs one of the session's 2 CPUs while training runs.
+    cfg["ray"]["cpus_per_worker"] = 1
     cfg["train"]["data"].update(global_batch_size=8, micro_batch_size=8, workers=0)
     cfg["train"]["checkpoint"] = {"every": 3, "keep": 2}
     cfg["train"]["log"] = {"every": 3, "progress": False}

@@ -16,7 +16,8 @@ def _images(n: int, side: int, seed: int = 7) -> tuple[np.ndarray, list[str]]:
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         w, h = (int(v) for v in rng.integers(40, 81, size=2))
-        img, caption = shape_image(rng, w, h)
+        # Anywhere in the centred square at any size: harder than the demo's default.
+        img, caption = shape_image(rng, w, h, size=(0.4, 0.8), spread=1.0)
         images.append(fit_image(img, side))
         captions.append(caption)
     return np.stack(images), captions

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,10 +62,20 @@ def torchrun(nproc: int, config: Path) -> list[str]:
             "-m", "orchestration.cli", "train", str(config)]
 
 
-def run(cmd: list[str]) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+def run(*cmds: list[str]) -> list[str]:
+    """Runs independent launches side by side (most of a launch is start-up, not
+    compute) and returns their stdouts; each must succeed."""
+    # Files, not pipes: a full pipe would block one launch while another is waited on.
+    logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in cmds]
+    procs = [subprocess.Popen(cmd, stdout=out, stderr=err, text=True) for cmd, (out, err) in zip(cmds, logs)]
+    stdouts = []
+    for proc, (out, err) in zip(procs, logs):
+        proc.wait(timeout=600)
+        out.seek(0), err.seek(0)
+        stdout = out.read()
+        assert proc.returncode == 0, stdout[-3000:] + err.read()[-3000:]
+        stdouts.append(stdout)
+    return stdouts
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -99,20 +110,18 @@ def runs(tmp_path_factory):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     out["killed_metrics_lines"] = len((folder / "killed" / "metrics.jsonl").read_text().splitlines())
-    out["resume_stdout"] = run(torchrun(2, killed))
-    out["killed"] = folder / "killed"
-
-    run(torchrun(2, write_config(folder, "zero0", dataset, engine={"zero_stage": 0},
-                                 checkpoint={"every": STEPS})))
-    out["zero0"] = folder / "zero0"
-    run(torchrun(1, write_config(folder, "one_rank", dataset, data__micro_batch_size=16, data__lanes=2,
-                                 checkpoint={"every": STEPS})))
-    out["one_rank"] = folder / "one_rank"
 
     shutil.copytree(folder / "straight", folder / "universal")
     shutil.rmtree(folder / "universal" / "checkpoints" / "step_00000060")
-    out["universal_stdout"] = run(torchrun(1, write_config(folder, "universal", dataset, data__micro_batch_size=16)))
-    out["universal"] = folder / "universal"
+    out["resume_stdout"], _, _, out["universal_stdout"] = run(
+        torchrun(2, killed),
+        torchrun(2, write_config(folder, "zero0", dataset, engine={"zero_stage": 0}, checkpoint={"every": STEPS})),
+        torchrun(1, write_config(folder, "one_rank", dataset, data__micro_batch_size=16, data__lanes=2,
+                                 checkpoint={"every": STEPS})),
+        torchrun(1, write_config(folder, "universal", dataset, data__micro_batch_size=16)),
+    )
+    for name in ("killed", "zero0", "one_rank", "universal"):
+        out[name] = folder / name
     return out
 
 

@@ -60,11 +60,14 @@ UVIT_CONFIGS = {
         intermediate_size=64, sample_size=8,
     ),
     # For the `small` VQ-GAN's 16x16 tokens; the transformer runs on 8x8 after a 2x
-    # down-sampling, as aMUSEd-512 does.
+    # down-sampling, as aMUSEd-512 does. The U-ViT has no position embedding: a token
+    # knows where it is only from the zero padding of the 3x3 convolutions, so it takes
+    # aMUSEd's 3 conv blocks (a 7x7 view, the whole 8x8 grid) to draw a shape where the
+    # caption's outline is; with 1 block it drew colour blobs whatever the shape word.
     "small": dict(
         hidden_size=96, cond_embed_dim=32, micro_cond_encode_dim=8, micro_cond_embed_dim=40,
         encoder_hidden_size=32, vocab_size=257, codebook_size=256, in_channels=32, block_out_channels=32,
-        num_res_blocks=1, block_num_heads=2, num_hidden_layers=4, num_attention_heads=4,
+        num_res_blocks=3, block_num_heads=2, num_hidden_layers=4, num_attention_heads=4,
         intermediate_size=384, sample_size=16, downsample=True, upsample=True,
     ),
 }
