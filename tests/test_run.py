@@ -92,7 +92,7 @@ def _changed(base: dict, **edits) -> set[str]:
 def test_fingerprints_follow_the_graph(tmp_path):
     base = demo_config(tmp_path, port=8765)
     downstream_of_filter = {"filter", "download", "vqgan", "pretokenize", "train", "evaluate", "samples"}
-    assert _changed(base, **{"train.optim.lr": 0.002}) == {"train", "evaluate", "samples"}
+    assert _changed(base, **{"train.optim.lr": 0.003}) == {"train", "evaluate", "samples"}
     assert _changed(base, **{"filter.min_width": 40}) == downstream_of_filter
     assert _changed(base, **{"vqgan.steps": 5}) == {"vqgan", "pretokenize", "train", "evaluate", "samples"}
     assert _changed(base, **{"evaluate.max_prompts": 8}) == {"evaluate"}
@@ -125,12 +125,12 @@ def test_run_resumes_skips_and_reruns_what_changed(tmp_path, capsys):
     assert _ran(log) == set() and sum("skipped" in line for line in log) == 9
 
     # A new learning rate, and now the watcher evaluates checkpoints while training runs.
-    cfg["train"]["optim"]["lr"] = 0.002
+    cfg["train"]["optim"]["lr"] = 0.003
     cfg["evaluate"]["watch"] = True
     log.clear()
     states = run(parse_run_config(cfg), log=log.append)
     assert _ran(log) == {"train", "evaluate", "samples"}
-    assert any("optim.lr: 0.001 -> 0.002" in line for line in log)
+    assert any("optim.lr: 0.002 -> 0.003" in line for line in log)
     assert (tmp_path / "run/data/tokens/manifest.json").read_bytes() == manifest
     results = sorted((tmp_path / "run/eval").glob("step_*.json"))
     assert [p.name for p in results] == ["step_00000003.json", "step_00000006.json"]
@@ -143,7 +143,7 @@ def test_run_resumes_skips_and_reruns_what_changed(tmp_path, capsys):
     assert main(["status", str(tmp_path / "run")]) == 0
     table = capsys.readouterr().out
     assert "train        done" in table and "step 6/6" in table and "latest checkpoint:" in table
-    assert load_run_config(str(path)).train.optim.lr == 0.002
+    assert load_run_config(str(path)).train.optim.lr == 0.003
 
 
 def _outcome(run_dir: Path) -> dict:
