@@ -62,7 +62,7 @@ UVIT_CONFIGS = {
     # For the `small` VQ-GAN's 16x16 tokens; the transformer runs on 8x8 after a 2x
     # down-sampling, as aMUSEd-512 does. The U-ViT has no position embedding: a token
     # knows where it is only from the zero padding of the 3x3 convolutions, so it takes
-    # aMUSEd's 3 conv blocks (a 7x7 view, the whole 8x8 grid) to draw a shape where the
+    # aMUSEd's 3 conv blocks (a 7x7 view: every place of the 8x8 grid sees a border) to draw a shape where the
     # caption's outline is; with 1 block it drew colour blobs whatever the shape word.
     "small": dict(
         hidden_size=96, cond_embed_dim=32, micro_cond_encode_dim=8, micro_cond_embed_dim=40,
