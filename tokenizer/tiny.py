@@ -65,7 +65,7 @@ UVIT_CONFIGS = {
     # aMUSEd's 3 conv blocks (a 7x7 view: every place of the 8x8 grid sees a border) to draw a shape where the
     # caption's outline is; with 1 block it drew colour blobs whatever the shape word.
     # 64 conv channels (32 before) draw the outlines cleanly: masked-token loss 1.49 vs
-    # 1.67 after the demo's 1600 steps, for ~25% more time per step; a wider transformer
+    # 1.67 after the demo's 1600 steps, for 27% more time per model step; a wider transformer
     # (hidden 128) learned slower in those steps.
     "small": dict(
         hidden_size=96, cond_embed_dim=32, micro_cond_encode_dim=8, micro_cond_embed_dim=40,
