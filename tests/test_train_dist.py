@@ -71,9 +71,11 @@ def run(*cmds: list[str]) -> list[str]:
     stdouts = []
     for proc, (out, err) in zip(procs, logs):
         proc.wait(timeout=600)
-        out.seek(0), err.seek(0)
-        stdout = out.read()
-        assert proc.returncode == 0, stdout[-3000:] + err.read()[-3000:]
+        with out, err:
+            out.seek(0)
+            err.seek(0)
+            stdout = out.read()
+            assert proc.returncode == 0, stdout[-3000:] + err.read()[-3000:]
         stdouts.append(stdout)
     return stdouts
 

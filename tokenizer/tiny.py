@@ -62,11 +62,11 @@ UVIT_CONFIGS = {
     # For the `small` VQ-GAN's 16x16 tokens; the transformer runs on 8x8 after a 2x
     # down-sampling, as aMUSEd-512 does. The U-ViT has no position embedding: a token
     # knows where it is only from the zero padding of the 3x3 convolutions, so it takes
-    # aMUSEd's 3 conv blocks (a 7x7 view: every place of the 8x8 grid sees a border) to draw a shape where the
-    # caption's outline is; with 1 block it drew colour blobs whatever the shape word.
-    # 64 conv channels (32 before) draw the outlines cleanly: masked-token loss 1.49 vs
-    # 1.67 after the demo's 1600 steps, for 27% more time per model step; a wider transformer
-    # (hidden 128) learned slower in those steps.
+    # aMUSEd's 3 conv blocks (a 7x7 view: every place of the 8x8 grid sees a border) to
+    # draw a shape where the caption's outline is; with 1 block it drew colour blobs
+    # whatever the shape word. 64 conv channels (32 before) draw the outlines cleanly:
+    # masked-token loss 1.49 vs 1.67 after the demo's 1600 steps, for 27% more time per
+    # model step; a wider transformer (hidden 128) learned slower in those steps.
     "small": dict(
         hidden_size=96, cond_embed_dim=32, micro_cond_encode_dim=8, micro_cond_embed_dim=40,
         encoder_hidden_size=32, vocab_size=257, codebook_size=256, in_channels=32, block_out_channels=64,
