@@ -20,6 +20,10 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from pipeline.wds import BadSample
 
 _SRGB = ImageCms.createProfile("sRGB")
+# The formats read, whatever a member's extension says: the web's image formats, whose
+# Pillow decoders parse the file themselves. Others (EPS runs Ghostscript; PSD, WMF,
+# MPEG and the rest are rare on the web and less hardened) are "not_an_image".
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF")
 
 
 def open_image(data: bytes, min_side: int, max_pixels: int, target: int | None = None
@@ -34,11 +38,12 @@ def open_image(data: bytes, min_side: int, max_pixels: int, target: int | None =
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as exc:
         raise BadSample("too_many_pixels", str(exc)) from None
     except UnidentifiedImageError:
-        raise BadSample("not_an_image", f"unrecognised format, starts with {data[:16]!r}") from None
+        raise BadSample("not_an_image", f"not one of {', '.join(IMAGE_FORMATS)}; starts with {data[:16]!r}") \
+            from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadSample("decode_error", str(exc)) from None
     w, h = img.size

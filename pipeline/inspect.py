@@ -31,7 +31,8 @@ class VerifyReport:
 
 def verify_dataset(url: str, checksums: bool = True) -> VerifyReport:
     """Manifest vs files: existence, size, sha256, row counts, schema, tensor shapes, key uniqueness,
-    token ids within the codebook, finite text embeddings."""
+    token ids within the codebook, finite text embeddings; every completion marker made with
+    the manifest's settings and agreeing with its record."""
     report = VerifyReport(url)
     try:
         dataset = fmt.TokenDataset(url)
@@ -47,6 +48,7 @@ def verify_dataset(url: str, checksums: bool = True) -> VerifyReport:
             report.warnings.append(f"{name}: leftover temporary file from an interrupted write")
         elif name.endswith(".parquet") and name not in listed:
             report.warnings.append(f"{name}: shard not in the manifest (unfinished; a rerun rewrites it)")
+    _check_markers(url, dataset.manifest, report)
     expected_schema = spec.schema()
     keys: set[str] = set()
     for shard in dataset.shards:
@@ -89,6 +91,30 @@ def verify_dataset(url: str, checksums: bool = True) -> VerifyReport:
     if report.rows != dataset.num_rows:
         report.errors.append(f"manifest total {dataset.num_rows} rows, shards hold {report.rows}")
     return report
+
+
+def _check_markers(url: str, manifest: fmt.Manifest, report: VerifyReport) -> None:
+    """A marker made with other settings would make a rerun refuse the folder (or, before
+    markers carried settings, mix shards); one that disagrees with the manifest's record
+    means the two were written by different runs."""
+    try:
+        markers = fmt.read_markers(url)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        report.errors.append(f"{fmt.STATS_DIR}: unreadable completion marker ({type(exc).__name__}: {exc})")
+        return
+    listed = {s.name: s for s in manifest.shards}
+    for name, marker in sorted(markers.items()):
+        where = f"{name} (marker {fmt.STATS_DIR}/{name.removesuffix('.parquet')}.json)"
+        if marker.spec is None:
+            report.warnings.append(f"{where}: the marker does not record the settings it was made with")
+        elif changes := marker.spec.changes_to(manifest.spec):
+            report.errors.append(f"{where}: made with other settings than the manifest's (marker -> manifest): "
+                                 + "; ".join(changes))
+        record = listed.get(name)
+        if record is not None and (marker.record.sha256, marker.record.rows) != (record.sha256, record.rows):
+            report.errors.append(f"{where}: the marker's sha256/rows differ from the manifest's")
+    for name in sorted(set(listed) - set(markers)):
+        report.warnings.append(f"{name}: no completion marker (a rerun would write the shard again)")
 
 
 def inspect_dataset(url: str, max_rows: int = 100_000) -> dict:

@@ -13,7 +13,6 @@ Only compressed bytes and R x R crops cross between stages, never full decoded i
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -31,8 +30,8 @@ from pipeline.config import opt
 from pipeline.images import decode_views
 from pipeline.fsio import list_files
 from pipeline.raysession import ray_session
-from pipeline.wds import BadSample, RawSample, ShardFormatError, aesthetic_of, caption_of, iter_samples, \
-    metadata_of, original_size_of
+from pipeline.wds import IMAGE_EXTS, BadSample, RawSample, ShardFormatError, aesthetic_of, caption_of, \
+    iter_samples, metadata_of, original_size_of, recorded_sample_count
 from tokenizer.storage import VQGAN_SUBFOLDERS, url_to_fs
 
 
@@ -42,7 +41,7 @@ class PretokenizeConfig:
     output: str = opt(help="token dataset folder (local or s3://)")
     vqgan: str = opt(help="VQModel folder, or a diffusers pipeline folder with vqvae/")
     text_encoder: str = opt(help="folder with text_encoder/ + tokenizer/, or one CLIP text folder")
-    resolution: int = opt(256, "square crop size in pixels")
+    resolution: int = opt(256, "square crop size in pixels: a multiple of 8 and of the VQ-GAN's pixels per token")
     crop: str = opt("center", "center or random")
     views: int = opt(1, "random-crop views stored per image (needs --crop random)")
     seed: int = opt(0, "seed of the random crops")
@@ -50,29 +49,57 @@ class PretokenizeConfig:
     max_pixels: int = opt(64_000_000, "skip images whose header declares more pixels (decompression bombs)")
     batch_size: int = opt(64, "images per chunk: the encoder batch, before views")
     encoders: int | None = opt(None, "encoder actors (default: one per GPU, else 1)")
-    device: str = opt("auto", "auto, cpu, cuda")
-    dtype: str = opt("auto", "fp32 or bf16 (auto: bf16 on GPU, fp32 on CPU); fp16 is refused")
+    device: str = opt("auto", "auto, cpu or cuda (auto: cuda when the Ray cluster has GPUs)")
+    dtype: str = opt("auto", "auto, fp32 or bf16 (auto: bf16 on GPU, fp32 on CPU); fp16 is refused")
     encoder_cpus: float = opt(1.0, "CPUs reserved by each CPU encoder actor")
     encoder_threads: int | None = opt(None, "torch threads per CPU encoder (default: cores / encoders)")
     decode_cpus: float = opt(0.5, "CPUs reserved by each decode task")
     ray_address: str | None = opt(None, "Ray cluster address (default: start a local Ray)")
     progress: bool = opt(True, "show a progress bar")
 
-    def validate(self) -> None:
+    def __post_init__(self):
+        # Checked on construction, so that flags, a run config and Python callers all refuse
+        # the same values before any work. The exact resolution rule (a multiple of the
+        # VQ-GAN's pixels per token: 16 for aMUSEd's, 8 or 2 for the small presets) needs
+        # the model folder; the job checks it on loading the model, before reading a shard.
+        # Without the model, a multiple of 8 is what every VQ-GAN used here but the 2x test
+        # preset needs, and it keeps the meaning configs have had.
+        def bad(name: str, allowed: str) -> ValueError:
+            return ValueError(f"{name}: {getattr(self, name)!r} is not allowed; expected {allowed}")
+
         if self.resolution <= 0 or self.resolution % 8:
-            raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
-        if self.crop not in ("center", "random"):
-            raise ValueError(f"crop must be 'center' or 'random', got {self.crop!r}")
+            raise bad("resolution", "a positive multiple of 8 (and of the VQ-GAN's pixels per token)")
+        if self.crop not in CROPS:
+            raise bad("crop", " or ".join(CROPS))
         if self.views < 1:
-            raise ValueError(f"views must be >= 1, got {self.views}")
+            raise bad("views", "an integer >= 1")
         if self.views > 1 and self.crop != "random":
-            raise ValueError("several views need --crop random (centre crops of one image are identical)")
+            raise ValueError(f"views: {self.views} needs crop 'random'; centre crops of one image are identical")
+        if self.seed < 0:
+            raise bad("seed", "an integer >= 0")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.min_side < 1 or self.max_pixels < self.min_side**2:
-            raise ValueError("need min_side >= 1 and max_pixels >= min_side**2")
+            raise bad("batch_size", "an integer >= 1")
+        if self.min_side < 1:
+            raise bad("min_side", "an integer >= 1")
+        if self.max_pixels < self.min_side ** 2:
+            raise bad("max_pixels", f"at least min_side**2 = {self.min_side ** 2}")
         if self.encoders is not None and self.encoders < 1:
-            raise ValueError(f"encoders must be >= 1, got {self.encoders}")
+            raise bad("encoders", "an integer >= 1, or unset")
+        if self.device not in DEVICES:
+            raise bad("device", " or ".join(DEVICES))
+        if self.dtype not in DTYPES:
+            raise bad("dtype", " or ".join(DTYPES) + " (fp16: the aMUSEd VQ-GAN overflows to NaN in float16)")
+        if not self.encoder_cpus > 0:
+            raise bad("encoder_cpus", "a number > 0")
+        if self.encoder_threads is not None and self.encoder_threads < 1:
+            raise bad("encoder_threads", "an integer >= 1, or unset")
+        if not self.decode_cpus > 0:
+            raise bad("decode_cpus", "a number > 0")
+
+
+CROPS = ("center", "random")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -127,13 +154,15 @@ _MEMBERS = ("image", "txt", "json")
 def read_chunks(row: dict, batch_size: int) -> Iterator[dict]:
     """One input shard -> rows, each a chunk of up to `batch_size` samples as raw bytes.
 
-    The last row has `last` set; a malformed tar ends in a row carrying its error.
+    The last row has `last` set; a malformed or damaged tar, or one holding another number
+    of samples than img2dataset's stats file records, ends in a row carrying its error.
     """
     source, pending, chunk = row["source"], [], 0
     fs, path = url_to_fs(source)
     try:
+        expected = recorded_sample_count(fs, path)
         with fs.open(path, "rb") as fh:
-            for sample in iter_samples(fh, source):
+            for sample in iter_samples(fh, source, expected):
                 pending.append(sample)
                 if len(pending) == batch_size:
                     yield _pack(row, chunk, pending, last=False)
@@ -147,7 +176,7 @@ def read_chunks(row: dict, batch_size: int) -> Iterator[dict]:
 def _pack(row: dict, chunk: int, samples: list[RawSample], last: bool, error: str = "") -> dict:
     index, payload = [], bytearray()
     for sample in samples:
-        entry: dict = {"key": sample.key}
+        entry: dict = {"key": sample.key, "members": sorted(sample.members)}
         image = sample.image
         parts = {"image": image[1] if image else None, "txt": sample.members.get("txt"),
                  "json": sample.members.get("json")}
@@ -160,7 +189,8 @@ def _pack(row: dict, chunk: int, samples: list[RawSample], last: bool, error: st
             "index": json.dumps(index), "payload": bytes(payload)}
 
 
-def _unpack(row: dict) -> list[RawSample]:
+def _unpack(row: dict) -> list[tuple[RawSample, list[str]]]:
+    """(sample with its image, txt and json members, the extensions of every member it had)."""
     payload = row["payload"]
     samples = []
     for entry in json.loads(row["index"]):
@@ -169,7 +199,7 @@ def _unpack(row: dict) -> list[RawSample]:
             if name in entry:
                 start, length = entry[name]
                 sample.members[name] = payload[start : start + length]
-        samples.append(sample)
+        samples.append((sample, entry["members"]))
     return samples
 
 
@@ -179,39 +209,40 @@ def decode_chunk(row: dict, resolution: int, crop: str, views: int, seed: int, m
                  max_pixels: int) -> dict:
     items, skipped, crops = [], [], []
     stem = fmt.shard_name(row["source"]).split(".")[0]
-    for sample in _unpack(row):
+    for sample, seen in _unpack(row):
         key = f"{stem}/{sample.key}"
         try:
             image = sample.members.get("image")
             if image is None:
-                raise BadSample("missing_image", f"members: {sorted(sample.members)}")
+                names = ", ".join(f"{sample.key}.{ext}" for ext in seen) or "none"
+                raise BadSample("missing_image", f"members seen: {names}; images are read from "
+                                                 f"{', '.join(IMAGE_EXTS)}")
             caption = caption_of(sample)
+            meta = metadata_of(sample)
+            aesthetic = aesthetic_of(meta)
+            recorded = original_size_of(meta)
             orig, offsets, pixels = decode_views(image, resolution, crop, views, seed, key, min_side, max_pixels)
         except BadSample as exc:
             skipped.append({"key": sample.key, "reason": exc.reason, "detail": exc.detail[:300]})
             continue
-        meta = metadata_of(sample)
-        orig = _recorded_original_size(meta, orig)
+        orig = _turned_like(recorded, orig) if recorded else orig
         content_id = str(meta.get("sample_key") or hashlib.sha256(image).hexdigest()[:32])
         for view, (top, left) in enumerate(offsets):
             items.append({"key": f"{key}/{view}/{content_id}", "content_id": content_id, "caption": caption,
                           "view": view, "orig_width": orig[0], "orig_height": orig[1], "crop_top": top,
-                          "crop_left": left, "aesthetic_score": aesthetic_of(meta)})
+                          "crop_left": left, "aesthetic_score": aesthetic})
         crops.append(pixels)
     pixels = np.concatenate(crops) if crops else np.zeros((0, resolution, resolution, 3), np.uint8)
     return {**_passthrough(row), "items": json.dumps(items), "skipped": json.dumps(skipped),
             "pixels": pixels.tobytes()}
 
 
-def _recorded_original_size(meta: dict, decoded: tuple[int, int]) -> tuple[int, int]:
-    """img2dataset's pre-resize size when recorded, turned like the decoded image.
+def _turned_like(recorded: tuple[int, int], decoded: tuple[int, int]) -> tuple[int, int]:
+    """img2dataset's pre-resize size, turned like the decoded image.
 
     img2dataset ignores EXIF orientation, so its width and height are swapped for a
     rotated photo whose orientation this pipeline applied.
     """
-    recorded = original_size_of(meta)
-    if recorded is None:
-        return decoded
     w, h = recorded
     if w != h and decoded[0] != decoded[1] and (w > h) != (decoded[0] > decoded[1]):
         return h, w
@@ -289,7 +320,7 @@ class ShardAssembler:
         self.chunks: dict[str, dict[int, dict]] = {}
         self.last: dict[str, int] = {}
         self.errors: dict[str, str] = {}
-        self.writes: list[Future] = []
+        self.writes: list[tuple[str, Future]] = []  # (shard name, its write)
 
     def add(self, row: dict) -> bool:
         """Adds one chunk; True when it completed its shard."""
@@ -307,7 +338,7 @@ class ShardAssembler:
         if source in self.errors:
             self.report.failed_shards[name] = self.errors.pop(source)
         else:
-            self.writes.append(self.pool.submit(self._write, source, chunks))
+            self.writes.append((name, self.pool.submit(self._write, source, chunks)))
         return True
 
     def _write(self, source: str, chunks: list[dict]) -> fmt.ShardRecord:
@@ -325,11 +356,34 @@ class ShardAssembler:
         for s in skipped:
             record.skipped[s["reason"]] = record.skipped.get(s["reason"], 0) + 1
         record.skipped = dict(sorted(record.skipped.items()))
-        fmt.write_marker(self.output, record, skipped)
+        fmt.write_marker(self.output, record, skipped, spec)
         return record
 
 
-def _dataset_spec(cfg: PretokenizeConfig) -> fmt.DatasetSpec:
+@dataclass(frozen=True)
+class EncoderPlan:
+    """The encoders' settings with `auto` resolved against the Ray cluster."""
+
+    device: str  # "cpu" or "cuda"
+    dtype: str  # "fp32" or "bf16"
+    actors: int
+    threads: int | None  # torch threads per CPU actor
+
+
+def _encoder_plan(cfg: PretokenizeConfig) -> EncoderPlan:
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if cfg.device == "cuda" and not gpus:
+        raise ValueError("device: 'cuda', but the Ray cluster has no GPUs; use device auto or cpu")
+    device = cfg.device if cfg.device != "auto" else ("cuda" if gpus else "cpu")
+    actors = cfg.encoders or (gpus if device == "cuda" else 1)
+    threads = None if device == "cuda" else (cfg.encoder_threads or max(1, (os.cpu_count() or 1) // actors))
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
+    return EncoderPlan(device=device, dtype=dtype, actors=actors, threads=threads)
+
+
+def _dataset_spec(cfg: PretokenizeConfig, plan: EncoderPlan) -> fmt.DatasetSpec:
     """Fingerprints the models and reads their shapes (on the driver, on CPU); writes the
     empty prompt's embeddings next to the shards."""
     from tokenizer import ImageTokenizer, TextEncoder
@@ -345,60 +399,60 @@ def _dataset_spec(cfg: PretokenizeConfig) -> fmt.DatasetSpec:
         image_tokenizer=fmt.ModelIdentity.of(cfg.vqgan, VQGAN_SUBFOLDERS),
         text_encoder=fmt.ModelIdentity.of(cfg.text_encoder), crop=cfg.crop, views=cfg.views,
         seed=cfg.seed, min_side=cfg.min_side, max_pixels=cfg.max_pixels,
+        encoder_device=plan.device, encoder_dtype=plan.dtype,
     )
 
 
-def _check_or_start_manifest(output: str, spec: fmt.DatasetSpec) -> None:
+def _check_output(output: str, spec: fmt.DatasetSpec) -> dict[str, fmt.ShardRecord]:
+    """The shards already done; refuses a folder whose manifest, or any shard's marker, was
+    made with other settings (a manifest deleted does not hide them)."""
     fs, path = url_to_fs(output)
-    if fs.exists(f"{path.rstrip('/')}/{fmt.MANIFEST}"):
-        existing = fmt.read_manifest(output).spec
-        if existing != spec:
-            diff = {k: (v, getattr(spec, k)) for k, v in dataclasses.asdict(existing).items()
-                    if dataclasses.asdict(spec)[k] != v}
-            raise ValueError(f"{output} holds a token dataset made with other settings; refusing to mix "
-                             f"(existing -> requested): {diff}")
-    else:
+    has_manifest = fs.exists(f"{path.rstrip('/')}/{fmt.MANIFEST}")
+    if has_manifest:
+        changes = fmt.read_manifest(output).spec.changes_to(spec)
+        if changes:
+            raise ValueError(f"{output} holds a token dataset made with other settings (existing -> this run): "
+                             f"{'; '.join(changes)}. Refusing to mix them; use another output folder")
+    done = fmt.completed_shards(output, spec)
+    if not has_manifest:
         fmt.write_manifest(output, fmt.Manifest(spec, []))
+    return done
 
 
 def finalize_manifest(output: str, spec: fmt.DatasetSpec) -> fmt.Manifest:
-    manifest = fmt.Manifest(spec, list(fmt.completed_shards(output).values()))
+    manifest = fmt.Manifest(spec, list(fmt.completed_shards(output, spec).values()))
     fmt.write_manifest(output, manifest)
     return manifest
 
 
 def pretokenize(cfg: PretokenizeConfig) -> PretokenizeReport:
     """Runs the job; shards already complete in `cfg.output` are skipped."""
-    cfg.validate()
     started = time.monotonic()
     sources = list_input_shards(cfg.input)
     names = [fmt.shard_name(s) for s in sources]
     if len(set(names)) != len(names):
         raise ValueError(f"input shards map to the same output name: {sorted(n for n in names if names.count(n) > 1)}")
-    spec = _dataset_spec(cfg)
-    _check_or_start_manifest(cfg.output, spec)
-    done = fmt.completed_shards(cfg.output)
-    pending = [s for s, n in zip(sources, names) if n not in done]
-    report = PretokenizeReport(output=cfg.output, shards_total=len(sources), shards_already_done=len(sources) - len(pending))
-
-    if pending:
-        with ray_session(cfg.ray_address):
-            _run(cfg, spec, pending, report)
+    # Ray even when nothing is left to do: `auto` resolves against the cluster, and the
+    # resolved device and dtype are part of the dataset's identity.
+    with ray_session(cfg.ray_address):
+        plan = _encoder_plan(cfg)
+        spec = _dataset_spec(cfg, plan)
+        done = _check_output(cfg.output, spec)
+        pending = [s for s, n in zip(sources, names) if n not in done]
+        report = PretokenizeReport(output=cfg.output, shards_total=len(sources),
+                                   shards_already_done=len(sources) - len(pending))
+        if pending:
+            _run(cfg, spec, plan, pending, report)
     finalize_manifest(cfg.output, spec)
     report.seconds = time.monotonic() - started
     return report
 
 
-def _run(cfg: PretokenizeConfig, spec: fmt.DatasetSpec, pending: list[str], report: PretokenizeReport) -> None:
+def _run(cfg: PretokenizeConfig, spec: fmt.DatasetSpec, plan: EncoderPlan, pending: list[str],
+         report: PretokenizeReport) -> None:
     import ray
 
-    use_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-    n_encoders = cfg.encoders or (int(ray.cluster_resources().get("GPU", 1)) if use_gpu else 1)
-    device = "cuda" if use_gpu and cfg.device == "auto" else ("cpu" if cfg.device == "auto" else cfg.device)
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if use_gpu else "fp32")
-    threads = None if use_gpu else (cfg.encoder_threads or max(1, (os.cpu_count() or 1) // n_encoders))
-    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cfg.encoder_cpus}
-
+    resources = {"num_gpus": 1} if plan.device == "cuda" else {"num_cpus": cfg.encoder_cpus}
     items = [{"shard": i, "source": s} for i, s in enumerate(pending)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.flat_map(read_chunks, fn_kwargs={"batch_size": cfg.batch_size}, num_cpus=0.25)
@@ -406,9 +460,9 @@ def _run(cfg: PretokenizeConfig, spec: fmt.DatasetSpec, pending: list[str], repo
         resolution=cfg.resolution, crop=cfg.crop, views=cfg.views, seed=cfg.seed, min_side=cfg.min_side,
         max_pixels=cfg.max_pixels))
     ds = ds.map_batches(
-        ChunkEncoder, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_encoders),
+        ChunkEncoder, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan.actors),
         fn_constructor_kwargs=dict(vqgan=cfg.vqgan, text_encoder=cfg.text_encoder, resolution=cfg.resolution,
-                                   device=device, dtype=dtype, threads=threads),
+                                   device=plan.device, dtype=plan.dtype, threads=plan.threads),
         **resources,
     )
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -421,8 +475,12 @@ def _run(cfg: PretokenizeConfig, spec: fmt.DatasetSpec, pending: list[str], repo
                 bar.update(1)
             bar.set_postfix(samples=samples, refresh=False)
         bar.close()
-        for future in assembler.writes:
-            record = future.result()
+        for name, future in assembler.writes:
+            try:
+                record = future.result()
+            except Exception as exc:  # one shard's write (storage, Arrow) must not hide the others'
+                report.failed_shards[name] = f"writing failed ({type(exc).__name__}: {exc})"
+                continue
             report.shards_written += 1
             report.rows_written += record.rows
             for reason, n in record.skipped.items():

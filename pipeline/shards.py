@@ -3,13 +3,15 @@
 Layout of a dataset folder (any fsspec URL):
     manifest.json        format version, DatasetSpec, every complete shard (rows, bytes, sha256)
     00042.parquet        one shard per input shard (00042.tar -> 00042.parquet)
-    _stats/00042.json    the shard's completion marker: its record and its skipped samples
+    _stats/00042.json    the shard's completion marker: its record, its skipped samples and
+                         the DatasetSpec it was made with
 
 A shard counts only once its marker exists; the marker is written after the Parquet
-file, and both go through a temporary name. Tensors are stored as fixed-size binary
-columns (little-endian, dtype and shape in the field metadata and the manifest): they
-read back zero-copy with `numpy.frombuffer` and write 3-4x faster than Parquet's
-per-value float16 lists. Nothing here ever unpickles.
+file, and both go through a temporary name. A marker made with another spec is never
+counted as done: a rerun with other settings refuses the folder instead of mixing.
+Tensors are stored as fixed-size binary columns (little-endian, dtype and shape in the
+field metadata and the manifest): they read back zero-copy with `numpy.frombuffer` and
+write 3-4x faster than Parquet's per-value float16 lists. Nothing here ever unpickles.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from pipeline.fsio import atomic_writer, read_json, write_json_atomic
 from tokenizer.storage import folder_fingerprint, join, local_folder, resolve_subfolder, url_to_fs
 
 FORMAT = "amused-token-dataset"
-VERSION = 1
+VERSION = 2  # 2: the spec records the encoders' device and dtype; markers carry the spec
+READABLE_VERSIONS = (1, 2)  # a version 1 spec reads with those two as "" (not recorded)
 MANIFEST = "manifest.json"
 # The text encoder's embeddings of "" (hidden states and pooled, float16): the
 # unconditional input that classifier-free-guidance training swaps in.
@@ -67,6 +70,10 @@ class DatasetSpec:
     seed: int = 0
     min_side: int = 32
     max_pixels: int = 64_000_000
+    # The encoders' resolved device ("cpu", "cuda") and dtype ("fp32", "bf16"): bf16, and
+    # TF32 convolutions on GPUs, change the tokens. "" where nothing was encoded (synthetic).
+    encoder_device: str = ""
+    encoder_dtype: str = ""
 
     def tensor_columns(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         return {
@@ -92,6 +99,20 @@ class DatasetSpec:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+    def changes_to(self, other: "DatasetSpec") -> list[str]:
+        """Each setting that differs, as "name: mine -> other's"; models compare by content
+        hash (a model moved to another folder is the same model)."""
+        out = []
+        for f in dataclasses.fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, ModelIdentity):
+                if mine.sha256 != theirs.sha256:
+                    out.append(f"{f.name}: {mine.path} (sha256 {mine.sha256[:12]}) -> {theirs.path} "
+                               f"(sha256 {theirs.sha256[:12]})")
+            elif mine != theirs:
+                out.append(f"{f.name}: {mine!r} -> {theirs!r}")
+        return out
 
     @classmethod
     def from_json(cls, obj: dict) -> "DatasetSpec":
@@ -145,8 +166,9 @@ class Manifest:
     def from_json(cls, obj: dict) -> "Manifest":
         if obj.get("format") != FORMAT:
             raise ValueError(f"not a token dataset manifest (format={obj.get('format')!r})")
-        if obj.get("version") != VERSION:
-            raise ValueError(f"token dataset version {obj.get('version')} is not supported (expected {VERSION})")
+        if obj.get("version") not in READABLE_VERSIONS:
+            raise ValueError(f"token dataset version {obj.get('version')} is not supported (expected "
+                             f"{' or '.join(map(str, READABLE_VERSIONS))})")
         return cls(DatasetSpec.from_json(obj["spec"]), [ShardRecord(**s) for s in obj["shards"]])
 
 
@@ -192,25 +214,57 @@ def marker_url(dataset_url: str, name: str) -> str:
     return join(dataset_url, STATS_DIR, name.replace(".parquet", ".json"))
 
 
-def write_marker(dataset_url: str, record: ShardRecord, skipped_samples: list[dict]) -> None:
+def write_marker(dataset_url: str, record: ShardRecord, skipped_samples: list[dict],
+                 spec: DatasetSpec | None = None) -> None:
+    """The shard's completion marker; `spec` is what the shard was made with (required by
+    pretokenize, which refuses markers without one)."""
     write_json_atomic(
         marker_url(dataset_url, record.name),
-        {"record": dataclasses.asdict(record), "skipped_samples": skipped_samples},
+        {"record": dataclasses.asdict(record), "skipped_samples": skipped_samples,
+         "spec": spec.to_json() if spec else None},
     )
 
 
-def completed_shards(dataset_url: str) -> dict[str, ShardRecord]:
-    """Records of every shard whose completion marker exists, by shard name."""
+@dataclass
+class Marker:
+    record: ShardRecord
+    spec: DatasetSpec | None  # None: written without one (synthetic datasets, version 1)
+
+    def changes_to(self, spec: DatasetSpec) -> list[str]:
+        """How `spec` differs from what this shard was made with; unknown counts as a change."""
+        if self.spec is None:
+            return ["settings: not recorded in the marker -> this dataset's"]
+        return self.spec.changes_to(spec)
+
+
+def read_markers(dataset_url: str) -> dict[str, Marker]:
+    """Every completion marker, by shard name."""
     fs, root = url_to_fs(dataset_url)
     stats = f"{root.rstrip('/')}/{STATS_DIR}"
     if not fs.exists(stats):
         return {}
     out = {}
-    for path in fs.glob(f"{stats}/*.json"):
+    for path in sorted(fs.glob(f"{stats}/*.json")):
         with fs.open(path, "rb") as fh:
-            record = ShardRecord(**json.loads(fh.read())["record"])
-        out[record.name] = record
+            obj = json.loads(fh.read())
+        record = ShardRecord(**obj["record"])
+        spec = DatasetSpec.from_json(obj["spec"]) if obj.get("spec") else None
+        out[record.name] = Marker(record, spec)
     return out
+
+
+def completed_shards(dataset_url: str, spec: DatasetSpec) -> dict[str, ShardRecord]:
+    """Records of every shard whose completion marker exists, by shard name; raises
+    ValueError naming the shard and the settings when a marker was made with another spec."""
+    done = {}
+    for name, marker in read_markers(dataset_url).items():
+        changes = marker.changes_to(spec)
+        if changes:
+            raise ValueError(f"{dataset_url}: shard {name} was made with other settings (its marker -> this "
+                             f"run): {'; '.join(changes)}. Refusing to mix them in one dataset; use another "
+                             f"output folder, or delete {name} and its marker {STATS_DIR}/{name[:-8]}.json")
+        done[name] = marker.record
+    return done
 
 
 def read_manifest(dataset_url: str) -> Manifest:

@@ -1,21 +1,26 @@
-"""A strict reader of img2dataset-style webdataset tars (`KEY.jpg|png|webp`, `KEY.txt`, `KEY.json`).
+"""A strict reader of img2dataset-style webdataset tars (`KEY.jpg|png|gif|...`, `KEY.txt`, `KEY.json`).
 
 Members are returned as raw bytes and never decoded here: whatever its extension,
 nothing is unpickled, `torch.load`ed or piped through a command. A tar whose members
 of one key are not adjacent, or that repeats a member, is malformed and raises
 `ShardFormatError` naming the tar and the key.
+
+Python's tarfile takes a damaged header, or a file cut at a member boundary, for the
+normal end of the archive and drops the rest without a word. This reader refuses both:
+a tar must end in its end-of-archive zero block with nothing but zeros after it, and
+every header's checksum must hold.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import math
 import tarfile
 from dataclasses import dataclass, field
 from typing import IO, Iterable, Iterator
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Extensions of the formats pipeline.images decodes (its IMAGE_FORMATS), in order of preference.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "avif", "gif", "bmp", "tif", "tiff")
 AESTHETIC_KEYS = ("aesthetic_score", "AESTHETIC_SCORE", "aesthetic")
 
 
@@ -45,12 +50,50 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
-def iter_samples(fileobj: IO[bytes], source: str) -> Iterator[RawSample]:
-    """Samples in tar order; raises ShardFormatError on a malformed or unreadable tar."""
+class TarDamage(tarfile.ReadError):
+    pass
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """tarfile's header reader, but a damaged header or a missing end-of-archive marker
+    raises TarDamage instead of ending the archive early."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        offset = tar.offset
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:  # a zero block: the end-of-archive marker
+            _expect_only_zeros(tar.fileobj, offset + tarfile.BLOCKSIZE)
+            raise
+        except tarfile.EmptyHeaderError:
+            raise TarDamage(f"no end-of-archive marker: the file ends at byte {offset}, right after a member "
+                            "(cut short?)") from None
+        except tarfile.TruncatedHeaderError:
+            raise TarDamage(f"the file ends inside the member header at byte {offset} (cut short?)") from None
+        except tarfile.InvalidHeaderError as exc:
+            raise TarDamage(f"damaged member header at byte {offset} ({exc}); the members after it are lost") \
+                from None
+
+
+def _expect_only_zeros(fileobj, offset: int) -> None:
+    """What follows the end-of-archive marker must be zero padding: a zeroed block in the
+    middle of a tar, or a second archive appended, would otherwise hide members."""
+    while block := fileobj.read(1 << 16):
+        if block.count(0) != len(block):
+            at = offset + len(block) - len(block.lstrip(b"\0"))
+            raise TarDamage(f"data after the end-of-archive marker at byte {at} (a zeroed block in the middle, "
+                            "or archives concatenated); the members after it would be lost")
+        offset += len(block)
+
+
+def iter_samples(fileobj: IO[bytes], source: str, expected: int | None = None) -> Iterator[RawSample]:
+    """Samples in tar order; raises ShardFormatError on a malformed, damaged or unreadable
+    tar, and when `expected` (img2dataset's recorded count) differs from what it holds."""
     seen: set[str] = set()
     current: RawSample | None = None
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_StrictTarInfo) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -74,6 +117,24 @@ def iter_samples(fileobj: IO[bytes], source: str) -> Iterator[RawSample]:
         raise ShardFormatError(f"{source}: unreadable tar ({type(exc).__name__}: {exc})") from exc
     if current is not None:
         yield current
+    if expected is not None and expected != len(seen):
+        raise ShardFormatError(f"{source}: holds {len(seen)} samples, but img2dataset's stats file records "
+                               f"{expected} successes; samples are missing or extra")
+
+
+def recorded_sample_count(fs, tar_path: str) -> int | None:
+    """img2dataset's `successes` from the `NNNNN_stats.json` beside a tar (fsspec `fs`),
+    or None when there is no such file or count."""
+    stats = f"{tar_path.removesuffix('.tar')}_stats.json"
+    if not tar_path.endswith(".tar") or not fs.exists(stats):
+        return None
+    with fs.open(stats, "rb") as fh:
+        try:
+            stats_obj = json.loads(fh.read())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ShardFormatError(f"{stats}: unreadable img2dataset stats file ({exc})") from None
+    successes = stats_obj.get("successes") if isinstance(stats_obj, dict) else None
+    return successes if isinstance(successes, int) and not isinstance(successes, bool) else None
 
 
 class BadSample(Exception):
@@ -99,31 +160,57 @@ def caption_of(sample: RawSample) -> str:
 
 
 def metadata_of(sample: RawSample) -> dict:
-    """The sample's json (img2dataset's per-sample record); {} when absent or unreadable."""
+    """The sample's json (img2dataset's per-sample record); {} when absent.
+
+    A json member that is not a JSON object raises BadSample("bad_metadata").
+    """
     raw = sample.members.get("json")
-    if not raw:
+    if raw is None:
         return {}
     try:
         meta = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadSample("bad_metadata", f"json member is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise BadSample("bad_metadata", f"json member holds a {type(meta).__name__}, not an object")
+    return meta
+
+
+# A recorded size above this is not a real image (and would not fit the int32 columns).
+MAX_RECORDED_SIDE = 1 << 20
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def aesthetic_of(meta: dict) -> float | None:
+    """The first aesthetic score recorded under AESTHETIC_KEYS; None when none is.
+
+    A recorded value that is not a finite number within float32 raises BadSample("bad_metadata").
+    """
     for name in AESTHETIC_KEYS:
         value = meta.get(name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= _FLOAT32_MAX:
+            raise BadSample("bad_metadata", f"{name}: {value!r} is not a finite number")
+        return float(value)
     return None
 
 
 def original_size_of(meta: dict) -> tuple[int, int] | None:
-    """The size before img2dataset resized the image, when it recorded one."""
-    w, h = meta.get("original_width"), meta.get("original_height")
-    if isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0:
-        return w, h
-    return None
+    """The size before img2dataset resized the image, when it recorded one (both sides).
+
+    A recorded side that is not a whole number in 1..MAX_RECORDED_SIDE raises BadSample("bad_metadata").
+    """
+    sides = []
+    for name in ("original_width", "original_height"):
+        value = meta.get(name)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 0 < value <= MAX_RECORDED_SIDE):
+            raise BadSample("bad_metadata", f"{name}: {value!r} is not a pixel count in 1..{MAX_RECORDED_SIDE}")
+        sides.append(value)
+    return None if None in sides else (sides[0], sides[1])
 
 
 def write_tar(fileobj: IO[bytes], members: Iterable[tuple[str, int, IO[bytes]]]) -> None:
@@ -145,7 +232,7 @@ def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
 def sort_shard(src: IO[bytes], dst: IO[bytes]) -> int:
     """Copies a webdataset tar with its samples in key order (each sample's files by
     extension), streaming member by member; returns the number of members."""
-    with tarfile.open(fileobj=src, mode="r:") as tar:
+    with tarfile.open(fileobj=src, mode="r:", tarinfo=_StrictTarInfo) as tar:
         members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: split_member_name(m.name))
         write_tar(dst, ((m.name, m.size, tar.extractfile(m)) for m in members))
     return len(members)

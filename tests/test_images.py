@@ -68,3 +68,18 @@ def test_random_views_are_deterministic_and_distinct():
     assert a == crop_offsets(300, 64, 64, "random", 4, seed=3, key="x/1")
     assert a != crop_offsets(300, 64, 64, "random", 4, seed=4, key="x/1")
     assert len(set(a)) > 1 and all(0 <= left <= 300 - 64 and top == 0 for top, left in a)
+
+
+def test_formats_outside_the_web_ones_are_not_decoded():
+    # EPS would be rendered by Ghostscript, whatever the member's extension says.
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n%%EOF\n"
+    with pytest.raises(BadSample) as err:
+        decode(eps)
+    assert err.value.reason == "not_an_image" and "JPEG, PNG, WEBP" in err.value.detail
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF", "WEBP", "AVIF"])
+def test_web_formats_decode_close_to_the_original(fmt):
+    rgb, _ = open_image(samples.save(samples.photo(), "PNG"), 32, 10**8)
+    other, _ = open_image(samples.save(samples.photo(), fmt), 32, 10**8)
+    assert other.mode == "RGB" and np.abs(np.asarray(rgb, float) - np.asarray(other, float)).mean() < 20
