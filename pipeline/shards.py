@@ -214,14 +214,12 @@ def marker_url(dataset_url: str, name: str) -> str:
     return join(dataset_url, STATS_DIR, name.replace(".parquet", ".json"))
 
 
-def write_marker(dataset_url: str, record: ShardRecord, skipped_samples: list[dict],
-                 spec: DatasetSpec | None = None) -> None:
-    """The shard's completion marker; `spec` is what the shard was made with (required by
-    pretokenize, which refuses markers without one)."""
+def write_marker(dataset_url: str, record: ShardRecord, skipped_samples: list[dict], spec: DatasetSpec) -> None:
+    """The shard's completion marker, carrying the spec the shard was made with."""
     write_json_atomic(
         marker_url(dataset_url, record.name),
         {"record": dataclasses.asdict(record), "skipped_samples": skipped_samples,
-         "spec": spec.to_json() if spec else None},
+         "spec": spec.to_json()},
     )
 
 

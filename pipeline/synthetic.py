@@ -301,7 +301,7 @@ def write_token_dataset(output: str, shard_rows: list[int], token_grid: tuple[in
             "aesthetic_score": [None if r % 3 == 0 else 5.0 + (r % 4) / 2 for r in rows],
         }
         record = fmt.write_shard(output, f"{shard:05d}.tar", fmt.build_table(spec, columns))
-        fmt.write_marker(output, record, [])
+        fmt.write_marker(output, record, [], spec)
         records.append(record)
         start += n
     fmt.write_empty_prompt(output, np.zeros((text_seq_len, text_dim)), np.zeros(text_dim))

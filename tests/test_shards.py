@@ -35,7 +35,7 @@ def write_dataset(url: str, sizes=(7, 5)) -> fmt.Manifest:
     records = []
     for i, n in enumerate(sizes):
         record = fmt.write_shard(url, f"/in/{i:05d}.tar", fmt.build_table(spec, make_columns(n, start=i)))
-        fmt.write_marker(url, record, [])
+        fmt.write_marker(url, record, [], spec)
         records.append(record)
     manifest = fmt.Manifest(spec, records)
     fmt.write_manifest(url, manifest)
