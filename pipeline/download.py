@@ -15,6 +15,10 @@ reader -> policy -> img2dataset -> summary:
   DNS, connection, 429, 5xx), downloads them into a staging folder and moves the
   finished shards in under new numbers after the existing ones (tar and metadata
   first, the stats file last), never touching a finished shard.
+- Every request img2dataset makes, first run or retry, goes through `pipeline.fetch_guard`
+  with this run's policy: the URL, every redirect hop and every resolved address are
+  judged before connecting; a refusal is a permanent failure (`policy_url`,
+  `policy_redirect`, `policy_address`) in the summary.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import opt
+from pipeline.fetch_guard import guarded_downloads
 from pipeline.fsio import atomic_writer, exists, list_files, parquet_columns, read_json, write_json_atomic
 from pipeline.urls import AddressPolicy, normalize, sample_keys, scheme_allowed
 from tokenizer.storage import join, url_to_fs
@@ -40,8 +45,12 @@ SUMMARY = "download.json"
 # Carried from the filter output into every sample's json (when present).
 EXTRA_COLUMNS = ("sample_key", "aesthetic_score", "similarity", "nsfw", "watermark", "language")
 
-# (reason, class, pattern over img2dataset's error message), first match wins
+# (reason, class, pattern over img2dataset's error message), first match wins; the
+# policy's messages quote the URL, so they come before the patterns a URL could contain.
 _REASONS = (
+    ("policy_redirect", "permanent", r"URL policy refused redirect|Redirection to url .* is not allowed"),
+    ("policy_address", "permanent", r"URL policy refused address"),
+    ("policy_url", "permanent", r"URL policy refused"),
     ("timeout", "transient", r"timed out|timeout"),
     ("dns", "transient", r"name resolution|Name or service not known|nodename nor servname|getaddrinfo"),
     ("http_429", "transient", r"HTTP Error 429"),
@@ -77,7 +86,7 @@ class DownloadConfig:
     processes: int = opt(max(1, (os.cpu_count() or 1)), "download processes")
     threads: int = opt(64, "download threads per process")
     timeout: int = opt(10, "seconds per request")
-    encode_quality: int = opt(95, "JPEG quality when re-encoding")
+    encode_quality: int = opt(95, "JPEG quality (1-100) when re-encoding")
     allow_hosts: str = opt("", "comma-separated addresses/networks/names exempt from the URL address policy")
     user_agent_token: str | None = opt(None, "token added to the User-Agent and matched in X-Robots-Tag")
     retry_failed: bool = opt(False, "fetch the transient failures again and add the successes as new shards")
@@ -85,12 +94,26 @@ class DownloadConfig:
     distributor: str = opt("multiprocessing", "img2dataset distributor: multiprocessing or ray")
 
     def __post_init__(self) -> None:
-        if self.image_size < 1 or self.samples_per_shard < 1 or self.processes < 1 or self.threads < 1:
-            raise ValueError("image_size, samples_per_shard, processes and threads must be >= 1")
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be >= 1")
+        for name in ("image_size", "samples_per_shard", "processes", "threads", "timeout", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: {getattr(self, name)!r} must be >= 1")
+        if not 1 <= self.encode_quality <= 100:
+            raise ValueError(f"encode_quality: {self.encode_quality!r} must be a JPEG quality in 1..100")
         if self.distributor not in ("multiprocessing", "ray"):
-            raise ValueError(f"distributor {self.distributor!r}: expected multiprocessing or ray")
+            raise ValueError(f"distributor: {self.distributor!r}: expected multiprocessing or ray")
+        if self.user_agent_token is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", self.user_agent_token):
+            raise ValueError(f"user_agent_token: {self.user_agent_token!r}: letters, digits, '.', '_' and '-' only "
+                             f"(it goes into the User-Agent header and is matched in X-Robots-Tag)")
+        for name in ("input", "output"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name}: empty path")
+        self.policy()  # names a bad allow_hosts entry now, not in a worker
+
+    def allow(self) -> tuple[str, ...]:
+        return tuple(x.strip() for x in self.allow_hosts.split(",") if x.strip())
+
+    def policy(self) -> AddressPolicy:
+        return AddressPolicy(self.allow())
 
 
 @dataclass
@@ -159,15 +182,16 @@ def run_img2dataset(url_list: str, output: str, extra: list[str], cfg: DownloadC
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports it; it would phone home
     from img2dataset import download as img2dataset_download
 
-    img2dataset_download(
-        url_list=url_list, output_folder=output, input_format="parquet", output_format="webdataset",
-        url_col="url", caption_col="caption", save_additional_columns=extra,
-        image_size=cfg.image_size, resize_mode="keep_ratio" if cfg.resize else "no", resize_only_if_bigger=True,
-        skip_reencode=not cfg.resize, encode_quality=cfg.encode_quality,
-        processes_count=cfg.processes, thread_count=cfg.threads, timeout=cfg.timeout, retries=0,
-        number_sample_per_shard=cfg.samples_per_shard, incremental_mode="incremental",
-        distributor=cfg.distributor, enable_wandb=False, user_agent_token=cfg.user_agent_token,
-    )
+    with guarded_downloads(cfg.allow()):
+        img2dataset_download(
+            url_list=url_list, output_folder=output, input_format="parquet", output_format="webdataset",
+            url_col="url", caption_col="caption", save_additional_columns=extra,
+            image_size=cfg.image_size, resize_mode="keep_ratio" if cfg.resize else "no", resize_only_if_bigger=True,
+            skip_reencode=not cfg.resize, encode_quality=cfg.encode_quality,
+            processes_count=cfg.processes, thread_count=cfg.threads, timeout=cfg.timeout, retries=0,
+            number_sample_per_shard=cfg.samples_per_shard, incremental_mode="incremental",
+            distributor=cfg.distributor, enable_wandb=False, user_agent_token=cfg.user_agent_token,
+        )
 
 
 # ----- writer side: what is on disk --------------------------------------------------------
@@ -287,7 +311,7 @@ def _sort_shards(output: str) -> None:
 def download(cfg: DownloadConfig) -> DownloadSummary:
     """Downloads what is missing (and with `retry_failed`, what failed transiently)."""
     files = list_files(cfg.input, ".parquet")
-    policy = AddressPolicy(tuple(x.strip() for x in cfg.allow_hosts.split(",") if x.strip()))
+    policy = cfg.policy()
     checked = join(cfg.output, STATE, "input")
     rejected: dict[str, int] = {}
     extra = None

@@ -4,12 +4,19 @@ Normalisation (for de-duplication and keys, never for fetching): trim whitespace
 lower-case the scheme and the authority, drop the fragment. Most LAION URLs are already
 in that form, so the regular-expression work runs only on the rows that need it.
 
-Policy: http/https only; a host written as a literal IP address must be globally
-routable (no loopback, private, link-local, cloud-metadata, CGNAT or reserved ranges),
-in any spelling the socket layer accepts (`127.1`, `2130706433`, `0x7f.0.0.1`,
-`[::ffff:127.0.0.1]`); `localhost` and metadata host names are refused too. Hosts in
-`allow` (addresses or networks, e.g. 127.0.0.1 in tests) pass. Names that resolve to
-private addresses cannot be judged without DNS; that is the fetcher's job.
+Policy: http/https only. A host is judged the way an HTTP client will resolve it:
+percent-decoded (urllib decodes the host once), then IDNA-mapped (Python's socket layer
+applies IDNA 2003, which maps full-width digits, circled letters and the dots `。．｡`;
+UTS-46 too when the `idna` package is installed); every form must pass, and a host
+that does not decode cleanly (bad UTF-8, a leftover `%`, `@` or `:`, spaces) is refused.
+A host written as an IP address must be globally routable (no loopback, private,
+link-local, cloud-metadata, CGNAT or reserved ranges) in any spelling the socket layer
+accepts (`127.1`, `2130706433`, `0x7f.0.0.1`); IPv6 forms that carry an IPv4 address
+(`::ffff:a.b.c.d`, `::a.b.c.d`, NAT64 `64:ff9b::/96`, 6to4, Teredo) are judged by that
+address too, and local-use NAT64 `64:ff9b:1::/48` is refused. `localhost` and metadata
+host names are refused. Hosts in `allow` (addresses or networks, e.g. 127.0.0.1 in
+tests, or names) pass. What a name resolves to is judged at connect time by
+`pipeline.fetch_guard`, with `address_allowed` (names in `allow` are trusted there too).
 
 Keys: 128 bits of SipHash-2-4 (two fixed keys, pandas' C implementation) of the
 normalised URL, as 32 hex characters. Stable across runs, machines and file splits.
@@ -18,8 +25,9 @@ normalised URL, as 32 hex characters. Stable across runs, machines and file spli
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pandas as pd
@@ -28,9 +36,16 @@ import pyarrow.compute as pc
 
 _NEEDS_WORK = r"^([^:/?#]*[A-Z]|[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*[A-Z])|#"
 _PARTS = r"^(?P<scheme>[^:/?#]*:)(?P<authority>//[^/?#]*)?(?P<rest>[^#]*)"
-# Hosts that may be an IP literal or a forbidden name; everything else passes untouched.
-_SUSPECT_HOST = r"^https?://([^/?#]*@)?(\[|[0-9]|localhost|metadata|instance-data|[^/?#]*\.localhost\.?([:/?]|$))"
+# Hosts that may be an IP literal or a forbidden name, or that a client would decode or
+# map first (percent signs, backslashes, anything but printable ASCII in the authority);
+# every other row passes untouched.
+_SUSPECT_HOST = (r"^https?://([^/?#]*@)?(\[|[0-9]|localhost|metadata|instance-data|[^/?#]*\.localhost\.?([:/?]|$)"
+                 r"|[^/?#]*([%\\]|[^!-~]))")
 _BLOCKED_NAMES = ("localhost", "metadata", "metadata.google.internal", "instance-data", "instance-data.ec2.internal")
+# What a decoded, mapped host name may contain; anything else is not a name a resolver should see.
+_HOST_NAME = re.compile(r"[a-z0-9_.-]+")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: never globally routed
 _KEY_SALTS = ("amused-url-key-a", "amused-url-key-b")
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 
@@ -67,29 +82,110 @@ def _parse_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address |
         return None
 
 
+def _idna_forms(host: str) -> set[str]:
+    """The ASCII names clients resolve for a non-ASCII host; UnicodeError when one cannot."""
+    forms = {host.encode("idna").decode("ascii")}  # what socket.getaddrinfo does with a str host
+    try:
+        import idna
+    except ImportError:
+        return forms
+    try:
+        forms.add(idna.encode(host, uts46=True).decode("ascii"))
+    except idna.IDNAError as exc:
+        raise UnicodeError(str(exc)) from None
+    return forms
+
+
+def client_hosts(host: str | None) -> set[str] | None:
+    """The host names or addresses an HTTP client may resolve for a URL's host (as
+    `urlsplit().hostname` gives it): percent-decoded once, IDNA-mapped, lower-case,
+    without a trailing dot. None when it cannot be decoded cleanly."""
+    if not host:
+        return None
+    try:
+        host = unquote(host, errors="strict")
+    except UnicodeDecodeError:
+        return None
+    if ":" in host:  # an IPv6 literal (urlsplit removed the brackets), zone included
+        try:
+            return {str(ipaddress.IPv6Address(host))}
+        except ValueError:
+            return None
+    try:
+        forms = {host} if host.isascii() else _idna_forms(host)
+    except UnicodeError:
+        return None
+    forms = {f.lower().removesuffix(".") for f in forms}
+    return forms if all(_HOST_NAME.fullmatch(f) for f in forms) else None
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries when the network delivers it over IPv4:
+    IPv4-compatible `::a.b.c.d`, NAT64, 6to4, Teredo (its client)."""
+    if int(ip) >> 32 == 0 or ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.sixtofour:
+        return ip.sixtofour
+    return ip.teredo[1] if ip.teredo else None
+
+
 class AddressPolicy:
-    """Refuses literal non-global addresses and metadata host names, except `allow`."""
+    """Refuses URLs whose host is a non-global address or a metadata host name, or that
+    a client would decode to one, except hosts in `allow`."""
 
     def __init__(self, allow: tuple[str, ...] = ()):
-        self.allow = [ipaddress.ip_network(a, strict=False) for a in allow]
-        self.allow_names = {a.lower() for a in allow if not _is_network(a)}
+        networks, names = [], set()
+        for entry in allow:
+            if _is_network(entry):
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            elif _HOST_NAME.fullmatch(entry.lower().removesuffix(".")):
+                names.add(entry.lower().removesuffix("."))
+            else:
+                raise ValueError(f"allow_hosts: {entry!r} is neither an address, a network nor a host name "
+                                 f"(no scheme or port)")
+        self.allow = networks
+        self.allow_names = names
+
+    def address_allowed(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Whether a connection to `ip` is allowed: in `allow`, or global the way it is routed."""
+        if any(ip in net for net in self.allow):
+            return True
+        if isinstance(ip, ipaddress.IPv6Address):
+            if ip.ipv4_mapped:  # the socket layer connects to the IPv4 address itself
+                return self.address_allowed(ip.ipv4_mapped)
+            if ip in _LOCAL_NAT64:
+                return False
+            embedded = _embedded_ipv4(ip)
+            if embedded is not None and not self.address_allowed(embedded):
+                return False
+        return ip.is_global and not ip.is_multicast
 
     def host_allowed(self, host: str | None) -> bool:
-        if not host:
-            return False
-        host = host.rstrip(".").lower()
+        """`host` as `urlsplit().hostname` gives it; every form a client may resolve must pass."""
+        forms = client_hosts(host)
+        return forms is not None and all(self._name_allowed(f) for f in forms)
+
+    def name_trusted(self, host: str) -> bool:
+        """Whether `host` is a name in `allow`: its DNS answers are the user's to vouch for."""
+        forms = client_hosts(host)
+        return bool(forms) and forms <= self.allow_names
+
+    def _name_allowed(self, host: str) -> bool:
         if host in self.allow_names:
             return True
         if host in _BLOCKED_NAMES or host.endswith(".localhost"):
             return False
         ip = _parse_address(host)
-        if ip is None:
-            return True
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        if any(ip in net for net in self.allow):
-            return True
-        return ip.is_global and not ip.is_multicast
+        return ip is None or self.address_allowed(ip)
+
+    def url_allowed(self, url: str) -> bool:
+        """Scheme and host of one URL, as given (not necessarily normalised)."""
+        try:
+            parts = urlsplit(url.strip())
+            return (parts.scheme.lower() in ("http", "https") and "\\" not in parts.netloc
+                    and self.host_allowed(parts.hostname))
+        except ValueError:  # malformed brackets or port
+            return False
 
     def __call__(self, normalized: pa.Array) -> pa.Array:
         """True where the URL's host is allowed; only suspect hosts reach Python."""
@@ -97,14 +193,8 @@ class AddressPolicy:
         ok = pa.array(np.ones(len(normalized), dtype=bool))
         if not pc.any(suspect).as_py():
             return ok
-        verdicts = [self._url_allowed(u) for u in normalized.filter(suspect).to_pylist()]
+        verdicts = [self.url_allowed(u) for u in normalized.filter(suspect).to_pylist()]
         return pc.replace_with_mask(ok, suspect, pa.array(verdicts, pa.bool_()))
-
-    def _url_allowed(self, url: str) -> bool:
-        try:
-            return self.host_allowed(urlsplit(url).hostname)
-        except ValueError:  # malformed brackets or port
-            return False
 
 
 def _is_network(text: str) -> bool:

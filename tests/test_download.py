@@ -110,6 +110,14 @@ def test_classify_failures():
     assert classify("Use of image disallowed by X-Robots-Tag directive") == ("opted_out", "permanent")
     assert classify("Image decoding error") == ("not_an_image", "permanent")
     assert classify("something new") == ("other", "permanent")
+    # the fetch guard's refusals, whatever the URL they quote says
+    assert classify("URL policy refused http://timeout.example/a.jpg") == ("policy_url", "permanent")
+    assert classify("URL policy refused redirect (302) from http://a/ to http://localhost/") == \
+        ("policy_redirect", "permanent")
+    assert classify("<urlopen error URL policy refused address 10.0.0.1 of host dns-timeout.test>") == \
+        ("policy_address", "permanent")
+    assert classify("HTTP Error 302: Found - Redirection to url 'file:///etc/passwd' is not allowed") == \
+        ("policy_redirect", "permanent")
 
 
 def test_download_matches_server_then_resumes_retries_and_pretokenizes(server, tmp_path, tiny_models,

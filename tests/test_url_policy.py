@@ -1,0 +1,269 @@
+"""The URL policy as the HTTP client meets it: hosts decoded and mapped the way the client
+resolves them, IPv4 inside IPv6, every redirect hop, DNS answers judged at connect time,
+retries under the current run's policy. Only loopback addresses: the allowed server
+listens on 127.0.0.2, trap servers on 127.0.0.1 and ::1 count every request that
+should never have been made."""
+
+import dataclasses
+import socket
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.download import DownloadConfig, classify, download, prepare_input
+from pipeline.fetch_guard import guarded_opener
+from pipeline.urls import AddressPolicy, normalize
+from tests.test_download import jpeg
+
+REFUSED = [
+    "http://%31%32%37.0.0.1/a.jpg",  # percent-encoded 127
+    "http://%6c%6f%63%61%6c%68%6f%73%74/a.jpg",  # percent-encoded localhost
+    "http://%31%30.0.0.1:8080/a.jpg",
+    "http://127.0.0.1%3a80/a.jpg",  # a port hidden in the host
+    "http://%ff.example.com/a.jpg",  # not UTF-8 once decoded
+    "http://%2531%2532%2537.0.0.1/a.jpg",  # a `%` left after the client's one decoding
+    "http://example.com%40127.0.0.1/a.jpg",
+    "http://１２７.０.０.１/a.jpg",  # full-width digits and dot
+    "http://127。0。0。1/a.jpg",  # ideographic full stop
+    "http://127．0．0．1/a.jpg",
+    "http://127｡0｡0｡1/a.jpg",
+    "http://①②⑦.0.0.1/a.jpg",  # circled digits
+    "http://ⓛⓞⓒⓐⓛⓗⓞⓢⓣ/a.jpg",  # circled letters
+    "http://ｌｏｃａｌｈｏｓｔ/a.jpg",
+    "http://１６９.２５４.１６９.２５４/latest/meta-data/",
+    "http://ｍｅｔａｄａｔａ.google.internal/",
+    "http://١٢٧.0.0.1/a.jpg",  # Arabic-Indic digits: no clean IDNA form
+    "http://exa mple.com/a.jpg",
+    "http://a\\@example.com/a.jpg",
+    "http://[::127.0.0.1]/a.jpg",  # IPv4-compatible
+    "http://[::ffff:127.0.0.1]/a.jpg",  # IPv4-mapped
+    "http://[::ffff:a9fe:a9fe]/a.jpg",
+    "http://[64:ff9b::7f00:1]/a.jpg",  # NAT64 of 127.0.0.1
+    "http://[64:ff9b::a00:1]/a.jpg",  # NAT64 of 10.0.0.1
+    "http://[64:ff9b:1::808:808]/a.jpg",  # local-use NAT64: not globally routable
+    "http://[2002:7f00:1::]/a.jpg",  # 6to4 of 127.0.0.1
+    "http://[2002:a9fe:a9fe::1]/a.jpg",  # 6to4 of 169.254.169.254
+    "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/a.jpg",  # Teredo, client 127.0.0.1
+    "http://[::]/a.jpg",
+    "http://[fe80::1%25eth0]/a.jpg",
+]
+KEPT = [
+    "http://example.com/a.jpg",
+    "https://images.example.org:8443/x/y.png?size=large",
+    "http://müller.de/a.jpg",
+    "http://例え.jp/a.jpg",
+    "http://example.com/caf%C3%A9.jpg",  # percent signs in the path only
+    "http://8.8.8.8/a.jpg",
+    "http://[2606:4700::1111]/a.jpg",
+    "http://[::ffff:8.8.8.8]/a.jpg",
+    "http://[64:ff9b::808:808]/a.jpg",
+    "http://[2002:808:808::1]/a.jpg",
+]
+
+
+def test_hosts_are_judged_as_the_client_resolves_them():
+    policy = AddressPolicy()
+    verdicts = policy(normalize(pa.array(REFUSED + KEPT))).to_pylist()
+    assert dict(zip(REFUSED + KEPT, verdicts)) == {**{u: False for u in REFUSED}, **{u: True for u in KEPT}}
+    assert [policy.url_allowed(u) for u in REFUSED + KEPT] == verdicts
+    # the allow list meets the decoded host; a network covers its embedded forms
+    allowed = AddressPolicy(("127.0.0.1",))
+    assert allowed.url_allowed("http://%31%32%37.0.0.1/") and allowed.url_allowed("http://[::ffff:127.0.0.1]/")
+    assert not allowed.url_allowed("http://localhost/") and not allowed.url_allowed("http://127.0.0.2/")
+
+
+@pytest.mark.parametrize("entry", ["127.0.0.1:8080", "http://example.com", "exa mple.com"])
+def test_allow_list_entries_must_be_addresses_networks_or_names(entry):
+    with pytest.raises(ValueError, match="allow_hosts: .*neither an address"):
+        AddressPolicy((entry,))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("timeout", 0, "timeout: 0 must be >= 1"),
+    ("timeout", -5, "timeout: -5 must be >= 1"),
+    ("encode_quality", 500, r"encode_quality: 500 must be a JPEG quality in 1\.\.100"),
+    ("encode_quality", 0, "encode_quality: 0"),
+    ("threads", 0, "threads: 0"),
+    ("max_attempts", 0, "max_attempts: 0"),
+    ("distributor", "spark", "distributor: 'spark'"),
+    ("user_agent_token", "me\r\nX-Evil: 1", "user_agent_token: "),
+    ("allow_hosts", "127.0.0.1, localhost:8000", "allow_hosts: 'localhost:8000'"),
+    ("output", " ", "output: empty path"),
+])
+def test_download_config_checks_at_construction(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        DownloadConfig(**{"input": "in", "output": "out", field: value})
+
+
+# ----- servers -----------------------------------------------------------------------------
+
+class Handler(BaseHTTPRequestHandler):
+    """/img/N.jpg an image, /error/N.jpg a 500, /to/<url> a 302 to <url>."""
+
+    hits: Counter = Counter()  # (server address, path) -> requests
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        Handler.hits[self.server.server_address[0], self.path] += 1
+        if self.path.startswith("/to/"):
+            self.send_response(302)
+            self.send_header("Location", self.path[len("/to/"):])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        kind, name = self.path.strip("/").split("/", 1)
+        body = jpeg(int(name.split(".")[0])) if kind == "img" else b"boom"
+        self.send_response(200 if kind == "img" else 500)
+        self.send_header("Content-Type", "image/jpeg" if kind == "img" else "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def serve(address: str) -> tuple[ThreadingHTTPServer, int]:
+    httpd = (Server6 if ":" in address else ThreadingHTTPServer)((address, 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, httpd.server_address[1]
+
+
+@pytest.fixture(scope="module")
+def servers():
+    """Ports of the allowed server (127.0.0.2) and of the traps (127.0.0.1, ::1)."""
+    running = {address: serve(address) for address in ("127.0.0.2", "127.0.0.1", "::1")}
+    yield {address: port for address, (_, port) in running.items()}
+    for httpd, _ in running.values():
+        httpd.shutdown()
+
+
+def trap_hits() -> int:
+    return sum(n for (address, _), n in Handler.hits.items() if address != "127.0.0.2")
+
+
+def fetch(opener, url: str) -> tuple[str, str]:
+    """(reason, class) of one fetch through the opener: 'success' or classify()'s."""
+    try:
+        with opener.open(url, timeout=5) as r:
+            r.read()
+        return "success", "success"
+    except Exception as exc:  # what img2dataset records: str() of anything raised
+        return classify(str(exc))
+
+
+def test_guard_judges_every_hop_and_every_dns_answer(servers):
+    ok, trap, trap6 = servers["127.0.0.2"], servers["127.0.0.1"], servers["::1"]
+    answers = {"evil.test": ["127.0.0.1"], "mixed.test": ["127.0.0.1", "127.0.0.2"], "good.test": ["127.0.0.2"],
+               "meta.test": ["169.254.169.254"]}
+    asked = Counter()
+
+    def resolve(host, port):  # a test DNS: names of our own to loopback addresses
+        asked[host] += 1
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in answers.get(host, [host])]
+
+    opener = guarded_opener(AddressPolicy(("127.0.0.2",)), resolve)
+    base = f"http://127.0.0.2:{ok}"
+    cases = {
+        f"{base}/img/1.jpg": "success",
+        f"http://good.test:{ok}/img/2.jpg": "success",
+        f"http://mixed.test:{ok}/img/3.jpg": "success",  # only the judged answer is connected to
+        f"http://evil.test:{trap}/img/4.jpg": "policy_address",
+        f"http://meta.test:{trap}/latest/meta-data/": "policy_address",
+        f"http://localhost:{trap}/img/5.jpg": "policy_url",
+        f"http://%31%32%37.0.0.1:{trap}/img/6.jpg": "policy_url",
+        f"{base}/to/{base}/img/7.jpg": "success",
+        f"{base}/to/http://good.test:{ok}/img/8.jpg": "success",
+        f"{base}/to/http://localhost:{trap}/img/9.jpg": "policy_redirect",
+        f"{base}/to/http://[::1]:{trap6}/img/10.jpg": "policy_redirect",
+        f"{base}/to/http://%6c%6f%63%61%6c%68%6f%73%74:{trap}/img/11.jpg": "policy_redirect",
+        f"{base}/to/{base}/to/http://[::ffff:127.0.0.1]:{trap}/img/13.jpg": "policy_redirect",  # the 2nd hop
+        f"{base}/to/ftp://127.0.0.1/img/14.jpg": "policy_redirect",
+        f"{base}/to/file:///etc/passwd": "policy_redirect",
+        f"{base}/to/http://evil.test:{trap}/img/15.jpg": "policy_address",
+        "file:///etc/passwd": "bad_url",
+    }
+    got = {url: fetch(opener, url) for url in cases}
+    assert got == {url: (reason, "success" if reason == "success" else "permanent") for url, reason in cases.items()}
+    assert trap_hits() == 0
+    assert asked["mixed.test"] == 1 and asked["good.test"] == 2  # one DNS question per connection
+    # a name in the allow list vouches for its own DNS answers
+    by_name = guarded_opener(AddressPolicy(("good.test",)), resolve)
+    assert fetch(by_name, f"http://good.test:{ok}/img/16.jpg") == ("success", "success")
+    assert fetch(by_name, f"http://mixed.test:{ok}/img/17.jpg")[0] == "policy_address"
+
+
+def hosts_file_name() -> tuple[str, str] | None:
+    """A name the system resolver maps to a loopback address only (from /etc/hosts), and
+    that address; None when there is none besides localhost."""
+    try:
+        lines = open("/etc/hosts").read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split("#")[0].split()
+        for name in fields[1:]:
+            if name == "localhost" or name.endswith(".localhost"):
+                continue
+            try:
+                answers = {a[4][0] for a in socket.getaddrinfo(name, 80, type=socket.SOCK_STREAM)}
+            except OSError:
+                continue
+            if len(answers) == 1 and all(a.startswith("127.") or a == "::1" for a in answers):
+                address = answers.pop()
+                if address != "127.0.0.2":
+                    return name, address
+    return None
+
+
+def write_urls(folder, urls: list[str]) -> str:
+    folder.mkdir()
+    pq.write_table(pa.table({"url": urls, "caption": [f"caption {i}" for i in range(len(urls))]}),
+                   folder / "00000.parquet")
+    return str(folder)
+
+
+def test_download_refuses_hops_and_answers_then_retries_under_the_current_policy(servers, tmp_path, ray_session):
+    """The whole `amused download` through img2dataset's worker processes (multiprocessing,
+    then Ray for the retry round)."""
+    ok, trap, trap6 = servers["127.0.0.2"], servers["127.0.0.1"], servers["::1"]
+    base = f"http://127.0.0.2:{ok}"
+    urls = [f"{base}/img/0.jpg", f"{base}/to/{base}/img/1.jpg", f"{base}/error/2.jpg",
+            f"{base}/to/http://localhost:{trap}/img/3.jpg", f"{base}/to/http://[::1]:{trap6}/img/4.jpg",
+            f"{base}/to/http://%31%32%37.0.0.1:{trap}/img/5.jpg",
+            # refused before img2dataset sees them
+            f"http://%31%32%37.0.0.1:{trap}/img/6.jpg", f"http://１２７.０.０.１:{trap}/img/7.jpg",
+            f"http://ⓛⓞⓒⓐⓛⓗⓞⓢⓣ:{trap}/img/8.jpg", f"http://[::127.0.0.1]:{trap}/img/9.jpg"]
+    named = hosts_file_name()
+    if named is not None:  # a DNS answer (from /etc/hosts) pointing at loopback
+        name, address = named
+        urls.append(f"http://{name}:{servers.get(address, trap)}/img/10.jpg")
+    cfg = DownloadConfig(input=write_urls(tmp_path / "meta", urls), output=str(tmp_path / "wds"), image_size=64,
+                         processes=1, threads=4, timeout=5, allow_hosts="127.0.0.2", samples_per_shard=100)
+    first = download(cfg)
+    assert first.policy_rejected == {"url_scheme": 0, "url_address": 4}
+    assert first.successes == 2 and first.transient_pending == 1
+    assert first.failures == {"http_5xx": 1, "policy_redirect": 3, **({"policy_address": 1} if named else {})}
+    assert trap_hits() == 0
+    assert "policy_redirect" in first.table() and "(permanent)" in first.table()
+
+    # A retry without the first run's allow list must not fetch what only that list let through.
+    errors = Handler.hits["127.0.0.2", "/error/2.jpg"]
+    retried = download(dataclasses.replace(cfg, allow_hosts="", retry_failed=True, distributor="ray"))
+    assert Handler.hits["127.0.0.2", "/error/2.jpg"] == errors
+    assert retried.failures.get("policy_url") == 1 and "http_5xx" not in retried.failures
+    assert retried.transient_pending == 0 and retried.successes == 2
+
+
+def test_prepare_input_refuses_encoded_spellings(tmp_path):
+    src = write_urls(tmp_path / "meta", REFUSED + KEPT)
+    counts = prepare_input(src + "/00000.parquet", str(tmp_path / "checked.parquet"), AddressPolicy())
+    assert counts == {"url_scheme": 0, "url_address": len(REFUSED)}
+    assert sorted(pq.read_table(tmp_path / "checked.parquet").column("url").to_pylist()) == sorted(KEPT)
