@@ -14,6 +14,10 @@ Three Ray Data passes, each resumable by its own completion files under `_work/`
 
 `_report.json`, written last, marks the job complete: rows in/out and rejections by
 rule, per file and in total. A row rejected by several rules counts under the first.
+A recorded width or height that is present but no plausible pixel count (0, negative,
+fractional, NaN, above MAX_SIDE, text that is no number, a boolean) is bad metadata:
+such rows are dropped as `invalid_size` whatever the size rules; a null size is unknown
+and passes unless a size rule needs it.
 """
 
 from __future__ import annotations
@@ -69,6 +73,16 @@ SCHEMAS: dict[str, dict[str, str]] = {
 _SIGNATURES = (("laion", {"URL", "TEXT"}), ("datacomp", {"url", "text", "clip_l14_similarity_score"}),
                ("coyo", {"url", "text", "clip_similarity_vitl14"}), ("cc12m", {"url", "caption"}))
 _NUMBER = r"^\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$"
+# Largest plausible recorded side: 16x JPEG's own limit (65,535) still passes, so only
+# numbers that no decodable image has (overflow, ids or byte counts in the column) go.
+MAX_SIDE = 1 << 20
+# Inclusive bounds of the numeric settings (None: no bound); NaN and inf are in none.
+_BOUNDS = {"rows_per_shard": (1, None), "partition_rows": (1, None), "workers": (1, None),
+           "min_width": (0, None), "min_height": (0, None), "max_aspect_ratio": (1, None),
+           "min_similarity": (-1, 1),  # a cosine similarity
+           "max_nsfw": (0, 1), "max_watermark": (0, 1),  # probabilities
+           "min_aesthetic": (None, None), "min_caption_chars": (0, None), "max_caption_chars": (0, None),
+           "min_caption_words": (0, None), "max_caption_words": (0, None)}
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -94,6 +108,8 @@ class FilterConfig:
     max_caption_words: int | None = opt(None, "maximum caption length in words")
     languages: str = opt("", "comma-separated caption languages to keep (needs a language column)")
     dedup: bool = opt(True, "drop repeated URLs (after normalisation) across all input files")
+    drop_invalid_sizes: bool = opt(True, "drop rows whose recorded width/height is present but not an integer in "
+                                         f"[1, {MAX_SIDE}] (--no-drop-invalid-sizes: keep them, size unknown)")
     allow_hosts: str = opt("", "comma-separated addresses/networks/names exempt from the URL address policy")
     seed: int = opt(0, "seed of the shuffle before sharding")
     rows_per_shard: int = opt(10_000, "rows per download shard")
@@ -105,13 +121,18 @@ class FilterConfig:
     def __post_init__(self) -> None:
         if self.schema != "auto" and self.schema not in SCHEMAS:
             raise ValueError(f"schema {self.schema!r}: expected auto or one of {sorted(SCHEMAS)}")
-        for name in ("rows_per_shard", "partition_rows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1:
-            raise ValueError("max_aspect_ratio must be >= 1")
-        if self.workers is not None and self.workers < 1:
-            raise ValueError("workers must be >= 1")
+        for name, (low, high) in _BOUNDS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            finite = isinstance(value, int) or math.isfinite(value)  # an int of any size is finite
+            if not (finite and (low is None or value >= low) and (high is None or value <= high)):
+                allowed = f"in [{low}, {high}]" if high is not None else f">= {low}" if low is not None else "finite"
+                raise ValueError(f"{name} must be {allowed}, got {value}")
+        for unit in ("chars", "words"):
+            low, high = getattr(self, f"min_caption_{unit}"), getattr(self, f"max_caption_{unit}")
+            if low is not None and high is not None and low > high:
+                raise ValueError(f"min_caption_{unit} {low} is above max_caption_{unit} {high}: no caption passes")
         self.column_overrides()
         self.rules()
 
@@ -130,7 +151,8 @@ class FilterConfig:
             min_similarity=self.min_similarity, max_nsfw=self.max_nsfw, max_watermark=self.max_watermark,
             min_aesthetic=self.min_aesthetic, caption_chars=(self.min_caption_chars, self.max_caption_chars),
             caption_words=(self.min_caption_words, self.max_caption_words),
-            languages=tuple(x.lower() for x in _csv(self.languages)), allow_hosts=_csv(self.allow_hosts))
+            languages=tuple(x.lower() for x in _csv(self.languages)), allow_hosts=_csv(self.allow_hosts),
+            drop_invalid_sizes=self.drop_invalid_sizes)
 
 
 def _within(x, bounds):
@@ -161,6 +183,7 @@ class RuleSet:
     caption_words: tuple[int | None, int | None] = (None, None)
     languages: tuple[str, ...] = ()
     allow_hosts: tuple[str, ...] = ()
+    drop_invalid_sizes: bool = True
 
     def active(self) -> list[Rule]:
         policy = AddressPolicy(self.allow_hosts)
@@ -175,6 +198,9 @@ class RuleSet:
         if self.languages:
             rules.append(Rule("language", ("language",),
                               lambda c: pc.is_in(pc.utf8_lower(c["language"]), pa.array(self.languages))))
+        if self.drop_invalid_sizes:
+            # No column needed: metadata without sizes has none that is invalid.
+            rules.append(Rule("invalid_size", (), lambda c: pc.invert(c["_invalid_size"])))
         if self.min_width is not None or self.min_height is not None:
             rules.append(Rule("image_size", ("width", "height"), self._size_ok))
         if self.max_aspect_ratio is not None:
@@ -242,11 +268,16 @@ def _as_float(arr: pa.Array) -> pa.Array:
     return pa.nulls(len(arr), pa.float64())
 
 
-def _as_size(arr: pa.Array) -> pa.Array:
+def _as_size(arr: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """(sides as int64, null where unknown or invalid; whether each row's value was present
+    but invalid). An empty or blank string is unknown, like null."""
     x = _as_float(arr)
-    ok = pc.fill_null(pc.and_(pc.is_finite(x), pc.and_(pc.greater_equal(x, -2.0**62), pc.less_equal(x, 2.0**62))),
-                      False)
-    return pc.cast(pc.floor(pc.if_else(ok, x, None)), pa.int64())
+    ok = pc.fill_null(pc.and_(pc.and_(pc.greater_equal(x, 1.0), pc.less_equal(x, float(MAX_SIDE))),
+                              pc.equal(pc.floor(x), x)), False)  # NaN compares false: not ok
+    given = pc.is_valid(arr)
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        given = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(arr)), 0), False)
+    return pc.cast(pc.if_else(ok, x, None), pa.int64()), pc.and_(given, pc.invert(ok))
 
 
 def _as_text(arr: pa.Array) -> pa.Array:
@@ -258,19 +289,24 @@ def _as_text(arr: pa.Array) -> pa.Array:
     return pc.utf8_trim_whitespace(pc.cast(arr, pa.string()))
 
 
-_CONVERT = {"width": _as_size, "height": _as_size, "similarity": _as_float, "nsfw": _as_float,
-            "watermark": _as_float, "aesthetic_score": _as_float}
+_CONVERT = {"similarity": _as_float, "nsfw": _as_float, "watermark": _as_float, "aesthetic_score": _as_float}
 
 
 def canonical_table(table: pa.Table, mapping: dict[str, str]) -> dict[str, pa.Array]:
-    cols = {}
+    """The canonical columns, plus `_invalid_size`: rows whose width or height was given
+    but is no plausible side (those sides themselves are null here)."""
+    cols = {"_invalid_size": pa.array(np.zeros(table.num_rows, dtype=bool))}
     for name, kind in CANONICAL.items():
         source = mapping.get(name)
         if source is None or source not in table.column_names:
             cols[name] = pa.nulls(table.num_rows, kind)
             continue
         arr = table.column(source).combine_chunks()
-        cols[name] = _CONVERT.get(name, _as_text)(arr)
+        if name in ("width", "height"):
+            cols[name], invalid = _as_size(arr)
+            cols["_invalid_size"] = pc.or_(cols["_invalid_size"], invalid)
+        else:
+            cols[name] = _CONVERT.get(name, _as_text)(arr)
     return cols
 
 
@@ -297,7 +333,7 @@ def filter_file(item: dict, output: str, mapping: dict, rules: RuleSet, seed: in
         ok = pc.fill_null(rule.passes(cols), False)
         rejected[rule.name] = pc.sum(pc.and_(alive, pc.invert(ok))).as_py() or 0
         alive = pc.and_(alive, ok)
-    kept = {k: v.filter(alive) for k, v in cols.items()}
+    kept = {k: v.filter(alive) for k, v in cols.items() if k != "_invalid_size"}
     keys, bits = sample_keys(kept.pop("_normalized"))
     out = pa.table({"sample_key": keys, **kept, "_rank": pa.array(seeded_rank(bits, seed)),
                     "_file": pa.array(np.full(len(keys), index, dtype=np.int32))}, schema=_WORK_SCHEMA)

@@ -39,9 +39,9 @@ FILE_A = [
     ("https://example.com/long.jpg", "word " * 1000, {}, "caption_chars"),
     ("https://example.com/cat-zh.jpg", "一只猫坐在窗台上", {}, None),
     ("https://example.com/cat-ar.jpg", "قطة تجلس على النافذة", {}, None),
-    ("https://example.com/nan-w.jpg", "nan width", {"WIDTH": NAN}, "image_size"),
+    ("https://example.com/nan-w.jpg", "nan width", {"WIDTH": NAN}, "invalid_size"),
     ("https://example.com/null-w.jpg", "null width", {"WIDTH": None}, "image_size"),
-    ("https://example.com/neg-w.jpg", "negative width", {"WIDTH": -100.0}, "image_size"),
+    ("https://example.com/neg-w.jpg", "negative width", {"WIDTH": -100.0}, "invalid_size"),
     ("https://example.com/small-h.jpg", "small height", {"HEIGHT": 10.0}, "image_size"),
     ("https://example.com/wide.jpg", "panorama", {"WIDTH": 4000.0, "HEIGHT": 400.0}, "aspect_ratio"),
     ("https://example.com/sim.jpg", "low similarity", {"similarity": 0.1}, "similarity"),
@@ -185,8 +185,41 @@ def test_malformed_numbers_in_string_columns_are_rejected_not_fatal(tmp_path, ra
     report = filter_metadata(FilterConfig(input=src, output=str(tmp_path / "out"), schema="cc12m",
                                           columns="width=w,height=w", min_width=100, min_height=100,
                                           progress=False))
-    assert report.total["rejected"]["image_size"] == 2
+    assert report.total["rejected"]["image_size"] == 1  # None: unknown, and the rule needs a size
+    assert report.total["rejected"]["invalid_size"] == 1  # "abc"
     assert sorted(output_rows(str(tmp_path / "out")).column("width").to_pylist()) == [512, 1000]
+
+
+# A recorded side that no image has is bad metadata, dropped and counted even without a
+# size rule; null (and a blank string) is unknown and kept.
+BAD_SIDES = [0, -5, NAN, math.inf, -math.inf, 12.5, float(2**20 + 1), 1e300]
+GOOD_SIDES = [1, 640, 2**20, None]
+
+
+def sized_table(widths, kind) -> pa.Table:
+    return pa.table({"url": [f"https://a.org/{kind}/{i}.jpg" for i in range(len(widths))],
+                     "caption": ["c"] * len(widths), "w": pa.array(widths, type=kind), "h": [300] * len(widths)})
+
+
+def test_invalid_recorded_sizes_are_dropped_with_a_reason_without_size_rules(tmp_path, ray_session):
+    tables = [sized_table(BAD_SIDES + GOOD_SIDES, pa.float64()),
+              sized_table([0, -1, 2**40, 7, None], pa.int64()),
+              sized_table(["12.5", "0", "abc", "nan", "1e7", " 640 ", "", "  ", None], pa.string()),
+              sized_table([True, False, None], pa.bool_())]
+    src = write_files(tmp_path / "in", tables)
+    columns = dict(schema="cc12m", columns="width=w,height=h", progress=False)
+    report = filter_metadata(FilterConfig(input=src, output=str(tmp_path / "out"), **columns))
+    bad = [len(BAD_SIDES), 3, 5, 2]
+    assert [f["rejected"]["invalid_size"] for f in report.files] == bad
+    assert report.total["rows_out"] == sum(t.num_rows for t in tables) - sum(bad)
+    widths = output_rows(str(tmp_path / "out")).column("width").to_pylist()
+    assert sorted(widths, key=lambda w: (w is None, w)) == [1, 7, 640, 640, 2**20] + [None] * 6
+
+    kept = filter_metadata(FilterConfig(input=src, output=str(tmp_path / "kept"), drop_invalid_sizes=False,
+                                        **columns))
+    assert kept.total["rows_out"] == sum(t.num_rows for t in tables)
+    assert "invalid_size" not in kept.total["rejected"]
+    assert output_rows(str(tmp_path / "kept")).column("width").null_count == 6 + sum(bad)
 
 
 def test_s3_in_and_out_equals_local(reference, nasty_input, s3_bucket, ray_session):
