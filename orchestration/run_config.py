@@ -34,8 +34,8 @@ class SyntheticSource:
     seed: int = opt(0, "images, captions and sizes")
 
     def __post_init__(self):
-        if self.images < 1 or not 8 <= self.min_size <= self.max_size or not 0 < self.port < 65536:
-            raise ValueError("source.synthetic: images >= 1, 8 <= min_size <= max_size, 0 < port < 65536")
+        if self.images < 1 or not 8 <= self.min_size <= self.max_size or not 0 < self.port < 65536 or self.seed < 0:
+            raise ValueError("source.synthetic: images >= 1, 8 <= min_size <= max_size, 0 < port < 65536, seed >= 0")
 
 
 @dataclass
@@ -46,6 +46,8 @@ class SourceConfig:
     def __post_init__(self):
         if (self.metadata is None) == (self.synthetic is None):
             raise ValueError("source: give exactly one of metadata (a Parquet URL) or synthetic (generated images)")
+        if self.metadata is not None and not self.metadata.strip():
+            raise ValueError("source.metadata: expected a Parquet URL, got ''")
 
 
 @dataclass
@@ -54,6 +56,11 @@ class ModelsConfig:
     vqgan: str = opt(help="VQModel folder, 'tiny' (small random), or 'train': the run's own `vqgan` stage")
     inception: str = opt("", "FID Inception weights file; 'tiny': random weights in the real format (demo only)")
     clip: str = opt("", "CLIP folder for the CLIP score; 'tiny': a small random one (demo only); '' = none")
+
+    def __post_init__(self):
+        for name in ("text_encoder", "vqgan"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name} must not be empty")
 
 
 @dataclass
@@ -145,48 +152,80 @@ SECTIONS = ("run_dir", "data_dir", "ray", "source", "models", "filter", "downloa
             "train", "evaluate", "sample", "prompts")
 
 
+def _folder(data: dict, key: str, default: str | None = None) -> str:
+    """The top-level folder `key` (absolute when local: Ray Train runs its workers in
+    another directory); null or absent is `default`."""
+    value = data.get(key)
+    if value is None and default is not None:
+        return _absolute(default)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{key}: expected a folder path, got {value!r}")
+    return _absolute(value)
+
+
+def _given(data: dict, key: str) -> dict | None:
+    """The section `key` as written: a mapping, or None where it is absent or null."""
+    value = data.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+    return value
+
+
 def parse_run_config(data: Any) -> RunConfig:
     if not isinstance(data, dict):
         raise ValueError(f"run config: expected a mapping, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(SECTIONS))
+    unknown = sorted(set(data) - set(SECTIONS), key=str)
     if unknown:
         raise ValueError(f"unknown key {unknown[0]!r}; allowed at the top: {', '.join(SECTIONS)}")
     for key in ("run_dir", "source", "models", "train"):
         if key not in data:
             raise ValueError(f"missing required key {key!r}")
-    run_dir = data["run_dir"]
-    if not isinstance(run_dir, str) or not run_dir:
-        raise ValueError(f"run_dir: expected a folder path, got {run_dir!r}")
-    # Local folders become absolute: Ray Train runs its workers in another directory.
-    run_dir = _absolute(run_dir)
-    data_dir = _absolute(data.get("data_dir") or join(run_dir, "data"))
-    ray = from_mapping(RayConfig, data.get("ray") or {}, "ray")
+    run_dir = _folder(data, "run_dir")
+    data_dir = _folder(data, "data_dir", join(run_dir, "data"))
+    ray = from_mapping(RayConfig, _given(data, "ray") or {}, "ray")
     source = from_mapping(SourceConfig, data["source"], "source")
     models = from_mapping(ModelsConfig, data["models"], "models")
     models = dataclasses.replace(models, **{f.name: _absolute(getattr(models, f.name)) for f in dataclasses.fields(models)
                                             if getattr(models, f.name) not in ("", "tiny", "train")})
-    if models.vqgan == "train" and not data.get("vqgan"):
+    if models.vqgan == "train" and not _given(data, "vqgan"):
         raise ValueError("models.vqgan is 'train' but there is no vqgan section to train it")
     derived = _derived(run_dir, data_dir, ray, source, models)
-    sections = {name: _section(cls, name, data.get(name) or {}, derived[name])
+    sections = {name: _section(cls, name, _given(data, name) or {}, derived[name])
                 for name, cls in (("filter", FilterConfig), ("download", DownloadConfig),
                                   ("pretokenize", PretokenizeConfig), ("train", TrainConfig))}
-    vqgan = _section(VQGANConfig, "vqgan", data["vqgan"], derived["vqgan"]) if data.get("vqgan") else None
+    vqgan = _section(VQGANConfig, "vqgan", data["vqgan"], derived["vqgan"]) if _given(data, "vqgan") else None
     if vqgan is not None and models.vqgan != "train":
         raise ValueError(f"a vqgan section trains a VQ-GAN, but models.vqgan is {models.vqgan!r}; set it to 'train'")
     evaluate = None
-    if data.get("evaluate"):
+    if _given(data, "evaluate"):
         section = _copy(data["evaluate"])
         # No reference statistics given: the evaluate stage computes them from the run's own images.
         section.setdefault("reference", join(run_dir, "eval/reference.npz"))
         evaluate = _section(EvalConfig, "evaluate", section, derived["evaluate"])
     _check_tokens_fit(models, vqgan, sections["pretokenize"], sections["train"])
-    prompts = data.get("prompts") or []
+    _check_batches(ray, vqgan, sections["train"])
+    prompts = [] if data.get("prompts") is None else data["prompts"]
     if not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise ValueError("prompts: expected a list of non-empty strings (the sample grid's prompts)")
+        raise ValueError(f"prompts: expected a list of non-empty strings (the sample grid's prompts), got {prompts!r}")
     return RunConfig(run_dir=run_dir, data_dir=data_dir, ray=ray, source=source, models=models, vqgan=vqgan,
-                     evaluate=evaluate, sample=from_mapping(SampleConfig, data.get("sample") or {}, "sample"),
+                     evaluate=evaluate, sample=from_mapping(SampleConfig, _given(data, "sample") or {}, "sample"),
                      prompts=prompts, given=_copy(data), **sections)
+
+
+def _check_batches(ray: RayConfig, vqgan: VQGANConfig | None, train: TrainConfig) -> None:
+    """Each training's global batch must split over the ranks the run gives it (the train
+    stage: ray.train_workers; the vqgan stage trains in the run's process, on one), by the
+    trainers' own start-up check, `Layout.plan`; a resumed run keeps its recorded lanes."""
+    from training.engine import Layout
+
+    for name, data, world in (("train", train.data, ray.train_workers), ("vqgan", vqgan and vqgan.data, 1)):
+        if data is None:
+            continue
+        try:
+            Layout.plan(data.global_batch_size, data.micro_batch_size, world, getattr(data, "lanes", None) or world)
+        except ValueError as exc:
+            ranks = f"ray.train_workers: {world}" if name == "train" else "the vqgan stage trains on 1 rank"
+            raise ValueError(f"{name}.{exc} ({ranks})") from None
 
 
 def _check_tokens_fit(models: ModelsConfig, vqgan: VQGANConfig | None, pretokenize: PretokenizeConfig,

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
+
+import yaml
 
 REQUIRED = dataclasses.MISSING
 
@@ -43,7 +46,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, positional: tupl
 
 
 def config_from_args(cls: type, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    """`cls` from parsed flags, through the same checks as a YAML section (argparse's
+    `float` takes "nan" and "inf")."""
+    return from_mapping(cls, {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 def from_mapping(cls: type, data: Any, where: str = ""):
@@ -93,19 +98,60 @@ def _coerce(hint, value: Any, key: str) -> Any:
         inner = args[0] if args else Any
         items = [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        # NaN passes every `x < bound` check, and no setting of any stage means "infinite"
+        # (a limit that is off is null).
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if hint is Any or (isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         return value
     raise ValueError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
-def read_yaml(path: str) -> Any:
-    """A YAML config file's content ({} when empty); an unreadable file is a one-line error."""
-    import yaml
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader refusing a mapping that repeats a key: YAML keeps the last one silently,
+    so an edit above an old setting would not take effect."""
 
+    def construct_mapping(self, node, deep=False):
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # keys merged in by `<<:` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = key in first_line
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                continue
+            if seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first_line[key]})", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str) -> Any:
+    """A YAML config file's content ({} when empty). An unreadable file, a syntax error or
+    a repeated key is a one-line error naming the file, line and column."""
     try:
-        with open(path) as fh:
-            return yaml.safe_load(fh) or {}
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
     except OSError as exc:
         raise ValueError(f"cannot read config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"cannot read config {path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader) or {}
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        context = f" ({exc.context} at line {exc.context_mark.line + 1})" if exc.problem and exc.context_mark else ""
+        raise ValueError(f"{where}: {exc.problem or exc.context}{context}") from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - text.rfind("\n", 0, exc.position)
+        raise ValueError(f"{path}:{line}:{column}: character U+{exc.character:04X} is not allowed in YAML") from None

@@ -1,9 +1,10 @@
 """The training config: one small typed section per component, read from YAML.
 
-Each section validates its own ranges; `load_config` rejects unknown keys and wrong
-types by their dotted name (pipeline.config.from_mapping). Checks that need the data
-or the world size (token grid vs model, batch vs lanes) run in `training.engine` at
-start-up, before any step.
+Each section validates its own ranges; `load_config` rejects unknown keys, wrong types
+and non-finite numbers by their dotted name (pipeline.config.from_mapping). Checks that
+need the data or the world size (token grid vs model, batch vs ranks and lanes:
+`training.engine.Layout.plan`) run in `training.engine` at start-up, before any step;
+`amused run` knows its world size and runs the batch check when it parses its config.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class DataConfig:
         _check(self.workers >= 0, f"data.workers must be >= 0, got {self.workers}")
         _check(self.prefetch >= 1, f"data.prefetch must be >= 1, got {self.prefetch}")
         _check(self.window_rows >= 1, f"data.window_rows must be >= 1, got {self.window_rows}")
+        _check(self.seed >= 0, f"data.seed must be >= 0, got {self.seed}")  # numpy seeds are unsigned
 
 
 @dataclass
@@ -79,6 +81,7 @@ class OptimConfig:
 
     def __post_init__(self):
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                f"optim.betas must be two values in [0, 1), got {list(self.betas)}")
         _check(self.warmup_steps >= 0 and self.grad_clip >= 0 and self.weight_decay >= 0,
@@ -146,6 +149,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _check(bool(self.run_dir.strip()), "run_dir must be a folder path, got ''")
         if "://" in self.run_dir and not self.run_dir.startswith("file://"):
             raise ValueError(f"run_dir {self.run_dir!r}: DeepSpeed checkpoints need a local or shared file system path")
 
@@ -168,10 +172,12 @@ class SampleConfig:
     negative_prompt: str = opt("", "the prompt guidance steers away from")
 
     def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.schedule not in ("cosine", "linear"):
-            raise ValueError(f"schedule must be cosine or linear, got {self.schedule!r}")
+        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _check(self.schedule in ("cosine", "linear"), f"schedule must be cosine or linear, got {self.schedule!r}")
+        # The sampler guides only above 1; below it a scale would be ignored without a word.
+        _check(self.guidance_scale >= 1, f"guidance_scale must be >= 1 (1 = off), got {self.guidance_scale}")
+        for name in ("temperature_start", "temperature_end", "crop_top", "crop_left"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -197,10 +203,11 @@ class EvalConfig:
 
     def __post_init__(self):
         for name in ("actors", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.gpus_per_actor < 0 or self.max_prompts < 0 or self.grid < 0:
-            raise ValueError("gpus_per_actor, max_prompts and grid must be >= 0")
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("gpus_per_actor", "max_prompts", "grid"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        # Image i draws from the generator seeded seed * 2^32 + i, which torch takes below 2^64.
+        _check(0 <= self.seed < 2**32, f"seed must be in [0, 2^32), got {self.seed}")
 
 
 def parse_config(data: dict) -> TrainConfig:

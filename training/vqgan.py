@@ -21,6 +21,7 @@ from diffusers import VQModel
 from torch import nn
 
 from pipeline.config import from_mapping, opt
+from tokenizer.image import downsample_of
 from tokenizer.storage import VQGAN_SUBFOLDERS, local_folder, resolve_subfolder
 from tokenizer.tiny import VQGAN_CONFIGS, build_vqgan
 from tokenizer.vq_objective import CodebookHealth, PatchDiscriminator, VQLossWeights, psnr, replacements, \
@@ -41,6 +42,7 @@ class VQDataConfig:
     def __post_init__(self):
         _check(self.resolution >= 8 and self.global_batch_size >= 1 and self.micro_batch_size >= 1,
                "data.resolution must be >= 8 and the batch sizes >= 1")
+        _check(self.seed >= 0, f"data.seed must be >= 0, got {self.seed}")  # numpy seeds are unsigned
 
 
 @dataclass
@@ -68,6 +70,10 @@ class DiscriminatorConfig:
     layers: int = opt(3, "strided layers")
     lr_ratio: float = opt(1.0, "discriminator lr / VQ-GAN lr")
 
+    def __post_init__(self):
+        _check(self.width >= 1 and self.layers >= 1, "discriminator.width and discriminator.layers must be >= 1")
+        _check(self.lr_ratio > 0, f"discriminator.lr_ratio must be > 0, got {self.lr_ratio}")
+
 
 @dataclass
 class VQGANConfig:
@@ -91,6 +97,11 @@ class VQGANConfig:
         _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         _check(not (self.codebook.reinit_every and self.engine.zero_stage),
                "codebook.reinit_every needs engine.zero_stage: 0 (ZeRO 1/2 would overwrite the re-initialised codes)")
+        if not self.model.pretrained:  # a pretrained model's downsampling is known once it is read
+            factor = downsample_of(VQGAN_CONFIGS[self.model.preset]["block_out_channels"])
+            _check(self.data.resolution % factor == 0,
+                   f"data.resolution {self.data.resolution} must be a multiple of {factor}, the downsampling of "
+                   f"model.preset {self.model.preset!r}")
 
     def to_json(self) -> dict:
         import dataclasses
