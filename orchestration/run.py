@@ -8,6 +8,10 @@ state file says so with the current fingerprint. A rerun skips done stages, resu
 unfinished ones (each from its own resume points), and when a fingerprint changed it
 says which settings differ, removes that stage's outputs and runs it again; the stages
 after it then see a changed input fingerprint and follow.
+
+A run holds RUN_DIR/run.lock (and DATA_DIR/run.lock when the data lives elsewhere) from
+before it writes anything until it ends: a second run of the folder stops at once,
+naming the holder, and changes nothing (pipeline/runlock.py).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import ExitStack
 from typing import Any
 
 import yaml
@@ -22,6 +27,7 @@ import yaml
 from orchestration.run_config import RunConfig
 from orchestration.stages import STAGES, Stage
 from pipeline.fsio import atomic_writer, exists, read_json, write_json_atomic
+from pipeline.runlock import FolderLock
 from tokenizer.storage import join, url_to_fs
 from training.config import dump_config
 
@@ -81,11 +87,23 @@ def _select(only: list[str] | None, start: str | None) -> set[str]:
 def run(cfg: RunConfig, only: list[str] | None = None, start: str | None = None,
         log=print) -> dict[str, dict]:
     """Runs (or resumes) the selected stages in order; returns every stage's state."""
+    selected = _select(only, start)
+    with ExitStack() as locks:
+        for folder in _locked_folders(cfg):
+            locks.enter_context(FolderLock(join(folder, "run.lock"), log=log))
+        return _run_locked(cfg, selected, log)
+
+
+def _locked_folders(cfg: RunConfig) -> list[str]:
+    """The run folder, and the data folder when it is not inside it (two runs sharing
+    data would otherwise write the same data stages at once)."""
+    inside = (cfg.data_dir.rstrip("/") + "/").startswith(cfg.run_dir.rstrip("/") + "/")
+    return [cfg.run_dir] if inside else [cfg.run_dir, cfg.data_dir]
+
+
+def _run_locked(cfg: RunConfig, selected: set[str], log) -> dict[str, dict]:
     from pipeline.raysession import ray_session
 
-    selected = _select(only, start)
-    fs, root = url_to_fs(cfg.run_dir)
-    fs.makedirs(root, exist_ok=True)
     # The config as written (what `amused status` reads back) and with every default filled in.
     for name, text in (("config.yaml", yaml.safe_dump(cfg.given, sort_keys=False)),
                        ("config.resolved.yaml", dump_config(cfg))):

@@ -6,20 +6,28 @@
         trainer.json                                   step, data position, world size, counters
         rng/rank_00000.json, rank_00000.safetensors    every rank's RNG states
         config.yaml                                    the config it was trained with
-        COMPLETE                                       written last, after every rank finished
+        COMPLETE                                       written last: step, every file's size and sha256
     RUN_DIR/checkpoints/latest.json                    the newest complete step (a convenience)
+    RUN_DIR/checkpoints/damaged/step_N                 checkpoints a resume found damaged, set aside
 
-A checkpoint counts only when COMPLETE exists: rank 0 writes it after a barrier that
-every rank reaches once its own files are written, so a kill at any moment leaves the
-previous checkpoint usable (DeepSpeed's own `latest` file is not written: rank 0 writes
-it without waiting for the others). DeepSpeed's files are pickles; they are loaded only
-from the run's own folder. Weights that come from outside a run are safetensors.
+A checkpoint counts only when COMPLETE exists: every rank hashes the files it wrote and
+rank 0 gathers the checksums, so it writes the marker only once every rank's files are
+written, and a kill at any moment leaves the previous checkpoint usable (DeepSpeed's own
+`latest` file is not written: rank 0 writes it without waiting for the others).
+
+Every file is checked against the marker before it is read: a resume takes the newest
+checkpoint whose files all match, naming each damaged file and setting its checkpoint
+aside; sampling, export and evaluation refuse a damaged file by name. A marker from
+before checksums were recorded holds only the step: such a checkpoint loads unverified,
+with a note. DeepSpeed's files are pickles; they are loaded only from the run's own
+folder. Weights that come from outside a run are safetensors.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -29,10 +37,20 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.fsio import write_json_atomic
+from pipeline.fsio import TMP_MARK, read_json, sha256_of, write_json_atomic
 
 MARKER = "COMPLETE"
 UNIVERSAL = "universal"
+DAMAGED = "damaged"
+MODEL_STATES = "mp_rank_00_model_states.pt"
+EMA_WEIGHTS = "ema.safetensors"
+# The rank in a per-rank file's name: ours (rng/rank_00003.json) and DeepSpeed's
+# (zero_pp_rank_3_mp_rank_00_optim_states.pt); files without one are rank 0's.
+_RANK_IN_NAME = re.compile(r"(?:^|zero_pp_)rank_(\d+)")
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -97,14 +115,108 @@ def restore_rank_rng(folder: Path, rank: int) -> bool:
     return True
 
 
-def mark_complete(run_dir: str | Path, step: int, keep: int) -> None:
-    """Rank 0, after the barrier: the marker, `latest.json`, then pruning to `keep`."""
+def own_checksums(folder: Path, rank: int) -> dict[str, dict]:
+    """Size and sha256 of the files of `folder` that `rank` wrote (each rank hashes its own:
+    in parallel, and on node-local disks too)."""
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        found = _RANK_IN_NAME.search(path.name)
+        if path.name != MARKER and TMP_MARK not in path.name and (int(found.group(1)) if found else 0) == rank:
+            out[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_of(str(path))}
+    return out
+
+
+def mark_complete(run_dir: str | Path, step: int, keep: int, files: dict[str, dict]) -> None:
+    """Rank 0, once every rank's checksums are in: the marker, `latest.json`, then pruning to `keep`."""
     folder = checkpoints_dir(run_dir) / tag(step)
-    write_json_atomic(str(folder / MARKER), {"step": step})
-    write_json_atomic(str(checkpoints_dir(run_dir) / "latest.json"), {"step": step, "tag": tag(step)})
+    write_json_atomic(str(folder / MARKER), {"step": step, "files": files})
+    _write_latest(run_dir, step)
     for old in complete_steps(run_dir)[:-keep]:
         shutil.rmtree(checkpoints_dir(run_dir) / tag(old))
         shutil.rmtree(checkpoints_dir(run_dir) / UNIVERSAL / tag(old), ignore_errors=True)
+
+
+def _write_latest(run_dir: str | Path, step: int) -> None:
+    write_json_atomic(str(checkpoints_dir(run_dir) / "latest.json"), {"step": step, "tag": tag(step)})
+
+
+def damage(folder: Path, names: tuple[str, ...] = ()) -> list[str] | None:
+    """What is wrong with the files `names` (default: all) of a complete checkpoint, one
+    line per file ([] = intact); None when its marker has no checksums (an older run)."""
+    files = read_json(str(folder / MARKER)).get("files")
+    if files is None:
+        return None
+    problems = []
+    for name in names or sorted(files):
+        path, want = folder / name, files.get(name)
+        if want is None:
+            problems.append(f"{path}: not listed in the checkpoint's {MARKER} marker")
+        elif not path.is_file():
+            problems.append(f"{path}: missing (expected {want['size']} bytes)")
+        elif path.stat().st_size != want["size"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, expected {want['size']}")
+        elif (digest := sha256_of(str(path))) != want["sha256"]:
+            problems.append(f"{path}: sha256 {digest[:16]}..., expected {want['sha256'][:16]}... "
+                            f"(same size, {want['size']} bytes)")
+    return problems
+
+
+_noted_unverified: set[Path] = set()
+
+
+def checked(folder: str | Path, *names: str) -> None:
+    """Before a checkpoint's files are read: it is complete and `names` match its marker
+    (a ValueError names the damaged file); a marker without checksums is noted once."""
+    folder = Path(folder)
+    if not (folder / MARKER).exists():
+        raise ValueError(f"{folder} is not a complete training checkpoint (no {MARKER} marker)")
+    problems = damage(folder, names)
+    if problems:
+        raise ValueError(f"damaged checkpoint file {problems[0]}")
+    if problems is None and folder not in _noted_unverified:
+        _noted_unverified.add(folder)
+        _stderr(f"note: {folder} has no checksums (written before they were recorded): loaded unverified")
+
+
+def resume_state(run_dir: str | Path, log=_stderr) -> dict | None:
+    """Rank 0, before a resume: the trainer state of the newest complete checkpoint whose
+    files all match its marker. Folders a crash left without a marker are removed; a
+    damaged checkpoint is named file by file and moved to checkpoints/damaged/, and the
+    one before it is taken. Complete checkpoints but none intact: an error."""
+    removed = remove_incomplete(run_dir)
+    if removed:
+        log(f"removed checkpoint folders a crash left incomplete: {', '.join(removed)}")
+    damaged: dict[int, list[str]] = {}
+    for step in reversed(complete_steps(run_dir)):
+        folder = checkpoints_dir(run_dir) / tag(step)
+        problems = damage(folder)
+        if problems:
+            log(f"checkpoint {tag(step)} is damaged: {'; '.join(problems)}")
+            damaged[step] = problems
+            continue
+        if problems is None:
+            log(f"checkpoint {tag(step)} has no checksums (written before they were recorded): resuming unverified")
+        if damaged:
+            for bad in damaged:
+                _set_aside(run_dir, bad)
+            _write_latest(run_dir, step)
+            log(f"resuming from the previous complete checkpoint {tag(step)} instead; moved "
+                f"{', '.join(tag(s) for s in damaged)} to {checkpoints_dir(run_dir) / DAMAGED}")
+        return json.loads((folder / "trainer.json").read_text())
+    if damaged:
+        raise ValueError(f"no intact checkpoint to resume in {checkpoints_dir(run_dir)}: "
+                         + "; ".join(f"{tag(s)}: {p[0]}" for s, p in damaged.items())
+                         + " (move the step_* folders away to start over)")
+    return None
+
+
+def _set_aside(run_dir: str | Path, step: int) -> None:
+    root = checkpoints_dir(run_dir)
+    target = root / DAMAGED / tag(step)
+    shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    (root / tag(step)).rename(target)
+    shutil.rmtree(root / UNIVERSAL / tag(step), ignore_errors=True)
 
 
 def to_universal(run_dir: str | Path, step: int) -> Path:
@@ -131,7 +243,9 @@ def to_universal(run_dir: str | Path, step: int) -> Path:
 
 
 def module_weights(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The model weights of a checkpoint folder (DeepSpeed's model-states file, read with
-    `weights_only=True`: plain tensors and containers, nothing executed)."""
-    state = torch.load(Path(folder) / "mp_rank_00_model_states.pt", weights_only=True, map_location="cpu")
+    """The model weights of a checkpoint folder (DeepSpeed's model-states file, checked
+    against the marker, then read with `weights_only=True`: plain tensors and containers,
+    nothing executed)."""
+    checked(folder, MODEL_STATES)
+    state = torch.load(Path(folder) / MODEL_STATES, weights_only=True, map_location="cpu")
     return state["module"]

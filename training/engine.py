@@ -2,8 +2,11 @@
 launcher, Ray Train and a plain in-process call (one rank).
 
 Start-up checks everything that depends on the data, the model and the world size
-before any step. A rerun on a run folder resumes from its newest complete checkpoint;
-on another number of ranks through DeepSpeed's universal checkpoint conversion.
+before any step. A rerun on a run folder resumes from its newest intact checkpoint (its
+files checked against the checksums in its marker; a damaged one is named and the one
+before it taken); on another number of ranks through DeepSpeed's universal checkpoint
+conversion. Rank 0 holds RUN_DIR/train.lock for the whole training: a second training
+of the folder stops before it changes anything (pipeline/runlock.py).
 
 Non-finite policy: every micro-step's loss is checked on all ranks. A step in which any
 rank saw a non-finite loss is skipped: its bad micro-steps contribute no gradient and
@@ -21,7 +24,6 @@ import json
 import math
 import os
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -32,6 +34,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline.fsio import read_json, write_json_atomic
+from pipeline.runlock import FolderLock, FolderLocked
 from pipeline.shards import ModelIdentity, TokenDataset, read_empty_prompt
 from tokenizer.storage import VQGAN_SUBFOLDERS
 from training import checkpoint as ckpt
@@ -126,13 +129,28 @@ def rank0_decides(fn, *args):
     if dist.get_rank() == 0:
         try:
             box[0] = ("ok", fn(*args))
+        except FolderLocked as exc:  # stays itself: "busy" is not "wrongly set up"
+            box[0] = ("locked", str(exc))
         except Exception as exc:  # any failure must reach the other ranks, or they wait forever
             box[0] = ("error", f"{exc}" if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}")
     dist.broadcast_object_list(box, src=0)
     status, value = box[0]
     if status == "error":
         raise ValueError(value)
+    if status == "locked":
+        raise FolderLocked(value)
     return value
+
+
+def locked(run_dir: str, fn, *args):
+    """`fn(*args)` with rank 0 holding RUN_DIR/train.lock, taken before anything in the
+    folder changes; every rank fails alike when another process holds it."""
+    lock = FolderLock(str(Path(run_dir) / "train.lock"))
+    rank0_decides(lock.acquire)
+    try:
+        return fn(*args)
+    finally:
+        lock.release()  # a no-op on the other ranks
 
 
 # ---------------------------------------------------------------- start-up checks
@@ -166,14 +184,7 @@ def _inspect_run(cfg: TrainConfig) -> dict:
 
         out = TextEncoder.from_pretrained(cfg.model.text_encoder, device="cpu").encode([""])
         empty = {"hidden_states": out.hidden_states[0].half().numpy(), "pooled": out.pooled[0].half().numpy()}
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    removed = ckpt.remove_incomplete(cfg.run_dir)
-    steps = ckpt.complete_steps(cfg.run_dir)
-    resume = None
-    if steps:
-        folder = ckpt.checkpoints_dir(cfg.run_dir) / ckpt.tag(steps[-1])
-        resume = json.loads((folder / "trainer.json").read_text())
-    return {"dataset": dataset, "empty": empty, "resume": resume, "removed": removed}
+    return {"dataset": dataset, "empty": empty, "resume": ckpt.resume_state(cfg.run_dir)}
 
 
 def _check_model(model, spec) -> None:
@@ -265,7 +276,7 @@ class MetricsLog:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    return in_process_group(_train, cfg)
+    return in_process_group(locked, cfg.run_dir, _train, cfg)
 
 
 def in_process_group(fn, *args):
@@ -366,8 +377,6 @@ def _train(cfg: TrainConfig) -> TrainResult:
     info = rank0_decides(_inspect_run, cfg)
     dataset, resume = info["dataset"], info["resume"]
     spec = dataset.spec
-    if rank == 0 and info["removed"]:
-        print(f"removed checkpoint folders a crash left incomplete: {', '.join(info['removed'])}", file=sys.stderr)
     lanes = resume["lanes"] if resume else (cfg.data.lanes or world)
     if resume and cfg.data.lanes and cfg.data.lanes != resume["lanes"]:
         raise ValueError(f"data.lanes={cfg.data.lanes} but the run was started with {resume['lanes']} lanes")
@@ -416,7 +425,7 @@ def run_loop(cfg, task: Task, resume: dict | None, universal: bool, device: torc
         in_row = resume["nonfinite_in_row"]
         folder = root / ckpt.tag(start_step)
         if ema is not None:
-            ema.load(str(folder / "ema.safetensors"))
+            ema.load(str(folder / ckpt.EMA_WEIGHTS))
         if universal or not ckpt.restore_rank_rng(folder, rank):
             torch.manual_seed(cfg.seed * 7919 + start_step * 104729 + rank)
 
@@ -551,11 +560,13 @@ def save_checkpoint(engine, cfg, step: int, task: Task, ema: EMA | None, in_row:
     task_state = task.state_dict()
     if rank == 0:
         if ema is not None:
-            ema.save(str(folder / "ema.safetensors"))
+            ema.save(str(folder / ckpt.EMA_WEIGHTS))
         (folder / "config.yaml").write_text(dump_config(cfg))
         state = {"step": step, "world_size": world, "global_batch_size": cfg.data.global_batch_size,
                  "nonfinite_in_row": in_row, **task_state}
         (folder / "trainer.json").write_text(json.dumps(state))
-    dist.barrier()
+    # The gather is the barrier: rank 0 has every rank's checksums only once all files are written.
+    every: list = [None] * world
+    dist.all_gather_object(every, ckpt.own_checksums(folder, rank))
     if rank == 0:
-        ckpt.mark_complete(cfg.run_dir, step, cfg.checkpoint.keep)
+        ckpt.mark_complete(cfg.run_dir, step, cfg.checkpoint.keep, {k: v for part in every for k, v in part.items()})

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.fsio import read_json, write_json_atomic
-from training.checkpoint import MARKER, checkpoints_dir, complete_steps, tag
+from training.checkpoint import EMA_WEIGHTS, MARKER, MODEL_STATES, checked, checkpoints_dir, complete_steps, tag
 from training.config import EvalConfig, SampleConfig
 from training.metrics import (CLIP_SCORE_SCALE, FEATURES, RESIZE_PROTOCOL, FeatureStats, clip_score, file_sha256)
 
@@ -192,8 +192,8 @@ def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_di
 
     if bool(checkpoint) == bool(run_dir):
         raise ValueError("give either a checkpoint or a run folder")
-    if checkpoint and not (Path(checkpoint) / MARKER).exists():
-        raise ValueError(f"{checkpoint} is not a complete training checkpoint (no {MARKER} marker)")
+    if checkpoint:
+        checked(checkpoint, "config.yaml", EMA_WEIGHTS if cfg.ema else MODEL_STATES)
     if run_dir and not Path(run_dir).is_dir():
         raise FileNotFoundError(f"run folder {run_dir} not found")
     prompts = read_prompts(cfg.prompts, cfg.max_prompts)
@@ -216,6 +216,8 @@ def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_di
                 if workers is None:
                     workers = start_workers(cfg, *checkpoint_models(str(ckpt), cfg.vqgan, cfg.text_encoder))
                 try:
+                    # Here, not only in the actors: their error would not name the file.
+                    checked(ckpt, "config.yaml", EMA_WEIGHTS if cfg.ema else MODEL_STATES)
                     done.append(evaluate_checkpoint(str(ckpt), cfg, sample, workers, prompts, reference))
                 except Exception as exc:
                     if (ckpt / MARKER).exists():

@@ -200,16 +200,15 @@ def load_trained_model(checkpoint: str | Path, ema: bool = True) -> UVit2DModel:
     weights from `ema.safetensors` (default) or DeepSpeed's model states (weights only)."""
     from safetensors.torch import load_file
 
-    from training.checkpoint import module_weights
+    from training.checkpoint import EMA_WEIGHTS, checked, module_weights
     from training.config import load_config
     from training.model import build_model
 
     folder = Path(checkpoint)
-    if not (folder / "COMPLETE").exists():
-        raise ValueError(f"{folder} is not a complete training checkpoint (no COMPLETE marker)")
+    checked(folder, "config.yaml", *([EMA_WEIGHTS] if ema else []))
     cfg = load_config(str(folder / "config.yaml"))
     model = build_model(cfg.model.preset, cfg.model.pretrained)
-    weights = load_file(str(folder / "ema.safetensors")) if ema else module_weights(folder)
+    weights = load_file(str(folder / EMA_WEIGHTS)) if ema else module_weights(folder)
     model.load_state_dict(weights, strict=True)
     return model.eval()
 
@@ -217,8 +216,10 @@ def load_trained_model(checkpoint: str | Path, ema: bool = True) -> UVit2DModel:
 def checkpoint_models(checkpoint: str | Path, vqgan: str | None = None, text_encoder: str | None = None
                       ) -> tuple[str, str]:
     """The VQ-GAN and text encoder a checkpoint was trained with, unless given."""
+    from training.checkpoint import checked
     from training.config import load_config
 
+    checked(checkpoint, "config.yaml")
     trained = load_config(str(Path(checkpoint) / "config.yaml")).model
     vqgan, text_encoder = vqgan or trained.vqgan, text_encoder or trained.text_encoder
     if not vqgan or not text_encoder:

@@ -220,9 +220,9 @@ class VQGANTask:
 
 def train_vqgan(cfg: VQGANConfig):
     """Trains (or resumes) the run; returns training.engine.TrainResult."""
-    from training.engine import in_process_group
+    from training.engine import in_process_group, locked
 
-    return in_process_group(_train_vqgan, cfg)
+    return in_process_group(locked, cfg.run_dir, _train_vqgan, cfg)
 
 
 def _train_vqgan(cfg: VQGANConfig):
@@ -245,17 +245,10 @@ def _train_vqgan(cfg: VQGANConfig):
 
 
 def _inspect(cfg: VQGANConfig) -> dict | None:
-    import json
-
     from pipeline.fsio import list_files
 
     list_files(cfg.data.images, ".tar")  # no shards: a clear error before any work
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    ckpt.remove_incomplete(cfg.run_dir)
-    steps = ckpt.complete_steps(cfg.run_dir)
-    if not steps:
-        return None
-    return json.loads((ckpt.checkpoints_dir(cfg.run_dir) / ckpt.tag(steps[-1]) / "trainer.json").read_text())
+    return ckpt.resume_state(cfg.run_dir)
 
 
 def vq_from_checkpoint(checkpoint: str) -> VQModel:
@@ -265,8 +258,7 @@ def vq_from_checkpoint(checkpoint: str) -> VQModel:
     from training.checkpoint import module_weights
 
     folder = Path(checkpoint)
-    if not (folder / ckpt.MARKER).exists():
-        raise ValueError(f"{folder} is not a complete checkpoint (no {ckpt.MARKER} marker)")
+    ckpt.checked(folder, "config.yaml")
     cfg = parse_vqgan_config(yaml.safe_load((folder / "config.yaml").read_text()))
     vq = build_vq(cfg.model)
     weights = {k[len("vq."):]: v for k, v in module_weights(folder).items() if k.startswith("vq.")}
