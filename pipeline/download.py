@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import tarfile
 import time
 from dataclasses import dataclass, field
 
@@ -293,7 +294,7 @@ def _retry_round(cfg: DownloadConfig, extra: list[str]) -> int:
 def _sort_shards(output: str) -> None:
     """Rewrites each finished shard's tar in key order (temp name, then rename); a marker
     under `_amused/sorted/` written after it lets a rerun skip it."""
-    from pipeline.wds import sort_shard
+    from pipeline.wds import ShardFormatError, sort_shard
 
     fs, _ = url_to_fs(output)
     for shard in _shard_ids(output):
@@ -301,8 +302,11 @@ def _sort_shards(output: str) -> None:
         if exists(marker):
             continue
         url = join(output, f"{shard:05d}.tar")
-        with fs.open(url_to_fs(url)[1], "rb") as src, atomic_writer(url) as dst:
-            members = sort_shard(src, dst)
+        try:
+            with fs.open(url_to_fs(url)[1], "rb") as src, atomic_writer(url) as dst:
+                members = sort_shard(src, dst)
+        except tarfile.TarError as exc:  # a damaged tar is left as it is, for a person to look at
+            raise ShardFormatError(f"{url}: {exc}") from None
         write_json_atomic(marker, {"members": members})
 
 

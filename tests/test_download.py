@@ -204,3 +204,17 @@ def test_s3_input_and_output(server, tmp_path, s3_bucket):
     assert fs.exists(f"{out}/00000.tar") and fs.exists(f"{out}/00000_stats.json")
     hits = sum(Handler.hits.values())
     assert download(cfg).successes == 3 and sum(Handler.hits.values()) == hits
+
+
+def test_a_damaged_finished_shard_is_named_and_left_as_it_is(tmp_path):
+    from pipeline.download import _sort_shards
+    from pipeline.wds import ShardFormatError, tar_bytes
+
+    whole = tar_bytes([("a.jpg", jpeg(0)), ("a.txt", b"x"), ("b.jpg", jpeg(1)), ("b.txt", b"y")])
+    cut = whole[:whole.index(b"b.jpg")]  # ends at a member boundary: no end-of-archive blocks
+    (tmp_path / "00000.tar").write_bytes(cut)
+    (tmp_path / "00000_stats.json").write_text('{"successes": 2}')
+    with pytest.raises(ShardFormatError, match=r"00000\.tar: .*end-of-archive"):
+        _sort_shards(str(tmp_path))
+    assert (tmp_path / "00000.tar").read_bytes() == cut
+    assert not (tmp_path / "_amused" / "sorted").exists()
