@@ -112,10 +112,10 @@ def _sample(args) -> int:
 
     if args.mask and not args.image:
         raise ValueError("--mask needs --image (the picture to inpaint)")
+    cfg, generator = config_from_args(SampleConfig, args), torch.Generator().manual_seed(args.seed)
     model = load_trained_model(args.checkpoint, ema=not args.no_ema)
     vqgan, text_encoder = checkpoint_models(args.checkpoint, args.vqgan, args.text_encoder)
     sampler = Sampler.from_folders(model, vqgan, text_encoder, device=args.device)
-    cfg, generator = config_from_args(SampleConfig, args), torch.Generator().manual_seed(args.seed)
     if args.image:
         image = fit_image(Image.open(args.image).convert("RGB"), sampler.side)
     if args.mask:

@@ -134,7 +134,7 @@ class FilterConfig:
             if low is not None and high is not None and low > high:
                 raise ValueError(f"min_caption_{unit} {low} is above max_caption_{unit} {high}: no caption passes")
         self.column_overrides()
-        self.rules()
+        self.rules().active()  # builds the URL policy too, which checks the allow list
 
     def column_overrides(self) -> dict[str, str]:
         out = {}

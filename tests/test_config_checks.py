@@ -143,7 +143,8 @@ def test_stage_flags_go_through_the_same_checks(tmp_path, capsys):
     base = ["filter", "--input", str(tmp_path / "meta"), "--output", str(tmp_path / "out")]
     for flags, message in ((["--max-nsfw", "nan"], "max_nsfw: expected a finite number, got nan"),
                            (["--max-nsfw", "2"], "max_nsfw must be in [0, 1], got 2.0"),
-                           (["--min-aesthetic", "inf"], "min_aesthetic: expected a finite number, got inf")):
+                           (["--min-aesthetic", "inf"], "min_aesthetic: expected a finite number, got inf"),
+                           (["--allow-hosts", "localhost:8000"], "allow_hosts: 'localhost:8000' is neither")):
         assert main(base + flags) == 1
         assert message in one_line_error(capsys)
     assert not (tmp_path / "out").exists()
@@ -151,6 +152,18 @@ def test_stage_flags_go_through_the_same_checks(tmp_path, capsys):
                 "--inception", "i.pth", "--guidance-scale", "-3"]
     assert main(evaluate) == 1
     assert "guidance_scale must be >= 1 (1 = off), got -3.0" in one_line_error(capsys)
+    # Checked before the checkpoint (which does not exist) is loaded.
+    sample = ["sample", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "a", "--output", str(tmp_path / "x.png"),
+              "--guidance-scale", "-3"]
+    assert main(sample) == 1
+    assert "guidance_scale must be >= 1 (1 = off), got -3.0" in one_line_error(capsys)
+    # A batch that does not split over the Ray workers is refused before Ray is asked for them.
+    train = tmp_path / "train.yaml"
+    train.write_text(f"run_dir: {tmp_path / 'run'}\ndata: {{dataset: {tmp_path / 'tokens'}, global_batch_size: 8, "
+                     "micro_batch_size: 8}\nmodel: {preset: tiny}\nsteps: 4\n")
+    assert main(["train", str(train), "--ray-workers", "3"]) == 1
+    assert "global_batch_size=8 must be a multiple of micro_batch_size x ranks (8 x 3)" in one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("text,where,problem", [

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from training.config import TrainConfig, parse_config
-from training.engine import TrainResult
+from training.engine import Layout, TrainResult
 
 
 def _worker(loop_config: dict) -> None:
@@ -23,6 +23,9 @@ def train_on_ray(cfg: TrainConfig, workers: int, gpus_per_worker: float = 0.0, a
 
     from pipeline.raysession import ray_session
 
+    # The ranks' own start-up check, run here too so that a batch that does not split
+    # over `workers` is refused before a cluster is asked for anything.
+    Layout.plan(cfg.data.global_batch_size, cfg.data.micro_batch_size, workers, cfg.data.lanes or workers)
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     with ray_session(address or None):
