@@ -190,8 +190,8 @@ def test_rerun_takes_over_a_dead_trainers_lock_and_falls_back_from_a_damaged_che
     err = capsys.readouterr().err
     assert result.resumed_from == 2 and result.step == 4
     assert f"took over the lock {run_dir / 'train.lock'}: its holder, pid {dead} on host {HOST}" in err
-    assert f"{states}: {size // 2} bytes, expected {size}" in err
-    assert f"{newest / 'ema.safetensors'}: sha256 " in err and ", expected " in err
+    assert f"{states}: damaged, {size // 2} bytes, expected {size}" in err
+    assert f"{newest / 'ema.safetensors'}: damaged, sha256 " in err and ", expected " in err
     assert "resuming from the previous complete checkpoint step_00000002 instead" in err
     assert (run_dir / "checkpoints" / "damaged" / "step_00000004" / "ema.safetensors").exists()
     assert damage(newest) == []  # written again by the resumed run
@@ -215,7 +215,7 @@ def test_sample_export_evaluate_and_resume_refuse_a_damaged_file_by_name(copied_
     ema = folder / "ema.safetensors"
     size = ema.stat().st_size
     ema.write_bytes(ema.read_bytes()[:100])
-    named = f"damaged checkpoint file {ema}: 100 bytes, expected {size}"
+    named = f"checkpoint file {ema}: damaged, 100 bytes, expected {size}"
     for command in (["sample", "--checkpoint", str(folder), "--prompt", "a red circle", "--output",
                      str(tmp_path / "grid.png")],
                     ["export", "--checkpoint", str(folder), "--output", str(tmp_path / "exported"),
@@ -226,7 +226,7 @@ def test_sample_export_evaluate_and_resume_refuse_a_damaged_file_by_name(copied_
         assert main(command) == 1
         assert named in capsys.readouterr().err
     assert not (tmp_path / "grid.png").exists() and not (tmp_path / "exported").exists()
-    with pytest.raises(ValueError, match=f"no intact checkpoint to resume in .*step_00000004: {ema}: 100 bytes"):
+    with pytest.raises(ValueError, match=f"no intact checkpoint to resume in .*step_00000004: {ema}: damaged, 100 bytes"):
         train(resume_config(copied_run, 6))
     assert ema.exists()  # nothing to fall back to: left where it is
 

@@ -143,20 +143,23 @@ def _write_latest(run_dir: str | Path, step: int) -> None:
 def damage(folder: Path, names: tuple[str, ...] = ()) -> list[str] | None:
     """What is wrong with the files `names` (default: all) of a complete checkpoint, one
     line per file ([] = intact); None when its marker has no checksums (an older run)."""
-    files = read_json(str(folder / MARKER)).get("files")
+    try:
+        files = read_json(str(folder / MARKER)).get("files")
+    except ValueError:
+        return [f"{folder / MARKER}: damaged, not readable JSON"]
     if files is None:
         return None
     problems = []
     for name in names or sorted(files):
         path, want = folder / name, files.get(name)
         if want is None:
-            problems.append(f"{path}: not listed in the checkpoint's {MARKER} marker")
+            problems.append(f"{path}: not part of this checkpoint (its {MARKER} marker does not list it)")
         elif not path.is_file():
             problems.append(f"{path}: missing (expected {want['size']} bytes)")
         elif path.stat().st_size != want["size"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, expected {want['size']}")
+            problems.append(f"{path}: damaged, {path.stat().st_size} bytes, expected {want['size']}")
         elif (digest := sha256_of(str(path))) != want["sha256"]:
-            problems.append(f"{path}: sha256 {digest[:16]}..., expected {want['sha256'][:16]}... "
+            problems.append(f"{path}: damaged, sha256 {digest[:16]}..., expected {want['sha256'][:16]}... "
                             f"(same size, {want['size']} bytes)")
     return problems
 
@@ -172,7 +175,7 @@ def checked(folder: str | Path, *names: str) -> None:
         raise ValueError(f"{folder} is not a complete training checkpoint (no {MARKER} marker)")
     problems = damage(folder, names)
     if problems:
-        raise ValueError(f"damaged checkpoint file {problems[0]}")
+        raise ValueError(f"checkpoint file {problems[0]}")
     if problems is None and folder not in _noted_unverified:
         _noted_unverified.add(folder)
         _stderr(f"note: {folder} has no checksums (written before they were recorded): loaded unverified")
