@@ -18,7 +18,7 @@ def _worker(loop_config: dict) -> None:
 
 def train_on_ray(cfg: TrainConfig, workers: int, gpus_per_worker: float = 0.0, address: str = "",
                  cpus_per_worker: float = 1.0) -> TrainResult:
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import RunConfig, ScalingConfig, WorkerGroupError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.raysession import ray_session
@@ -37,7 +37,14 @@ def train_on_ray(cfg: TrainConfig, workers: int, gpus_per_worker: float = 0.0, a
             # Ray's own storage holds only the run record; checkpoints live in cfg.run_dir.
             run_config=RunConfig(name="amused-train", storage_path=str(_storage(cfg.run_dir))),
         )
-        trainer.fit()
+        try:
+            trainer.fit()
+        except WorkerGroupError as exc:
+            # Ray's own message is a traceback snippet; a rank's own error (a held lock, a
+            # damaged checkpoint file, a bad setting) says in one line what went wrong.
+            if not exc.worker_failures:
+                raise
+            raise exc.worker_failures[min(exc.worker_failures)] from exc
     # Ray Train 2 returns metrics only with Ray checkpoints; rank 0 wrote the outcome.
     return TrainResult.read(cfg.run_dir)
 
