@@ -152,6 +152,9 @@ def test_stage_flags_go_through_the_same_checks(tmp_path, capsys):
                 "--inception", "i.pth", "--guidance-scale", "-3"]
     assert main(evaluate) == 1
     assert "guidance_scale must be >= 1 (1 = off), got -3.0" in one_line_error(capsys)
+    for watch in (["--poll", "nan"], ["--poll", "0"], ["--timeout", "-5"]):
+        assert main(evaluate[:-2] + watch) == 1
+        assert "poll must be > 0 and timeout >= 0 seconds" in one_line_error(capsys)
     # Checked before the checkpoint (which does not exist) is loaded.
     sample = ["sample", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "a", "--output", str(tmp_path / "x.png"),
               "--guidance-scale", "-3"]

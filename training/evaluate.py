@@ -13,6 +13,7 @@ have a result; the watcher evaluates checkpoints as training writes them.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 from dataclasses import asdict
@@ -192,6 +193,9 @@ def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_di
 
     if bool(checkpoint) == bool(run_dir):
         raise ValueError("give either a checkpoint or a run folder")
+    if not 0 < poll_seconds < math.inf or not 0 <= timeout_seconds < math.inf:
+        raise ValueError(f"poll must be > 0 and timeout >= 0 seconds (0 = never), both finite; got poll "
+                         f"{poll_seconds}, timeout {timeout_seconds}")
     if checkpoint:
         checked(checkpoint, "config.yaml", EMA_WEIGHTS if cfg.ema else MODEL_STATES)
     if run_dir and not Path(run_dir).is_dir():
