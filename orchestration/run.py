@@ -95,10 +95,11 @@ def run(cfg: RunConfig, only: list[str] | None = None, start: str | None = None,
 
 
 def _locked_folders(cfg: RunConfig) -> list[str]:
-    """The run folder, and the data folder when it is not inside it (two runs sharing
-    data would otherwise write the same data stages at once)."""
-    inside = (cfg.data_dir.rstrip("/") + "/").startswith(cfg.run_dir.rstrip("/") + "/")
-    return [cfg.run_dir] if inside else [cfg.run_dir, cfg.data_dir]
+    """The run folder and the data folder, each with its own lock even when the data
+    lives inside the run folder: another run may name that same folder as its
+    `data_dir`, and would otherwise write the same data stages at once."""
+    same = cfg.data_dir.rstrip("/") == cfg.run_dir.rstrip("/")
+    return [cfg.run_dir] if same else [cfg.run_dir, cfg.data_dir]
 
 
 def _run_locked(cfg: RunConfig, selected: set[str], log) -> dict[str, dict]:

@@ -15,9 +15,9 @@ Three Ray Data passes, each resumable by its own completion files under `_work/`
 `_report.json`, written last, marks the job complete: rows in/out and rejections by
 rule, per file and in total. A row rejected by several rules counts under the first.
 A recorded width or height that is present but no plausible pixel count (0, negative,
-fractional, NaN, above MAX_SIDE, text that is no number, a boolean) is bad metadata:
-such rows are dropped as `invalid_size` whatever the size rules; a null size is unknown
-and passes unless a size rule needs it.
+fractional, NaN, above MAX_RECORDED_SIDE, text that is no number, a boolean) is bad
+metadata: such rows are dropped as `invalid_size` whatever the size rules; a null size
+is unknown and passes unless a size rule needs it.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from pipeline.config import opt
 from pipeline.fsio import atomic_writer, exists, list_files, parquet_columns, read_json, write_json_atomic
 from pipeline.raysession import ray_session
 from pipeline.urls import AddressPolicy, normalize, sample_keys, scheme_allowed, seeded_rank
+from pipeline.wds import MAX_RECORDED_SIDE
 from tokenizer.storage import join, url_to_fs
 
 REPORT = "_report.json"
@@ -73,9 +74,6 @@ SCHEMAS: dict[str, dict[str, str]] = {
 _SIGNATURES = (("laion", {"URL", "TEXT"}), ("datacomp", {"url", "text", "clip_l14_similarity_score"}),
                ("coyo", {"url", "text", "clip_similarity_vitl14"}), ("cc12m", {"url", "caption"}))
 _NUMBER = r"^\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$"
-# Largest plausible recorded side: 16x JPEG's own limit (65,535) still passes, so only
-# numbers that no decodable image has (overflow, ids or byte counts in the column) go.
-MAX_SIDE = 1 << 20
 # Inclusive bounds of the numeric settings (None: no bound); NaN and inf are in none.
 _BOUNDS = {"rows_per_shard": (1, None), "partition_rows": (1, None), "workers": (1, None),
            "min_width": (0, None), "min_height": (0, None), "max_aspect_ratio": (1, None),
@@ -109,7 +107,7 @@ class FilterConfig:
     languages: str = opt("", "comma-separated caption languages to keep (needs a language column)")
     dedup: bool = opt(True, "drop repeated URLs (after normalisation) across all input files")
     drop_invalid_sizes: bool = opt(True, "drop rows whose recorded width/height is present but not an integer in "
-                                         f"[1, {MAX_SIDE}] (--no-drop-invalid-sizes: keep them, size unknown)")
+                                         f"[1, {MAX_RECORDED_SIDE}] (--no-drop-invalid-sizes: keep them, size unknown)")
     allow_hosts: str = opt("", "comma-separated addresses/networks/names exempt from the URL address policy")
     seed: int = opt(0, "seed of the shuffle before sharding")
     rows_per_shard: int = opt(10_000, "rows per download shard")
@@ -272,7 +270,7 @@ def _as_size(arr: pa.Array) -> tuple[pa.Array, pa.Array]:
     """(sides as int64, null where unknown or invalid; whether each row's value was present
     but invalid). An empty or blank string is unknown, like null."""
     x = _as_float(arr)
-    ok = pc.fill_null(pc.and_(pc.and_(pc.greater_equal(x, 1.0), pc.less_equal(x, float(MAX_SIDE))),
+    ok = pc.fill_null(pc.and_(pc.and_(pc.greater_equal(x, 1.0), pc.less_equal(x, float(MAX_RECORDED_SIDE))),
                               pc.equal(pc.floor(x), x)), False)  # NaN compares false: not ok
     given = pc.is_valid(arr)
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):

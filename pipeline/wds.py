@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tarfile
 from dataclasses import dataclass, field
 from typing import IO, Iterable, Iterator
@@ -176,7 +177,9 @@ def metadata_of(sample: RawSample) -> dict:
     return meta
 
 
-# A recorded size above this is not a real image (and would not fit the int32 columns).
+# Largest plausible recorded side, for the filter and here alike: 16x JPEG's own limit
+# (65,535) still passes, so only numbers that no decodable image has (overflow, ids or
+# byte counts in the column) go; it also fits the token dataset's int32 columns.
 MAX_RECORDED_SIDE = 1 << 20
 _FLOAT32_MAX = 3.4028234663852886e38
 
@@ -184,11 +187,13 @@ _FLOAT32_MAX = 3.4028234663852886e38
 def aesthetic_of(meta: dict) -> float | None:
     """The first aesthetic score recorded under AESTHETIC_KEYS; None when none is.
 
-    A recorded value that is not a finite number within float32 raises BadSample("bad_metadata").
+    NaN counts as not recorded: img2dataset copies metadata columns through pandas, which
+    writes a missing float as NaN. Any other value that is not a finite number within
+    float32 raises BadSample("bad_metadata").
     """
     for name in AESTHETIC_KEYS:
         value = meta.get(name)
-        if value is None:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= _FLOAT32_MAX:
             raise BadSample("bad_metadata", f"{name}: {value!r} is not a finite number")

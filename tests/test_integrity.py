@@ -110,7 +110,7 @@ BAD_META = {
     "negative": {"original_width": -5, "original_height": 100},
     "zero": {"original_width": 0, "original_height": 0},
     "aesthetic_text": {"aesthetic_score": "high"},
-    "aesthetic_nan": {"AESTHETIC_SCORE": float("nan")},
+    "aesthetic_inf": {"AESTHETIC_SCORE": float("inf")},
     "aesthetic_overflow": {"aesthetic": 1e39},
 }
 
@@ -121,9 +121,12 @@ def test_bad_metadata_values_skip_their_sample_naming_the_key(tmp_path):
                                                      "aesthetic_score": 6})
     for name, meta in BAD_META.items():
         members += sample_members(name, image, "bad", meta)
+    # img2dataset writes a missing score as NaN (through pandas): that is "not recorded".
+    members += sample_members("unscored", image, "fine", {"aesthetic_score": float("nan"), "aesthetic": 5})
     members += [("notjson.jpg", image), ("notjson.txt", b"x"), ("notjson.json", b"{not json")]
     items, skipped = decode_tar(tmp_path, members)
-    assert [(i["key"].split("/")[1], i["orig_width"], i["aesthetic_score"]) for i in items] == [("good", 4000, 6.0)]
+    assert [(i["key"].split("/")[1], i["orig_width"], i["aesthetic_score"]) for i in items] == [
+        ("good", 4000, 6.0), ("unscored", 160, 5.0)]  # no recorded size: the decoded one
     reasons = {s["key"]: (s["reason"], s["detail"]) for s in skipped}
     assert set(reasons) == set(BAD_META) | {"notjson"}
     assert all(reason == "bad_metadata" for reason, _ in reasons.values())

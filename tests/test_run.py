@@ -214,3 +214,16 @@ def test_local_paths_become_absolute(tmp_path, monkeypatch):
     assert parsed.train.run_dir == str(tmp_path / "rel/run/train")
     assert parsed.train.data.dataset == str(tmp_path / "rel/run/data/tokens")
     assert parsed.pretokenize.text_encoder == str(tmp_path / "weights/clip")
+
+
+def test_runs_sharing_a_data_folder_share_a_lock(tmp_path):
+    """A run's data folder inside its run folder is locked too: another run may name it
+    as its own data_dir."""
+    from orchestration.run import _locked_folders
+
+    first = parse_run_config(demo_config(tmp_path / "x"))
+    second = parse_run_config({**demo_config(tmp_path / "y"), "data_dir": first.data_dir})
+    assert first.data_dir.startswith(first.run_dir + "/")
+    assert set(_locked_folders(first)) & set(_locked_folders(second)) == {first.data_dir}
+    same = parse_run_config({**demo_config(tmp_path / "z"), "data_dir": str(tmp_path / "z")})
+    assert _locked_folders(same) == [same.run_dir]

@@ -60,3 +60,16 @@ def test_shards_without_a_usable_image_stop_with_a_clear_error(tmp_path):
     (tmp_path / "00000.tar").write_bytes(tar_bytes(sample_members("bad", b"nope", "x", None)))
     with pytest.raises(ValueError, match="no usable image"):
         next(ImageCropReader(str(tmp_path), 32, 2))
+
+
+def test_a_shard_missing_samples_its_stats_file_records_is_refused(tmp_path):
+    """VQ-GAN training and held-out images read tars as strictly as pre-tokenization."""
+    from pipeline.wds import ShardFormatError
+    from training.vq_data import held_out_batches
+
+    write_shape_shards(str(tmp_path), shards=1, per_shard=3, min_size=40, max_size=90)
+    (tmp_path / "00000_stats.json").write_text('{"successes": 4}')
+    with pytest.raises(ShardFormatError, match="holds 3 samples, but img2dataset's stats file records 4"):
+        take(ImageCropReader(str(tmp_path), 32, 4, seed=1), 1)
+    with pytest.raises(ShardFormatError, match="holds 3 samples"):
+        list(held_out_batches(str(tmp_path), 32, 4))

@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipeline.fsio import list_files
 from pipeline.images import open_image
-from pipeline.wds import BadSample, RawSample, iter_samples
+from pipeline.wds import BadSample, RawSample, iter_samples, recorded_sample_count
 from tokenizer.storage import url_to_fs
 
 
@@ -46,7 +46,7 @@ class ImageCropReader:
         shard = self.my_shards(self.epoch)[self.shard_pos]
         fs, path = url_to_fs(self.shards[shard])
         with fs.open(path, "rb") as fh:
-            for i, sample in enumerate(iter_samples(fh, self.shards[shard])):
+            for i, sample in enumerate(iter_samples(fh, self.shards[shard], recorded_sample_count(fs, path))):
                 if i >= self.read:
                     yield shard, sample
 
@@ -120,7 +120,7 @@ def held_out_batches(images: str, resolution: int, batch_size: int, max_images: 
     for shard in list_files(images, ".tar"):
         fs, path = url_to_fs(shard)
         with fs.open(path, "rb") as fh:
-            for sample in iter_samples(fh, shard):
+            for sample in iter_samples(fh, shard, recorded_sample_count(fs, path)):
                 if max_images and count >= max_images:
                     break
                 found = sample.image
