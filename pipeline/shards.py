@@ -242,9 +242,11 @@ def read_markers(dataset_url: str) -> dict[str, Marker]:
     if not fs.exists(stats):
         return {}
     out = {}
-    for path in sorted(fs.glob(f"{stats}/*.json")):
-        with fs.open(path, "rb") as fh:
-            obj = json.loads(fh.read())
+    paths = sorted(fs.glob(f"{stats}/*.json"))
+    # One batched call: on object storage fsspec fetches the markers concurrently, not one GET at a time.
+    contents = fs.cat(paths) if paths else {}
+    for path in paths:
+        obj = json.loads(contents[path])
         record = ShardRecord(**obj["record"])
         spec = DatasetSpec.from_json(obj["spec"]) if obj.get("spec") else None
         out[record.name] = Marker(record, spec)
