@@ -145,7 +145,11 @@ def read_yaml(path: str) -> Any:
     except UnicodeDecodeError as exc:
         raise ValueError(f"cannot read config {path}: not UTF-8 text (byte {exc.start})") from None
     try:
-        return yaml.load(text, Loader=UniqueKeyLoader) or {}
+        loader = UniqueKeyLoader(text)  # a SafeLoader: builds plain data only, never objects
+        try:
+            return loader.get_single_data() or {}
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path

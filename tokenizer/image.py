@@ -34,7 +34,7 @@ class ImageTokenizer:
         self.dtype = resolve_dtype(dtype)
         if self.dtype == torch.float16:
             raise ValueError(
-                "the aMUSEd VQ-GAN overflows to NaN in float16; use fp32 or bf16 (DESIGN.md, REFERENCE.md)"
+                "the aMUSEd VQ-GAN overflows to NaN in float16; use fp32 or bf16"
             )
         if model.quantize.remap is not None:
             raise ValueError("VQ models with an index remap are not supported: token ids would not be codebook rows")

@@ -15,7 +15,7 @@ import torch
 from diffusers import UVit2DModel, VQModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-# aMUSEd's architectures (REFERENCE.md) and tiny ones of the same shape. The tiny VQ-GAN
+# aMUSEd's architectures and tiny ones of the same shape. The tiny VQ-GAN
 # downsamples 8x (not 16x) so that 64 px test images still give an 8x8 token grid. The
 # small one downsamples 4x and is the one to *train* on a CPU: at 32 px (8x8 tokens) it
 # reconstructs shape images better than their mean colour within ~500 steps, where the
