@@ -17,7 +17,8 @@ reader -> policy -> img2dataset -> summary:
   first, the stats file last), never touching a finished shard.
 - Every request img2dataset makes, first run or retry, goes through `pipeline.fetch_guard`
   with this run's policy: the URL, every redirect hop and every resolved address are
-  judged before connecting; a refusal is a permanent failure (`policy_url`,
+  judged before connecting (`resolve` pins names to addresses without DNS; a pinned
+  address is judged like any DNS answer); a refusal is a permanent failure (`policy_url`,
   `policy_redirect`, `policy_address`) in the summary.
 """
 
@@ -38,7 +39,7 @@ import pyarrow.parquet as pq
 from pipeline.config import opt
 from pipeline.fetch_guard import guarded_downloads
 from pipeline.fsio import atomic_writer, exists, list_files, parquet_columns, read_json, write_json_atomic
-from pipeline.urls import AddressPolicy, normalize, sample_keys, scheme_allowed
+from pipeline.urls import AddressPolicy, normalize, parse_allow, parse_pins, sample_keys, scheme_allowed
 from tokenizer.storage import join, url_to_fs
 
 STATE = "_amused"
@@ -89,6 +90,9 @@ class DownloadConfig:
     timeout: int = opt(10, "seconds per request")
     encode_quality: int = opt(95, "JPEG quality (1-100) when re-encoding")
     allow_hosts: str = opt("", "comma-separated addresses/networks/names exempt from the URL address policy")
+    resolve: str = opt("", "HOST=ADDRESS,...: answer these host names with these addresses instead of DNS, like "
+                           "curl --resolve (split DNS, tests); a pinned address is still judged by the URL policy, "
+                           "only --allow-hosts exempts")
     user_agent_token: str | None = opt(None, "token added to the User-Agent and matched in X-Robots-Tag")
     retry_failed: bool = opt(False, "fetch the transient failures again and add the successes as new shards")
     max_attempts: int = opt(3, "attempts per sample, first download included, before a failure is final")
@@ -108,10 +112,14 @@ class DownloadConfig:
         for name in ("input", "output"):
             if not getattr(self, name).strip():
                 raise ValueError(f"{name}: empty path")
-        self.policy()  # names a bad allow_hosts entry now, not in a worker
+        self.allow()  # names a bad allow_hosts or resolve entry now, not in a worker
+        self.pins()
 
     def allow(self) -> tuple[str, ...]:
-        return tuple(x.strip() for x in self.allow_hosts.split(",") if x.strip())
+        return parse_allow(self.allow_hosts)
+
+    def pins(self) -> dict[str, tuple[str, ...]]:
+        return parse_pins(self.resolve)
 
     def policy(self) -> AddressPolicy:
         return AddressPolicy(self.allow())
@@ -183,7 +191,7 @@ def run_img2dataset(url_list: str, output: str, extra: list[str], cfg: DownloadC
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports it; it would phone home
     from img2dataset import download as img2dataset_download
 
-    with guarded_downloads(cfg.allow()):
+    with guarded_downloads(cfg.allow(), cfg.pins()):
         img2dataset_download(
             url_list=url_list, output_folder=output, input_format="parquet", output_format="webdataset",
             url_col="url", caption_col="caption", save_additional_columns=extra,
@@ -293,10 +301,18 @@ def _retry_round(cfg: DownloadConfig, extra: list[str]) -> int:
 
 def _sort_shards(output: str) -> None:
     """Rewrites each finished shard's tar in key order (temp name, then rename); a marker
-    under `_amused/sorted/` written after it lets a rerun skip it."""
+    under `_amused/sorted/` written after it lets a rerun skip it. A damaged tar is left
+    as it is, for a person to look at; every intact shard is still sorted, then one error
+    names each damaged shard and the files whose deletion makes a rerun fetch it again:
+    img2dataset's incremental mode redoes an input file's shard whose stats file is
+    missing; the samples of a retry round's shard go back to their earlier failure, which
+    `--retry-failed` retries."""
     from pipeline.wds import ShardFormatError, sort_shard
 
     fs, _ = url_to_fs(output)
+    plans = list_files(join(output, STATE, "retry-*", "plan.json"), ".json", required=False)
+    first_retried = min((read_json(p)["first_shard"] for p in plans), default=None)
+    damaged = []
     for shard in _shard_ids(output):
         marker = join(output, STATE, "sorted", f"{shard:05d}.json")
         if exists(marker):
@@ -305,9 +321,16 @@ def _sort_shards(output: str) -> None:
         try:
             with fs.open(url_to_fs(url)[1], "rb") as src, atomic_writer(url) as dst:
                 members = sort_shard(src, dst)
-        except tarfile.TarError as exc:  # a damaged tar is left as it is, for a person to look at
-            raise ShardFormatError(f"{url}: {exc}") from None
-        write_json_atomic(marker, {"members": members})
+        except tarfile.TarError as exc:
+            files = " ".join(join(output, f"{shard:05d}{suffix}") for suffix in (".tar", ".parquet", "_stats.json"))
+            retried = first_retried is not None and shard >= first_retried
+            damaged.append(f"{url}: {exc} (to fetch it again, delete {files} and rerun amused download"
+                           f"{' --retry-failed' if retried else ''})")
+        else:
+            write_json_atomic(marker, {"members": members})
+    if damaged:
+        raise ShardFormatError(f"{len(damaged)} damaged finished shard(s) left as they are, the others sorted: "
+                               + "; ".join(damaged))
 
 
 # ----- the stage ---------------------------------------------------------------------------

@@ -7,10 +7,10 @@ wraps that object so that, in the worker, each shard runs with an opener that
 
 - judges every request's URL (scheme and host, decoded as the client will) before it is
   sent, and every redirect hop, the final one included, before it is followed;
-- resolves the host itself, judges every resolved address (a DNS answer pointing at
-  127.x, 10.x or 169.254.169.254 is refused; a name in the allow list is trusted) and
-  connects only to a judged address, so a second, different DNS answer (rebinding) is
-  never asked for;
+- resolves the host itself (or takes the addresses the user pinned it to, `--resolve`),
+  judges every resolved address (a DNS answer or pin pointing at 127.x, 10.x or
+  169.254.169.254 is refused; a name in the allow list is trusted) and connects only to
+  a judged address, so a second, different DNS answer (rebinding) is never asked for;
 - ignores proxy settings (through a proxy the address it connects to cannot be judged)
   and speaks only http and https.
 
@@ -41,6 +41,18 @@ class PolicyRefused(OSError):
 
 def system_resolver(host: str, port: int) -> list:
     return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+
+
+def pinned_resolver(pins: dict[str, tuple[str, ...]], fallback: Resolver = system_resolver) -> Resolver:
+    """`fallback`, except that a pinned host name (`pipeline.urls.parse_pins`) is answered
+    with its pinned addresses, in getaddrinfo's shape, without asking DNS."""
+    def resolve(host: str, port: int) -> list:
+        addresses = pins.get(host.lower().removesuffix("."))
+        if addresses is None:
+            return fallback(host, port)
+        return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (a, port, 0, 0)) if ":" in a
+                else (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (a, port)) for a in addresses]
+    return resolve
 
 
 def connect_judged(policy: AddressPolicy, resolve: Resolver, address: tuple[str, int], timeout,
@@ -128,15 +140,16 @@ def guarded_opener(policy: AddressPolicy, resolve: Resolver = system_resolver) -
 class GuardedDownloader:
     """img2dataset's Downloader with the guarded opener installed around each shard, in
     whichever process runs it; the previous opener comes back afterwards (a Ray worker
-    runs other tasks too)."""
+    runs other tasks too). It travels to the workers pickled, pins included."""
 
-    def __init__(self, downloader, allow: tuple[str, ...]):
+    def __init__(self, downloader, allow: tuple[str, ...], pins: dict[str, tuple[str, ...]]):
         self.downloader = downloader
         self.allow = allow
+        self.pins = pins
 
     def __call__(self, row):
         previous = urllib.request._opener
-        urllib.request.install_opener(guarded_opener(AddressPolicy(self.allow)))
+        urllib.request.install_opener(guarded_opener(AddressPolicy(self.allow), pinned_resolver(self.pins)))
         try:
             return self.downloader(row)
         finally:
@@ -144,12 +157,13 @@ class GuardedDownloader:
 
 
 @contextlib.contextmanager
-def guarded_downloads(allow: tuple[str, ...]) -> Iterator[None]:
-    """While open, every `img2dataset.download` in this process fetches through the guard."""
+def guarded_downloads(allow: tuple[str, ...], pins: dict[str, tuple[str, ...]]) -> Iterator[None]:
+    """While open, every `img2dataset.download` in this process fetches through the guard,
+    host names in `pins` resolved to their pinned addresses."""
     main = importlib.import_module("img2dataset.main")  # the package's `main` attribute is a function
 
     original = main.Downloader
-    main.Downloader = lambda **kwargs: GuardedDownloader(original(**kwargs), allow)
+    main.Downloader = lambda **kwargs: GuardedDownloader(original(**kwargs), allow, pins)
     try:
         yield
     finally:

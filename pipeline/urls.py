@@ -9,13 +9,16 @@ percent-decoded (urllib decodes the host once), then IDNA-mapped (Python's socke
 applies IDNA 2003, which maps full-width digits, circled letters and the dots `。．｡`;
 UTS-46 too when the `idna` package is installed); every form must pass, and a host
 that does not decode cleanly (bad UTF-8, a leftover `%`, `@` or `:`, spaces) is refused.
-A host written as an IP address must be globally routable (no loopback, private,
-link-local, cloud-metadata, CGNAT or reserved ranges) in any spelling the socket layer
-accepts (`127.1`, `2130706433`, `0x7f.0.0.1`); IPv6 forms that carry an IPv4 address
-(`::ffff:a.b.c.d`, `::a.b.c.d`, NAT64 `64:ff9b::/96`, 6to4, Teredo) are judged by that
-address too, and local-use NAT64 `64:ff9b:1::/48` is refused. `localhost` and metadata
-host names are refused. Hosts in `allow` (addresses or networks, e.g. 127.0.0.1 in
-tests, or names) pass. What a name resolves to is judged at connect time by
+A host written as an IP address must be globally reachable, in any spelling the socket
+layer accepts (`127.1`, `2130706433`, `0x7f.0.0.1`). What is globally reachable is this
+module's own table (`_SPECIAL`, from the IANA IPv4 and IPv6 special-purpose registries:
+loopback, private, link-local and cloud metadata, CGNAT, benchmarking, documentation,
+reserved, multicast, ...), never `ipaddress`'s `is_global`, whose answer changed between
+CPython patch releases. IPv6 forms that carry an IPv4 address (`::ffff:a.b.c.d`,
+`::a.b.c.d`, NAT64 `64:ff9b::/96`, 6to4, Teredo) are judged by that address, through the
+same table. `localhost` and metadata host names are refused. Hosts in `allow`
+(addresses or networks, e.g. 127.0.0.1 in tests, or names) pass. What a name resolves
+to (or is pinned to, see `parse_pins`) is judged at connect time by
 `pipeline.fetch_guard`, with `address_allowed` (names in `allow` are trusted there too).
 
 Keys: 128 bits of SipHash-2-4 (two fixed keys, pandas' C implementation) of the
@@ -44,8 +47,6 @@ _SUSPECT_HOST = (r"^https?://([^/?#]*@)?(\[|[0-9]|localhost|metadata|instance-da
 _BLOCKED_NAMES = ("localhost", "metadata", "metadata.google.internal", "instance-data", "instance-data.ec2.internal")
 # What a decoded, mapped host name may contain; anything else is not a name a resolver should see.
 _HOST_NAME = re.compile(r"[a-z0-9_.-]+")
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: never globally routed
 _KEY_SALTS = ("amused-url-key-a", "amused-url-key-b")
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 
@@ -119,14 +120,80 @@ def client_hosts(host: str | None) -> set[str] | None:
     return forms if all(_HOST_NAME.fullmatch(f) for f in forms) else None
 
 
-def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 address carries when the network delivers it over IPv4:
-    IPv4-compatible `::a.b.c.d`, NAT64, 6to4, Teredo (its client)."""
-    if int(ip) >> 32 == 0 or ip in _NAT64:
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    if ip.sixtofour:
-        return ip.sixtofour
-    return ip.teredo[1] if ip.teredo else None
+def _low32(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, ...]:
+    return (ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF),)
+
+
+def _sixtofour(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, ...]:
+    return (ipaddress.IPv4Address((int(ip) >> 80) & 0xFFFFFFFF),)
+
+
+def _teredo(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, ...]:
+    """The Teredo server and the (obfuscated) client address the traffic is relayed to."""
+    return ipaddress.IPv4Address((int(ip) >> 64) & 0xFFFFFFFF), ipaddress.IPv4Address(~int(ip) & 0xFFFFFFFF)
+
+
+# Network -> verdict; the longest prefix that contains an address decides. True: globally
+# reachable; False: refused; a function: the network delivers to the IPv4 address(es) it
+# returns, and their verdicts decide. From the IANA IPv4 and IPv6 Special-Purpose Address
+# Registries (rows whose "globally reachable" is False, and the True rows inside them),
+# plus multicast; for IPv6, everything outside the global unicast space 2000::/3 is refused
+# unless listed.
+_SPECIAL = {
+    "0.0.0.0/0": True,
+    "0.0.0.0/8": False,  # "this network"
+    "10.0.0.0/8": False,  # private
+    "100.64.0.0/10": False,  # shared address space (CGNAT)
+    "127.0.0.0/8": False,  # loopback
+    "169.254.0.0/16": False,  # link-local, cloud metadata 169.254.169.254
+    "172.16.0.0/12": False,  # private
+    "192.0.0.0/24": False,  # IETF protocol assignments (DS-Lite, dummy address, NAT64 discovery)
+    "192.0.0.9/32": True,  # PCP anycast
+    "192.0.0.10/32": True,  # TURN anycast
+    "192.0.2.0/24": False,  # documentation TEST-NET-1
+    "192.88.99.0/24": False,  # deprecated 6to4 relay anycast (RFC 7526)
+    "192.168.0.0/16": False,  # private
+    "198.18.0.0/15": False,  # benchmarking
+    "198.51.100.0/24": False,  # documentation TEST-NET-2
+    "203.0.113.0/24": False,  # documentation TEST-NET-3
+    "224.0.0.0/4": False,  # multicast
+    "240.0.0.0/4": False,  # reserved, broadcast 255.255.255.255 included
+    "::/0": False,  # outside 2000::/3: reserved by the IETF or special (below)
+    "2000::/3": True,  # global unicast
+    "::/128": False,  # unspecified
+    "::1/128": False,  # loopback
+    "::/96": _low32,  # IPv4-compatible (deprecated; a tunnel interface sends it over IPv4)
+    "::ffff:0:0/96": _low32,  # IPv4-mapped: the socket layer connects to the IPv4 address
+    "64:ff9b::/96": _low32,  # NAT64, well-known prefix
+    "64:ff9b:1::/48": False,  # local-use NAT64 (RFC 8215)
+    "100::/64": False,  # discard-only
+    "100:0:0:1::/64": False,  # dummy prefix
+    "2001::/23": False,  # IETF protocol assignments
+    "2001::/32": _teredo,
+    "2001:1::1/128": True,  # PCP anycast
+    "2001:1::2/128": True,  # TURN anycast
+    "2001:1::3/128": True,  # DNS-SD service registration anycast
+    "2001:2::/48": False,  # benchmarking
+    "2001:3::/32": True,  # AMT
+    "2001:4:112::/48": True,  # AS112-v6
+    "2001:10::/28": False,  # ORCHID (deprecated)
+    "2001:20::/28": True,  # ORCHIDv2
+    "2001:30::/28": True,  # drone remote ID
+    "2001:db8::/32": False,  # documentation
+    "2002::/16": _sixtofour,
+    "3fff::/20": False,  # documentation
+    "5f00::/16": False,  # SRv6 SIDs
+    "fc00::/7": False,  # unique local
+    "fe80::/10": False,  # link-local
+    "fec0::/10": False,  # site-local (deprecated)
+    "ff00::/8": False,  # multicast
+}
+_ROWS = sorted(((ipaddress.ip_network(net), verdict) for net, verdict in _SPECIAL.items()),
+               key=lambda row: -row[0].prefixlen)
+
+
+def _verdict(ip: ipaddress.IPv4Address | ipaddress.IPv6Address):
+    return next(verdict for net, verdict in _ROWS if ip in net)  # `in` is False across versions
 
 
 class AddressPolicy:
@@ -134,31 +201,19 @@ class AddressPolicy:
     a client would decode to one, except hosts in `allow`."""
 
     def __init__(self, allow: tuple[str, ...] = ()):
-        networks, names = [], set()
-        for entry in allow:
-            if _is_network(entry):
-                networks.append(ipaddress.ip_network(entry, strict=False))
-            elif _HOST_NAME.fullmatch(entry.lower().removesuffix(".")):
-                names.add(entry.lower().removesuffix("."))
-            else:
-                raise ValueError(f"allow_hosts: {entry!r} is neither an address, a network nor a host name "
-                                 f"(no scheme or port)")
-        self.allow = networks
-        self.allow_names = names
+        entries = [_allow_entry(entry) for entry in allow]
+        self.allow = [e for e in entries if not isinstance(e, str)]
+        self.allow_names = {e for e in entries if isinstance(e, str)}
 
     def address_allowed(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        """Whether a connection to `ip` is allowed: in `allow`, or global the way it is routed."""
+        """Whether a connection to `ip` is allowed: in `allow`, or globally reachable by
+        `_SPECIAL` the way it is routed (an embedded IPv4 address may be in `allow`)."""
         if any(ip in net for net in self.allow):
             return True
-        if isinstance(ip, ipaddress.IPv6Address):
-            if ip.ipv4_mapped:  # the socket layer connects to the IPv4 address itself
-                return self.address_allowed(ip.ipv4_mapped)
-            if ip in _LOCAL_NAT64:
-                return False
-            embedded = _embedded_ipv4(ip)
-            if embedded is not None and not self.address_allowed(embedded):
-                return False
-        return ip.is_global and not ip.is_multicast
+        verdict = _verdict(ip)
+        if callable(verdict):
+            return all(self.address_allowed(carried) for carried in verdict(ip))
+        return verdict
 
     def host_allowed(self, host: str | None) -> bool:
         """`host` as `urlsplit().hostname` gives it; every form a client may resolve must pass."""
@@ -197,12 +252,48 @@ class AddressPolicy:
         return pc.replace_with_mask(ok, suspect, pa.array(verdicts, pa.bool_()))
 
 
-def _is_network(text: str) -> bool:
+def _allow_entry(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | str:
+    """One allow-list entry as a network, or as a host name in the form clients resolve."""
     try:
-        ipaddress.ip_network(text, strict=False)
-        return True
+        return ipaddress.ip_network(entry, strict=False)
     except ValueError:
-        return False
+        pass
+    name = entry.lower().removesuffix(".")
+    if not _HOST_NAME.fullmatch(name):
+        raise ValueError(f"allow_hosts: {entry!r} is neither an address, a network nor a host name "
+                         f"(no scheme or port)")
+    return name
+
+
+def _entries(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_allow(text: str) -> tuple[str, ...]:
+    """`--allow-hosts` "ENTRY,...": addresses, networks or host names, each checked."""
+    entries = tuple(_entries(text))
+    for entry in entries:
+        _allow_entry(entry)
+    return entries
+
+
+def parse_pins(text: str) -> dict[str, tuple[str, ...]]:
+    """`--resolve` "HOST=ADDRESS,...", like curl's --resolve: each host name (ASCII, as a
+    client resolves it; a name given twice gets both addresses) is answered with its
+    addresses instead of asking DNS. A pin is no exemption: the policy judges the
+    pinned address like any DNS answer."""
+    pins: dict[str, tuple[str, ...]] = {}
+    for item in _entries(text):
+        host, sep, address = item.partition("=")
+        name = host.strip().lower().removesuffix(".")
+        if not sep or not _HOST_NAME.fullmatch(name) or _parse_address(name) is not None:
+            raise ValueError(f"resolve: {item!r} is not HOST=ADDRESS with HOST a host name")
+        try:
+            ip = ipaddress.ip_address(address.strip())
+        except ValueError:
+            raise ValueError(f"resolve: {item!r}: {address.strip()!r} is not an IP address") from None
+        pins[name] = (*pins.get(name, ()), str(ip))
+    return pins
 
 
 def _hashes(normalized: pa.Array) -> np.ndarray:

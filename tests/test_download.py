@@ -2,6 +2,8 @@
 
 import dataclasses
 import io
+import os
+import re
 import tarfile
 import threading
 import time
@@ -210,11 +212,46 @@ def test_a_damaged_finished_shard_is_named_and_left_as_it_is(tmp_path):
     from pipeline.download import _sort_shards
     from pipeline.wds import ShardFormatError, tar_bytes
 
-    whole = tar_bytes([("a.jpg", jpeg(0)), ("a.txt", b"x"), ("b.jpg", jpeg(1)), ("b.txt", b"y")])
-    cut = whole[:whole.index(b"b.jpg")]  # ends at a member boundary: no end-of-archive blocks
-    (tmp_path / "00000.tar").write_bytes(cut)
-    (tmp_path / "00000_stats.json").write_text('{"successes": 2}')
-    with pytest.raises(ShardFormatError, match=r"00000\.tar: .*end-of-archive"):
+    whole = tar_bytes([("b.jpg", jpeg(1)), ("b.txt", b"y"), ("a.jpg", jpeg(0)), ("a.txt", b"x")])
+    cut = whole[:whole.index(b"a.jpg")]  # ends at a member boundary: no end-of-archive blocks
+    for shard, data in (("00000", cut), ("00001", whole)):
+        (tmp_path / f"{shard}.tar").write_bytes(data)
+        (tmp_path / f"{shard}_stats.json").write_text('{"successes": 2}')
+    files = " ".join(str(tmp_path / f"00000{suffix}") for suffix in (".tar", ".parquet", "_stats.json"))
+    with pytest.raises(ShardFormatError, match=rf"1 damaged finished shard\(s\) left as they are, the others sorted: "
+                                               rf".*00000\.tar: .*end-of-archive.*delete {files} and rerun"):
         _sort_shards(str(tmp_path))
     assert (tmp_path / "00000.tar").read_bytes() == cut
-    assert not (tmp_path / "_amused" / "sorted").exists()
+    assert sorted(p.name for p in (tmp_path / "_amused" / "sorted").iterdir()) == ["00001.json"]
+    with open(tmp_path / "00001.tar", "rb") as fh:  # the intact shard after the damaged one is in key order
+        assert [s.key for s in iter_samples(fh, "00001.tar")] == ["a", "b"]
+    with pytest.raises(ShardFormatError, match=r"^1 damaged .*00000\.tar"):  # a rerun names it again, alone
+        _sort_shards(str(tmp_path))
+
+
+def test_deleting_the_files_a_damaged_shard_error_names_fetches_it_again(server, tmp_path):
+    from pipeline.wds import ShardFormatError
+
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    for i in range(2):
+        urls = [f"{server}/img/{100 + 10 * i + j}.jpg" for j in range(3)]
+        pq.write_table(pa.table({"url": urls, "caption": ["c"] * 3}), meta / f"{i:05d}.parquet")
+    out = tmp_path / "wds"
+    cfg = DownloadConfig(input=str(meta), output=str(out), image_size=64, processes=1, threads=4, timeout=5,
+                         allow_hosts="127.0.0.1", samples_per_shard=10)
+    assert download(cfg).successes == 6
+    intact = (out / "00001.tar").read_bytes()
+    # shard 1 as a crash between img2dataset and the sorting would leave it, but damaged
+    (out / "00001.tar").write_bytes(intact[:len(intact) // 2])
+    (out / "_amused" / "sorted" / "00001.json").unlink()
+    with pytest.raises(ShardFormatError) as error:
+        download(cfg)
+    named = re.search(r"delete (.*) and rerun amused download\)$", str(error.value)).group(1).split()
+    assert sorted(named) == sorted(str(out / f"00001{s}") for s in (".tar", ".parquet", "_stats.json"))
+    for path in named:
+        os.remove(path)
+    hits = image_hits()
+    again = download(cfg)
+    assert (again.shards, again.successes) == (2, 6) and image_hits() == hits + 3
+    assert (out / "00001.tar").read_bytes() == intact

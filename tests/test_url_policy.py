@@ -5,6 +5,7 @@ listens on 127.0.0.2, trap servers on 127.0.0.1 and ::1 count every request that
 should never have been made."""
 
 import dataclasses
+import ipaddress
 import socket
 import threading
 from collections import Counter
@@ -76,6 +77,39 @@ def test_hosts_are_judged_as_the_client_resolves_them():
     assert not allowed.url_allowed("http://localhost/") and not allowed.url_allowed("http://127.0.0.2/")
 
 
+# address -> verdict of the project's own table, whatever the interpreter's `is_global`
+# says (CPython 3.11.10 / 3.12.4 changed it, e.g. for 6to4 and 2001::/23).
+TABLE = {
+    "8.8.8.8": True, "1.1.1.1": True, "100.63.255.255": True, "192.0.0.9": True, "192.0.0.10": True,
+    "0.1.2.3": False, "10.1.2.3": False, "100.64.0.1": False, "127.0.0.2": False, "169.254.169.254": False,
+    "172.31.0.1": False, "192.0.0.8": False, "192.0.0.170": False, "192.0.2.1": False, "192.88.99.1": False,
+    "192.168.1.1": False, "198.19.0.1": False, "198.51.100.1": False, "203.0.113.1": False, "224.0.0.1": False,
+    "240.0.0.1": False, "255.255.255.255": False,
+    "2606:4700::1111": True, "2a00:1450::1": True, "2001:1::1": True, "2001:3::1": True, "2001:4:112::1": True,
+    "2001:20::1": True, "2001:30::1": True,
+    "::": False, "::1": False, "1::1": False, "100::1": False, "100:0:0:1::1": False, "2001:2::1": False,
+    "2001:10::1": False, "2001:db8::1": False, "2001:4::1": False, "3fff::1": False, "5f00::1": False,
+    "fc00::1": False, "fd12:3456::1": False, "fe80::1": False, "fec0::1": False, "ff02::1": False,
+    # IPv4 inside IPv6, judged by the same table
+    "::ffff:8.8.8.8": True, "::ffff:192.0.0.9": True, "::ffff:10.0.0.1": False, "::ffff:192.0.0.8": False,
+    "::8.8.8.8": True, "::10.0.0.1": False,
+    "64:ff9b::808:808": True, "64:ff9b::c000:8": False, "64:ff9b:1::808:808": False,
+    "2002:808:808::1": True, "2002:a00:1::": False, "2002:c000:208::1": False, "2002:6464:101::": False,
+    "2001:0:4136:e378:8000:63bf:f7f7:f7f7": True,  # Teredo, server 65.54.227.120, client 8.8.8.8
+    "2001:0:4136:e378:8000:63bf:80ff:fffe": False,  # client 127.0.0.1
+    "2001:0:a00:1:8000:63bf:f7f7:f7f7": False,  # server 10.0.0.1
+}
+
+
+def test_the_address_table_gives_the_same_verdicts_on_every_python():
+    policy = AddressPolicy()
+    assert {a: policy.address_allowed(ipaddress.ip_address(a)) for a in TABLE} == TABLE
+    urls = [f"http://[{a}]/" if ":" in a else f"http://{a}/" for a in TABLE]
+    assert policy(normalize(pa.array(urls))).to_pylist() == list(TABLE.values())
+    # the allow list reaches an IPv4 address inside IPv6 too
+    assert AddressPolicy(("10.0.0.0/8",)).address_allowed(ipaddress.ip_address("2002:a00:1::"))
+
+
 @pytest.mark.parametrize("entry", ["127.0.0.1:8080", "http://example.com", "exa mple.com"])
 def test_allow_list_entries_must_be_addresses_networks_or_names(entry):
     with pytest.raises(ValueError, match="allow_hosts: .*neither an address"):
@@ -92,6 +126,12 @@ def test_allow_list_entries_must_be_addresses_networks_or_names(entry):
     ("distributor", "spark", "distributor: 'spark'"),
     ("user_agent_token", "me\r\nX-Evil: 1", "user_agent_token: "),
     ("allow_hosts", "127.0.0.1, localhost:8000", "allow_hosts: 'localhost:8000'"),
+    ("resolve", "evil.test", "resolve: 'evil.test' is not HOST=ADDRESS"),
+    ("resolve", "a.test=127.0.0.1, 127.0.0.2=127.0.0.1", "resolve: '127.0.0.2=127.0.0.1' is not HOST=ADDRESS"),
+    ("resolve", "2130706433=127.0.0.1", "with HOST a host name"),
+    ("resolve", "evil.test=localhost", "resolve: 'evil.test=localhost': 'localhost' is not an IP address"),
+    ("resolve", "evil.test=127.1", "'127.1' is not an IP address"),
+    ("resolve", "evil.test=127.0.0.1:80", "is not an IP address"),
     ("output", " ", "output: empty path"),
 ])
 def test_download_config_checks_at_construction(field, value, message):
@@ -200,29 +240,6 @@ def test_guard_judges_every_hop_and_every_dns_answer(servers):
     assert fetch(by_name, f"http://mixed.test:{ok}/img/17.jpg")[0] == "policy_address"
 
 
-def hosts_file_name() -> tuple[str, str] | None:
-    """A name the system resolver maps to a loopback address only (from /etc/hosts), and
-    that address; None when there is none besides localhost."""
-    try:
-        lines = open("/etc/hosts").read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.split("#")[0].split()
-        for name in fields[1:]:
-            if name == "localhost" or name.endswith(".localhost"):
-                continue
-            try:
-                answers = {a[4][0] for a in socket.getaddrinfo(name, 80, type=socket.SOCK_STREAM)}
-            except OSError:
-                continue
-            if len(answers) == 1 and all(a.startswith("127.") or a == "::1" for a in answers):
-                address = answers.pop()
-                if address != "127.0.0.2":
-                    return name, address
-    return None
-
-
 def write_urls(folder, urls: list[str]) -> str:
     folder.mkdir()
     pq.write_table(pa.table({"url": urls, "caption": [f"caption {i}" for i in range(len(urls))]}),
@@ -232,7 +249,7 @@ def write_urls(folder, urls: list[str]) -> str:
 
 def test_download_refuses_hops_and_answers_then_retries_under_the_current_policy(servers, tmp_path, ray_session):
     """The whole `amused download` through img2dataset's worker processes (multiprocessing,
-    then Ray for the retry round)."""
+    then Ray for the retry round), DNS answers pinned with --resolve."""
     ok, trap, trap6 = servers["127.0.0.2"], servers["127.0.0.1"], servers["::1"]
     base = f"http://127.0.0.2:{ok}"
     urls = [f"{base}/img/0.jpg", f"{base}/to/{base}/img/1.jpg", f"{base}/error/2.jpg",
@@ -240,26 +257,28 @@ def test_download_refuses_hops_and_answers_then_retries_under_the_current_policy
             f"{base}/to/http://%31%32%37.0.0.1:{trap}/img/5.jpg",
             # refused before img2dataset sees them
             f"http://%31%32%37.0.0.1:{trap}/img/6.jpg", f"http://１２７.０.０.１:{trap}/img/7.jpg",
-            f"http://ⓛⓞⓒⓐⓛⓗⓞⓢⓣ:{trap}/img/8.jpg", f"http://[::127.0.0.1]:{trap}/img/9.jpg"]
-    named = hosts_file_name()
-    if named is not None:  # a DNS answer (from /etc/hosts) pointing at loopback
-        name, address = named
-        urls.append(f"http://{name}:{servers.get(address, trap)}/img/10.jpg")
+            f"http://ⓛⓞⓒⓐⓛⓗⓞⓢⓣ:{trap}/img/8.jpg", f"http://[::127.0.0.1]:{trap}/img/9.jpg",
+            # names answered by the pins, never by DNS: a pin is judged like any DNS answer
+            f"http://evil.test:{trap}/img/10.jpg", f"http://good.test:{ok}/img/11.jpg",
+            f"http://good.test:{ok}/error/12.jpg"]
     cfg = DownloadConfig(input=write_urls(tmp_path / "meta", urls), output=str(tmp_path / "wds"), image_size=64,
-                         processes=1, threads=4, timeout=5, allow_hosts="127.0.0.2", samples_per_shard=100)
+                         processes=1, threads=4, timeout=5, allow_hosts="127.0.0.2",
+                         resolve="evil.test=127.0.0.1,good.test=127.0.0.2", samples_per_shard=100)
     first = download(cfg)
     assert first.policy_rejected == {"url_scheme": 0, "url_address": 4}
-    assert first.successes == 2 and first.transient_pending == 1
-    assert first.failures == {"http_5xx": 1, "policy_redirect": 3, **({"policy_address": 1} if named else {})}
+    assert first.successes == 3 and first.transient_pending == 2
+    assert first.failures == {"http_5xx": 2, "policy_redirect": 3, "policy_address": 1}
+    assert Handler.hits["127.0.0.2", "/img/11.jpg"] == 1
     assert trap_hits() == 0
     assert "policy_redirect" in first.table() and "(permanent)" in first.table()
 
-    # A retry without the first run's allow list must not fetch what only that list let through.
-    errors = Handler.hits["127.0.0.2", "/error/2.jpg"]
+    # A retry without the first run's allow list must not fetch what only that list let
+    # through, whether named by address or by a pinned name.
+    errors = Handler.hits["127.0.0.2", "/error/2.jpg"], Handler.hits["127.0.0.2", "/error/12.jpg"]
     retried = download(dataclasses.replace(cfg, allow_hosts="", retry_failed=True, distributor="ray"))
-    assert Handler.hits["127.0.0.2", "/error/2.jpg"] == errors
-    assert retried.failures.get("policy_url") == 1 and "http_5xx" not in retried.failures
-    assert retried.transient_pending == 0 and retried.successes == 2
+    assert (Handler.hits["127.0.0.2", "/error/2.jpg"], Handler.hits["127.0.0.2", "/error/12.jpg"]) == errors
+    assert retried.failures == {"policy_url": 1, "policy_address": 2, "policy_redirect": 3}
+    assert retried.transient_pending == 0 and retried.successes == 3
 
 
 def test_prepare_input_refuses_encoded_spellings(tmp_path):
