@@ -41,7 +41,7 @@ from tqdm import tqdm
 from pipeline.config import opt
 from pipeline.fsio import atomic_writer, exists, list_files, parquet_columns, read_json, write_json_atomic
 from pipeline.raysession import ray_session
-from pipeline.urls import AddressPolicy, normalize, sample_keys, scheme_allowed, seeded_rank
+from pipeline.urls import AddressPolicy, normalize, parse_allow, sample_keys, scheme_allowed, seeded_rank
 from pipeline.wds import MAX_RECORDED_SIDE
 from tokenizer.storage import join, url_to_fs
 
@@ -149,7 +149,7 @@ class FilterConfig:
             min_similarity=self.min_similarity, max_nsfw=self.max_nsfw, max_watermark=self.max_watermark,
             min_aesthetic=self.min_aesthetic, caption_chars=(self.min_caption_chars, self.max_caption_chars),
             caption_words=(self.min_caption_words, self.max_caption_words),
-            languages=tuple(x.lower() for x in _csv(self.languages)), allow_hosts=_csv(self.allow_hosts),
+            languages=tuple(x.lower() for x in _csv(self.languages)), allow_hosts=parse_allow(self.allow_hosts),
             drop_invalid_sizes=self.drop_invalid_sizes)
 
 
