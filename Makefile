@@ -6,7 +6,7 @@ AMUSED := $(VENV)/bin/amused
 STAMP := $(VENV)/.installed-stamp
 DEMO := demo-out
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install lint test test-all demo bench clean
 
 $(STAMP): pyproject.toml requirements/img2dataset.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml requirements/img2dataset.txt
 
 install: $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q --durations=10
 
 test-all: $(STAMP)
