@@ -10,9 +10,14 @@ be checked from here: the lock is refused, naming the holder and the file to del
 that process is really gone. There is no lease or heartbeat that expires by itself.
 
 Taking the lock is an exclusive create: a hard link of the written file (O_EXCL
-semantics, also on NFS) on a POSIX file system, a conditional PUT (If-None-Match) on S3
-through s3fs. Other object stores get fsspec's look-then-write, which two processes
-starting in the same instant can both pass. Taking over a stale lock on a POSIX file
+semantics, also on NFS) on a POSIX file system, a conditional PUT (If-None-Match: *) on
+S3 through s3fs. Of two racing conditional PUTs AWS refuses the loser with 412
+PreconditionFailed or 409 ConditionalRequestConflict; both mean "not created, look
+again". An S3-compatible store that ignores If-None-Match (older MinIO, Ceph RGW and
+others) overwrites instead, and then the lock excludes nobody: check yours by writing
+one key twice, e.g. `aws s3api put-object --bucket B --key k --if-none-match '*'` run
+twice must fail the second time. Other object stores get fsspec's look-then-write, which
+two processes starting in the same instant can both pass. Taking over a stale lock on a POSIX file
 system happens under flock on that very file, so that of two takers one wins; on an
 object store the removal and the new create are separate requests, and a taker that
 removes the lock another taker has just made in that gap is not detected.
@@ -66,6 +71,16 @@ class Holder:
         return f"pid {self.pid} on host {self.host} since {since} (command: {self.command or '?'})"
 
 
+def _lost_race(exc: OSError) -> bool:
+    """A conditional PUT another writer won: s3fs names only a 412 that says which
+    condition failed FileExistsError; AWS's 409 for two racing conditional writes (and
+    a bare 412) reach us as plain OSErrors carrying botocore's answer as their cause."""
+    answer = getattr(exc.__cause__, "response", None) or {}
+    code = answer.get("Error", {}).get("Code")
+    status = answer.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("ConditionalRequestConflict", "PreconditionFailed") or status in (409, 412)
+
+
 class FolderLock:
     """`with FolderLock(url):` holds the lock file at `url` (its folder is created)."""
 
@@ -116,6 +131,10 @@ class FolderLock:
                 return True
             except FileExistsError:
                 return False
+            except OSError as exc:
+                if _lost_race(exc):
+                    return False
+                raise
         # Written in full under a private name, then linked: the lock file is never seen half-written.
         tmp = f"{self.path}.{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as fh:

@@ -1,13 +1,17 @@
 """One writer per run folder (the lock of `amused run`, `amused train`, `amused vqgan
 train`) and checkpoints checked against the checksums in their marker before any load."""
 
+import http.client
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
+import urllib.parse
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,7 @@ from orchestration.cli import main
 from pipeline.runlock import FolderLock, FolderLocked
 from pipeline.synthetic import write_token_dataset
 from tests.test_run import demo_config
-from training.checkpoint import MARKER, damage
+from training.checkpoint import MARKER, checked, damage, own_checksums
 from training.config import load_config, parse_config
 from training.engine import train
 from training.sample import load_trained_model
@@ -59,10 +63,9 @@ def crashed_holder(url: str) -> int:
 
 
 def files(folder: Path) -> dict[str, bytes]:
-    """Every file but the lock files (the holders' business) and Ray Train's own record
-    (its driver validates that storage before any rank starts)."""
+    """Every file but the lock files (the holders' business)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.suffix != ".lock" and p.relative_to(folder).parts[0] != "ray"}
+            if p.is_file() and p.suffix != ".lock"}
 
 
 def error_line(err: str) -> str:
@@ -106,6 +109,73 @@ def test_a_lock_held_on_another_host_is_refused_with_what_to_do(tmp_path):
     assert (tmp_path / "run.lock").exists()
 
 
+class _ConflictingS3(ThreadingHTTPServer):
+    """A proxy in front of the moto server that answers every conditional PUT the way AWS
+    answers the loser of two racing ones: 409 ConditionalRequestConflict."""
+
+    def __init__(self, upstream: str):
+        self.upstream = urllib.parse.urlsplit(upstream).netloc
+        self.conflicts = 0
+        super().__init__(("127.0.0.1", 0), _ConflictHandler)
+
+
+class _ConflictHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # answers the client's Expect: 100-continue
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.command == "PUT" and self.headers.get("If-None-Match"):
+            self.server.conflicts += 1
+            reply = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ConditionalRequestConflict</Code>'
+                     b"<Message>A conflicting conditional operation is currently in progress against this "
+                     b"resource. Please try again.</Message></Error>")
+            self.send_response(409)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+            return
+        upstream = http.client.HTTPConnection(self.server.upstream, timeout=30)
+        upstream.request(self.command, self.path, body=body,
+                         headers={k: v for k, v in self.headers.items() if k.lower() != "expect"})
+        answer = upstream.getresponse()
+        data = answer.read()
+        self.send_response(answer.status)
+        for key, value in answer.getheaders():
+            if key.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        upstream.close()
+
+    do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
+
+
+def test_a_conditional_write_that_lost_a_race_on_s3_looks_again(s3_bucket, s3_server, tmp_path, monkeypatch):
+    """AWS refuses the loser of two racing conditional PUTs with 409, which s3fs raises as
+    a plain OSError: the lock looks again and names the holder that won."""
+    import s3fs
+
+    url = f"{s3_bucket}/{tmp_path.name}/train.lock"
+    proxy = _ConflictingS3(s3_server)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    with held(url) as pid:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.server_address[1]}")
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            with pytest.raises(FolderLocked, match=f"held by pid {pid} on host {HOST}"):
+                FolderLock(url).acquire()
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+            proxy.shutdown()
+            proxy.server_close()
+    assert proxy.conflicts >= 1
+
+
 @pytest.mark.parametrize("shared_data", [False, True])
 def test_a_second_run_stops_before_changing_anything(tmp_path, capsys, shared_data):
     """Two `amused run` of one config (or two runs sharing a data folder) at once: the
@@ -147,7 +217,8 @@ def train_config(run_dir: Path, tokens: str, steps: int) -> dict:
 def test_a_second_training_stops_before_changing_anything(tmp_path, tokens, capsys, ray_session):
     """`amused train` (in process and on Ray workers) and `amused vqgan train` on a run
     folder another process trains in: a clear error naming it, before even a crash's
-    leftovers are cleaned up."""
+    leftovers are cleaned up (on Ray: from the driver, before Ray is asked for workers,
+    so not even Ray Train's record is written)."""
     run_dir = tmp_path / "run"
     leftover = run_dir / "checkpoints" / "step_00000003"
     leftover.mkdir(parents=True)
@@ -163,6 +234,23 @@ def test_a_second_training_stops_before_changing_anything(tmp_path, tokens, caps
             assert main(command) == 1
             assert f"held by pid {pid} on host {HOST}" in error_line(capsys.readouterr().err)
             assert files(run_dir) == before
+
+
+def test_on_ray_the_driver_takes_over_a_dead_trainers_lock(tmp_path, tokens, capsys, ray_session):
+    """Under Ray the driver holds the lock (its host is the user's, whatever node rank 0
+    lands on): a lock a dead run left on this host is taken over by the driver, and the
+    workers train without taking it again."""
+    from training.launch import train_on_ray
+
+    run_dir = tmp_path / "run"
+    dead = crashed_holder(str(run_dir / "train.lock"))
+    capsys.readouterr()
+    result = train_on_ray(parse_config(train_config(run_dir, tokens, 2)), workers=1)
+    assert result.step == 2
+    # The driver's own stderr (the workers' does not reach the driver in the tests).
+    assert f"took over the lock {run_dir / 'train.lock'}: its holder, pid {dead} on host {HOST}" in \
+        capsys.readouterr().err
+    assert not (run_dir / "train.lock").exists()
 
 
 def _flip_a_byte(path: Path) -> None:
@@ -244,3 +332,89 @@ def test_checkpoints_from_before_checksums_load_unverified(copied_run, capsys):
     assert result.resumed_from == 4 and result.step == 6
     assert "step_00000004 has no checksums (written before they were recorded): resuming unverified" in \
         capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- checking checkpoint files
+
+def _checkpoint_of_ranks(folder: Path, ranks: int) -> list[str]:
+    """A checkpoint folder as `ranks` ranks save one (DeepSpeed's and our per-rank file
+    names), its marker gathered from every rank's own checksums; the files' names."""
+    names = ["mp_rank_00_model_states.pt", "ema.safetensors", "trainer.json", "config.yaml"]
+    for rank in range(ranks):
+        names += [f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", f"rng/rank_{rank:05d}.json",
+                  f"rng/rank_{rank:05d}.safetensors"]
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(name.encode() * 50)
+    (folder / "trainer.json").write_text(json.dumps({"step": int(folder.name[5:])}))
+    marker = {k: v for rank in range(ranks) for k, v in own_checksums(folder, rank).items()}
+    (folder / MARKER).write_text(json.dumps({"step": int(folder.name[5:]), "files": marker}))
+    return sorted(names)
+
+
+def test_each_rank_checks_the_files_it_wrote(tmp_path):
+    """Resume checks split like saving: rank r of `world` checks the files ranks r,
+    r + world, ... wrote (all of them on one rank)."""
+    folder = tmp_path / "step_00000004"
+    names = _checkpoint_of_ranks(folder, 3)
+    for name in names:
+        (folder / name).unlink()
+    checked_by = {(rank, world): sorted(line.split(": missing")[0][len(str(folder)) + 1:]
+                                        for line in damage(folder, rank=rank, world=world))
+                  for world in (1, 2, 3, 4) for rank in range(world)}
+    assert checked_by[0, 1] == names
+    for world in (2, 3, 4):
+        shares = [checked_by[rank, world] for rank in range(world)]
+        assert sorted(n for share in shares for n in share) == names  # each file once
+    assert checked_by[1, 3] == ["rng/rank_00001.json", "rng/rank_00001.safetensors",
+                                "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert checked_by[0, 2] == sorted(set(names) - set(checked_by[1, 2]))
+    assert "zero_pp_rank_2_mp_rank_00_optim_states.pt" in checked_by[0, 2]  # 3 ranks' files resumed on 2
+    assert checked_by[3, 4] == []
+
+
+def _resume_on_rank(rank: int, run_dir: str, store: str) -> None:
+    import torch.distributed as dist
+
+    from training.engine import resume_state
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        state = resume_state(run_dir)
+        Path(store).with_name(f"rank{rank}.json").write_text(json.dumps(state))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_resume_from_the_newest_checkpoint_every_rank_found_intact(tmp_path, capfd):
+    import torch.multiprocessing as mp
+
+    root = tmp_path / "run" / "checkpoints"
+    for step in (2, 4):
+        _checkpoint_of_ranks(root / f"step_{step:08d}", 2)
+    _flip_a_byte(root / "step_00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")  # rank 1's to check
+    mp.spawn(_resume_on_rank, args=(str(tmp_path / "run"), str(tmp_path / "store")), nprocs=2)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [{"step": 2}] * 2
+    err = capfd.readouterr().err
+    assert f"{root / 'step_00000004' / 'zero_pp_rank_1_mp_rank_00_optim_states.pt'}: damaged, sha256 " in err
+    assert "resuming from the previous complete checkpoint step_00000002 instead" in err
+    assert (root / "damaged" / "step_00000004").is_dir() and not (root / "step_00000004").exists()
+
+
+def test_a_process_hashes_a_checkpoint_file_once_while_it_stays_unchanged(copied_run, monkeypatch):
+    import training.checkpoint as ckpt
+
+    hashed: list[str] = []
+    real = ckpt.sha256_of
+    monkeypatch.setattr(ckpt, "sha256_of", lambda path: hashed.append(Path(path).name) or real(path))
+    folder = copied_run / "checkpoints" / "step_00000004"
+    ema = folder / "ema.safetensors"
+    for _ in range(3):
+        checked(folder, "config.yaml", "ema.safetensors")
+    assert sorted(hashed) == ["config.yaml", "ema.safetensors"]
+    ema.write_bytes(ema.read_bytes())  # rewritten, same bytes: hashed again, and found intact
+    checked(folder, "ema.safetensors")
+    assert hashed.count("ema.safetensors") == 2
+    _flip_a_byte(ema)  # then changed: caught by the same process
+    with pytest.raises(ValueError, match=f"checkpoint file {ema}: damaged, sha256 "):
+        checked(folder, "ema.safetensors")

@@ -17,7 +17,11 @@ written, and a kill at any moment leaves the previous checkpoint usable (DeepSpe
 
 Every file is checked against the marker before it is read: a resume takes the newest
 checkpoint whose files all match, naming each damaged file and setting its checkpoint
-aside; sampling, export and evaluation refuse a damaged file by name. A marker from
+aside; sampling, export and evaluation refuse a damaged file by name. Saving and resuming
+split the hashing alike: each rank hashes the files it wrote (a resume on fewer ranks:
+rank r also takes those of ranks r + world, r + 2 world, ...). A process hashes a file
+once: it remembers the size and modification time it verified, and a file that changed
+since is hashed again (a new process always hashes). A marker from
 before checksums were recorded holds only the step: such a checkpoint loads unverified,
 with a note. DeepSpeed's files are pickles; they are loaded only from the run's own
 folder. Weights that come from outside a run are safetensors.
@@ -115,14 +119,22 @@ def restore_rank_rng(folder: Path, rank: int) -> bool:
     return True
 
 
+def writer(name: str) -> int:
+    """The rank that writes the checkpoint file `name` (a path inside the folder)."""
+    found = _RANK_IN_NAME.search(name.rpartition("/")[2])
+    return int(found.group(1)) if found else 0
+
+
 def own_checksums(folder: Path, rank: int) -> dict[str, dict]:
-    """Size and sha256 of the files of `folder` that `rank` wrote (each rank hashes its own:
-    in parallel, and on node-local disks too)."""
+    """Size and sha256 of the files of `folder` that `rank` wrote: each rank hashes its
+    own, in parallel. Every rank reads and writes the same folder, and a resume reads
+    every rank's files: the run folder must be on a file system all nodes share
+    (node-local disks are not supported; object storage is not yet)."""
     out = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        found = _RANK_IN_NAME.search(path.name)
-        if path.name != MARKER and TMP_MARK not in path.name and (int(found.group(1)) if found else 0) == rank:
-            out[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_of(str(path))}
+        name = path.relative_to(folder).as_posix()
+        if path.name != MARKER and TMP_MARK not in path.name and writer(name) == rank:
+            out[name] = {"size": path.stat().st_size, "sha256": sha256_of(str(path))}
     return out
 
 
@@ -140,9 +152,10 @@ def _write_latest(run_dir: str | Path, step: int) -> None:
     write_json_atomic(str(checkpoints_dir(run_dir) / "latest.json"), {"step": step, "tag": tag(step)})
 
 
-def damage(folder: Path, names: tuple[str, ...] = ()) -> list[str] | None:
-    """What is wrong with the files `names` (default: all) of a complete checkpoint, one
-    line per file ([] = intact); None when its marker has no checksums (an older run)."""
+def damage(folder: Path, names: tuple[str, ...] = (), rank: int = 0, world: int = 1) -> list[str] | None:
+    """What is wrong with the files `names` of a complete checkpoint, one line per file
+    ([] = intact); None when its marker has no checksums (an older run). Without `names`:
+    the files of the marker that `rank` of `world` checks (those it wrote; all for one rank)."""
     try:
         files = read_json(str(folder / MARKER)).get("files")
     except ValueError:
@@ -150,18 +163,32 @@ def damage(folder: Path, names: tuple[str, ...] = ()) -> list[str] | None:
     if files is None:
         return None
     problems = []
-    for name in names or sorted(files):
+    for name in names or sorted(n for n in files if writer(n) % world == rank):
         path, want = folder / name, files.get(name)
         if want is None:
             problems.append(f"{path}: not part of this checkpoint (its {MARKER} marker does not list it)")
         elif not path.is_file():
             problems.append(f"{path}: missing (expected {want['size']} bytes)")
+        elif _verified.get(path) == (seen := _seen(path, folder)):
+            continue
         elif path.stat().st_size != want["size"]:
             problems.append(f"{path}: damaged, {path.stat().st_size} bytes, expected {want['size']}")
         elif (digest := sha256_of(str(path))) != want["sha256"]:
             problems.append(f"{path}: damaged, sha256 {digest[:16]}..., expected {want['sha256'][:16]}... "
                             f"(same size, {want['size']} bytes)")
+        else:
+            _verified[path] = seen
     return problems
+
+
+# Files this process found matching their marker, with what a stat said of the file and of
+# the marker then: checking them again costs a stat, not a hash. Any write or replacement
+# changes the inode, the modification or the change time, and the file is hashed again.
+_verified: dict[Path, tuple] = {}
+
+
+def _seen(path: Path, folder: Path) -> tuple:
+    return tuple((s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for s in (path.stat(), (folder / MARKER).stat()))
 
 
 _noted_unverified: set[Path] = set()
@@ -169,7 +196,8 @@ _noted_unverified: set[Path] = set()
 
 def checked(folder: str | Path, *names: str) -> None:
     """Before a checkpoint's files are read: it is complete and `names` match its marker
-    (a ValueError names the damaged file); a marker without checksums is noted once."""
+    (a ValueError names the damaged file; each file is hashed once per process while it
+    stays unchanged); a marker without checksums is noted once."""
     folder = Path(folder)
     if not (folder / MARKER).exists():
         raise ValueError(f"{folder} is not a complete training checkpoint (no {MARKER} marker)")
@@ -181,36 +209,39 @@ def checked(folder: str | Path, *names: str) -> None:
         _stderr(f"note: {folder} has no checksums (written before they were recorded): loaded unverified")
 
 
-def resume_state(run_dir: str | Path, log=_stderr) -> dict | None:
-    """Rank 0, before a resume: the trainer state of the newest complete checkpoint whose
-    files all match its marker. Folders a crash left without a marker are removed; a
-    damaged checkpoint is named file by file and moved to checkpoints/damaged/, and the
-    one before it is taken. Complete checkpoints but none intact: an error."""
+def resume_candidates(run_dir: str | Path, log=_stderr) -> list[int]:
+    """Rank 0, before a resume: the complete steps, newest first, once the folders a
+    crash left without a marker are removed."""
     removed = remove_incomplete(run_dir)
     if removed:
         log(f"removed checkpoint folders a crash left incomplete: {', '.join(removed)}")
-    damaged: dict[int, list[str]] = {}
-    for step in reversed(complete_steps(run_dir)):
-        folder = checkpoints_dir(run_dir) / tag(step)
-        problems = damage(folder)
-        if problems:
-            log(f"checkpoint {tag(step)} is damaged: {'; '.join(problems)}")
-            damaged[step] = problems
-            continue
-        if problems is None:
-            log(f"checkpoint {tag(step)} has no checksums (written before they were recorded): resuming unverified")
+    return complete_steps(run_dir)[::-1]
+
+
+def resume_from(run_dir: str | Path, verdicts: dict[int, list[str] | None], log=_stderr) -> dict | None:
+    """Rank 0: the trainer state of the newest checkpoint whose files all match its marker,
+    given each checked step's problems (newest first, up to the first intact one; None: no
+    checksums). A damaged one is named file by file and moved to checkpoints/damaged/.
+    Complete checkpoints but none intact: an error."""
+    damaged = {step: problems for step, problems in verdicts.items() if problems}
+    for step, problems in damaged.items():
+        log(f"checkpoint {tag(step)} is damaged: {'; '.join(problems)}")
+    chosen = next((step for step, problems in verdicts.items() if not problems), None)
+    if chosen is None:
         if damaged:
-            for bad in damaged:
-                _set_aside(run_dir, bad)
-            _write_latest(run_dir, step)
-            log(f"resuming from the previous complete checkpoint {tag(step)} instead; moved "
-                f"{', '.join(tag(s) for s in damaged)} to {checkpoints_dir(run_dir) / DAMAGED}")
-        return json.loads((folder / "trainer.json").read_text())
+            raise ValueError(f"no intact checkpoint to resume in {checkpoints_dir(run_dir)}: "
+                             + "; ".join(f"{tag(s)}: {p[0]}" for s, p in damaged.items())
+                             + " (move the step_* folders away to start over)")
+        return None
+    if verdicts[chosen] is None:
+        log(f"checkpoint {tag(chosen)} has no checksums (written before they were recorded): resuming unverified")
     if damaged:
-        raise ValueError(f"no intact checkpoint to resume in {checkpoints_dir(run_dir)}: "
-                         + "; ".join(f"{tag(s)}: {p[0]}" for s, p in damaged.items())
-                         + " (move the step_* folders away to start over)")
-    return None
+        for bad in damaged:
+            _set_aside(run_dir, bad)
+        _write_latest(run_dir, chosen)
+        log(f"resuming from the previous complete checkpoint {tag(chosen)} instead; moved "
+            f"{', '.join(tag(s) for s in damaged)} to {checkpoints_dir(run_dir) / DAMAGED}")
+    return json.loads((checkpoints_dir(run_dir) / tag(chosen) / "trainer.json").read_text())
 
 
 def _set_aside(run_dir: str | Path, step: int) -> None:

@@ -5,8 +5,12 @@ Start-up checks everything that depends on the data, the model and the world siz
 before any step. A rerun on a run folder resumes from its newest intact checkpoint (its
 files checked against the checksums in its marker; a damaged one is named and the one
 before it taken); on another number of ranks through DeepSpeed's universal checkpoint
-conversion. Rank 0 holds RUN_DIR/train.lock for the whole training: a second training
-of the folder stops before it changes anything (pipeline/runlock.py).
+conversion; each rank checks the checkpoint files it wrote. RUN_DIR/train.lock is held
+for the whole training, so a second training of the folder stops before it changes
+anything (pipeline/runlock.py): by rank 0 under torchrun, the deepspeed launcher or in
+process; under Ray Train by the launching driver (training/launch.py), whose host does
+not change from one run to the next as rank 0's node does, so a dead run's lock is known
+stale there and taken over.
 
 Non-finite policy: every micro-step's loss is checked on all ranks. A step in which any
 rank saw a non-finite loss is skipped: its bad micro-steps contribute no gradient and
@@ -142,10 +146,14 @@ def rank0_decides(fn, *args):
     return value
 
 
+def train_lock(run_dir: str) -> FolderLock:
+    return FolderLock(str(Path(run_dir) / "train.lock"))
+
+
 def locked(run_dir: str, fn, *args):
     """`fn(*args)` with rank 0 holding RUN_DIR/train.lock, taken before anything in the
     folder changes; every rank fails alike when another process holds it."""
-    lock = FolderLock(str(Path(run_dir) / "train.lock"))
+    lock = train_lock(run_dir)
     rank0_decides(lock.acquire)
     try:
         return fn(*args)
@@ -184,7 +192,30 @@ def _inspect_run(cfg: TrainConfig) -> dict:
 
         out = TextEncoder.from_pretrained(cfg.model.text_encoder, device="cpu").encode([""])
         empty = {"hidden_states": out.hidden_states[0].half().numpy(), "pooled": out.pooled[0].half().numpy()}
-    return {"dataset": dataset, "empty": empty, "resume": ckpt.resume_state(cfg.run_dir)}
+    return {"dataset": dataset, "empty": empty}
+
+
+def resume_state(run_dir: str) -> dict | None:
+    """Every rank: the trainer state of the newest complete checkpoint whose files all
+    match its marker (training/checkpoint.py). Each rank hashes its own share of a
+    candidate's files, the verdicts are gathered, and the newest step every rank found
+    intact is taken; rank 0 names what is damaged and sets it aside."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    verdicts: dict[int, list[str] | None] = {}
+    for step in rank0_decides(ckpt.resume_candidates, run_dir):
+        folder = ckpt.checkpoints_dir(run_dir) / ckpt.tag(step)
+        try:
+            mine = ckpt.damage(folder, rank=rank, world=world)
+        except Exception as exc:  # reported, not raised: the other ranks wait in the gather
+            mine = [f"{folder}: rank {rank} could not check its files: {type(exc).__name__}: {exc}"]
+        every: list = [None] * world
+        dist.all_gather_object(every, mine)
+        lines = [line for part in every if part for line in part]
+        # No checksums is a fact of the marker, the same on every rank.
+        verdicts[step] = None if all(part is None for part in every) else list(dict.fromkeys(lines))
+        if not verdicts[step]:
+            break
+    return rank0_decides(ckpt.resume_from, run_dir, verdicts)
 
 
 def _check_model(model, spec) -> None:
@@ -275,7 +306,11 @@ class MetricsLog:
             self.wandb.finish()
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, launcher_holds_lock: bool = False) -> TrainResult:
+    """Trains (or resumes) the run; `launcher_holds_lock`: the process that started the
+    ranks holds RUN_DIR/train.lock (Ray Train's driver), so rank 0 does not take it."""
+    if launcher_holds_lock:
+        return in_process_group(_train, cfg)
     return in_process_group(locked, cfg.run_dir, _train, cfg)
 
 
@@ -375,7 +410,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = current_device()
     info = rank0_decides(_inspect_run, cfg)
-    dataset, resume = info["dataset"], info["resume"]
+    dataset, resume = info["dataset"], resume_state(cfg.run_dir)
     spec = dataset.spec
     lanes = resume["lanes"] if resume else (cfg.data.lanes or world)
     if resume and cfg.data.lanes and cfg.data.lanes != resume["lanes"]:

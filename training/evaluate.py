@@ -196,8 +196,9 @@ def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_di
     if not 0 < poll_seconds < math.inf or not 0 <= timeout_seconds < math.inf:
         raise ValueError(f"poll must be > 0 and timeout >= 0 seconds (0 = never), both finite; got poll "
                          f"{poll_seconds}, timeout {timeout_seconds}")
+    loaded = ("config.yaml", EMA_WEIGHTS if cfg.ema else MODEL_STATES)
     if checkpoint:
-        checked(checkpoint, "config.yaml", EMA_WEIGHTS if cfg.ema else MODEL_STATES)
+        checked(checkpoint, *loaded)
     if run_dir and not Path(run_dir).is_dir():
         raise FileNotFoundError(f"run folder {run_dir} not found")
     prompts = read_prompts(cfg.prompts, cfg.max_prompts)
@@ -220,8 +221,8 @@ def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_di
                 if workers is None:
                     workers = start_workers(cfg, *checkpoint_models(str(ckpt), cfg.vqgan, cfg.text_encoder))
                 try:
-                    # Here, not only in the actors: their error would not name the file.
-                    checked(ckpt, "config.yaml", EMA_WEIGHTS if cfg.ema else MODEL_STATES)
+                    if run_dir:  # here, not only in the actors: their error would not name the file
+                        checked(ckpt, *loaded)
                     done.append(evaluate_checkpoint(str(ckpt), cfg, sample, workers, prompts, reference))
                 except Exception as exc:
                     if (ckpt / MARKER).exists():

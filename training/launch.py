@@ -1,19 +1,24 @@
 """Ray Train launch: the same `train(cfg)` on N Ray workers (gloo on CPU, NCCL on GPU),
 so one Ray cluster runs the data jobs and the training alike. Under torchrun or the
-deepspeed launcher, `amused train CONFIG` calls `train(cfg)` directly."""
+deepspeed launcher, `amused train CONFIG` calls `train(cfg)` directly.
+
+Here the driver, on the user's host, holds RUN_DIR/train.lock from before Ray is asked
+for workers until they are done: rank 0 may land on any node, and a lock it left there
+when killed would refuse every later run whose rank 0 lands elsewhere, while the driver
+of the next run, on the same host, sees that the dead driver is gone and takes over."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from training.config import TrainConfig, parse_config
-from training.engine import Layout, TrainResult
+from training.engine import Layout, TrainResult, train_lock
 
 
 def _worker(loop_config: dict) -> None:
     from training.engine import train
 
-    train(parse_config(loop_config["config"]))
+    train(parse_config(loop_config["config"]), launcher_holds_lock=True)
 
 
 def train_on_ray(cfg: TrainConfig, workers: int, gpus_per_worker: float = 0.0, address: str = "",
@@ -28,7 +33,7 @@ def train_on_ray(cfg: TrainConfig, workers: int, gpus_per_worker: float = 0.0, a
     Layout.plan(cfg.data.global_batch_size, cfg.data.micro_batch_size, workers, cfg.data.lanes or workers)
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
-    with ray_session(address or None):
+    with train_lock(cfg.run_dir), ray_session(address or None):
         trainer = TorchTrainer(
             _worker,
             train_loop_config={"config": cfg.to_json()},

@@ -226,11 +226,12 @@ def train_vqgan(cfg: VQGANConfig):
 
 
 def _train_vqgan(cfg: VQGANConfig):
-    from training.engine import Layout, current_device, rank0_decides, run_loop, wants_bf16
+    from training.engine import Layout, current_device, rank0_decides, resume_state, run_loop, wants_bf16
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device = current_device()
-    resume = rank0_decides(_inspect, cfg)
+    rank0_decides(_inspect, cfg)
+    resume = resume_state(cfg.run_dir)
     layout = Layout.plan(cfg.data.global_batch_size, cfg.data.micro_batch_size, world, world)
     bf16 = wants_bf16(cfg.engine.precision, device)
     torch.manual_seed(cfg.seed)
@@ -244,11 +245,10 @@ def _train_vqgan(cfg: VQGANConfig):
     return run_loop(cfg, task, resume, False, device, bf16)
 
 
-def _inspect(cfg: VQGANConfig) -> dict | None:
+def _inspect(cfg: VQGANConfig) -> None:
     from pipeline.fsio import list_files
 
     list_files(cfg.data.images, ".tar")  # no shards: a clear error before any work
-    return ckpt.resume_state(cfg.run_dir)
 
 
 def vq_from_checkpoint(checkpoint: str) -> VQModel:
