@@ -31,7 +31,7 @@ from pipeline.images import decode_views
 from pipeline.fsio import list_files
 from pipeline.raysession import ray_session
 from pipeline.wds import IMAGE_EXTS, BadSample, RawSample, ShardFormatError, aesthetic_of, caption_of, \
-    iter_samples, metadata_of, original_size_of, recorded_sample_count
+    metadata_of, original_size_of, shard_samples
 from tokenizer.storage import VQGAN_SUBFOLDERS, url_to_fs
 
 
@@ -158,15 +158,12 @@ def read_chunks(row: dict, batch_size: int) -> Iterator[dict]:
     of samples than img2dataset's stats file records, ends in a row carrying its error.
     """
     source, pending, chunk = row["source"], [], 0
-    fs, path = url_to_fs(source)
     try:
-        expected = recorded_sample_count(fs, path)
-        with fs.open(path, "rb") as fh:
-            for sample in iter_samples(fh, source, expected):
-                pending.append(sample)
-                if len(pending) == batch_size:
-                    yield _pack(row, chunk, pending, last=False)
-                    chunk, pending = chunk + 1, []
+        for sample in shard_samples(source):
+            pending.append(sample)
+            if len(pending) == batch_size:
+                yield _pack(row, chunk, pending, last=False)
+                chunk, pending = chunk + 1, []
     except ShardFormatError as exc:
         yield _pack(row, chunk, [], last=True, error=str(exc))
         return

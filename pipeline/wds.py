@@ -20,6 +20,8 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import IO, Iterable, Iterator
 
+from tokenizer.storage import url_to_fs
+
 # Extensions of the formats pipeline.images decodes (its IMAGE_FORMATS), in order of preference.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "avif", "gif", "bmp", "tif", "tiff")
 AESTHETIC_KEYS = ("aesthetic_score", "AESTHETIC_SCORE", "aesthetic")
@@ -121,6 +123,15 @@ def iter_samples(fileobj: IO[bytes], source: str, expected: int | None = None) -
     if expected is not None and expected != len(seen):
         raise ShardFormatError(f"{source}: holds {len(seen)} samples, but img2dataset's stats file records "
                                f"{expected} successes; samples are missing or extra")
+
+
+def shard_samples(url: str) -> Iterator[RawSample]:
+    """The samples of the tar at `url` (any fsspec URL), read strictly and checked against
+    img2dataset's recorded count when its stats file lies beside the tar."""
+    fs, path = url_to_fs(url)
+    expected = recorded_sample_count(fs, path)
+    with fs.open(path, "rb") as fh:
+        yield from iter_samples(fh, url, expected)
 
 
 def recorded_sample_count(fs, tar_path: str) -> int | None:

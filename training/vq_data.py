@@ -21,8 +21,7 @@ from PIL import Image
 
 from pipeline.fsio import list_files
 from pipeline.images import open_image
-from pipeline.wds import BadSample, RawSample, iter_samples, recorded_sample_count
-from tokenizer.storage import url_to_fs
+from pipeline.wds import BadSample, RawSample, shard_samples
 
 
 class ImageCropReader:
@@ -44,11 +43,9 @@ class ImageCropReader:
 
     def _open(self) -> Iterator[tuple[int, RawSample]]:
         shard = self.my_shards(self.epoch)[self.shard_pos]
-        fs, path = url_to_fs(self.shards[shard])
-        with fs.open(path, "rb") as fh:
-            for i, sample in enumerate(iter_samples(fh, self.shards[shard], recorded_sample_count(fs, path))):
-                if i >= self.read:
-                    yield shard, sample
+        for i, sample in enumerate(shard_samples(self.shards[shard])):
+            if i >= self.read:
+                yield shard, sample
 
     def _crop(self, shard: int, index: int, data: bytes) -> np.ndarray:
         img, _ = open_image(data, min_side=self.resolution, max_pixels=self.max_pixels)
@@ -118,24 +115,22 @@ def held_out_batches(images: str, resolution: int, batch_size: int, max_images: 
     skipped = Counter() if skipped is None else skipped
     batch, count = [], 0
     for shard in list_files(images, ".tar"):
-        fs, path = url_to_fs(shard)
-        with fs.open(path, "rb") as fh:
-            for sample in iter_samples(fh, shard, recorded_sample_count(fs, path)):
-                if max_images and count >= max_images:
-                    break
-                found = sample.image
-                if found is None:
-                    skipped["no_image"] += 1
-                    continue
-                try:
-                    img, _ = open_image(found[1], min_side=min_side, max_pixels=max_pixels, target=resolution)
-                except BadSample as exc:
-                    skipped[exc.reason] += 1
-                    continue
-                batch.append(fit_image(img, resolution, Image.Resampling.BICUBIC))
-                count += 1
-                if len(batch) == batch_size:
-                    yield np.stack(batch)
-                    batch = []
+        for sample in shard_samples(shard):
+            if max_images and count >= max_images:
+                break
+            found = sample.image
+            if found is None:
+                skipped["no_image"] += 1
+                continue
+            try:
+                img, _ = open_image(found[1], min_side=min_side, max_pixels=max_pixels, target=resolution)
+            except BadSample as exc:
+                skipped[exc.reason] += 1
+                continue
+            batch.append(fit_image(img, resolution, Image.Resampling.BICUBIC))
+            count += 1
+            if len(batch) == batch_size:
+                yield np.stack(batch)
+                batch = []
     if batch:
         yield np.stack(batch)
