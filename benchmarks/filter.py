@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,11 +23,9 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.filter import SCHEMAS, FilterConfig, filter_metadata  # noqa: E402
-from pipeline.fsio import list_files  # noqa: E402
-from pipeline.synthetic import write_laion_metadata  # noqa: E402
+from amused.demo.synthetic import write_laion_metadata
+from amused.pipeline.filter import SCHEMAS, FilterConfig, filter_metadata
+from amused.plumbing.fsio import list_files
 
 RULES = dict(min_width=256, min_height=256, max_watermark=0.5, min_aesthetic=4.5, max_nsfw=0.45)
 PRIVATE = r"^https?://(?:[^/?#]*@)?(?:127\.|10\.|192\.168\.|169\.254\.|172\.(?:1[6-9]|2\d|3[01])\.|localhost|\[)"

@@ -20,7 +20,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,15 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline import shards as fmt  # noqa: E402
-from pipeline.images import decode_views  # noqa: E402
-from pipeline.pretokenize import PretokenizeConfig, list_input_shards, pretokenize  # noqa: E402
-from pipeline.synthetic import write_shape_shards  # noqa: E402
-from pipeline.wds import BadSample, caption_of, iter_samples  # noqa: E402
-from tokenizer import ImageTokenizer, TextEncoder  # noqa: E402
-from tokenizer.tiny import build_clip_text, build_vqgan, clip_bpe_tokenizer  # noqa: E402
+from amused.demo.synthetic import write_shape_shards
+from amused.pipeline import shards as fmt
+from amused.pipeline.images import decode_views
+from amused.pipeline.pretokenize import PretokenizeConfig, list_input_shards, pretokenize
+from amused.pipeline.wds import BadSample, caption_of, iter_samples
+from amused.tokenizer.image import ImageTokenizer
+from amused.tokenizer.presets import build_clip_text, build_vqgan, clip_bpe_tokenizer
+from amused.tokenizer.text import TextEncoder
 
 RES = 256
 

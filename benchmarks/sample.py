@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tokenizer import ImageTokenizer, TextEncoder  # noqa: E402
-from tokenizer.tiny import write_tiny_models  # noqa: E402
-from training.config import SampleConfig  # noqa: E402
-from training.model import PRESETS  # noqa: E402
-from training.sample import Sampler  # noqa: E402
+from amused.tokenizer.image import ImageTokenizer
+from amused.tokenizer.presets import write_tiny_models
+from amused.tokenizer.text import TextEncoder
+from amused.training.config import SampleConfig
+from amused.training.inference.sample import Sampler
+from amused.training.uvit.model import PRESETS
 
 # A U-ViT that is real work on 2 CPU cores, sized to the tiny VQ-GAN (64 codes) and CLIP (32-d).
 SMALL = dict(

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.shards import ROW_GROUP_ROWS, tensor_view  # noqa: E402
+from amused.pipeline.shards import ROW_GROUP_ROWS, tensor_view
 
 SHAPE = (77, 768)
 

@@ -17,22 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.shards import TokenDataset  # noqa: E402
-from pipeline.synthetic import write_token_dataset  # noqa: E402
-from training.config import parse_config  # noqa: E402
-from training.data import ShardReader  # noqa: E402
-from training.engine import train  # noqa: E402
-from training.model import PRESETS, build_model, mask_id, param_groups  # noqa: E402
-from training.objective import draw_masks, masked_loss  # noqa: E402
+from amused.demo.synthetic import write_token_dataset
+from amused.pipeline.shards import TokenDataset
+from amused.training.config import parse_config
+from amused.training.engine import train
+from amused.training.uvit.data import ShardReader
+from amused.training.uvit.model import PRESETS, build_model, mask_id, param_groups
+from amused.training.uvit.objective import draw_masks, masked_loss
 
 # Small enough for 2 CPU cores, big enough that a step is real work (~20M parameters).
 SMALL = dict(

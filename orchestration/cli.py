@@ -13,7 +13,7 @@ import sys
 
 
 def _models_tiny(args) -> int:
-    from tokenizer.tiny import write_tiny_models
+    from amused.tokenizer.presets import write_tiny_models
 
     out = write_tiny_models(args.out, seed=args.seed)
     print(f"tiny models written to {out}: vqgan/ text_encoder/ tokenizer/ transformer/")
@@ -21,7 +21,7 @@ def _models_tiny(args) -> int:
 
 
 def _synth(args) -> int:
-    from pipeline.synthetic import write_shape_shards
+    from amused.demo.synthetic import write_shape_shards
 
     urls = write_shape_shards(args.out, shards=args.shards, per_shard=args.per_shard, seed=args.seed,
                               min_size=args.min_size, max_size=args.max_size)
@@ -30,24 +30,24 @@ def _synth(args) -> int:
 
 
 def _filter(args) -> int:
-    from pipeline.config import config_from_args
-    from pipeline.filter import FilterConfig, filter_metadata
+    from amused.pipeline.filter import FilterConfig, filter_metadata
+    from amused.plumbing.config import config_from_args
 
     print(filter_metadata(config_from_args(FilterConfig, args)).table())
     return 0
 
 
 def _download(args) -> int:
-    from pipeline.config import config_from_args
-    from pipeline.download import DownloadConfig, download
+    from amused.pipeline.download import DownloadConfig, download
+    from amused.plumbing.config import config_from_args
 
     print(download(config_from_args(DownloadConfig, args)).table())
     return 0
 
 
 def _pretokenize(args) -> int:
-    from pipeline.config import config_from_args
-    from pipeline.pretokenize import PretokenizeConfig, pretokenize
+    from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
+    from amused.plumbing.config import config_from_args
 
     report = pretokenize(config_from_args(PretokenizeConfig, args))
     print(report.summary())
@@ -58,7 +58,7 @@ def _pretokenize(args) -> int:
 
 
 def _shards_verify(args) -> int:
-    from pipeline.inspect import verify_dataset
+    from amused.pipeline.inspect import verify_dataset
 
     report = verify_dataset(args.url, checksums=args.checksums)
     print(report.summary())
@@ -69,28 +69,28 @@ def _shards_verify(args) -> int:
 
 
 def _shards_inspect(args) -> int:
-    from pipeline.inspect import format_inspect, inspect_dataset
+    from amused.pipeline.inspect import format_inspect, inspect_dataset
 
     info = inspect_dataset(args.url, max_rows=args.max_rows)
     print(json.dumps(info, indent=1) if args.json else format_inspect(info))
     if args.grid:
-        from pipeline.inspect import reconstruction_grid
+        from amused.pipeline.inspect import reconstruction_grid
 
         print(f"decoded tokens of the first rows: {reconstruction_grid(args.url, args.grid, vqgan=args.vqgan)}")
     return 0
 
 
 def _train(args) -> int:
-    from training.config import load_config
+    from amused.training.config import load_config
 
     cfg = load_config(args.config)
     if args.ray_workers:
-        from training.launch import train_on_ray
+        from amused.training.launch import train_on_ray
 
         result = train_on_ray(cfg, workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker,
                               address=args.ray_address)
     else:
-        from training.engine import train
+        from amused.training.engine import train
 
         result = train(cfg)
     if os.environ.get("RANK", "0") == "0":
@@ -105,10 +105,10 @@ def _sample(args) -> int:
     import torch
     from PIL import Image
 
-    from pipeline.config import config_from_args
-    from pipeline.visual import image_grid
-    from training.config import SampleConfig
-    from training.sample import Sampler, checkpoint_models, fit_image, load_trained_model
+    from amused.plumbing.config import config_from_args
+    from amused.plumbing.plots import image_grid
+    from amused.training.config import SampleConfig
+    from amused.training.inference.sample import Sampler, checkpoint_models, fit_image, load_trained_model
 
     if args.mask and not args.image:
         raise ValueError("--mask needs --image (the picture to inpaint)")
@@ -132,8 +132,8 @@ def _sample(args) -> int:
 
 
 def _export(args) -> int:
-    from training.export import export_pipeline
-    from training.sample import checkpoint_models
+    from amused.training.inference.export import export_pipeline
+    from amused.training.inference.sample import checkpoint_models
 
     vqgan, text_encoder = checkpoint_models(args.checkpoint, args.vqgan, args.text_encoder)
     out = export_pipeline(args.checkpoint, args.output, vqgan, text_encoder, ema=not args.no_ema)
@@ -143,9 +143,9 @@ def _export(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from pipeline.config import config_from_args
-    from training.config import EvalConfig, SampleConfig
-    from training.evaluate import evaluate
+    from amused.plumbing.config import config_from_args
+    from amused.training.config import EvalConfig, SampleConfig
+    from amused.training.evaluation.evaluate import evaluate
 
     results = evaluate(config_from_args(EvalConfig, args), config_from_args(SampleConfig, args),
                        checkpoint=args.checkpoint or "", run_dir=args.run or "",
@@ -160,7 +160,7 @@ def _evaluate(args) -> int:
 
 
 def _fid_stats(args) -> int:
-    from training.evaluate import fid_reference
+    from amused.training.evaluation.evaluate import fid_reference
 
     report = fid_reference(args.images, args.output, args.inception, resolution=args.resolution,
                            max_images=args.max_images, batch_size=args.batch_size)
@@ -169,8 +169,8 @@ def _fid_stats(args) -> int:
 
 
 def _vqgan_train(args) -> int:
-    from pipeline.config import read_yaml
-    from training.vqgan import parse_vqgan_config, train_vqgan
+    from amused.plumbing.config import read_yaml
+    from amused.training.vqgan.task import parse_vqgan_config, train_vqgan
 
     result = train_vqgan(parse_vqgan_config(read_yaml(args.config)))
     m = result.last_metrics
@@ -181,14 +181,14 @@ def _vqgan_train(args) -> int:
 
 
 def _vqgan_export(args) -> int:
-    from training.vqgan import export_vqgan
+    from amused.training.vqgan.task import export_vqgan
 
     print(f"VQModel written to {export_vqgan(args.checkpoint, args.output)}")
     return 0
 
 
 def _vqgan_evaluate(args) -> int:
-    from training.vq_eval import evaluate_vqgan
+    from amused.training.evaluation.vqgan import evaluate_vqgan
 
     r = evaluate_vqgan(args.vqgan, args.images, args.output, resolution=args.resolution, batch_size=args.batch_size,
                        max_images=args.max_images, inception=args.inception or "", device=args.device)
@@ -200,9 +200,9 @@ def _vqgan_evaluate(args) -> int:
 
 
 def _run(args) -> int:
-    from orchestration.run import run
-    from orchestration.run_config import load_run_config
-    from orchestration.status import status
+    from amused.orchestration.run import run
+    from amused.orchestration.run_config import load_run_config
+    from amused.orchestration.status import status
 
     cfg = load_run_config(args.config)
     run(cfg, only=args.only, start=args.start)
@@ -211,15 +211,15 @@ def _run(args) -> int:
 
 
 def _status(args) -> int:
-    from orchestration.status import status
+    from amused.orchestration.status import status
 
     print(status(args.run_dir))
     return 0
 
 
 def _config(args) -> int:
-    from orchestration.run_config import load_run_config
-    from training.config import dump_config
+    from amused.orchestration.run_config import load_run_config
+    from amused.training.config import dump_config
 
     cfg = load_run_config(args.file)
     print(dump_config(cfg) if args.config_command == "show" else f"{args.file}: valid")
@@ -227,11 +227,11 @@ def _config(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.config import add_config_args
-    from pipeline.download import DownloadConfig
-    from pipeline.filter import FilterConfig
-    from pipeline.pretokenize import PretokenizeConfig
-    from training.config import EvalConfig, SampleConfig
+    from amused.pipeline.download import DownloadConfig
+    from amused.pipeline.filter import FilterConfig
+    from amused.pipeline.pretokenize import PretokenizeConfig
+    from amused.plumbing.config import add_config_args
+    from amused.training.config import EvalConfig, SampleConfig
 
     parser = argparse.ArgumentParser(prog="amused", description="aMUSEd data-and-training pipeline")
     sub = parser.add_subparsers(dest="command", required=True)

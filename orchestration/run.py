@@ -24,12 +24,12 @@ from typing import Any
 
 import yaml
 
-from orchestration.run_config import RunConfig
-from orchestration.stages import STAGES, Stage
-from pipeline.fsio import atomic_writer, exists, read_json, write_json_atomic
-from pipeline.runlock import FolderLock
-from tokenizer.storage import join, url_to_fs
-from training.config import dump_config
+from amused.orchestration.run_config import RunConfig
+from amused.orchestration.stages import STAGES, Stage
+from amused.plumbing.fsio import atomic_writer, exists, read_json, write_json_atomic
+from amused.plumbing.runlock import FolderLock
+from amused.plumbing.storage import join, url_to_fs
+from amused.training.config import dump_config
 
 
 def _state_url(run_dir: str, name: str) -> str:
@@ -103,7 +103,7 @@ def _locked_folders(cfg: RunConfig) -> list[str]:
 
 
 def _run_locked(cfg: RunConfig, selected: set[str], log) -> dict[str, dict]:
-    from pipeline.raysession import ray_session
+    from amused.plumbing.raysession import ray_session
 
     # The config as written (what `amused status` reads back) and with every default filled in.
     for name, text in (("config.yaml", yaml.safe_dump(cfg.given, sort_keys=False)),

@@ -13,13 +13,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config import from_mapping, opt, read_yaml
-from pipeline.download import DownloadConfig
-from pipeline.filter import FilterConfig
-from pipeline.pretokenize import PretokenizeConfig
-from tokenizer.storage import join
-from training.config import EvalConfig, SampleConfig, TrainConfig
-from training.vqgan import VQGANConfig
+from amused.pipeline.download import DownloadConfig
+from amused.pipeline.filter import FilterConfig
+from amused.pipeline.pretokenize import PretokenizeConfig
+from amused.plumbing.config import from_mapping, opt, read_yaml
+from amused.plumbing.storage import join
+from amused.training.config import EvalConfig, SampleConfig, TrainConfig
+from amused.training.vqgan.task import VQGANConfig
 
 
 @dataclass
@@ -65,7 +65,7 @@ class ModelsConfig:
 
 @dataclass
 class RayConfig:
-    address: str = opt("", "Ray cluster address; empty = start a local Ray")
+    address: str = opt("", "Ray cluster address; empty = start a local Ray", output=False)
     train_workers: int = opt(1, "Ray Train workers (one DeepSpeed rank each)")
     gpus_per_worker: float = opt(0.0, "GPUs per training worker (0 = CPU with gloo)")
     cpus_per_worker: float = opt(1.0, "CPUs reserved per training worker")
@@ -216,7 +216,7 @@ def _check_batches(ray: RayConfig, vqgan: VQGANConfig | None, train: TrainConfig
     """Each training's global batch must split over the ranks the run gives it (the train
     stage: ray.train_workers; the vqgan stage trains in the run's process, on one), by the
     trainers' own start-up check, `Layout.plan`; a resumed run keeps its recorded lanes."""
-    from training.engine import Layout
+    from amused.training.engine import Layout
 
     for name, data, world in (("train", train.data, ray.train_workers), ("vqgan", vqgan and vqgan.data, 1)):
         if data is None:
@@ -232,9 +232,9 @@ def _check_tokens_fit(models: ModelsConfig, vqgan: VQGANConfig | None, pretokeni
                       train: TrainConfig) -> None:
     """The U-ViT preset must take the tokens the run's VQ-GAN will make (grid and codebook);
     known before any work whenever both come from presets, not from folders."""
-    from tokenizer.image import downsample_of
-    from tokenizer.tiny import VQGAN_CONFIGS
-    from training.model import PRESETS
+    from amused.tokenizer.image import downsample_of
+    from amused.tokenizer.presets import VQGAN_CONFIGS
+    from amused.training.uvit.model import PRESETS
 
     preset = {"tiny": "tiny", "train": vqgan and not vqgan.model.pretrained and vqgan.model.preset}.get(models.vqgan)
     if not preset or train.model.pretrained:

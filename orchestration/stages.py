@@ -13,8 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from orchestration.run_config import RunConfig
-from tokenizer.storage import join
+from amused.orchestration.run_config import RunConfig
+from amused.plumbing.storage import join
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def _base_url(cfg: RunConfig) -> str:
 
 
 def run_source(cfg: RunConfig) -> dict:
-    from pipeline.synthetic import write_shape_site
+    from amused.demo.synthetic import write_shape_site
 
     syn = cfg.source.synthetic
     return write_shape_site(_www(cfg), cfg.filter.input, syn.images, _base_url(cfg), syn.min_size, syn.max_size,
@@ -66,8 +66,8 @@ def run_models(cfg: RunConfig) -> dict:
 
     import torch
 
-    from tokenizer.tiny import build_vqgan, write_tiny_clip, write_tiny_text_encoder
-    from training.metrics import write_random_inception
+    from amused.tokenizer.presets import build_vqgan, write_tiny_clip, write_tiny_text_encoder
+    from amused.training.evaluation.metrics import write_random_inception
 
     out, wanted = Path(cfg.run_dir) / "models", _tiny_models(cfg)
     torch.manual_seed(0)
@@ -85,7 +85,7 @@ def run_models(cfg: RunConfig) -> dict:
 # ----- data stages ------------------------------------------------------------------------
 
 def run_filter(cfg: RunConfig) -> dict:
-    from pipeline.filter import filter_metadata
+    from amused.pipeline.filter import filter_metadata
 
     report = filter_metadata(cfg.filter)
     print(report.table())
@@ -96,8 +96,8 @@ def run_filter(cfg: RunConfig) -> dict:
 def run_download(cfg: RunConfig) -> dict:
     from contextlib import nullcontext
 
-    from pipeline.download import download
-    from pipeline.synthetic import ImageServer
+    from amused.demo.synthetic import ImageServer
+    from amused.pipeline.download import download
 
     serve = ImageServer(_www(cfg), cfg.source.synthetic.port) if cfg.source.synthetic else nullcontext()
     with serve:
@@ -110,8 +110,8 @@ def run_download(cfg: RunConfig) -> dict:
 
 
 def run_vqgan(cfg: RunConfig) -> dict:
-    from pipeline.fsio import exists
-    from training.vqgan import export_vqgan, train_vqgan
+    from amused.plumbing.fsio import exists
+    from amused.training.vqgan.task import export_vqgan, train_vqgan
 
     result = train_vqgan(cfg.vqgan)
     target = cfg.pretokenize.vqgan
@@ -122,7 +122,7 @@ def run_vqgan(cfg: RunConfig) -> dict:
 
 
 def run_pretokenize(cfg: RunConfig) -> dict:
-    from pipeline.pretokenize import pretokenize
+    from amused.pipeline.pretokenize import pretokenize
 
     report = pretokenize(cfg.pretokenize)
     print(report.summary())
@@ -138,7 +138,7 @@ def run_train(cfg: RunConfig) -> dict:
     checkpoint as it is written, and the evaluate stage then only finishes what is left."""
     import threading
 
-    from training.launch import train_on_ray
+    from amused.training.launch import train_on_ray
 
     stop = threading.Event()
     watcher = None
@@ -156,7 +156,7 @@ def run_train(cfg: RunConfig) -> dict:
 
 
 def _watch_training(cfg: RunConfig, stop) -> None:
-    from training.evaluate import evaluate
+    from amused.training.evaluation.evaluate import evaluate
 
     try:
         _fid_reference(cfg)
@@ -168,8 +168,8 @@ def _watch_training(cfg: RunConfig, stop) -> None:
 
 def _fid_reference(cfg: RunConfig) -> None:
     """As many of the run's own images as images generated per checkpoint, unless given."""
-    from pipeline.fsio import exists
-    from training.evaluate import fid_reference, read_prompts
+    from amused.plumbing.fsio import exists
+    from amused.training.evaluation.evaluate import fid_reference, read_prompts
 
     ev = cfg.evaluate
     if not exists(ev.reference):
@@ -178,7 +178,7 @@ def _fid_reference(cfg: RunConfig) -> None:
 
 
 def run_evaluate(cfg: RunConfig) -> dict:
-    from training.evaluate import evaluate, read_results, results_dir
+    from amused.training.evaluation.evaluate import evaluate, read_results, results_dir
 
     _fid_reference(cfg)
     evaluate(cfg.evaluate, cfg.sample, run_dir=cfg.train.run_dir, ray_address=cfg.ray.address or None)
@@ -188,7 +188,7 @@ def run_evaluate(cfg: RunConfig) -> dict:
 
 
 def run_samples(cfg: RunConfig) -> dict:
-    from training.showcase import sample_grid
+    from amused.demo.showcase import sample_grid
 
     return sample_grid(cfg.train.run_dir, cfg.prompts, join(cfg.run_dir, "samples"), cfg.sample,
                        score_shapes=cfg.source.synthetic is not None)

@@ -6,16 +6,16 @@ import json
 
 import yaml
 
-from orchestration.run import read_state
-from orchestration.run_config import RunConfig, parse_run_config
-from orchestration.stages import STAGES
-from pipeline.fsio import exists, list_files
-from tokenizer.storage import join, url_to_fs
+from amused.orchestration.run import read_state
+from amused.orchestration.run_config import RunConfig, parse_run_config
+from amused.orchestration.stages import STAGES
+from amused.plumbing.fsio import exists, list_files
+from amused.plumbing.storage import join, url_to_fs
 
 
 def _progress(cfg: RunConfig, name: str) -> str:
     """Units of work present so far, read from the stage's outputs."""
-    from training.checkpoint import complete_steps
+    from amused.training.checkpoint import complete_steps
 
     if name in ("train", "vqgan"):
         section = cfg.train if name == "train" else cfg.vqgan
@@ -58,7 +58,7 @@ def status(run_dir: str) -> str:
 
 
 def _latest(cfg: RunConfig) -> list[str]:
-    from training.checkpoint import checkpoints_dir, complete_steps, tag
+    from amused.training.checkpoint import checkpoints_dir, complete_steps, tag
 
     out = []
     if exists(join(cfg.train.run_dir, "checkpoints")):
@@ -76,7 +76,7 @@ def _latest(cfg: RunConfig) -> list[str]:
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()
                 if k in ("step", "loss", "accuracy", "lr", "samples_per_second")))
     if cfg.evaluate is not None and exists(cfg.evaluate.output):
-        from training.evaluate import read_results
+        from amused.training.evaluation.evaluate import read_results
 
         results = read_results(cfg.evaluate.output)
         if results:
@@ -89,7 +89,7 @@ def _latest(cfg: RunConfig) -> list[str]:
         out.append(f"metric plots: {', '.join(plots)}")
     samples = join(cfg.run_dir, "samples/result.json")
     if exists(samples):
-        from pipeline.fsio import read_json
+        from amused.plumbing.fsio import read_json
 
         s = read_json(samples)
         pf = s.get("prompt_following")

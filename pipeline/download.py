@@ -36,11 +36,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.config import opt
-from pipeline.fetch_guard import guarded_downloads
-from pipeline.fsio import atomic_writer, exists, list_files, parquet_columns, read_json, write_json_atomic
-from pipeline.urls import AddressPolicy, normalize, parse_allow, parse_pins, sample_keys, scheme_allowed
-from tokenizer.storage import join, url_to_fs
+from amused.pipeline.fetch_guard import guarded_downloads
+from amused.pipeline.urls import AddressPolicy, normalize, parse_allow, parse_pins, sample_keys, scheme_allowed
+from amused.plumbing.config import opt
+from amused.plumbing.fsio import atomic_writer, exists, list_files, parquet_columns, read_json, write_json_atomic
+from amused.plumbing.storage import join, url_to_fs
 
 STATE = "_amused"
 SUMMARY = "download.json"
@@ -85,8 +85,8 @@ class DownloadConfig:
     image_size: int = opt(512, "shorter side after resizing (keep ratio); at least the training resolution")
     resize: bool = opt(True, "resize (only ever down) and re-encode; --no-resize keeps images as downloaded")
     samples_per_shard: int = opt(10_000, "at least the rows of the largest input file: one file, one shard")
-    processes: int = opt(max(1, (os.cpu_count() or 1)), "download processes")
-    threads: int = opt(64, "download threads per process")
+    processes: int = opt(max(1, (os.cpu_count() or 1)), "download processes", output=False)
+    threads: int = opt(64, "download threads per process", output=False)
     timeout: int = opt(10, "seconds per request")
     encode_quality: int = opt(95, "JPEG quality (1-100) when re-encoding")
     allow_hosts: str = opt("", "comma-separated addresses/networks/names exempt from the URL address policy")
@@ -307,7 +307,7 @@ def _sort_shards(output: str) -> None:
     img2dataset's incremental mode redoes an input file's shard whose stats file is
     missing; the samples of a retry round's shard go back to their earlier failure, which
     `--retry-failed` retries."""
-    from pipeline.wds import ShardFormatError, sort_shard
+    from amused.pipeline.wds import ShardFormatError, sort_shard
 
     fs, _ = url_to_fs(output)
     plans = list_files(join(output, STATE, "retry-*", "plan.json"), ".json", required=False)

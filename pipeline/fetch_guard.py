@@ -29,7 +29,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from functools import partial
 
-from pipeline.urls import AddressPolicy
+from amused.pipeline.urls import AddressPolicy
 
 # host, port -> getaddrinfo-shaped entries (family, type, proto, canonname, sockaddr)
 Resolver = Callable[[str, int], list]

@@ -38,12 +38,12 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.config import opt
-from pipeline.fsio import atomic_writer, exists, list_files, parquet_columns, read_json, write_json_atomic
-from pipeline.raysession import ray_session
-from pipeline.urls import AddressPolicy, normalize, parse_allow, sample_keys, scheme_allowed, seeded_rank
-from pipeline.wds import MAX_RECORDED_SIDE
-from tokenizer.storage import join, url_to_fs
+from amused.pipeline.urls import AddressPolicy, normalize, parse_allow, sample_keys, scheme_allowed, seeded_rank
+from amused.pipeline.wds import MAX_RECORDED_SIDE
+from amused.plumbing.config import opt
+from amused.plumbing.fsio import atomic_writer, exists, list_files, parquet_columns, read_json, write_json_atomic
+from amused.plumbing.raysession import ray_session
+from amused.plumbing.storage import join, url_to_fs
 
 REPORT = "_report.json"
 WORK = "_work"
@@ -111,10 +111,10 @@ class FilterConfig:
     allow_hosts: str = opt("", "comma-separated addresses/networks/names exempt from the URL address policy")
     seed: int = opt(0, "seed of the shuffle before sharding")
     rows_per_shard: int = opt(10_000, "rows per download shard")
-    partition_rows: int = opt(2_000_000, "rows per de-duplication partition (memory of one task)")
-    workers: int | None = opt(None, "concurrent Ray tasks per pass (default: as many as fit)")
-    ray_address: str | None = opt(None, "Ray cluster address (default: a local Ray)")
-    progress: bool = opt(True, "progress bars")
+    partition_rows: int = opt(2_000_000, "rows per de-duplication partition (memory of one task)", output=False)
+    workers: int | None = opt(None, "concurrent Ray tasks per pass (default: as many as fit)", output=False)
+    ray_address: str | None = opt(None, "Ray cluster address (default: a local Ray)", output=False)
+    progress: bool = opt(True, "progress bars", output=False)
 
     def __post_init__(self) -> None:
         if self.schema != "auto" and self.schema not in SCHEMAS:

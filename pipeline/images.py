@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from pipeline.wds import BadSample
+from amused.pipeline.wds import BadSample
 
 _SRGB = ImageCms.createProfile("sRGB")
 # The formats read, whatever a member's extension says: the web's image formats, whose

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline import shards as fmt
-from pipeline.fsio import TMP_MARK, sha256_of
-from tokenizer.storage import join, url_to_fs
+from amused.pipeline import shards as fmt
+from amused.plumbing.fsio import TMP_MARK, sha256_of
+from amused.plumbing.storage import join, url_to_fs
 
 
 @dataclass
@@ -194,9 +194,9 @@ def format_inspect(info: dict) -> str:
 
 def reconstruction_grid(url: str, out_png: str, n: int = 16, vqgan: str | None = None) -> str:
     """Decodes the first `n` rows' tokens with the dataset's VQ-GAN (or `vqgan`) into a captioned PNG."""
-    from pipeline.fsio import atomic_writer
-    from pipeline.visual import image_grid
-    from tokenizer import ImageTokenizer
+    from amused.plumbing.fsio import atomic_writer
+    from amused.plumbing.plots import image_grid
+    from amused.tokenizer.image import ImageTokenizer
 
     dataset = fmt.TokenDataset(url)
     batch = next(dataset.iter_batches(batch_size=n, columns=["caption", "image_tokens"]))

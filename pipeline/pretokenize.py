@@ -25,14 +25,23 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from pipeline import shards as fmt
-from pipeline.config import opt
-from pipeline.images import decode_views
-from pipeline.fsio import list_files
-from pipeline.raysession import ray_session
-from pipeline.wds import IMAGE_EXTS, BadSample, RawSample, ShardFormatError, aesthetic_of, caption_of, \
-    metadata_of, original_size_of, shard_samples
-from tokenizer.storage import VQGAN_SUBFOLDERS, url_to_fs
+from amused.pipeline import shards as fmt
+from amused.pipeline.images import decode_views
+from amused.pipeline.wds import (
+    IMAGE_EXTS,
+    BadSample,
+    RawSample,
+    ShardFormatError,
+    aesthetic_of,
+    caption_of,
+    metadata_of,
+    original_size_of,
+    shard_samples,
+)
+from amused.plumbing.config import opt
+from amused.plumbing.fsio import list_files
+from amused.plumbing.raysession import ray_session
+from amused.plumbing.storage import VQGAN_SUBFOLDERS, url_to_fs
 
 
 @dataclass
@@ -48,14 +57,14 @@ class PretokenizeConfig:
     min_side: int = opt(32, "skip images whose shorter side is below this")
     max_pixels: int = opt(64_000_000, "skip images whose header declares more pixels (decompression bombs)")
     batch_size: int = opt(64, "images per chunk: the encoder batch, before views")
-    encoders: int | None = opt(None, "encoder actors (default: one per GPU, else 1)")
-    device: str = opt("auto", "auto, cpu or cuda (auto: cuda when the Ray cluster has GPUs)")
+    encoders: int | None = opt(None, "encoder actors (default: one per GPU, else 1)", output=False)
+    device: str = opt("auto", "auto, cpu or cuda (auto: cuda when the Ray cluster has GPUs)", output=False)
     dtype: str = opt("auto", "auto, fp32 or bf16 (auto: bf16 on GPU, fp32 on CPU); fp16 is refused")
-    encoder_cpus: float = opt(1.0, "CPUs reserved by each CPU encoder actor")
-    encoder_threads: int | None = opt(None, "torch threads per CPU encoder (default: cores / encoders)")
-    decode_cpus: float = opt(0.5, "CPUs reserved by each decode task")
-    ray_address: str | None = opt(None, "Ray cluster address (default: start a local Ray)")
-    progress: bool = opt(True, "show a progress bar")
+    encoder_cpus: float = opt(1.0, "CPUs reserved by each CPU encoder actor", output=False)
+    encoder_threads: int | None = opt(None, "torch threads per CPU encoder (default: cores / encoders)", output=False)
+    decode_cpus: float = opt(0.5, "CPUs reserved by each decode task", output=False)
+    ray_address: str | None = opt(None, "Ray cluster address (default: start a local Ray)", output=False)
+    progress: bool = opt(True, "show a progress bar", output=False)
 
     def __post_init__(self):
         # Checked on construction, so that flags, a run config and Python callers all refuse
@@ -259,7 +268,8 @@ class ChunkEncoder:
                  threads: int | None):
         import torch
 
-        from tokenizer import ImageTokenizer, TextEncoder
+        from amused.tokenizer.image import ImageTokenizer
+        from amused.tokenizer.text import TextEncoder
 
         if threads:
             torch.set_num_threads(threads)
@@ -383,7 +393,8 @@ def _encoder_plan(cfg: PretokenizeConfig) -> EncoderPlan:
 def _dataset_spec(cfg: PretokenizeConfig, plan: EncoderPlan) -> fmt.DatasetSpec:
     """Fingerprints the models and reads their shapes (on the driver, on CPU); writes the
     empty prompt's embeddings next to the shards."""
-    from tokenizer import ImageTokenizer, TextEncoder
+    from amused.tokenizer.image import ImageTokenizer
+    from amused.tokenizer.text import TextEncoder
 
     image = ImageTokenizer.from_pretrained(cfg.vqgan, device="cpu")
     text = TextEncoder.from_pretrained(cfg.text_encoder, device="cpu")

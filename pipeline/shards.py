@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.fsio import atomic_writer, read_json, write_json_atomic
-from tokenizer.storage import folder_fingerprint, join, local_folder, resolve_subfolder, url_to_fs
+from amused.plumbing.fsio import atomic_writer, read_json, write_json_atomic
+from amused.plumbing.storage import folder_fingerprint, join, local_folder, resolve_subfolder, url_to_fs
 
 FORMAT = "amused-token-dataset"
 VERSION = 2  # 2: the spec records the encoders' device and dtype; markers carry the spec

@@ -20,7 +20,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import IO, Iterable, Iterator
 
-from tokenizer.storage import url_to_fs
+from amused.plumbing.storage import url_to_fs
 
 # Extensions of the formats pipeline.images decodes (its IMAGE_FORMATS), in order of preference.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "avif", "gif", "bmp", "tif", "tiff")

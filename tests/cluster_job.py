@@ -13,8 +13,8 @@ def main(images: str, models: str, out: str, remove_after: float) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipeline.fsio import list_files
-    from pipeline.pretokenize import PretokenizeConfig, pretokenize
+    from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
+    from amused.plumbing.fsio import list_files
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
     worker = cluster.add_node(num_cpus=3)

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 
-
 def pytest_collection_modifyitems(config, items):
     import torch
 
@@ -26,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
-    from tokenizer.tiny import write_tiny_models
+    from amused.tokenizer.presets import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
@@ -84,9 +83,9 @@ def ray_session(s3_server):
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory) -> str:
     """A tiny U-ViT's training checkpoint after 4 steps (its EMA differs from the raw weights)."""
-    from pipeline.synthetic import write_token_dataset
-    from training.config import parse_config
-    from training.engine import train
+    from amused.demo.synthetic import write_token_dataset
+    from amused.training.config import parse_config
+    from amused.training.engine import train
 
     root = tmp_path_factory.mktemp("trained")
     write_token_dataset(str(root / "tokens"), [64])

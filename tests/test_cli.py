@@ -2,10 +2,10 @@
 
 import json
 
-from orchestration.cli import main
-from pipeline.pretokenize import list_input_shards
+from amused.orchestration.cli import main
+from amused.pipeline.pretokenize import list_input_shards
+from amused.tokenizer.image import ImageTokenizer
 from tests.test_shards import write_dataset
-from tokenizer import ImageTokenizer
 
 
 def test_models_tiny_and_synth_write_what_the_loaders_read(tmp_path, capsys):

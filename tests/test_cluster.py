@@ -9,9 +9,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.fsio import list_files
-from pipeline.pretokenize import PretokenizeConfig, pretokenize
-from pipeline.synthetic import write_shape_shards
+from amused.demo.synthetic import write_shape_shards
+from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
+from amused.plumbing.fsio import list_files
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestration.cli import main
-from orchestration.run_config import parse_run_config
+from amused.orchestration.cli import main
+from amused.orchestration.run_config import parse_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NAN, INF = math.nan, math.inf
@@ -188,7 +188,7 @@ def test_yaml_errors_name_file_line_and_column(tmp_path, capsys, text, where, pr
 
 
 def test_yaml_merge_keys_may_be_overridden(tmp_path):
-    from pipeline.config import read_yaml
+    from amused.plumbing.config import read_yaml
 
     path = tmp_path / "merge.yaml"
     path.write_text("base: &b {lr: 0.1, steps: 3}\ntrain:\n  <<: *b\n  lr: 0.2\n")

@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.download import DownloadConfig, classify, download
-from pipeline.fsio import list_files
-from pipeline.pretokenize import PretokenizeConfig, pretokenize
-from pipeline.shards import TokenDataset
-from pipeline.wds import iter_samples, metadata_of
+from amused.pipeline.download import DownloadConfig, classify, download
+from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
+from amused.pipeline.shards import TokenDataset
+from amused.pipeline.wds import iter_samples, metadata_of
+from amused.plumbing.fsio import list_files
 
 
 def jpeg(n: int, size=(120, 90)) -> bytes:
@@ -209,8 +209,8 @@ def test_s3_input_and_output(server, tmp_path, s3_bucket):
 
 
 def test_a_damaged_finished_shard_is_named_and_left_as_it_is(tmp_path):
-    from pipeline.download import _sort_shards
-    from pipeline.wds import ShardFormatError, tar_bytes
+    from amused.pipeline.download import _sort_shards
+    from amused.pipeline.wds import ShardFormatError, tar_bytes
 
     whole = tar_bytes([("b.jpg", jpeg(1)), ("b.txt", b"y"), ("a.jpg", jpeg(0)), ("a.txt", b"x")])
     cut = whole[:whole.index(b"a.jpg")]  # ends at a member boundary: no end-of-archive blocks
@@ -230,7 +230,7 @@ def test_a_damaged_finished_shard_is_named_and_left_as_it_is(tmp_path):
 
 
 def test_deleting_the_files_a_damaged_shard_error_names_fetches_it_again(server, tmp_path):
-    from pipeline.wds import ShardFormatError
+    from amused.pipeline.wds import ShardFormatError
 
     meta = tmp_path / "meta"
     meta.mkdir()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from training.metrics import FeatureStats, frechet_distance
+from amused.training.evaluation.metrics import FeatureStats, frechet_distance
 
 PROMPTS = ["a red circle on a grey background", "a blue square", "a green triangle", "a yellow star",
            "a purple circle on a white background", "a black square"]
@@ -62,10 +62,10 @@ def test_fid_of_a_feature_set_against_itself_is_zero_and_mismatched_protocols_ar
 
 @pytest.fixture(scope="module")
 def eval_setup(tmp_path_factory, tiny_models, trained_checkpoint, ray_session):
-    from orchestration.cli import main
-    from pipeline.synthetic import write_shape_shards
-    from tokenizer.tiny import write_tiny_clip
-    from training.metrics import write_random_inception
+    from amused.demo.synthetic import write_shape_shards
+    from amused.orchestration.cli import main
+    from amused.tokenizer.presets import write_tiny_clip
+    from amused.training.evaluation.metrics import write_random_inception
 
     root = tmp_path_factory.mktemp("eval")
     inception = write_random_inception(root / "inception.pth")
@@ -88,7 +88,7 @@ def eval_setup(tmp_path_factory, tiny_models, trained_checkpoint, ray_session):
 
 
 def test_reference_statistics_record_protocol_and_count(eval_setup):
-    from training.metrics import RESIZE_PROTOCOL
+    from amused.training.evaluation.metrics import RESIZE_PROTOCOL
 
     root, _, _ = eval_setup
     ref = FeatureStats.load(root / "ref.npz")
@@ -97,7 +97,7 @@ def test_reference_statistics_record_protocol_and_count(eval_setup):
 
 
 def test_two_actors_equal_one_and_batch_size_does_not_matter(eval_setup):
-    from orchestration.cli import main
+    from amused.orchestration.cli import main
 
     root, run, args = eval_setup
     ckpt = str(run / "checkpoints" / "step_00000004")
@@ -122,7 +122,7 @@ def test_two_actors_equal_one_and_batch_size_does_not_matter(eval_setup):
 
 
 def test_watcher_evaluates_checkpoints_as_they_appear_and_a_rerun_does_nothing(eval_setup, tmp_path, capsys):
-    from orchestration.cli import main
+    from amused.orchestration.cli import main
 
     _, done_run, args = eval_setup
     run = tmp_path / "run"

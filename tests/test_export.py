@@ -7,9 +7,9 @@ import pytest
 import torch
 from diffusers import AmusedPipeline
 
-from orchestration.cli import main
-from training.config import SampleConfig
-from training.sample import Sampler, load_trained_model
+from amused.orchestration.cli import main
+from amused.training.config import SampleConfig
+from amused.training.inference.sample import Sampler, load_trained_model
 
 PROMPTS = ["a red circle on a grey background", "a blue square"]
 
@@ -56,10 +56,10 @@ def test_exported_folder_opens_in_amused_pipeline_and_gives_amused_sample_images
 def test_training_starts_from_an_exported_folder(exported, tmp_path, trained_checkpoint):
     from safetensors.torch import load_file
 
-    from pipeline.synthetic import write_token_dataset
-    from training.config import parse_config
-    from training.engine import train
-    from training.model import build_model
+    from amused.demo.synthetic import write_token_dataset
+    from amused.training.config import parse_config
+    from amused.training.engine import train
+    from amused.training.uvit.model import build_model
 
     start = build_model("tiny", str(exported))
     ema = load_file(f"{trained_checkpoint}/ema.safetensors")

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.filter import REPORT, WORK, FilterConfig, filter_file, filter_metadata
-from pipeline.fsio import list_files, read_json
-from pipeline.urls import normalize, sample_keys
-from tokenizer.storage import join
+from amused.pipeline.filter import REPORT, WORK, FilterConfig, filter_file, filter_metadata
+from amused.pipeline.urls import normalize, sample_keys
+from amused.plumbing.fsio import list_files, read_json
+from amused.plumbing.storage import join
 
 GOOD = dict(WIDTH=512.0, HEIGHT=384.0, similarity=0.33, punsafe=0.01, pwatermark=0.1, AESTHETIC_SCORE=5.5)
 NAN = float("nan")
@@ -141,7 +141,7 @@ def test_output_is_independent_of_workers_splits_and_partitions(reference, nasty
 
 
 def test_rerun_after_a_crash_redoes_only_missing_files(reference, nasty_input, tmp_path, ray_session):
-    from pipeline.filter import _check_or_start_job, _job_fingerprint, resolve_mapping
+    from amused.pipeline.filter import _check_or_start_job, _job_fingerprint, resolve_mapping
 
     out, _ = reference
     src = write_files(tmp_path / "in", [laion_table(FILE_A), laion_table(FILE_B)])

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pipeline.images import crop_offsets, decode_views, open_image
-from pipeline.wds import BadSample
+from amused.pipeline.images import crop_offsets, decode_views, open_image
+from amused.pipeline.wds import BadSample
 from tests import samples
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import shards as fmt
-from pipeline.config import from_mapping
-from pipeline.inspect import verify_dataset
-from pipeline.pretokenize import PretokenizeConfig, decode_chunk, pretokenize, read_chunks
-from pipeline.synthetic import sample_members
-from pipeline.wds import ShardFormatError, iter_samples, tar_bytes
+from amused.demo.synthetic import sample_members
+from amused.pipeline import shards as fmt
+from amused.pipeline.inspect import verify_dataset
+from amused.pipeline.pretokenize import PretokenizeConfig, decode_chunk, pretokenize, read_chunks
+from amused.pipeline.wds import ShardFormatError, iter_samples, tar_bytes
+from amused.plumbing.config import from_mapping
 from tests import samples
 from tests.test_shards import make_columns, make_spec
 

@@ -9,14 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import shards as fmt
-from pipeline.fsio import atomic_writer
-from pipeline.images import decode_views
-from pipeline.inspect import verify_dataset
-from pipeline.pretokenize import PretokenizeConfig, pretokenize
-from pipeline.synthetic import sample_members, tar_bytes, write_shape_shards
+from amused.demo.synthetic import sample_members, tar_bytes, write_shape_shards
+from amused.pipeline import shards as fmt
+from amused.pipeline.images import decode_views
+from amused.pipeline.inspect import verify_dataset
+from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
+from amused.plumbing.fsio import atomic_writer
+from amused.tokenizer.image import ImageTokenizer
+from amused.tokenizer.text import TextEncoder
 from tests import samples
-from tokenizer import ImageTokenizer, TextEncoder
 
 RES = 64
 
@@ -136,7 +137,7 @@ def test_sigkill_then_rerun_is_byte_identical(ray_session, tiny_models, tmp_path
     assert pretokenize(config(tiny_models, src, reference)).ok
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "orchestration.cli", "pretokenize", "--input", str(src), "--output", str(out),
+    cmd = [sys.executable, "-m", "amused.orchestration.cli", "pretokenize", "--input", str(src), "--output", str(out),
            "--vqgan", str(tiny_models / "vqgan"), "--text-encoder", str(tiny_models), "--resolution", str(RES),
            "--batch-size", "4", "--no-progress"]
     # Its own session, so SIGKILL takes the whole process group: driver, raylet, workers.

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.shards import TokenDataset
-from pipeline.synthetic import write_token_dataset
-from training.data import ShardReader
+from amused.demo.synthetic import write_token_dataset
+from amused.pipeline.shards import TokenDataset
+from amused.training.uvit.data import ShardReader
 
 SHARDS = [700, 130, 515, 3]  # uneven, and larger than one 512-row piece
 

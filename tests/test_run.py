@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestration.cli import main
-from orchestration.run import plan
-from orchestration.run_config import load_run_config, parse_run_config
+from amused.orchestration.cli import main
+from amused.orchestration.run import plan
+from amused.orchestration.run_config import load_run_config, parse_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,7 +108,7 @@ def _ran(log: list[str]) -> set[str]:
 def test_run_resumes_skips_and_reruns_what_changed(tmp_path, capsys):
     cfg = demo_config(tmp_path / "run")
     log: list[str] = []
-    from orchestration.run import run
+    from amused.orchestration.run import run
 
     states = run(parse_run_config(cfg), log=log.append)
     assert _ran(log) == {"source", "models", "filter", "download", "vqgan", "pretokenize", "train", "evaluate",
@@ -172,7 +172,7 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path):
     def start(cfg: dict, name: str) -> subprocess.Popen:
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        return subprocess.Popen([sys.executable, "-m", "orchestration.cli", "run", str(path)], cwd=ROOT,
+        return subprocess.Popen([sys.executable, "-m", "amused.orchestration.cli", "run", str(path)], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
     # One port for both runs: the image URLs, kept in each sample's metadata, contain it.
@@ -219,7 +219,7 @@ def test_local_paths_become_absolute(tmp_path, monkeypatch):
 def test_runs_sharing_a_data_folder_share_a_lock(tmp_path):
     """A run's data folder inside its run folder is locked too: another run may name it
     as its own data_dir."""
-    from orchestration.run import _locked_folders
+    from amused.orchestration.run import _locked_folders
 
     first = parse_run_config(demo_config(tmp_path / "x"))
     second = parse_run_config({**demo_config(tmp_path / "y"), "data_dir": first.data_dir})

@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestration.cli import main
-from pipeline.runlock import FolderLock, FolderLocked
-from pipeline.synthetic import write_token_dataset
+from amused.demo.synthetic import write_token_dataset
+from amused.orchestration.cli import main
+from amused.plumbing.runlock import FolderLock, FolderLocked
+from amused.training.checkpoint import MARKER, checked, damage, own_checksums
+from amused.training.config import load_config, parse_config
+from amused.training.engine import train
+from amused.training.inference.sample import load_trained_model
 from tests.test_run import demo_config
-from training.checkpoint import MARKER, checked, damage, own_checksums
-from training.config import load_config, parse_config
-from training.engine import train
-from training.sample import load_trained_model
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = socket.gethostname()
@@ -32,7 +32,7 @@ HOST = socket.gethostname()
 # A process that takes a lock; "hold" keeps it, "crash" exits without releasing it.
 _HOLDER = """
 import os, sys, time
-from pipeline.runlock import FolderLock
+from amused.plumbing.runlock import FolderLock
 FolderLock(sys.argv[1]).acquire()
 print("held", flush=True)
 if sys.argv[2] == "crash":
@@ -240,7 +240,7 @@ def test_on_ray_the_driver_takes_over_a_dead_trainers_lock(tmp_path, tokens, cap
     """Under Ray the driver holds the lock (its host is the user's, whatever node rank 0
     lands on): a lock a dead run left on this host is taken over by the driver, and the
     workers train without taking it again."""
-    from training.launch import train_on_ray
+    from amused.training.launch import train_on_ray
 
     run_dir = tmp_path / "run"
     dead = crashed_holder(str(run_dir / "train.lock"))
@@ -376,7 +376,7 @@ def test_each_rank_checks_the_files_it_wrote(tmp_path):
 def _resume_on_rank(rank: int, run_dir: str, store: str) -> None:
     import torch.distributed as dist
 
-    from training.engine import resume_state
+    from amused.training.engine import resume_state
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
@@ -402,7 +402,7 @@ def test_two_ranks_resume_from_the_newest_checkpoint_every_rank_found_intact(tmp
 
 
 def test_a_process_hashes_a_checkpoint_file_once_while_it_stays_unchanged(copied_run, monkeypatch):
-    import training.checkpoint as ckpt
+    import amused.training.checkpoint as ckpt
 
     hashed: list[str] = []
     real = ckpt.sha256_of

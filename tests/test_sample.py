@@ -9,9 +9,10 @@ import torch
 from diffusers import AmusedPipeline, AmusedScheduler, UVit2DModel, VQModel
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from tokenizer import ImageTokenizer, TextEncoder
-from training.config import SampleConfig
-from training.sample import Sampler, decode_tokens, token_mask
+from amused.tokenizer.image import ImageTokenizer
+from amused.tokenizer.text import TextEncoder
+from amused.training.config import SampleConfig
+from amused.training.inference.sample import Sampler, decode_tokens, token_mask
 
 PROMPTS = ["a red circle on a grey background", "a blue square"]
 
@@ -125,8 +126,8 @@ def test_per_image_generators_make_images_independent_of_the_batch(pipe, tiny_mo
 def test_amused_sample_from_a_training_checkpoint(tmp_path, tiny_models, trained_checkpoint):
     from PIL import Image
 
-    from orchestration.cli import main
-    from training.sample import load_trained_model
+    from amused.orchestration.cli import main
+    from amused.training.inference.sample import load_trained_model
 
     png = tmp_path / "grid.png"
     models = ["--vqgan", str(tiny_models / "vqgan"), "--text-encoder", str(tiny_models)]

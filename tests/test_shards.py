@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import shards as fmt
-from pipeline.fsio import atomic_writer
-from pipeline.inspect import format_inspect, inspect_dataset, verify_dataset
+from amused.pipeline import shards as fmt
+from amused.pipeline.inspect import format_inspect, inspect_dataset, verify_dataset
+from amused.plumbing.fsio import atomic_writer
 
 
 def make_spec(**kw) -> fmt.DatasetSpec:

@@ -6,9 +6,9 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
-from pipeline.synthetic import caption_parts, classify_shape_image, shape_image
-from training.sample import fit_image
-from training.showcase import prompt_following
+from amused.demo.showcase import prompt_following
+from amused.demo.synthetic import caption_parts, classify_shape_image, shape_image
+from amused.training.inference.sample import fit_image
 
 
 def _images(n: int, side: int, seed: int = 7) -> tuple[np.ndarray, list[str]]:

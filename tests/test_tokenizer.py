@@ -4,8 +4,9 @@ import torch
 from diffusers import AmusedPipeline, AmusedScheduler, UVit2DModel, VQModel
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from tokenizer import ImageTokenizer, TextEncoder
-from tokenizer.storage import folder_fingerprint
+from amused.plumbing.storage import folder_fingerprint
+from amused.tokenizer.image import ImageTokenizer
+from amused.tokenizer.text import TextEncoder
 
 
 @pytest.fixture(scope="module")

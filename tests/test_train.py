@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.shards import TokenDataset
-from pipeline.synthetic import write_token_dataset
-from training import engine as engine_mod
-from training.checkpoint import module_weights
-from training.config import parse_config
-from training.data import ShardReader
-from training.engine import NonFiniteError, train
-from training.model import PRESETS, build_model, enable_activation_checkpointing
-from training.objective import draw_masks
+from amused.demo.synthetic import write_token_dataset
+from amused.pipeline.shards import TokenDataset
+from amused.training import engine as engine_mod
+from amused.training.checkpoint import module_weights
+from amused.training.config import parse_config
+from amused.training.engine import NonFiniteError, train
+from amused.training.uvit.data import ShardReader
+from amused.training.uvit.model import PRESETS, build_model, enable_activation_checkpointing
+from amused.training.uvit.objective import draw_masks
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline.synthetic import write_token_dataset
+from amused.demo.synthetic import write_token_dataset
+from amused.training.checkpoint import MARKER, module_weights
 from tests.conftest import _free_port
-from training.checkpoint import MARKER, module_weights
 
 STEPS = 60
 # fp32 on CPU: the runs differ only in the order of floating-point sums (ZeRO's bucketed
@@ -59,7 +59,7 @@ def write_config(folder: Path, name: str, dataset: str, **over) -> Path:
 def torchrun(nproc: int, config: Path) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
             "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-            "-m", "orchestration.cli", "train", str(config)]
+            "-m", "amused.orchestration.cli", "train", str(config)]
 
 
 def run(*cmds: list[str]) -> list[str]:
@@ -181,8 +181,8 @@ def test_resume_on_fewer_ranks_through_universal_checkpoint(runs):
 
 
 def test_ray_train_workers_match_torchrun(runs, ray_session):
-    from training.config import load_config
-    from training.launch import train_on_ray
+    from amused.training.config import load_config
+    from amused.training.launch import train_on_ray
 
     cfg = load_config(str(write_config(runs["folder"], "ray", runs["dataset"], checkpoint={"every": STEPS})))
     result = train_on_ray(cfg, workers=2)

@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.download import DownloadConfig, classify, download, prepare_input
-from pipeline.fetch_guard import guarded_opener
-from pipeline.urls import AddressPolicy, normalize
+from amused.pipeline.download import DownloadConfig, classify, download, prepare_input
+from amused.pipeline.fetch_guard import guarded_opener
+from amused.pipeline.urls import AddressPolicy, normalize
 from tests.test_download import jpeg
 
 REFUSED = [

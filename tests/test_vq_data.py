@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pipeline.synthetic import sample_members, tar_bytes, write_shape_shards
-from training.vq_data import ImageCropReader
+from amused.demo.synthetic import sample_members, tar_bytes, write_shape_shards
+from amused.training.vqgan.data import ImageCropReader
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +64,8 @@ def test_shards_without_a_usable_image_stop_with_a_clear_error(tmp_path):
 
 def test_a_shard_missing_samples_its_stats_file_records_is_refused(tmp_path):
     """VQ-GAN training and held-out images read tars as strictly as pre-tokenization."""
-    from pipeline.wds import ShardFormatError
-    from training.vq_data import held_out_batches
+    from amused.pipeline.wds import ShardFormatError
+    from amused.training.vqgan.data import held_out_batches
 
     write_shape_shards(str(tmp_path), shards=1, per_shard=3, min_size=40, max_size=90)
     (tmp_path / "00000_stats.json").write_text('{"successes": 4}')

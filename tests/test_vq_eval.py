@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from orchestration.cli import main
-from pipeline.synthetic import sample_members, tar_bytes, write_shape_shards
-from tokenizer import ImageTokenizer
-from training.metrics import write_random_inception
-from training.vq_data import held_out_batches
+from amused.demo.synthetic import sample_members, tar_bytes, write_shape_shards
+from amused.orchestration.cli import main
+from amused.tokenizer.image import ImageTokenizer
+from amused.training.evaluation.metrics import write_random_inception
+from amused.training.vqgan.data import held_out_batches
 
 
 def test_vqgan_evaluate_reports_what_the_reconstructions_show(tmp_path, tiny_models):

@@ -4,11 +4,19 @@ import numpy as np
 import pytest
 import torch
 
-from tokenizer import ImageTokenizer
-from tokenizer.tiny import build_vqgan
-from tokenizer.vq_objective import (CodebookHealth, PatchDiscriminator, codebook_loss, commitment_loss,
-                                    discriminator_hinge_loss, generator_adversarial_loss, psnr, reinit_dead_codes,
-                                    vq_forward)
+from amused.tokenizer.image import ImageTokenizer
+from amused.tokenizer.presets import build_vqgan
+from amused.tokenizer.vq_objective import (
+    CodebookHealth,
+    PatchDiscriminator,
+    codebook_loss,
+    commitment_loss,
+    discriminator_hinge_loss,
+    generator_adversarial_loss,
+    psnr,
+    reinit_dead_codes,
+    vq_forward,
+)
 
 
 @pytest.fixture()
@@ -95,7 +103,7 @@ def test_psnr():
 
 
 def test_one_backward_trains_each_player_only_on_its_own_term(vq):
-    from tokenizer.vq_objective import VQLossWeights, vqgan_losses
+    from amused.tokenizer.vq_objective import VQLossWeights, vqgan_losses
 
     disc = PatchDiscriminator(width=8, layers=2)
     pixels = torch.rand(2, 3, 64, 64)

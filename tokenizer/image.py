@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from diffusers import VQModel
 
-from tokenizer.runtime import resolve_device, resolve_dtype
-from tokenizer.storage import VQGAN_SUBFOLDERS, local_folder, resolve_subfolder
+from amused.plumbing.runtime import resolve_device, resolve_dtype
+from amused.plumbing.storage import VQGAN_SUBFOLDERS, local_folder, resolve_subfolder
 
 # Rows of latents compared against the codebook at once: bounds the distance matrix
 # to CHUNK x codebook_size floats (64 MiB at 8192 codes) whatever the batch size.

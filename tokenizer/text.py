@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from tokenizer.runtime import resolve_device, resolve_dtype
-from tokenizer.storage import join, local_folder, resolve_subfolder
+from amused.plumbing.runtime import resolve_device, resolve_dtype
+from amused.plumbing.storage import join, local_folder, resolve_subfolder
 
 
 @dataclass

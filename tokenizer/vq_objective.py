@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from diffusers import VQModel
 from torch import nn
 
-from tokenizer.image import nearest_codes
+from amused.tokenizer.image import nearest_codes
 
 
 @dataclass

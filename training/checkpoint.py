@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.fsio import TMP_MARK, read_json, sha256_of, write_json_atomic
+from amused.plumbing.fsio import TMP_MARK, read_json, sha256_of, write_json_atomic
 
 MARKER = "COMPLETE"
 UNIVERSAL = "universal"

@@ -15,7 +15,7 @@ from typing import Literal
 
 import yaml
 
-from pipeline.config import from_mapping, opt, read_yaml
+from amused.plumbing.config import from_mapping, opt, read_yaml, section
 
 
 def _check(ok: bool, message: str) -> None:
@@ -145,7 +145,7 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    log: LogConfig = section(LogConfig, output=False)
 
     def __post_init__(self):
         _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
@@ -199,7 +199,7 @@ class EvalConfig:
     ema: bool = opt(True, "evaluate the EMA weights (--no-ema: the raw ones)")
     output: str = opt("", "results folder (default: RUN_DIR/eval)")
     watch: bool = opt(False, "with a run folder: keep evaluating new checkpoints until training ends "
-                             "(in `amused run`: while the train stage runs)")
+                             "(in `amused run`: while the train stage runs)", output=False)
 
     def __post_init__(self):
         for name in ("actors", "batch_size"):

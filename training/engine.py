@@ -30,23 +30,23 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline.fsio import read_json, write_json_atomic
-from pipeline.runlock import FolderLock, FolderLocked
-from pipeline.shards import ModelIdentity, TokenDataset, read_empty_prompt
-from tokenizer.storage import VQGAN_SUBFOLDERS
-from training import checkpoint as ckpt
-from training.config import TrainConfig, dump_config
-from training.data import ShardReader
-from training.ema import EMA
-from training.model import build_model, enable_activation_checkpointing, mask_id, param_groups, token_grid
-from training.objective import LossParts, draw_masks, masked_loss
+from amused.pipeline.shards import ModelIdentity, TokenDataset, read_empty_prompt
+from amused.plumbing.fsio import read_json, write_json_atomic
+from amused.plumbing.runlock import FolderLock, FolderLocked
+from amused.plumbing.storage import VQGAN_SUBFOLDERS
+from amused.training import checkpoint as ckpt
+from amused.training.config import TrainConfig, dump_config
+from amused.training.ema import EMA
+from amused.training.uvit.data import ShardReader
+from amused.training.uvit.model import build_model, enable_activation_checkpointing, mask_id, param_groups, token_grid
+from amused.training.uvit.objective import LossParts, draw_masks, masked_loss
 
 
 class NonFiniteError(RuntimeError):
@@ -188,7 +188,7 @@ def _inspect_run(cfg: TrainConfig) -> dict:
         if cfg.model.text_encoder is None:
             raise ValueError(f"objective.cond_drop_prob > 0 needs the empty prompt's embeddings: {cfg.data.dataset} "
                              "has no empty_prompt.safetensors; set model.text_encoder")
-        from tokenizer import TextEncoder
+        from amused.tokenizer.text import TextEncoder
 
         out = TextEncoder.from_pretrained(cfg.model.text_encoder, device="cpu").encode([""])
         empty = {"hidden_states": out.hidden_states[0].half().numpy(), "pooled": out.pooled[0].half().numpy()}
@@ -567,7 +567,7 @@ def _forward(engine, batch: dict, masked: torch.Tensor, drop: torch.Tensor, empt
 def plot_metrics(run_dir: str, names: tuple[str, ...] = UViTTask.plot) -> Path:
     """RUN_DIR/metrics.png: the task's main metrics (the U-ViT's: loss, masked-token
     accuracy, learning rate) against step."""
-    from pipeline.visual import line_plots
+    from amused.plumbing.plots import line_plots
 
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     series = {name: [(r["step"], r[name]) for r in records if r.get(name) is not None] for name in names}

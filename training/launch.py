@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from training.config import TrainConfig, parse_config
-from training.engine import Layout, TrainResult, train_lock
+from amused.training.config import TrainConfig, parse_config
+from amused.training.engine import Layout, TrainResult, train_lock
 
 
 def _worker(loop_config: dict) -> None:
-    from training.engine import train
+    from amused.training.engine import train
 
     train(parse_config(loop_config["config"]), launcher_holds_lock=True)
 
@@ -26,7 +26,7 @@ def train_on_ray(cfg: TrainConfig, workers: int, gpus_per_worker: float = 0.0, a
     from ray.train import RunConfig, ScalingConfig, WorkerGroupError
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.raysession import ray_session
+    from amused.plumbing.raysession import ray_session
 
     # The ranks' own start-up check, run here too so that a batch that does not split
     # over `workers` is refused before a cluster is asked for anything.

@@ -31,8 +31,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.shards import ROW_GROUP_ROWS, TokenDataset, tensor_view
-from tokenizer.storage import join, url_to_fs
+from amused.pipeline.shards import ROW_GROUP_ROWS, TokenDataset, tensor_view
+from amused.plumbing.storage import join, url_to_fs
 
 PIECE_ROWS = ROW_GROUP_ROWS
 COLUMNS = ("image_tokens", "text_hidden_states", "text_pooled", "orig_width", "orig_height", "crop_top",

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 
 import psutil
 
-from tokenizer.storage import is_local, url_to_fs
+from amused.plumbing.storage import is_local, url_to_fs
 
 
 class FolderLocked(RuntimeError):

@@ -256,7 +256,7 @@ class ClipScorer:
     def __init__(self, folder: str, device: str = "cpu"):
         from transformers import CLIPModel, CLIPTokenizer
 
-        from tokenizer.storage import local_folder, resolve_subfolder
+        from amused.plumbing.storage import local_folder, resolve_subfolder
 
         path = local_folder(folder)
         self.model = CLIPModel.from_pretrained(path).to(device).eval().requires_grad_(False)
@@ -265,7 +265,7 @@ class ClipScorer:
         self.device = device
 
     def _pixels(self, images: np.ndarray) -> torch.Tensor:
-        from training.sample import fit_image
+        from amused.training.inference.sample import fit_image
 
         batch = np.stack([fit_image(Image.fromarray(im), self.size) for im in images]).astype(np.float32) / 255
         pixels = torch.from_numpy(batch).permute(0, 3, 1, 2)

@@ -22,17 +22,24 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.fsio import read_json, write_json_atomic
-from training.checkpoint import EMA_WEIGHTS, MARKER, MODEL_STATES, checked, checkpoints_dir, complete_steps, tag
-from training.config import EvalConfig, SampleConfig
-from training.metrics import (CLIP_SCORE_SCALE, FEATURES, RESIZE_PROTOCOL, FeatureStats, clip_score, file_sha256)
+from amused.plumbing.fsio import read_json, write_json_atomic
+from amused.training.checkpoint import EMA_WEIGHTS, MARKER, MODEL_STATES, checked, checkpoints_dir, complete_steps, tag
+from amused.training.config import EvalConfig, SampleConfig
+from amused.training.evaluation.metrics import (
+    CLIP_SCORE_SCALE,
+    FEATURES,
+    RESIZE_PROTOCOL,
+    FeatureStats,
+    clip_score,
+    file_sha256,
+)
 
 _SEED_STRIDE = 1 << 32  # image i of seed s draws from generator s * 2^32 + i
 
 
 def read_prompts(url: str, limit: int = 0) -> list[str]:
     """Non-empty prompts of a text file or a Parquet file, in order."""
-    from tokenizer.storage import url_to_fs
+    from amused.plumbing.storage import url_to_fs
 
     fs, path = url_to_fs(url)
     if not fs.exists(path):
@@ -61,8 +68,9 @@ class EvalWorker:
     def __init__(self, inception: str, clip: str, vqgan: str, text_encoder: str, gpu: bool):
         import torch
 
-        from tokenizer import ImageTokenizer, TextEncoder
-        from training.metrics import ClipScorer, load_inception
+        from amused.tokenizer.image import ImageTokenizer
+        from amused.tokenizer.text import TextEncoder
+        from amused.training.evaluation.metrics import ClipScorer, load_inception
 
         self.device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
         self.inception = load_inception(inception, self.device)
@@ -73,7 +81,7 @@ class EvalWorker:
         self.sampler = None
 
     def _load(self, checkpoint: str, ema: bool) -> None:
-        from training.sample import Sampler, load_trained_model
+        from amused.training.inference.sample import Sampler, load_trained_model
 
         if self.loaded != (checkpoint, ema):
             self.sampler = Sampler(load_trained_model(checkpoint, ema=ema), self.image, self.text)
@@ -84,7 +92,7 @@ class EvalWorker:
         """Features, CLIP scores and the images of indices < keep_below for `items`."""
         import torch
 
-        from training.metrics import inception_features
+        from amused.training.evaluation.metrics import inception_features
 
         self._load(checkpoint, ema)
         out = {"index": [], "features": [], "clip": [], "kept": {}}
@@ -125,7 +133,7 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, sample: SampleConfig, 
     """Metrics of one checkpoint over all prompts, split across `workers`; writes the result."""
     import ray
 
-    from pipeline.visual import image_grid
+    from amused.plumbing.plots import image_grid
 
     started = time.monotonic()
     step = step_of(checkpoint)
@@ -170,7 +178,7 @@ def read_results(out_dir: str | Path) -> list[dict]:
 
 def plot_results(out_dir: str | Path) -> Path:
     """eval/metrics.png: FID and CLIP score against training step."""
-    from pipeline.visual import line_plots
+    from amused.plumbing.plots import line_plots
 
     results = read_results(out_dir)
     series = {"FID (lower is better)": [(r["step"], r["fid"]) for r in results]}
@@ -188,8 +196,8 @@ def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_di
     """Evaluates one checkpoint, or every complete checkpoint of a run that has no result
     yet; with `cfg.watch`, keeps evaluating new ones until the run has finished training
     (its result.json exists, or `stop` is set) and all are done, or `timeout_seconds` pass."""
-    from pipeline.raysession import ray_session
-    from training.sample import checkpoint_models
+    from amused.plumbing.raysession import ray_session
+    from amused.training.inference.sample import checkpoint_models
 
     if bool(checkpoint) == bool(run_dir):
         raise ValueError("give either a checkpoint or a run folder")
@@ -243,8 +251,8 @@ def fid_reference(images: str, output: str, inception: str, resolution: int = 25
     FID resize protocol. Undecodable images are counted by reason, not fatal."""
     from collections import Counter
 
-    from training.metrics import inception_features, load_inception
-    from training.vq_data import held_out_batches
+    from amused.training.evaluation.metrics import inception_features, load_inception
+    from amused.training.vqgan.data import held_out_batches
 
     net = load_inception(inception)
     skipped: Counter = Counter()

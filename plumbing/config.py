@@ -11,16 +11,40 @@ import dataclasses
 import math
 import types
 import typing
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 REQUIRED = dataclasses.MISSING
 
 
-def opt(default: Any = REQUIRED, help: str = "") -> Any:
-    """A dataclass field with help text; no default means the flag is required."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def opt(default: Any = REQUIRED, help: str = "", output: bool = True) -> Any:
+    """A dataclass field with help text; no default means the flag is required.
+
+    `output=False` declares a setting that changes how a job runs (workers, progress bars,
+    logging), not what it writes: fingerprints leave it out (see `output_settings`), so
+    changing it never invalidates finished work.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "output": output})
+
+
+def section(factory: Callable[[], Any], output: bool = True, help: str = "") -> Any:
+    """A nested config section (`factory` builds its default) with the same declaration."""
+    return dataclasses.field(default_factory=factory, metadata={"help": help, "output": output})
+
+
+def output_settings(config: Any) -> Any:
+    """The settings of a config (nested dataclasses included) that change what it writes:
+    every field except those declared `output=False`, as plain JSON-able data. Stage
+    fingerprints and job fingerprints both derive from this one declaration."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: output_settings(getattr(config, f.name)) for f in dataclasses.fields(config)
+                if f.metadata.get("output", True)}
+    if isinstance(config, (list, tuple)):
+        return [output_settings(v) for v in config]
+    if isinstance(config, dict):
+        return {k: output_settings(v) for k, v in config.items()}
+    return config
 
 
 def _base_type(hint) -> type:

@@ -9,8 +9,8 @@ import torch
 from diffusers import UVit2DModel
 from torch.utils.checkpoint import checkpoint
 
-from tokenizer.storage import local_folder, resolve_subfolder
-from tokenizer.tiny import UVIT_CONFIGS
+from amused.plumbing.storage import local_folder, resolve_subfolder
+from amused.tokenizer.presets import UVIT_CONFIGS
 
 _AMUSED = dict(
     hidden_size=1024, num_hidden_layers=22, num_attention_heads=16, intermediate_size=2816, in_channels=768,

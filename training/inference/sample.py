@@ -24,8 +24,9 @@ import torch
 from diffusers import UVit2DModel
 from PIL import Image
 
-from tokenizer import ImageTokenizer, TextEncoder
-from training.config import SampleConfig
+from amused.tokenizer.image import ImageTokenizer
+from amused.tokenizer.text import TextEncoder
+from amused.training.config import SampleConfig
 
 Generators = torch.Generator | list[torch.Generator] | None
 
@@ -200,9 +201,9 @@ def load_trained_model(checkpoint: str | Path, ema: bool = True) -> UVit2DModel:
     weights from `ema.safetensors` (default) or DeepSpeed's model states (weights only)."""
     from safetensors.torch import load_file
 
-    from training.checkpoint import EMA_WEIGHTS, checked, module_weights
-    from training.config import load_config
-    from training.model import build_model
+    from amused.training.checkpoint import EMA_WEIGHTS, checked, module_weights
+    from amused.training.config import load_config
+    from amused.training.uvit.model import build_model
 
     folder = Path(checkpoint)
     checked(folder, "config.yaml", *([EMA_WEIGHTS] if ema else []))
@@ -216,8 +217,8 @@ def load_trained_model(checkpoint: str | Path, ema: bool = True) -> UVit2DModel:
 def checkpoint_models(checkpoint: str | Path, vqgan: str | None = None, text_encoder: str | None = None
                       ) -> tuple[str, str]:
     """The VQ-GAN and text encoder a checkpoint was trained with, unless given."""
-    from training.checkpoint import checked
-    from training.config import load_config
+    from amused.training.checkpoint import checked
+    from amused.training.config import load_config
 
     checked(checkpoint, "config.yaml")
     trained = load_config(str(Path(checkpoint) / "config.yaml")).model

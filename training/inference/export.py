@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tokenizer.storage import VQGAN_SUBFOLDERS, is_local, local_folder, resolve_subfolder, url_to_fs
+from amused.plumbing.storage import VQGAN_SUBFOLDERS, is_local, local_folder, resolve_subfolder, url_to_fs
 
 # What the folder was exported from: a rerun of the same export is a no-op.
 SOURCE = "amused_export.json"
@@ -27,8 +27,8 @@ def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str,
     """Writes the pipeline folder for `checkpoint` (EMA weights unless `ema=False`) to `output`."""
     from diffusers import AmusedPipeline, AmusedScheduler, VQModel
 
-    from tokenizer import TextEncoder
-    from training.sample import load_trained_model
+    from amused.tokenizer.text import TextEncoder
+    from amused.training.inference.sample import load_trained_model
 
     fs, root = url_to_fs(output)
     source = {"checkpoint": str(Path(checkpoint).resolve()), "weights": "ema" if ema else "raw",

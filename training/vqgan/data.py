@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.fsio import list_files
-from pipeline.images import open_image
-from pipeline.wds import BadSample, RawSample, shard_samples
+from amused.pipeline.images import open_image
+from amused.pipeline.wds import BadSample, RawSample, shard_samples
+from amused.plumbing.fsio import list_files
 
 
 class ImageCropReader:
@@ -110,7 +110,7 @@ def held_out_batches(images: str, resolution: int, batch_size: int, max_images: 
     """uint8 (n, resolution, resolution, 3) batches, in shard order: each image's shorter side
     resized to `resolution` (bicubic) and centre-cropped. Undecodable images are counted
     by reason in `skipped`, not fatal."""
-    from training.sample import fit_image
+    from amused.training.inference.sample import fit_image
 
     skipped = Counter() if skipped is None else skipped
     batch, count = [], 0

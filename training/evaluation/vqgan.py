@@ -13,18 +13,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.fsio import write_json_atomic
-from tokenizer import ImageTokenizer
-from tokenizer.vq_objective import CodebookHealth, psnr
+from amused.plumbing.fsio import write_json_atomic
+from amused.tokenizer.image import ImageTokenizer
+from amused.tokenizer.vq_objective import CodebookHealth, psnr
 
 
 def evaluate_vqgan(vqgan: str | ImageTokenizer, images: str, output: str, resolution: int = 256,
                    batch_size: int = 16, max_images: int = 0, inception: str = "", grid: int = 8,
                    device: str = "cpu") -> dict:
     """Writes OUTPUT/vqgan_eval.json and OUTPUT/reconstructions.png; returns the metrics."""
-    from pipeline.visual import image_grid
-    from training.metrics import FeatureStats, file_sha256, inception_features, load_inception
-    from training.vq_data import held_out_batches
+    from amused.plumbing.plots import image_grid
+    from amused.training.evaluation.metrics import FeatureStats, file_sha256, inception_features, load_inception
+    from amused.training.vqgan.data import held_out_batches
 
     tok = vqgan if isinstance(vqgan, ImageTokenizer) else ImageTokenizer.from_pretrained(vqgan, device=device)
     net = load_inception(inception, device) if inception else None

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from tokenizer.storage import url_to_fs
+from amused.plumbing.storage import url_to_fs
 
 TMP_MARK = ".tmp-"
 

@@ -20,15 +20,30 @@ import torch.distributed as dist
 from diffusers import VQModel
 from torch import nn
 
-from pipeline.config import from_mapping, opt
-from tokenizer.image import downsample_of
-from tokenizer.storage import VQGAN_SUBFOLDERS, local_folder, resolve_subfolder
-from tokenizer.tiny import VQGAN_CONFIGS, build_vqgan
-from tokenizer.vq_objective import CodebookHealth, PatchDiscriminator, VQLossWeights, psnr, replacements, \
-    usage_and_perplexity, vqgan_losses
-from training import checkpoint as ckpt
-from training.config import CheckpointConfig, EMAConfig, EngineConfig, LogConfig, OptimConfig, _check, dump_config
-from training.vq_data import ImageCropReader
+from amused.plumbing.config import from_mapping, opt, section
+from amused.plumbing.storage import VQGAN_SUBFOLDERS, local_folder, resolve_subfolder
+from amused.tokenizer.image import downsample_of
+from amused.tokenizer.presets import VQGAN_CONFIGS, build_vqgan
+from amused.tokenizer.vq_objective import (
+    CodebookHealth,
+    PatchDiscriminator,
+    VQLossWeights,
+    psnr,
+    replacements,
+    usage_and_perplexity,
+    vqgan_losses,
+)
+from amused.training import checkpoint as ckpt
+from amused.training.config import (
+    CheckpointConfig,
+    EMAConfig,
+    EngineConfig,
+    LogConfig,
+    OptimConfig,
+    _check,
+    dump_config,
+)
+from amused.training.vqgan.data import ImageCropReader
 
 
 @dataclass
@@ -91,7 +106,7 @@ class VQGANConfig:
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(zero_stage=0))
     ema: EMAConfig = field(default_factory=lambda: EMAConfig(enabled=False))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    log: LogConfig = section(LogConfig, output=False)
 
     def __post_init__(self):
         _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
@@ -220,13 +235,13 @@ class VQGANTask:
 
 def train_vqgan(cfg: VQGANConfig):
     """Trains (or resumes) the run; returns training.engine.TrainResult."""
-    from training.engine import in_process_group, locked
+    from amused.training.engine import in_process_group, locked
 
     return in_process_group(locked, cfg.run_dir, _train_vqgan, cfg)
 
 
 def _train_vqgan(cfg: VQGANConfig):
-    from training.engine import Layout, current_device, rank0_decides, resume_state, run_loop, wants_bf16
+    from amused.training.engine import Layout, current_device, rank0_decides, resume_state, run_loop, wants_bf16
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device = current_device()
@@ -246,7 +261,7 @@ def _train_vqgan(cfg: VQGANConfig):
 
 
 def _inspect(cfg: VQGANConfig) -> None:
-    from pipeline.fsio import list_files
+    from amused.plumbing.fsio import list_files
 
     list_files(cfg.data.images, ".tar")  # no shards: a clear error before any work
 
@@ -255,7 +270,7 @@ def vq_from_checkpoint(checkpoint: str) -> VQModel:
     """The VQModel of a VQ-GAN training checkpoint (its own weights; the discriminator dropped)."""
     import yaml
 
-    from training.checkpoint import module_weights
+    from amused.training.checkpoint import module_weights
 
     folder = Path(checkpoint)
     ckpt.checked(folder, "config.yaml")
@@ -268,7 +283,7 @@ def vq_from_checkpoint(checkpoint: str) -> VQModel:
 
 def export_vqgan(checkpoint: str, output: str) -> str:
     """A VQModel folder (safetensors) that `amused pretokenize --vqgan` and diffusers load."""
-    from training.export import publish_folder
+    from amused.training.inference.export import publish_folder
 
     final = Path(output)
     if (final / "config.json").exists():

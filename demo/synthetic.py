@@ -15,9 +15,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from pipeline.fsio import atomic_writer
-from pipeline.wds import tar_bytes
-from tokenizer.storage import join, url_to_fs
+from amused.pipeline.wds import tar_bytes
+from amused.plumbing.fsio import atomic_writer
+from amused.plumbing.storage import join, url_to_fs
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
            "purple": (140, 60, 190), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20)}
@@ -277,7 +277,7 @@ def write_token_dataset(output: str, shard_rows: list[int], token_grid: tuple[in
     crop_left holds the global row number, so a test can tell which rows a batch holds;
     `nan_rows` (global row numbers) get NaN text states, to exercise the non-finite policy.
     """
-    from pipeline import shards as fmt
+    from amused.pipeline import shards as fmt
 
     rng = np.random.default_rng(seed)
     grids = rng.integers(0, codebook_size, (classes, *token_grid))
