@@ -29,7 +29,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from amused.pipeline.urls import AddressPolicy, normalize, parse_allow, sample_keys, scheme_allowed, seeded_rank
 from amused.pipeline.wds import MAX_RECORDED_SIDE
-from amused.plumbing.config import opt
+from amused.plumbing.config import opt, output_settings
 from amused.plumbing.fsio import atomic_writer, exists, list_files, parquet_columns, read_json, write_json_atomic
 from amused.plumbing.raysession import ray_session
 from amused.plumbing.storage import join, url_to_fs
@@ -74,17 +74,128 @@ SCHEMAS: dict[str, dict[str, str]] = {
 _SIGNATURES = (("laion", {"URL", "TEXT"}), ("datacomp", {"url", "text", "clip_l14_similarity_score"}),
                ("coyo", {"url", "text", "clip_similarity_vitl14"}), ("cc12m", {"url", "caption"}))
 _NUMBER = r"^\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$"
-# Inclusive bounds of the numeric settings (None: no bound); NaN and inf are in none.
-_BOUNDS = {"rows_per_shard": (1, None), "partition_rows": (1, None), "workers": (1, None),
-           "min_width": (0, None), "min_height": (0, None), "max_aspect_ratio": (1, None),
-           "min_similarity": (-1, 1),  # a cosine similarity
-           "max_nsfw": (0, 1), "max_watermark": (0, 1),  # probabilities
-           "min_aesthetic": (None, None), "min_caption_chars": (0, None), "max_caption_chars": (0, None),
-           "min_caption_words": (0, None), "max_caption_words": (0, None)}
+# Inclusive bounds of the numeric settings that no rule reads (None: no bound); the rules'
+# own settings carry theirs in RULES. NaN and inf are in none.
+_BOUNDS = {"rows_per_shard": (1, None), "partition_rows": (1, None), "workers": (1, None)}
 
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+# ----- the row rules ----------------------------------------------------------------------
+
+def _within(x, low, high):
+    ok = pc.greater_equal(x, low) if low is not None else pc.is_valid(x)
+    return pc.and_(ok, pc.less_equal(x, high)) if high is not None else ok
+
+
+def _size_ok(c, s):
+    ok = pc.and_(pc.is_valid(c["width"]), pc.is_valid(c["height"]))
+    if s["min_width"] is not None:
+        ok = pc.and_(ok, pc.greater_equal(c["width"], s["min_width"]))
+    if s["min_height"] is not None:
+        ok = pc.and_(ok, pc.greater_equal(c["height"], s["min_height"]))
+    return ok
+
+
+def _ratio_ok(c, s):
+    w, h = pc.cast(c["width"], pa.float64()), pc.cast(c["height"], pa.float64())
+    positive = pc.and_(pc.greater(w, 0), pc.greater(h, 0))
+    ratio = pc.max_element_wise(pc.divide(w, h), pc.divide(h, w))
+    return pc.and_(positive, pc.less_equal(ratio, s["max_aspect_ratio"]))
+
+
+Bounds = tuple[float | None, float | None]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A row rule: `passes(columns, settings)` says per row whether it is kept. `settings`
+    names the FilterConfig fields it reads, each with its inclusive bounds (None: not a
+    number); a rule is on when any of them is set (not None, False or an empty list),
+    or `always`. A `min_X` above its `max_X` is refused: no row would pass."""
+
+    name: str  # the reason its rejections count under
+    settings: dict[str, Bounds | None]
+    columns: tuple[str, ...]  # the canonical columns it needs mapped
+    passes: Callable[[dict[str, pa.Array], dict], pa.Array]
+    always: bool = False
+
+
+# In the order rejections are attributed: a row failing several rules counts under the first.
+RULES: tuple[Rule, ...] = (
+    Rule("url_scheme", {}, ("url",), lambda c, s: scheme_allowed(c["_normalized"]), always=True),
+    Rule("url_address", {"allow_hosts": None}, ("url",),
+         lambda c, s: AddressPolicy(parse_allow(s["allow_hosts"]))(c["_normalized"]), always=True),
+    Rule("caption_chars", {"min_caption_chars": (0, None), "max_caption_chars": (0, None)}, ("caption",),
+         lambda c, s: _within(pc.utf8_length(c["caption"]), s["min_caption_chars"], s["max_caption_chars"])),
+    Rule("caption_words", {"min_caption_words": (0, None), "max_caption_words": (0, None)}, ("caption",),
+         lambda c, s: _within(pc.count_substring_regex(c["caption"], r"\S+"), s["min_caption_words"],
+                              s["max_caption_words"])),
+    Rule("language", {"languages": None}, ("language",), lambda c, s: pc.is_in(
+        pc.utf8_lower(c["language"]), pa.array([x.lower() for x in _csv(s["languages"])], pa.string()))),
+    # No column needed: metadata without sizes has none that is invalid.
+    Rule("invalid_size", {"drop_invalid_sizes": None}, (), lambda c, s: pc.invert(c["_invalid_size"])),
+    Rule("image_size", {"min_width": (0, None), "min_height": (0, None)}, ("width", "height"), _size_ok),
+    Rule("aspect_ratio", {"max_aspect_ratio": (1, None)}, ("width", "height"), _ratio_ok),
+    Rule("similarity", {"min_similarity": (-1, 1)}, ("similarity",),  # a cosine similarity
+         lambda c, s: pc.greater_equal(c["similarity"], s["min_similarity"])),
+    Rule("nsfw", {"max_nsfw": (0, 1)}, ("nsfw",),  # a probability
+         lambda c, s: pc.less_equal(c["nsfw"], s["max_nsfw"])),
+    Rule("watermark", {"max_watermark": (0, 1)}, ("watermark",),  # a probability
+         lambda c, s: pc.less_equal(c["watermark"], s["max_watermark"])),
+    Rule("aesthetic", {"min_aesthetic": (None, None)}, ("aesthetic_score",),
+         lambda c, s: pc.greater_equal(c["aesthetic_score"], s["min_aesthetic"])),
+)
+
+
+def _set(value) -> bool:
+    return value is not None and value is not False and (not isinstance(value, str) or bool(_csv(value)))
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """The rule settings of one config (picklable: Ray tasks receive it); `active` are the
+    rules they turn on, in table order."""
+
+    settings: dict
+
+    def active(self) -> list[Rule]:
+        return [r for r in RULES if r.always or any(_set(self.settings[name]) for name in r.settings)]
+
+    def verdicts(self, cols: dict[str, pa.Array]) -> Iterator[tuple[str, pa.Array]]:
+        """(rule name, whether each row passes it; null counts as failing) per active rule."""
+        for rule in self.active():
+            yield rule.name, pc.fill_null(rule.passes(cols, self.settings), False)
+
+    def needed_columns(self) -> set[str]:
+        return {c for rule in self.active() for c in rule.columns}
+
+    def names(self) -> list[str]:
+        return [r.name for r in self.active()] + ["duplicate_url"]
+
+
+def _check_bounds(name: str, value, bounds: Bounds) -> None:
+    low, high = bounds
+    if value is None:
+        return
+    finite = isinstance(value, int) or math.isfinite(value)  # an int of any size is finite
+    if not (finite and (low is None or value >= low) and (high is None or value <= high)):
+        allowed = f"in [{low}, {high}]" if high is not None else f">= {low}" if low is not None else "finite"
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+
+
+def _check_rule(rule: Rule, values: dict) -> None:
+    for name, bounds in rule.settings.items():
+        if bounds is not None:
+            _check_bounds(name, values[name], bounds)
+    for name in rule.settings:
+        high_name = "max_" + name.removeprefix("min_")
+        if name.startswith("min_") and high_name in rule.settings:
+            low, high = values[name], values[high_name]
+            if low is not None and high is not None and low > high:
+                raise ValueError(f"{name} {low} is above {high_name} {high}: no {rule.columns[0]} passes")
 
 
 @dataclass
@@ -119,20 +230,16 @@ class FilterConfig:
     def __post_init__(self) -> None:
         if self.schema != "auto" and self.schema not in SCHEMAS:
             raise ValueError(f"schema {self.schema!r}: expected auto or one of {sorted(SCHEMAS)}")
-        for name, (low, high) in _BOUNDS.items():
-            value = getattr(self, name)
-            if value is None:
-                continue
-            finite = isinstance(value, int) or math.isfinite(value)  # an int of any size is finite
-            if not (finite and (low is None or value >= low) and (high is None or value <= high)):
-                allowed = f"in [{low}, {high}]" if high is not None else f">= {low}" if low is not None else "finite"
-                raise ValueError(f"{name} must be {allowed}, got {value}")
-        for unit in ("chars", "words"):
-            low, high = getattr(self, f"min_caption_{unit}"), getattr(self, f"max_caption_{unit}")
-            if low is not None and high is not None and low > high:
-                raise ValueError(f"min_caption_{unit} {low} is above max_caption_{unit} {high}: no caption passes")
+        for name, bounds in _BOUNDS.items():
+            _check_bounds(name, getattr(self, name), bounds)
+        rules = self.rules()
+        for rule in RULES:
+            _check_rule(rule, rules.settings)
         self.column_overrides()
-        self.rules().active()  # builds the URL policy too, which checks the allow list
+        # Each active rule once on no rows: a setting its predicate cannot use (an allow
+        # list that does not parse) is refused now, not in the first Ray task.
+        empty = canonical_table(pa.table({}), {})
+        list(rules.verdicts({**empty, "_normalized": normalize(empty["url"])}))
 
     def column_overrides(self) -> dict[str, str]:
         out = {}
@@ -144,94 +251,7 @@ class FilterConfig:
         return out
 
     def rules(self) -> RuleSet:
-        return RuleSet(
-            min_width=self.min_width, min_height=self.min_height, max_aspect_ratio=self.max_aspect_ratio,
-            min_similarity=self.min_similarity, max_nsfw=self.max_nsfw, max_watermark=self.max_watermark,
-            min_aesthetic=self.min_aesthetic, caption_chars=(self.min_caption_chars, self.max_caption_chars),
-            caption_words=(self.min_caption_words, self.max_caption_words),
-            languages=tuple(x.lower() for x in _csv(self.languages)), allow_hosts=parse_allow(self.allow_hosts),
-            drop_invalid_sizes=self.drop_invalid_sizes)
-
-
-def _within(x, bounds):
-    lo, hi = bounds
-    ok = pc.greater_equal(x, lo) if lo is not None else pc.is_valid(x)
-    return pc.and_(ok, pc.less_equal(x, hi)) if hi is not None else ok
-
-
-@dataclass(frozen=True)
-class Rule:
-    name: str
-    columns: tuple[str, ...]
-    passes: Callable[[dict[str, pa.Array]], pa.Array]
-
-
-@dataclass(frozen=True)
-class RuleSet:
-    """The row rules in the order rejections are attributed; each None is off."""
-
-    min_width: int | None = None
-    min_height: int | None = None
-    max_aspect_ratio: float | None = None
-    min_similarity: float | None = None
-    max_nsfw: float | None = None
-    max_watermark: float | None = None
-    min_aesthetic: float | None = None
-    caption_chars: tuple[int | None, int | None] = (1, None)
-    caption_words: tuple[int | None, int | None] = (None, None)
-    languages: tuple[str, ...] = ()
-    allow_hosts: tuple[str, ...] = ()
-    drop_invalid_sizes: bool = True
-
-    def active(self) -> list[Rule]:
-        policy = AddressPolicy(self.allow_hosts)
-        rules = [Rule("url_scheme", ("url",), lambda c: scheme_allowed(c["_normalized"])),
-                 Rule("url_address", ("url",), lambda c: policy(c["_normalized"]))]
-        if self.caption_chars != (None, None):
-            rules.append(Rule("caption_chars", ("caption",),
-                              lambda c: _within(pc.utf8_length(c["caption"]), self.caption_chars)))
-        if self.caption_words != (None, None):
-            rules.append(Rule("caption_words", ("caption",), lambda c: _within(
-                pc.count_substring_regex(c["caption"], r"\S+"), self.caption_words)))
-        if self.languages:
-            rules.append(Rule("language", ("language",),
-                              lambda c: pc.is_in(pc.utf8_lower(c["language"]), pa.array(self.languages))))
-        if self.drop_invalid_sizes:
-            # No column needed: metadata without sizes has none that is invalid.
-            rules.append(Rule("invalid_size", (), lambda c: pc.invert(c["_invalid_size"])))
-        if self.min_width is not None or self.min_height is not None:
-            rules.append(Rule("image_size", ("width", "height"), self._size_ok))
-        if self.max_aspect_ratio is not None:
-            rules.append(Rule("aspect_ratio", ("width", "height"), self._ratio_ok))
-        for name, column, value, test in (
-                ("similarity", "similarity", self.min_similarity, pc.greater_equal),
-                ("nsfw", "nsfw", self.max_nsfw, pc.less_equal),
-                ("watermark", "watermark", self.max_watermark, pc.less_equal),
-                ("aesthetic", "aesthetic_score", self.min_aesthetic, pc.greater_equal)):
-            if value is not None:
-                rules.append(Rule(name, (column,), lambda c, column=column, value=value, test=test:
-                                  test(c[column], value)))
-        return rules
-
-    def _size_ok(self, c):
-        ok = pc.and_(pc.is_valid(c["width"]), pc.is_valid(c["height"]))
-        if self.min_width is not None:
-            ok = pc.and_(ok, pc.greater_equal(c["width"], self.min_width))
-        if self.min_height is not None:
-            ok = pc.and_(ok, pc.greater_equal(c["height"], self.min_height))
-        return ok
-
-    def _ratio_ok(self, c):
-        w, h = pc.cast(c["width"], pa.float64()), pc.cast(c["height"], pa.float64())
-        positive = pc.and_(pc.greater(w, 0), pc.greater(h, 0))
-        ratio = pc.max_element_wise(pc.divide(w, h), pc.divide(h, w))
-        return pc.and_(positive, pc.less_equal(ratio, self.max_aspect_ratio))
-
-    def needed_columns(self) -> set[str]:
-        return {c for rule in self.active() for c in rule.columns}
-
-    def names(self) -> list[str]:
-        return [r.name for r in self.active()] + ["duplicate_url"]
+        return RuleSet({name: getattr(self, name) for rule in RULES for name in rule.settings})
 
 
 # ----- column mapping ---------------------------------------------------------------------
@@ -327,9 +347,8 @@ def filter_file(item: dict, output: str, mapping: dict, rules: RuleSet, seed: in
     cols["_normalized"] = normalize(cols["url"])
     alive = pa.array(np.ones(table.num_rows, dtype=bool))
     rejected = {}
-    for rule in rules.active():
-        ok = pc.fill_null(rule.passes(cols), False)
-        rejected[rule.name] = pc.sum(pc.and_(alive, pc.invert(ok))).as_py() or 0
+    for name, ok in rules.verdicts(cols):
+        rejected[name] = pc.sum(pc.and_(alive, pc.invert(ok))).as_py() or 0
         alive = pc.and_(alive, ok)
     kept = {k: v.filter(alive) for k, v in cols.items() if k != "_invalid_size"}
     keys, bits = sample_keys(kept.pop("_normalized"))
@@ -444,8 +463,10 @@ class FilterReport:
 
 
 def _job_fingerprint(cfg: FilterConfig, files: list[str], mapping: dict) -> dict:
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-                if k not in ("input", "output", "workers", "ray_address", "progress", "partition_rows")}
+    # What the output depends on: the settings declared to change it, with the input
+    # given as the listed files (the same files under another folder name are the same
+    # job) and the output folder left out (the job lives in it; a moved folder resumes).
+    settings = {k: v for k, v in output_settings(cfg).items() if k not in ("input", "output")}
     settings.update(files=files, mapping=mapping)
     return {"settings": settings,
             "sha256": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()}
@@ -469,7 +490,7 @@ def _json_call(row: dict, fn, kwargs: dict) -> dict:
 
 def _ray_map(items: list[dict], fn, kwargs: dict, workers: int | None, desc: str, progress: bool) -> list[dict]:
     """`fn(item, **kwargs)` for each item as Ray tasks; the results, in completion order."""
-    import ray
+    import ray  # ~3 s to import: the run config and the CLI import this module for FilterConfig alone
 
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     compute = ray.data.TaskPoolStrategy(size=workers) if workers else None
