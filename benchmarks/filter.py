@@ -5,7 +5,7 @@
         shuffle, download shards written), Ray start-up excluded
     (c) pandas: the same rules, de-duplication, shuffle and shard writing, as one process
 
-Input: LAION-2B-en-schema Parquet (snappy) from `pipeline.synthetic.laion_metadata`,
+Input: LAION-2B-en-schema Parquet (snappy) from `amused.demo.site.laion_metadata`,
 ~2% repeated URLs. Rules: the aMUSEd-512 data recipe (sides >= 256, watermark <= 0.5,
 aesthetic >= 4.5, NSFW <= 0.45) plus the URL policy and non-empty captions.
 
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
+import ray
 
-from amused.demo.synthetic import write_laion_metadata
+from amused.demo.site import write_laion_metadata
 from amused.pipeline.filter import SCHEMAS, FilterConfig, filter_metadata
 from amused.plumbing.fsio import list_files
 
@@ -72,8 +73,6 @@ def main() -> None:
     files = write_laion_metadata(str(work / "meta"), args.files, args.rows // args.files)
     print(f"data: {args.rows:,} rows in {args.files} files written in {time.perf_counter() - t:.1f}s", flush=True)
     columns = sorted(set(SCHEMAS["laion"].values()) & set(pq.read_schema(files[0]).names))
-
-    import ray
 
     ray.init(include_dashboard=False, log_to_driver=False)
     t = time.perf_counter()

@@ -25,16 +25,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 
-from amused.demo.synthetic import write_shape_shards
+from amused.demo.datasets import write_shape_shards
+from amused.demo.tiny_models import clip_bpe_tokenizer
 from amused.pipeline import shards as fmt
 from amused.pipeline.images import decode_views
 from amused.pipeline.pretokenize import PretokenizeConfig, list_input_shards, pretokenize
 from amused.pipeline.wds import BadSample, caption_of, iter_samples
-from amused.tokenizer.image import ImageTokenizer
-from amused.tokenizer.presets import build_clip_text, build_vqgan, clip_bpe_tokenizer
-from amused.tokenizer.text import TextEncoder
+from amused.tokenizer.image import ImageTokenizer, build_vqgan
+from amused.tokenizer.text import TextEncoder, build_clip_text
 
 RES = 256
 
@@ -127,8 +128,6 @@ def plain_loop(models: Path, src: Path, out: Path, device: str, dtype: str, batc
 
 
 def ray_job(models: Path, src: Path, out: Path, batch: int, decode_cpus: float) -> tuple[float, float, int]:
-    import ray
-
     ray.init(include_dashboard=False, log_to_driver=False)
     cfg = PretokenizeConfig(input=str(src), output=str(out), vqgan=str(models / "vqgan"), text_encoder=str(models),
                             resolution=RES, batch_size=batch, decode_cpus=decode_cpus, progress=True)

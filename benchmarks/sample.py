@@ -7,7 +7,7 @@ work. Printed: images/s of each per batch size and the ratio ours / diffusers
 (goal >= 1.0x on CPU, >= 1.5x on a GPU). Steady state: one untimed run first, then the
 median of `--repeats` runs, the two alternated.
 
-    python benchmarks/sample.py                          # CPU, a ~10M-parameter U-ViT, 128 px
+    python benchmarks/sample.py                          # CPU, the bench-sample U-ViT (~10M parameters), 128 px
     python benchmarks/sample.py --device cuda --preset amused-256 --batches 1 8
 """
 
@@ -20,21 +20,16 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers import AmusedPipeline, AmusedScheduler
 
+from amused.demo.tiny_models import write_tiny_models
 from amused.tokenizer.image import ImageTokenizer
-from amused.tokenizer.presets import write_tiny_models
+from amused.tokenizer.presets import UVIT_CONFIGS
 from amused.tokenizer.text import TextEncoder
 from amused.training.config import SampleConfig
 from amused.training.inference.sample import Sampler
-from amused.training.uvit.model import PRESETS
+from amused.training.uvit.model import build_model
 
-# A U-ViT that is real work on 2 CPU cores, sized to the tiny VQ-GAN (64 codes) and CLIP (32-d).
-SMALL = dict(
-    hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, in_channels=256,
-    block_out_channels=256, num_res_blocks=1, block_num_heads=4, codebook_size=64, vocab_size=65,
-    encoder_hidden_size=32, cond_embed_dim=32, micro_cond_encode_dim=64, micro_cond_embed_dim=320,
-    sample_size=16, use_bias=False,
-)
 PROMPTS = ["a red circle on a grey background", "a blue square on a white background", "a green triangle",
            "a yellow star on a black background"]
 
@@ -58,10 +53,8 @@ def _compare(theirs, ours, repeats: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    from diffusers import AmusedPipeline, AmusedScheduler, UVit2DModel
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="small", choices=["small", *PRESETS])
+    parser.add_argument("--preset", default="bench-sample", choices=list(UVIT_CONFIGS))
     parser.add_argument("--models", help="a pipeline folder with vqvae/ text_encoder/ tokenizer/ (default: tiny)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--steps", type=int, default=12)
@@ -73,7 +66,7 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         models = args.models or str(write_tiny_models(Path(tmp) / "tiny"))
-        transformer = UVit2DModel(**(SMALL if args.preset == "small" else PRESETS[args.preset])).eval()
+        transformer = build_model(args.preset).eval()
         image = ImageTokenizer.from_pretrained(models, device=args.device)
         text = TextEncoder.from_pretrained(models, device=args.device)
         sampler = Sampler(transformer, image, text)

@@ -9,7 +9,7 @@ consumption (c/b; goal >= 10x). Steady state: the first `--warmup` steps are not
 It also counts, with torch's FLOP counter, the training FLOPs of one 256 px sample for
 the aMUSEd-256 U-ViT (forward x 3) and, with --gpu-peak-tflops, turns a measured rate into MFU.
 
-    python benchmarks/train.py                     # CPU, a ~20M-parameter U-ViT
+    python benchmarks/train.py                     # CPU, the bench-train U-ViT (~20M parameters)
     python benchmarks/train.py --preset amused-256 --batch 64 --steps 60 --gpu-peak-tflops 989
 """
 
@@ -22,35 +22,26 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from amused.demo.synthetic import write_token_dataset
+from amused.demo.datasets import write_token_dataset
 from amused.pipeline.shards import TokenDataset
+from amused.tokenizer.presets import UVIT_CONFIGS
 from amused.training.config import parse_config
 from amused.training.engine import train
 from amused.training.uvit.data import ShardReader
-from amused.training.uvit.model import PRESETS, build_model, mask_id, param_groups
+from amused.training.uvit.model import build_model, mask_id, param_groups
 from amused.training.uvit.objective import draw_masks, masked_loss
 
-# Small enough for 2 CPU cores, big enough that a step is real work (~20M parameters).
-SMALL = dict(
-    hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, in_channels=256,
-    block_out_channels=256, num_res_blocks=1, block_num_heads=4, codebook_size=1024, vocab_size=1088,
-    encoder_hidden_size=256, cond_embed_dim=256, micro_cond_encode_dim=64, micro_cond_embed_dim=320,
-    sample_size=16, use_bias=False,
-)
 
-
-def training_flops_per_sample(preset_cfg: dict, text_len: int = 77) -> float:
+def training_flops_per_sample(preset: str, text_len: int = 77) -> float:
     """Forward FLOPs x 3 (backward ~ 2x forward), counted by torch on one sample."""
-    from diffusers import UVit2DModel
-    from torch.utils.flop_counter import FlopCounterMode
-
     with torch.device("meta"):
-        model = UVit2DModel(**preset_cfg)
-    side = preset_cfg["sample_size"]
+        model = build_model(preset)
+    side = model.config.sample_size
     args = (torch.zeros(1, side, side, dtype=torch.long, device="meta"),
-            torch.zeros(1, text_len, preset_cfg["encoder_hidden_size"], device="meta"),
-            torch.zeros(1, preset_cfg["cond_embed_dim"], device="meta"), torch.zeros(1, 5, device="meta"))
+            torch.zeros(1, text_len, model.config.encoder_hidden_size, device="meta"),
+            torch.zeros(1, model.config.cond_embed_dim, device="meta"), torch.zeros(1, 5, device="meta"))
     with FlopCounterMode(display=False) as counter:
         model(*args)
     return 3.0 * counter.get_total_flops()
@@ -113,21 +104,19 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--zero", type=int, default=2)
-    parser.add_argument("--preset", default="small", choices=["small", *PRESETS])
+    parser.add_argument("--preset", default="bench-train", choices=list(UVIT_CONFIGS))
     parser.add_argument("--gpu-peak-tflops", type=float, default=0.0, help="peak dense bf16 TFLOP/s, for MFU")
     args = parser.parse_args()
     if args.steps % args.warmup:
         parser.error("--steps must be a multiple of --warmup (metrics are logged every --warmup steps)")
-    model_cfg = SMALL if args.preset == "small" else PRESETS[args.preset]
+    model_cfg = UVIT_CONFIGS[args.preset]
     side = model_cfg["sample_size"]
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        from diffusers import UVit2DModel
-
         torch.manual_seed(0)
         model_dir = str(folder / "model")
-        UVit2DModel(**model_cfg).save_pretrained(model_dir)
+        build_model(args.preset).save_pretrained(model_dir)
         dataset = str(folder / "tokens")
         shards = [args.rows // 4] * 4
         write_token_dataset(dataset, shards, token_grid=(side, side), codebook_size=model_cfg["codebook_size"],
@@ -146,7 +135,7 @@ def main() -> None:
         c = reader_rate(dataset, args.batch, max(50, 4 * args.steps), args.workers)
         print(f"(c) shard reader alone      {c:8.1f} samples/s   c/b = {c / b:.1f}x (goal >= 10x)")
 
-    flops = training_flops_per_sample(PRESETS["amused-256"])
+    flops = training_flops_per_sample("amused-256")
     print(f"aMUSEd-256 U-ViT training FLOPs per 256 px sample (3 x forward, torch FLOP counter): {flops / 1e12:.3f} TFLOP")
     if args.gpu_peak_tflops and args.preset == "amused-256":
         mfu = b * flops / (args.gpu_peak_tflops * 1e12)

@@ -8,18 +8,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+from amused.demo.shapes import caption_parts, classify_shape_image
 from amused.plumbing.fsio import read_json, write_json_atomic
+from amused.plumbing.plots import image_grid
 from amused.training.checkpoint import checkpoints_dir, complete_steps, tag
 from amused.training.config import SampleConfig
+from amused.training.inference.sample import Sampler, checkpoint_models, load_trained_model
 
 
 def prompt_following(images, prompts: list[str]) -> dict:
     """Fraction of images (uint8 N x H x W x 3) whose (colour, shape) match their prompt."""
-    from PIL import Image
-
-    from amused.demo.synthetic import caption_parts, classify_shape_image
-
     hits = []
     for img, prompt in zip(images, prompts):
         colour, shape, _ = classify_shape_image(Image.fromarray(img))
@@ -32,9 +32,6 @@ def sample_grid(run_dir: str, prompts: list[str], out: str, cfg: SampleConfig, s
     """Samples of the run's latest checkpoint (EMA weights): `per_prompt` per prompt, image
     i of prompt p drawn from its own generator (seed, p, i). Writes grid.png and
     result.json under `out`; a rerun for the same checkpoint is a no-op."""
-    from amused.plumbing.plots import image_grid
-    from amused.training.inference.sample import Sampler, checkpoint_models, load_trained_model
-
     steps = complete_steps(run_dir)
     if not steps:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to sample from")

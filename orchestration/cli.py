@@ -13,7 +13,7 @@ import sys
 
 
 def _models_tiny(args) -> int:
-    from amused.tokenizer.presets import write_tiny_models
+    from amused.demo.tiny_models import write_tiny_models
 
     out = write_tiny_models(args.out, seed=args.seed)
     print(f"tiny models written to {out}: vqgan/ text_encoder/ tokenizer/ transformer/")
@@ -21,7 +21,7 @@ def _models_tiny(args) -> int:
 
 
 def _synth(args) -> int:
-    from amused.demo.synthetic import write_shape_shards
+    from amused.demo.datasets import write_shape_shards
 
     urls = write_shape_shards(args.out, shards=args.shards, per_shard=args.per_shard, seed=args.seed,
                               min_size=args.min_size, max_size=args.max_size)

@@ -232,14 +232,12 @@ def _check_tokens_fit(models: ModelsConfig, vqgan: VQGANConfig | None, pretokeni
                       train: TrainConfig) -> None:
     """The U-ViT preset must take the tokens the run's VQ-GAN will make (grid and codebook);
     known before any work whenever both come from presets, not from folders."""
-    from amused.tokenizer.image import downsample_of
-    from amused.tokenizer.presets import VQGAN_CONFIGS
-    from amused.training.uvit.model import PRESETS
+    from amused.tokenizer.presets import UVIT_CONFIGS, VQGAN_CONFIGS, downsample_of
 
     preset = {"tiny": "tiny", "train": vqgan and not vqgan.model.pretrained and vqgan.model.preset}.get(models.vqgan)
     if not preset or train.model.pretrained:
         return
-    vq, uvit = VQGAN_CONFIGS[preset], PRESETS[train.model.preset]
+    vq, uvit = VQGAN_CONFIGS[preset], UVIT_CONFIGS[train.model.preset]
     grid = pretokenize.resolution // downsample_of(vq["block_out_channels"])
     if (grid, vq["num_vq_embeddings"]) != (uvit["sample_size"], uvit["codebook_size"]):
         raise ValueError(f"train.model.preset {train.model.preset!r} takes {uvit['sample_size']}x"

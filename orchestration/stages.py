@@ -45,7 +45,7 @@ def _base_url(cfg: RunConfig) -> str:
 
 
 def run_source(cfg: RunConfig) -> dict:
-    from amused.demo.synthetic import write_shape_site
+    from amused.demo.site import write_shape_site
 
     syn = cfg.source.synthetic
     return write_shape_site(_www(cfg), cfg.filter.input, syn.images, _base_url(cfg), syn.min_size, syn.max_size,
@@ -66,7 +66,8 @@ def run_models(cfg: RunConfig) -> dict:
 
     import torch
 
-    from amused.tokenizer.presets import build_vqgan, write_tiny_clip, write_tiny_text_encoder
+    from amused.demo.tiny_models import write_tiny_clip, write_tiny_text_encoder
+    from amused.tokenizer.image import build_vqgan
     from amused.training.evaluation.metrics import write_random_inception
 
     out, wanted = Path(cfg.run_dir) / "models", _tiny_models(cfg)
@@ -96,7 +97,7 @@ def run_filter(cfg: RunConfig) -> dict:
 def run_download(cfg: RunConfig) -> dict:
     from contextlib import nullcontext
 
-    from amused.demo.synthetic import ImageServer
+    from amused.demo.site import ImageServer
     from amused.pipeline.download import download
 
     serve = ImageServer(_www(cfg), cfg.source.synthetic.port) if cfg.source.synthetic else nullcontext()

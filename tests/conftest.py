@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
-    from amused.tokenizer.presets import write_tiny_models
+    from amused.demo.tiny_models import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
@@ -83,7 +83,7 @@ def ray_session(s3_server):
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory) -> str:
     """A tiny U-ViT's training checkpoint after 4 steps (its EMA differs from the raw weights)."""
-    from amused.demo.synthetic import write_token_dataset
+    from amused.demo.datasets import write_token_dataset
     from amused.training.config import parse_config
     from amused.training.engine import train
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from amused.demo.synthetic import write_shape_shards
+from amused.demo.datasets import write_shape_shards
 from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
 from amused.plumbing.fsio import list_files
 

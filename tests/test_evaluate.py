@@ -62,9 +62,9 @@ def test_fid_of_a_feature_set_against_itself_is_zero_and_mismatched_protocols_ar
 
 @pytest.fixture(scope="module")
 def eval_setup(tmp_path_factory, tiny_models, trained_checkpoint, ray_session):
-    from amused.demo.synthetic import write_shape_shards
+    from amused.demo.datasets import write_shape_shards
+    from amused.demo.tiny_models import write_tiny_clip
     from amused.orchestration.cli import main
-    from amused.tokenizer.presets import write_tiny_clip
     from amused.training.evaluation.metrics import write_random_inception
 
     root = tmp_path_factory.mktemp("eval")

@@ -56,7 +56,7 @@ def test_exported_folder_opens_in_amused_pipeline_and_gives_amused_sample_images
 def test_training_starts_from_an_exported_folder(exported, tmp_path, trained_checkpoint):
     from safetensors.torch import load_file
 
-    from amused.demo.synthetic import write_token_dataset
+    from amused.demo.datasets import write_token_dataset
     from amused.training.config import parse_config
     from amused.training.engine import train
     from amused.training.uvit.model import build_model

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from amused.demo.synthetic import sample_members
+from amused.demo.datasets import sample_members
 from amused.pipeline import shards as fmt
 from amused.pipeline.inspect import verify_dataset
 from amused.pipeline.pretokenize import PretokenizeConfig, decode_chunk, pretokenize, read_chunks

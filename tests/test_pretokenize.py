@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from amused.demo.synthetic import sample_members, tar_bytes, write_shape_shards
+from amused.demo.datasets import sample_members, write_shape_shards
 from amused.pipeline import shards as fmt
 from amused.pipeline.images import decode_views
 from amused.pipeline.inspect import verify_dataset
 from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
+from amused.pipeline.wds import tar_bytes
 from amused.plumbing.fsio import atomic_writer
 from amused.tokenizer.image import ImageTokenizer
 from amused.tokenizer.text import TextEncoder

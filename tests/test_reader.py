@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from amused.demo.synthetic import write_token_dataset
+from amused.demo.datasets import write_token_dataset
 from amused.pipeline.shards import TokenDataset
 from amused.training.uvit.data import ShardReader
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from amused.demo.synthetic import write_token_dataset
+from amused.demo.datasets import write_token_dataset
 from amused.orchestration.cli import main
 from amused.plumbing.runlock import FolderLock, FolderLocked
 from amused.training.checkpoint import MARKER, checked, damage, own_checksums

@@ -6,8 +6,8 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
+from amused.demo.shapes import caption_parts, classify_shape_image, shape_image
 from amused.demo.showcase import prompt_following
-from amused.demo.synthetic import caption_parts, classify_shape_image, shape_image
 from amused.training.inference.sample import fit_image
 
 

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from amused.demo.synthetic import write_token_dataset
+from amused.demo.datasets import write_token_dataset
 from amused.pipeline.shards import TokenDataset
+from amused.tokenizer.presets import UVIT_CONFIGS
 from amused.training import engine as engine_mod
 from amused.training.checkpoint import module_weights
 from amused.training.config import parse_config
 from amused.training.engine import NonFiniteError, train
 from amused.training.uvit.data import ShardReader
-from amused.training.uvit.model import PRESETS, build_model, enable_activation_checkpointing
+from amused.training.uvit.model import build_model, enable_activation_checkpointing
 from amused.training.uvit.objective import draw_masks
 
 
@@ -82,9 +83,9 @@ def test_rectangle_masks_are_one_rectangle_of_about_the_drawn_size():
 # ---------------------------------------------------------------- model
 
 def test_presets_equal_the_released_transformers():
-    cfg = PRESETS["amused-256"]
+    cfg = UVIT_CONFIGS["amused-256"]
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"], cfg["codebook_size"]) == (1024, 22, 8256, 8192)
-    assert PRESETS["amused-512"]["downsample"] and PRESETS["amused-512"]["sample_size"] == 32
+    assert UVIT_CONFIGS["amused-512"]["downsample"] and UVIT_CONFIGS["amused-512"]["sample_size"] == 32
     model = build_model("amused-256")
     assert 595e6 < sum(p.numel() for p in model.parameters()) < 610e6
 

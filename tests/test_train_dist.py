@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from amused.demo.synthetic import write_token_dataset
+from amused.demo.datasets import write_token_dataset
 from amused.training.checkpoint import MARKER, module_weights
 from tests.conftest import _free_port
 

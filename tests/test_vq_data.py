@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from amused.demo.synthetic import sample_members, tar_bytes, write_shape_shards
+from amused.demo.datasets import sample_members, write_shape_shards
+from amused.pipeline.wds import tar_bytes
 from amused.training.vqgan.data import ImageCropReader
 
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from amused.demo.synthetic import sample_members, tar_bytes, write_shape_shards
+from amused.demo.datasets import sample_members, write_shape_shards
 from amused.orchestration.cli import main
+from amused.pipeline.wds import tar_bytes
 from amused.tokenizer.image import ImageTokenizer
 from amused.training.evaluation.metrics import write_random_inception
 from amused.training.vqgan.data import held_out_batches

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from amused.tokenizer.image import ImageTokenizer
-from amused.tokenizer.presets import build_vqgan
+from amused.tokenizer.image import ImageTokenizer, build_vqgan
 from amused.tokenizer.vq_objective import (
     CodebookHealth,
     PatchDiscriminator,

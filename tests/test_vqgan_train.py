@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from amused.demo.synthetic import write_shape_shards
+from amused.demo.datasets import write_shape_shards
 from amused.orchestration.cli import main
 from amused.training.vqgan.task import parse_vqgan_config, train_vqgan, vq_from_checkpoint
 

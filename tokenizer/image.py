@@ -15,15 +15,26 @@ from diffusers import VQModel
 
 from amused.plumbing.runtime import resolve_device, resolve_dtype
 from amused.plumbing.storage import VQGAN_SUBFOLDERS, local_folder, resolve_subfolder
+from amused.tokenizer.presets import VQGAN_CONFIGS, downsample_of, preset
 
 # Rows of latents compared against the codebook at once: bounds the distance matrix
 # to CHUNK x codebook_size floats (64 MiB at 8192 codes) whatever the batch size.
 _NEAREST_CHUNK = 2048
 
 
-def downsample_of(block_out_channels) -> int:
-    """Pixels per token side of a diffusers VQModel: each block after the first halves."""
-    return 2 ** (len(block_out_channels) - 1)
+def build_vqgan(name: str = "tiny") -> VQModel:
+    """Random weights of a VQ-GAN preset, in aMUSEd's layout (no attention in the middle
+    block, decoding looks token ids up in the codebook)."""
+    cfg = preset(VQGAN_CONFIGS, "VQ-GAN", name)
+    n = len(cfg["block_out_channels"])
+    return VQModel(
+        down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n,
+        mid_block_add_attention=False,
+        lookup_from_codebook=True,
+        force_upcast=True,
+        **cfg,
+    )
 
 
 class ImageTokenizer:

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from amused.plumbing.runtime import resolve_device, resolve_dtype
 from amused.plumbing.storage import join, local_folder, resolve_subfolder
+from amused.tokenizer.presets import CLIP_TEXT_COMMON, CLIP_TEXT_CONFIGS, preset
 
 
 @dataclass
@@ -76,3 +77,9 @@ class TextEncoder:
         ids = self.token_ids(captions).to(self.device)
         out = self.model(ids, return_dict=True, output_hidden_states=True)
         return TextEmbeddings(hidden_states=out.hidden_states[-2], pooled=out.text_embeds)
+
+
+def build_clip_text(name: str = "tiny") -> CLIPTextModelWithProjection:
+    """Random weights of a CLIP text tower preset (OpenAI's BPE vocabulary and positions)."""
+    config = CLIPTextConfig(**CLIP_TEXT_COMMON, **preset(CLIP_TEXT_CONFIGS, "CLIP text", name))
+    return CLIPTextModelWithProjection(config)

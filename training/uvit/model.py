@@ -1,5 +1,6 @@
-"""The U-ViT: presets equal to the released aMUSEd transformers, loading, and the parts
-diffusers gets wrong for training (activation checkpointing, weight-decay groups)."""
+"""The U-ViT: building from the presets table (`tokenizer.presets.UVIT_CONFIGS`, whose
+aMUSEd entries equal the released transformers), loading, and the parts diffusers gets
+wrong for training (activation checkpointing, weight-decay groups)."""
 
 from __future__ import annotations
 
@@ -10,27 +11,16 @@ from diffusers import UVit2DModel
 from torch.utils.checkpoint import checkpoint
 
 from amused.plumbing.storage import local_folder, resolve_subfolder
-from amused.tokenizer.presets import UVIT_CONFIGS
+from amused.tokenizer.presets import UVIT_CONFIGS, preset
 
-_AMUSED = dict(
-    hidden_size=1024, num_hidden_layers=22, num_attention_heads=16, intermediate_size=2816, in_channels=768,
-    block_out_channels=768, num_res_blocks=3, block_num_heads=12, codebook_size=8192, vocab_size=8256,
-    encoder_hidden_size=768, cond_embed_dim=768, micro_cond_encode_dim=256, micro_cond_embed_dim=1280,
-    use_bias=False, layer_norm_eps=1e-6, ln_elementwise_affine=True, hidden_dropout=0.0, attention_dropout=0.0,
-)
-PRESETS = {
-    "amused-256": dict(_AMUSED, downsample=False, upsample=False, sample_size=16),
-    "amused-512": dict(_AMUSED, downsample=True, upsample=True, sample_size=32),
-    **{name: dict(cfg) for name, cfg in UVIT_CONFIGS.items()},
-}
 # Order of the micro-conditioning values, as aMUSEd feeds them.
 MICRO_CONDS = ("orig_width", "orig_height", "crop_top", "crop_left", "aesthetic_score")
 
 
-def build_model(preset: str, pretrained: str | None = None) -> UVit2DModel:
+def build_model(name: str, pretrained: str | None = None) -> UVit2DModel:
     """Random weights of a preset, or a diffusers UVit2DModel folder (safetensors only)."""
     if pretrained is None:
-        return UVit2DModel(**PRESETS[preset])
+        return UVit2DModel(**preset(UVIT_CONFIGS, "U-ViT", name))
     folder = local_folder(resolve_subfolder(pretrained, ("transformer",)))
     return UVit2DModel.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
 

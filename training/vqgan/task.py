@@ -22,8 +22,8 @@ from torch import nn
 
 from amused.plumbing.config import from_mapping, opt, section
 from amused.plumbing.storage import VQGAN_SUBFOLDERS, local_folder, resolve_subfolder
-from amused.tokenizer.image import downsample_of
-from amused.tokenizer.presets import VQGAN_CONFIGS, build_vqgan
+from amused.tokenizer.image import build_vqgan
+from amused.tokenizer.presets import VQGAN_CONFIGS, downsample_of
 from amused.tokenizer.vq_objective import (
     CodebookHealth,
     PatchDiscriminator,
