@@ -1,4 +1,6 @@
-"""Awkward real-world image files, built in memory, with what the pre-tokenizer must do with each."""
+"""Shared test material, built in memory or in a test's folder: awkward real-world image
+files with what the pre-tokenizer must do with each, plain JPEGs, and small token
+datasets in the pre-tokenizer's format."""
 
 from __future__ import annotations
 
@@ -9,10 +11,21 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from amused.pipeline import shards as fmt
+
 
 def save(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def jpeg(n: int, size=(120, 90)) -> bytes:
+    """A JPEG of random pixels, a function of `n`."""
+    rng = np.random.default_rng(n)
+    img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG")
     return buf.getvalue()
 
 
@@ -76,3 +89,40 @@ def awkward_samples() -> dict[str, tuple[bytes | None, bytes | None, str | None]
         "nocaption": (good_jpeg, None, "missing_caption"),
         "badutf8": (good_jpeg, "caf\xe9 cr\xe8me".encode("latin-1"), "caption_not_utf8"),
     }
+
+
+def make_spec(**kw) -> fmt.DatasetSpec:
+    """A token dataset spec small enough to write in a test: 4x4 tokens of 16 codes."""
+    ident = fmt.ModelIdentity(path="/m", sha256="0" * 64)
+    base = dict(resolution=64, token_grid=(4, 4), codebook_size=16, text_seq_len=5, text_hidden_size=3,
+                text_pooled_dim=2, image_tokenizer=ident, text_encoder=ident)
+    return fmt.DatasetSpec(**{**base, **kw})
+
+
+def make_columns(n: int, start: int = 0, tokens=None) -> dict:
+    """`n` rows of `make_spec`'s columns, random but a function of `start`."""
+    rng = np.random.default_rng(start)
+    return {
+        "key": [f"{start:05d}/{i}/0/c{i}" for i in range(n)],
+        "content_id": [f"c{start + i}" for i in range(n)],
+        "caption": ["x" * (i + 1) for i in range(n)],
+        "view": [0] * n,
+        "image_tokens": tokens if tokens is not None else rng.integers(0, 16, (n, 4, 4)),
+        "text_hidden_states": rng.standard_normal((n, 5, 3)),
+        "text_pooled": rng.standard_normal((n, 2)),
+        "orig_width": [100] * n, "orig_height": [80] * n, "crop_top": [0] * n, "crop_left": [i for i in range(n)],
+        "aesthetic_score": [None if i % 2 else 5.5 for i in range(n)],
+    }
+
+
+def write_dataset(url: str, sizes=(7, 5)) -> fmt.Manifest:
+    """A finished token dataset under `url`: one shard (with its marker) per entry of `sizes`."""
+    spec = make_spec()
+    records = []
+    for i, n in enumerate(sizes):
+        record = fmt.write_shard(url, f"/in/{i:05d}.tar", fmt.build_table(spec, make_columns(n, start=i)))
+        fmt.write_marker(url, record, [], spec)
+        records.append(record)
+    manifest = fmt.Manifest(spec, records)
+    fmt.write_manifest(url, manifest)
+    return manifest

@@ -5,7 +5,7 @@ import json
 from amused.orchestration.cli import main
 from amused.pipeline.pretokenize import list_input_shards
 from amused.tokenizer.image import ImageTokenizer
-from tests.test_shards import write_dataset
+from tests.samples import write_dataset
 
 
 def test_models_tiny_and_synth_write_what_the_loaders_read(tmp_path, capsys):

@@ -1,7 +1,6 @@
 """`amused download` against an HTTP server on 127.0.0.1 that serves images and failures."""
 
 import dataclasses
-import io
 import os
 import re
 import tarfile
@@ -10,25 +9,16 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from amused.pipeline.download import DownloadConfig, classify, download
 from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
 from amused.pipeline.shards import TokenDataset
 from amused.pipeline.wds import iter_samples, metadata_of
 from amused.plumbing.fsio import list_files
-
-
-def jpeg(n: int, size=(120, 90)) -> bytes:
-    rng = np.random.default_rng(n)
-    img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, "JPEG")
-    return buf.getvalue()
+from tests.samples import jpeg
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -15,7 +15,7 @@ from amused.pipeline.pretokenize import PretokenizeConfig, decode_chunk, pretoke
 from amused.pipeline.wds import ShardFormatError, iter_samples, tar_bytes
 from amused.plumbing.config import from_mapping
 from tests import samples
-from tests.test_shards import make_columns, make_spec
+from tests.samples import make_columns, make_spec
 
 RES = 64
 

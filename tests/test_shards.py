@@ -6,40 +6,7 @@ import pytest
 from amused.pipeline import shards as fmt
 from amused.pipeline.inspect import format_inspect, inspect_dataset, verify_dataset
 from amused.plumbing.fsio import atomic_writer
-
-
-def make_spec(**kw) -> fmt.DatasetSpec:
-    ident = fmt.ModelIdentity(path="/m", sha256="0" * 64)
-    base = dict(resolution=64, token_grid=(4, 4), codebook_size=16, text_seq_len=5, text_hidden_size=3,
-                text_pooled_dim=2, image_tokenizer=ident, text_encoder=ident)
-    return fmt.DatasetSpec(**{**base, **kw})
-
-
-def make_columns(n: int, start: int = 0, tokens=None) -> dict:
-    rng = np.random.default_rng(start)
-    return {
-        "key": [f"{start:05d}/{i}/0/c{i}" for i in range(n)],
-        "content_id": [f"c{start + i}" for i in range(n)],
-        "caption": ["x" * (i + 1) for i in range(n)],
-        "view": [0] * n,
-        "image_tokens": tokens if tokens is not None else rng.integers(0, 16, (n, 4, 4)),
-        "text_hidden_states": rng.standard_normal((n, 5, 3)),
-        "text_pooled": rng.standard_normal((n, 2)),
-        "orig_width": [100] * n, "orig_height": [80] * n, "crop_top": [0] * n, "crop_left": [i for i in range(n)],
-        "aesthetic_score": [None if i % 2 else 5.5 for i in range(n)],
-    }
-
-
-def write_dataset(url: str, sizes=(7, 5)) -> fmt.Manifest:
-    spec = make_spec()
-    records = []
-    for i, n in enumerate(sizes):
-        record = fmt.write_shard(url, f"/in/{i:05d}.tar", fmt.build_table(spec, make_columns(n, start=i)))
-        fmt.write_marker(url, record, [], spec)
-        records.append(record)
-    manifest = fmt.Manifest(spec, records)
-    fmt.write_manifest(url, manifest)
-    return manifest
+from tests.samples import make_columns, make_spec, write_dataset
 
 
 def test_round_trip_types_and_zero_copy(tmp_path):

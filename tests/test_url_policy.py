@@ -18,7 +18,7 @@ import pytest
 from amused.pipeline.download import DownloadConfig, classify, download, prepare_input
 from amused.pipeline.fetch_guard import guarded_opener
 from amused.pipeline.urls import AddressPolicy, normalize
-from tests.test_download import jpeg
+from tests.samples import jpeg
 
 REFUSED = [
     "http://%31%32%37.0.0.1/a.jpg",  # percent-encoded 127
