@@ -13,7 +13,7 @@ from PIL import Image
 from amused.demo.shapes import caption_parts, classify_shape_image
 from amused.plumbing.fsio import read_json, write_json_atomic
 from amused.plumbing.plots import image_grid
-from amused.training.checkpoint import checkpoints_dir, complete_steps, tag
+from amused.training.checkpoint import Checkpoint
 from amused.training.config import SampleConfig
 from amused.training.inference.sample import Sampler, checkpoint_models, load_trained_model
 
@@ -32,10 +32,10 @@ def sample_grid(run_dir: str, prompts: list[str], out: str, cfg: SampleConfig, s
     """Samples of the run's latest checkpoint (EMA weights): `per_prompt` per prompt, image
     i of prompt p drawn from its own generator (seed, p, i). Writes grid.png and
     result.json under `out`; a rerun for the same checkpoint is a no-op."""
-    steps = complete_steps(run_dir)
-    if not steps:
+    latest = Checkpoint.latest(run_dir)
+    if latest is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to sample from")
-    checkpoint = str(checkpoints_dir(run_dir) / tag(steps[-1]))
+    checkpoint = str(latest.folder)
     result_url = str(Path(out) / "result.json")
     if Path(result_url).exists() and read_json(result_url).get("checkpoint") == checkpoint:
         return read_json(result_url)
@@ -47,7 +47,7 @@ def sample_grid(run_dir: str, prompts: list[str], out: str, cfg: SampleConfig, s
     Path(out).mkdir(parents=True, exist_ok=True)
     grid = str(Path(out) / "grid.png")
     image_grid(images, expanded, columns=per_prompt * 2, cell=max(96, images.shape[1])).save(grid)
-    result = {"checkpoint": checkpoint, "step": steps[-1], "grid": grid, "images": len(images)}
+    result = {"checkpoint": checkpoint, "step": latest.step, "grid": grid, "images": len(images)}
     if score_shapes:
         result["prompt_following"] = prompt_following(images, expanded)
     write_json_atomic(result_url, result)

@@ -4,12 +4,17 @@ import json
 
 import numpy as np
 import pytest
+import s3fs
 import torch
 from diffusers import AmusedPipeline
 
+from amused.demo.datasets import write_token_dataset
 from amused.orchestration.cli import main
-from amused.training.config import SampleConfig
+from amused.training.checkpoint import Checkpoint
+from amused.training.config import SampleConfig, parse_config
+from amused.training.engine import train
 from amused.training.inference.sample import Sampler, load_trained_model
+from amused.training.uvit.model import build_model
 
 PROMPTS = ["a red circle on a grey background", "a blue square"]
 
@@ -54,15 +59,8 @@ def test_exported_folder_opens_in_amused_pipeline_and_gives_amused_sample_images
 
 
 def test_training_starts_from_an_exported_folder(exported, tmp_path, trained_checkpoint):
-    from safetensors.torch import load_file
-
-    from amused.demo.datasets import write_token_dataset
-    from amused.training.config import parse_config
-    from amused.training.engine import train
-    from amused.training.uvit.model import build_model
-
     start = build_model("tiny", str(exported))
-    ema = load_file(f"{trained_checkpoint}/ema.safetensors")
+    ema = Checkpoint.at(trained_checkpoint).state_dict(ema=True)
     assert all(torch.equal(v, ema[k]) for k, v in start.state_dict().items())
     write_token_dataset(str(tmp_path / "tokens"), [16])
     result = train(parse_config({
@@ -78,8 +76,6 @@ def test_training_starts_from_an_exported_folder(exported, tmp_path, trained_che
 
 
 def test_export_to_s3(s3_bucket, tiny_models, trained_checkpoint):
-    import s3fs
-
     url = f"{s3_bucket}/exports/pipe"
     assert main(["export", "--checkpoint", trained_checkpoint, "--output", url,
                  "--vqgan", str(tiny_models / "vqgan"), "--text-encoder", str(tiny_models)]) == 0

@@ -15,15 +15,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import s3fs
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import yaml
 
 from amused.demo.datasets import write_token_dataset
 from amused.orchestration.cli import main
 from amused.plumbing.runlock import FolderLock, FolderLocked
-from amused.training.checkpoint import MARKER, checked, damage, own_checksums
+from amused.training import checkpoint as ckpt
+from amused.training.checkpoint import MARKER, Checkpoint, damage, newest_intact, own_checksums
 from amused.training.config import load_config, parse_config
+from amused.training.distributed import rank0_decides
 from amused.training.engine import train
 from amused.training.inference.sample import load_trained_model
+from amused.training.launch import train_on_ray
 from tests.test_run import demo_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,8 +164,6 @@ class _ConflictHandler(BaseHTTPRequestHandler):
 def test_a_conditional_write_that_lost_a_race_on_s3_looks_again(s3_bucket, s3_server, tmp_path, monkeypatch):
     """AWS refuses the loser of two racing conditional PUTs with 409, which s3fs raises as
     a plain OSError: the lock looks again and names the holder that won."""
-    import s3fs
-
     url = f"{s3_bucket}/{tmp_path.name}/train.lock"
     proxy = _ConflictingS3(s3_server)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
@@ -240,8 +244,6 @@ def test_on_ray_the_driver_takes_over_a_dead_trainers_lock(tmp_path, tokens, cap
     """Under Ray the driver holds the lock (its host is the user's, whatever node rank 0
     lands on): a lock a dead run left on this host is taken over by the driver, and the
     workers train without taking it again."""
-    from amused.training.launch import train_on_ray
-
     run_dir = tmp_path / "run"
     dead = crashed_holder(str(run_dir / "train.lock"))
     capsys.readouterr()
@@ -374,21 +376,15 @@ def test_each_rank_checks_the_files_it_wrote(tmp_path):
 
 
 def _resume_on_rank(rank: int, run_dir: str, store: str) -> None:
-    import torch.distributed as dist
-
-    from amused.training.engine import resume_state
-
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        state = resume_state(run_dir)
+        state = newest_intact(run_dir, rank0_decides)
         Path(store).with_name(f"rank{rank}.json").write_text(json.dumps(state))
     finally:
         dist.destroy_process_group()
 
 
 def test_two_ranks_resume_from_the_newest_checkpoint_every_rank_found_intact(tmp_path, capfd):
-    import torch.multiprocessing as mp
-
     root = tmp_path / "run" / "checkpoints"
     for step in (2, 4):
         _checkpoint_of_ranks(root / f"step_{step:08d}", 2)
@@ -402,19 +398,17 @@ def test_two_ranks_resume_from_the_newest_checkpoint_every_rank_found_intact(tmp
 
 
 def test_a_process_hashes_a_checkpoint_file_once_while_it_stays_unchanged(copied_run, monkeypatch):
-    import amused.training.checkpoint as ckpt
-
     hashed: list[str] = []
     real = ckpt.sha256_of
     monkeypatch.setattr(ckpt, "sha256_of", lambda path: hashed.append(Path(path).name) or real(path))
     folder = copied_run / "checkpoints" / "step_00000004"
     ema = folder / "ema.safetensors"
     for _ in range(3):
-        checked(folder, "config.yaml", "ema.safetensors")
+        Checkpoint.at(folder).checked("config.yaml", "ema.safetensors")
     assert sorted(hashed) == ["config.yaml", "ema.safetensors"]
     ema.write_bytes(ema.read_bytes())  # rewritten, same bytes: hashed again, and found intact
-    checked(folder, "ema.safetensors")
+    Checkpoint.at(folder).checked("ema.safetensors")
     assert hashed.count("ema.safetensors") == 2
     _flip_a_byte(ema)  # then changed: caught by the same process
     with pytest.raises(ValueError, match=f"checkpoint file {ema}: damaged, sha256 "):
-        checked(folder, "ema.safetensors")
+        Checkpoint.at(folder).checked("ema.safetensors")

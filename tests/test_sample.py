@@ -6,13 +6,22 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from diffusers import AmusedPipeline, AmusedScheduler, UVit2DModel, VQModel
+from diffusers import (
+    AmusedImg2ImgPipeline,
+    AmusedInpaintPipeline,
+    AmusedPipeline,
+    AmusedScheduler,
+    UVit2DModel,
+    VQModel,
+)
+from PIL import Image
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
+from amused.orchestration.cli import main
 from amused.tokenizer.image import ImageTokenizer
 from amused.tokenizer.text import TextEncoder
 from amused.training.config import SampleConfig
-from amused.training.inference.sample import Sampler, decode_tokens, token_mask
+from amused.training.inference.sample import Sampler, decode_tokens, load_trained_model, token_mask
 
 PROMPTS = ["a red circle on a grey background", "a blue square"]
 
@@ -64,16 +73,12 @@ def _sampler(pipe, tiny_models) -> Sampler:
 
 
 def _pil(array: np.ndarray):
-    from PIL import Image
-
     return Image.fromarray(array)
 
 
 @pytest.mark.parametrize("guidance, steps, seed", [(10.0, 12, 0), (1.0, 8, 1)])
 def test_inpainting_equals_amused_inpaint_pipeline_and_keeps_unmasked_tokens(pipe, tiny_models, guidance, steps,
                                                                                seed):
-    from diffusers import AmusedInpaintPipeline
-
     parts = {k: v for k, v in pipe.components.items() if k != "scheduler"}
     inpaint = AmusedInpaintPipeline(**parts, scheduler=AmusedScheduler(mask_token_id=pipe.scheduler.config.mask_token_id))
     image = _picture(seed)
@@ -96,8 +101,6 @@ def test_inpainting_equals_amused_inpaint_pipeline_and_keeps_unmasked_tokens(pip
 
 
 def test_variation_equals_amused_img2img_pipeline(pipe, tiny_models):
-    from diffusers import AmusedImg2ImgPipeline
-
     parts = {k: v for k, v in pipe.components.items() if k != "scheduler"}
     img2img = AmusedImg2ImgPipeline(**parts, scheduler=AmusedScheduler(mask_token_id=pipe.scheduler.config.mask_token_id))
     image = _picture(5)
@@ -124,11 +127,6 @@ def test_per_image_generators_make_images_independent_of_the_batch(pipe, tiny_mo
 
 
 def test_amused_sample_from_a_training_checkpoint(tmp_path, tiny_models, trained_checkpoint):
-    from PIL import Image
-
-    from amused.orchestration.cli import main
-    from amused.training.inference.sample import load_trained_model
-
     png = tmp_path / "grid.png"
     models = ["--vqgan", str(tiny_models / "vqgan"), "--text-encoder", str(tiny_models)]
     assert main(["sample", "--checkpoint", trained_checkpoint, "--prompt", "a red circle", "--prompt", "a blue square",

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from amused.demo.datasets import sample_members, write_shape_shards
-from amused.pipeline.wds import tar_bytes
-from amused.training.vqgan.data import ImageCropReader
+from amused.pipeline.wds import ShardFormatError, tar_bytes
+from amused.training.vqgan.data import ImageCropReader, held_out_batches
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +65,6 @@ def test_shards_without_a_usable_image_stop_with_a_clear_error(tmp_path):
 
 def test_a_shard_missing_samples_its_stats_file_records_is_refused(tmp_path):
     """VQ-GAN training and held-out images read tars as strictly as pre-tokenization."""
-    from amused.pipeline.wds import ShardFormatError
-    from amused.training.vqgan.data import held_out_batches
-
     write_shape_shards(str(tmp_path), shards=1, per_shard=3, min_size=40, max_size=90)
     (tmp_path / "00000_stats.json").write_text('{"successes": 4}')
     with pytest.raises(ShardFormatError, match="holds 3 samples, but img2dataset's stats file records 4"):

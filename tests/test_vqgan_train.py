@@ -6,9 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import VQModel
 
 from amused.demo.datasets import write_shape_shards
 from amused.orchestration.cli import main
+from amused.tokenizer.image import ImageTokenizer
+from amused.tokenizer.vq_objective import psnr
+from amused.training.evaluation.vqgan import evaluate_vqgan
+from amused.training.vqgan.data import held_out_batches
 from amused.training.vqgan.task import parse_vqgan_config, train_vqgan, vq_from_checkpoint
 
 
@@ -40,10 +45,6 @@ def test_config_errors_name_the_key(tmp_path, images):
 
 
 def test_resume_is_exact_and_export_round_trips(tmp_path, images):
-    from diffusers import VQModel
-
-    from amused.tokenizer.image import ImageTokenizer
-
     over = {"log": {"every": 1}, "codebook": {"window": 4, "reinit_every": 3}}
     whole = train_vqgan(parse_vqgan_config(_config(tmp_path / "whole", images, 8, **over)))
     part = _config(tmp_path / "part", images, 4, **over)
@@ -70,9 +71,6 @@ def test_resume_is_exact_and_export_round_trips(tmp_path, images):
 def _mean_colour_psnr(images: str, resolution: int) -> float:
     """PSNR of replacing each held-out image by its own mean colour: what a tokenizer that
     kept nothing but the average colour would score."""
-    from amused.tokenizer.vq_objective import psnr
-    from amused.training.vqgan.data import held_out_batches
-
     scores = []
     for batch in held_out_batches(images, resolution, 64):
         x = torch.from_numpy(batch).float().div(255).permute(0, 3, 1, 2)
@@ -88,8 +86,6 @@ def test_a_few_cpu_minutes_learn_shapes(tmp_path, images):
     colour needs the tokens to say where the shape is and what colour it has; +3 dB is
     half the mean squared error of that baseline. Measured: 23.4 dB vs a baseline of
     14.8 dB, 76% of the 256 codes used by the 16 held-out images (176 s)."""
-    from amused.training.evaluation.vqgan import evaluate_vqgan
-
     cfg = _config(tmp_path / "run", images, 450, model={"preset": "small"}, optim={"lr": 3e-4},
                   codebook={"window": 10, "reinit_every": 10}, data={"micro_batch_size": 16},
                   checkpoint={"every": 450}, log={"every": 50, "progress": False})

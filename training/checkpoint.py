@@ -25,6 +25,11 @@ since is hashed again (a new process always hashes). A marker from
 before checksums were recorded holds only the step: such a checkpoint loads unverified,
 with a note. DeepSpeed's files are pickles; they are loaded only from the run's own
 folder. Weights that come from outside a run are safetensors.
+
+Readers open a checkpoint through `Checkpoint` (a run's latest complete one, or a given
+folder): its config and its weights with or without EMA come checked. Every writer of a
+config.yaml (the run folder's and each checkpoint's) uses `write_config`; a resume finds
+its checkpoint with `newest_intact`.
 """
 
 from __future__ import annotations
@@ -35,19 +40,27 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from amused.plumbing.fsio import TMP_MARK, read_json, sha256_of, write_json_atomic
+from amused.plumbing.config import read_yaml
+from amused.plumbing.fsio import TMP_MARK, atomic_writer, read_json, sha256_of, write_json_atomic
+from amused.training.config import dump_config
 
 MARKER = "COMPLETE"
 UNIVERSAL = "universal"
 DAMAGED = "damaged"
 MODEL_STATES = "mp_rank_00_model_states.pt"
 EMA_WEIGHTS = "ema.safetensors"
+CONFIG = "config.yaml"
+TRAINER = "trainer.json"
 # The rank in a per-rank file's name: ours (rng/rank_00003.json) and DeepSpeed's
 # (zero_pp_rank_3_mp_rank_00_optim_states.pt); files without one are rank 0's.
 _RANK_IN_NAME = re.compile(r"(?:^|zero_pp_)rank_(\d+)")
@@ -195,18 +208,121 @@ _noted_unverified: set[Path] = set()
 
 
 def checked(folder: str | Path, *names: str) -> None:
-    """Before a checkpoint's files are read: it is complete and `names` match its marker
-    (a ValueError names the damaged file; each file is hashed once per process while it
-    stays unchanged); a marker without checksums is noted once."""
-    folder = Path(folder)
-    if not (folder / MARKER).exists():
-        raise ValueError(f"{folder} is not a complete training checkpoint (no {MARKER} marker)")
-    problems = damage(folder, names)
-    if problems:
-        raise ValueError(f"checkpoint file {problems[0]}")
-    if problems is None and folder not in _noted_unverified:
-        _noted_unverified.add(folder)
-        _stderr(f"note: {folder} has no checksums (written before they were recorded): loaded unverified")
+    """Kept for callers not yet on `Checkpoint`: `Checkpoint.at(folder).checked(*names)`."""
+    Checkpoint.at(folder).checked(*names)
+
+
+Parse = TypeVar("Parse")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A complete checkpoint folder and its step. Every file is checked against the
+    marker before it is handed out (a ValueError names the damaged file; each file is
+    hashed once per process while it stays unchanged); a marker without checksums is
+    noted once."""
+
+    folder: Path
+    step: int
+
+    @classmethod
+    def at(cls, folder: str | Path) -> Checkpoint:
+        folder = Path(folder)
+        if not (folder / MARKER).exists():
+            raise _not_complete(folder)
+        try:
+            step = read_json(str(folder / MARKER))["step"]
+        except (ValueError, TypeError, KeyError):
+            raise ValueError(f"checkpoint file {folder / MARKER}: damaged, not a JSON object with a step") from None
+        return cls(folder, step)
+
+    @classmethod
+    def every(cls, run_dir: str | Path) -> list[Checkpoint]:
+        """The run's complete checkpoints, oldest first."""
+        return [cls(checkpoints_dir(run_dir) / tag(step), step) for step in complete_steps(run_dir)]
+
+    @classmethod
+    def latest(cls, run_dir: str | Path) -> Checkpoint | None:
+        """The run's newest complete checkpoint, None before the first. Complete, not yet
+        verified: its files are checked when they are read."""
+        found = cls.every(run_dir)
+        return found[-1] if found else None
+
+    @property
+    def complete(self) -> bool:
+        """Still complete: pruning to `checkpoint.keep` removes old ones while others read them."""
+        return (self.folder / MARKER).exists()
+
+    def checked(self, *names: str) -> Checkpoint:
+        """This checkpoint once `names` are found matching the marker."""
+        if not self.complete:
+            raise _not_complete(self.folder)
+        problems = damage(self.folder, names)
+        if problems:
+            raise ValueError(f"checkpoint file {problems[0]}")
+        if problems is None and self.folder not in _noted_unverified:
+            _noted_unverified.add(self.folder)
+            _stderr(f"note: {self.folder} has no checksums (written before they were recorded): loaded unverified")
+        return self
+
+    def file(self, name: str) -> Path:
+        """The path of the file `name`, checked."""
+        return self.checked(name).folder / name
+
+    def config_text(self) -> str:
+        """The config it was trained with, as written (YAML)."""
+        return self.file(CONFIG).read_text()
+
+    def config(self, parse: Callable[[Any], Parse]) -> Parse:
+        """The config it was trained with, read by `parse` (e.g. training.config.parse_config)."""
+        return parse(read_yaml(str(self.file(CONFIG))))
+
+    def weights(self, ema: bool) -> Path:
+        """The model weights file: the EMA weights (safetensors) or DeepSpeed's model states."""
+        return self.file(EMA_WEIGHTS if ema else MODEL_STATES)
+
+    def state_dict(self, ema: bool) -> dict[str, torch.Tensor]:
+        """The model weights of `weights(ema)`. DeepSpeed's file is a pickle: read with
+        `weights_only=True` (plain tensors and containers, nothing executed)."""
+        path = self.weights(ema)
+        if ema:
+            return load_file(str(path))
+        return torch.load(path, weights_only=True, map_location="cpu")["module"]
+
+
+def _not_complete(folder: Path) -> ValueError:
+    return ValueError(f"{folder} is not a complete training checkpoint (no {MARKER} marker)")
+
+
+def write_config(folder: str | Path, cfg) -> None:
+    """FOLDER/config.yaml: the config (any with `to_json()`) a run or checkpoint is trained with."""
+    with atomic_writer(str(Path(folder) / CONFIG)) as fh:
+        fh.write(dump_config(cfg).encode())
+
+
+def newest_intact(run_dir: str | Path, decide: Callable) -> dict | None:
+    """Every rank: the trainer.json (as written) of the newest complete checkpoint whose
+    files all match its marker, None when there is none. Each rank hashes its own share
+    of a candidate's files, the verdicts are gathered, and the newest step every rank
+    found intact is taken; rank 0 names what is damaged and sets it aside.
+    `decide(fn, *args)` runs `fn` on rank 0 and gives every rank its result or its error
+    (the training's rank0_decides)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    verdicts: dict[int, list[str] | None] = {}
+    for step in decide(resume_candidates, run_dir):
+        folder = checkpoints_dir(run_dir) / tag(step)
+        try:
+            mine = damage(folder, rank=rank, world=world)
+        except Exception as exc:  # reported, not raised: the other ranks wait in the gather
+            mine = [f"{folder}: rank {rank} could not check its files: {type(exc).__name__}: {exc}"]
+        every: list = [None] * world
+        dist.all_gather_object(every, mine)
+        lines = [line for part in every if part for line in part]
+        # No checksums is a fact of the marker, the same on every rank.
+        verdicts[step] = None if all(part is None for part in every) else list(dict.fromkeys(lines))
+        if not verdicts[step]:
+            break
+    return decide(resume_from, run_dir, verdicts)
 
 
 def resume_candidates(run_dir: str | Path, log=_stderr) -> list[int]:
@@ -241,7 +357,7 @@ def resume_from(run_dir: str | Path, verdicts: dict[int, list[str] | None], log=
         _write_latest(run_dir, chosen)
         log(f"resuming from the previous complete checkpoint {tag(chosen)} instead; moved "
             f"{', '.join(tag(s) for s in damaged)} to {checkpoints_dir(run_dir) / DAMAGED}")
-    return json.loads((checkpoints_dir(run_dir) / tag(chosen) / "trainer.json").read_text())
+    return json.loads((checkpoints_dir(run_dir) / tag(chosen) / TRAINER).read_text())
 
 
 def _set_aside(run_dir: str | Path, step: int) -> None:
@@ -277,9 +393,5 @@ def to_universal(run_dir: str | Path, step: int) -> Path:
 
 
 def module_weights(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The model weights of a checkpoint folder (DeepSpeed's model-states file, checked
-    against the marker, then read with `weights_only=True`: plain tensors and containers,
-    nothing executed)."""
-    checked(folder, MODEL_STATES)
-    state = torch.load(Path(folder) / MODEL_STATES, weights_only=True, map_location="cpu")
-    return state["module"]
+    """Kept for callers not yet on `Checkpoint`: `Checkpoint.at(folder).state_dict(ema=False)`."""
+    return Checkpoint.at(folder).state_dict(ema=False)

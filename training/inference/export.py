@@ -15,7 +15,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from diffusers import AmusedPipeline, AmusedScheduler, VQModel
+
 from amused.plumbing.storage import VQGAN_SUBFOLDERS, is_local, local_folder, resolve_subfolder, url_to_fs
+from amused.tokenizer.text import TextEncoder
+from amused.training.inference.sample import load_trained_model
 
 # What the folder was exported from: a rerun of the same export is a no-op.
 SOURCE = "amused_export.json"
@@ -25,11 +29,6 @@ EXPORT_COMPLETE = "model_index.json"
 
 def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str, ema: bool = True) -> str:
     """Writes the pipeline folder for `checkpoint` (EMA weights unless `ema=False`) to `output`."""
-    from diffusers import AmusedPipeline, AmusedScheduler, VQModel
-
-    from amused.tokenizer.text import TextEncoder
-    from amused.training.inference.sample import load_trained_model
-
     fs, root = url_to_fs(output)
     source = {"checkpoint": str(Path(checkpoint).resolve()), "weights": "ema" if ema else "raw",
               "vqgan": vqgan, "text_encoder": text_encoder}

@@ -26,7 +26,9 @@ from PIL import Image
 
 from amused.tokenizer.image import ImageTokenizer
 from amused.tokenizer.text import TextEncoder
-from amused.training.config import SampleConfig
+from amused.training.checkpoint import Checkpoint
+from amused.training.config import SampleConfig, parse_config
+from amused.training.uvit.model import build_model
 
 Generators = torch.Generator | list[torch.Generator] | None
 
@@ -199,29 +201,17 @@ class Sampler:
 def load_trained_model(checkpoint: str | Path, ema: bool = True) -> UVit2DModel:
     """The U-ViT of a training checkpoint folder: the architecture from its config, the
     weights from `ema.safetensors` (default) or DeepSpeed's model states (weights only)."""
-    from safetensors.torch import load_file
-
-    from amused.training.checkpoint import EMA_WEIGHTS, checked, module_weights
-    from amused.training.config import load_config
-    from amused.training.uvit.model import build_model
-
-    folder = Path(checkpoint)
-    checked(folder, "config.yaml", *([EMA_WEIGHTS] if ema else []))
-    cfg = load_config(str(folder / "config.yaml"))
+    trained = Checkpoint.at(checkpoint)
+    cfg = trained.config(parse_config)
     model = build_model(cfg.model.preset, cfg.model.pretrained)
-    weights = load_file(str(folder / EMA_WEIGHTS)) if ema else module_weights(folder)
-    model.load_state_dict(weights, strict=True)
+    model.load_state_dict(trained.state_dict(ema), strict=True)
     return model.eval()
 
 
 def checkpoint_models(checkpoint: str | Path, vqgan: str | None = None, text_encoder: str | None = None
                       ) -> tuple[str, str]:
     """The VQ-GAN and text encoder a checkpoint was trained with, unless given."""
-    from amused.training.checkpoint import checked
-    from amused.training.config import load_config
-
-    checked(checkpoint, "config.yaml")
-    trained = load_config(str(Path(checkpoint) / "config.yaml")).model
+    trained = Checkpoint.at(checkpoint).config(parse_config).model
     vqgan, text_encoder = vqgan or trained.vqgan, text_encoder or trained.text_encoder
     if not vqgan or not text_encoder:
         raise ValueError("the checkpoint's config names no VQ-GAN / text encoder: pass --vqgan and --text-encoder")

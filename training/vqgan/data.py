@@ -22,6 +22,7 @@ from PIL import Image
 from amused.pipeline.images import open_image
 from amused.pipeline.wds import BadSample, RawSample, shard_samples
 from amused.plumbing.fsio import list_files
+from amused.training.inference.sample import fit_image
 
 
 class ImageCropReader:
@@ -110,8 +111,6 @@ def held_out_batches(images: str, resolution: int, batch_size: int, max_images: 
     """uint8 (n, resolution, resolution, 3) batches, in shard order: each image's shorter side
     resized to `resolution` (bicubic) and centre-cropped. Undecodable images are counted
     by reason in `skipped`, not fatal."""
-    from amused.training.inference.sample import fit_image
-
     skipped = Counter() if skipped is None else skipped
     batch, count = [], 0
     for shard in list_files(images, ".tar"):

@@ -12,7 +12,7 @@ same on every rank. A codebook that collapses is reported in the metrics, not hi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from diffusers import VQModel
 from torch import nn
 
 from amused.plumbing.config import from_mapping, opt, section
+from amused.plumbing.fsio import list_files
 from amused.plumbing.storage import VQGAN_SUBFOLDERS, local_folder, resolve_subfolder
 from amused.tokenizer.image import build_vqgan
 from amused.tokenizer.presets import VQGAN_CONFIGS, downsample_of
@@ -33,16 +34,12 @@ from amused.tokenizer.vq_objective import (
     usage_and_perplexity,
     vqgan_losses,
 )
-from amused.training import checkpoint as ckpt
-from amused.training.config import (
-    CheckpointConfig,
-    EMAConfig,
-    EngineConfig,
-    LogConfig,
-    OptimConfig,
-    _check,
-    dump_config,
-)
+from amused.training.checkpoint import Checkpoint, write_config
+from amused.training.config import CheckpointConfig, EMAConfig, EngineConfig, LogConfig, OptimConfig, _check
+from amused.training.distributed import Layout, current_device, in_process_group, locked, rank0_decides, wants_bf16
+from amused.training.engine import run_loop
+from amused.training.inference.export import publish_folder
+from amused.training.state import resume_state
 from amused.training.vqgan.data import ImageCropReader
 
 
@@ -119,9 +116,7 @@ class VQGANConfig:
                    f"model.preset {self.model.preset!r}")
 
     def to_json(self) -> dict:
-        import dataclasses
-
-        return dataclasses.asdict(self)
+        return asdict(self)
 
 
 def parse_vqgan_config(data: dict) -> VQGANConfig:
@@ -235,14 +230,10 @@ class VQGANTask:
 
 def train_vqgan(cfg: VQGANConfig):
     """Trains (or resumes) the run; returns training.engine.TrainResult."""
-    from amused.training.engine import in_process_group, locked
-
     return in_process_group(locked, cfg.run_dir, _train_vqgan, cfg)
 
 
 def _train_vqgan(cfg: VQGANConfig):
-    from amused.training.engine import Layout, current_device, rank0_decides, resume_state, run_loop, wants_bf16
-
     rank, world = dist.get_rank(), dist.get_world_size()
     device = current_device()
     rank0_decides(_inspect, cfg)
@@ -255,36 +246,26 @@ def _train_vqgan(cfg: VQGANConfig):
         if cfg.loss.adversarial_start and cfg.loss.adversarial else None
     module = VQGANWithDiscriminator(vq, disc)
     if rank == 0:
-        (Path(cfg.run_dir) / "config.yaml").write_text(dump_config(cfg))
+        write_config(cfg.run_dir, cfg)
     task = VQGANTask(cfg, module, layout, rank, world, device)
     return run_loop(cfg, task, resume, False, device, bf16)
 
 
 def _inspect(cfg: VQGANConfig) -> None:
-    from amused.plumbing.fsio import list_files
-
     list_files(cfg.data.images, ".tar")  # no shards: a clear error before any work
 
 
 def vq_from_checkpoint(checkpoint: str) -> VQModel:
     """The VQModel of a VQ-GAN training checkpoint (its own weights; the discriminator dropped)."""
-    import yaml
-
-    from amused.training.checkpoint import module_weights
-
-    folder = Path(checkpoint)
-    ckpt.checked(folder, "config.yaml")
-    cfg = parse_vqgan_config(yaml.safe_load((folder / "config.yaml").read_text()))
-    vq = build_vq(cfg.model)
-    weights = {k[len("vq."):]: v for k, v in module_weights(folder).items() if k.startswith("vq.")}
+    trained = Checkpoint.at(checkpoint)
+    vq = build_vq(trained.config(parse_vqgan_config).model)
+    weights = {k[len("vq."):]: v for k, v in trained.state_dict(ema=False).items() if k.startswith("vq.")}
     vq.load_state_dict(weights, strict=True)
     return vq.eval()
 
 
 def export_vqgan(checkpoint: str, output: str) -> str:
     """A VQModel folder (safetensors) that `amused pretokenize --vqgan` and diffusers load."""
-    from amused.training.inference.export import publish_folder
-
     final = Path(output)
     if (final / "config.json").exists():
         raise FileExistsError(f"{output} already holds a model; choose another --output")
