@@ -8,6 +8,7 @@ from amused.tokenizer.image import ImageTokenizer, build_vqgan
 from amused.tokenizer.vq_objective import (
     CodebookHealth,
     PatchDiscriminator,
+    VQLossWeights,
     codebook_loss,
     commitment_loss,
     discriminator_hinge_loss,
@@ -15,6 +16,7 @@ from amused.tokenizer.vq_objective import (
     psnr,
     reinit_dead_codes,
     vq_forward,
+    vqgan_losses,
 )
 
 
@@ -86,6 +88,33 @@ def test_dead_codes_move_onto_recent_latents_and_get_used(vq):
     assert revived  # a latent that now sits exactly on a moved code picks it
 
 
+def test_every_rank_moves_its_dead_codes_onto_rank_0s_rows():
+    """As VQ-GAN training calls it on each rank: rank 0 draws from its own latents, the
+    others from none, and `share` (a broadcast from rank 0, here between two codebooks)
+    leaves every codebook the same."""
+    torch.manual_seed(0)
+    codebooks = [torch.nn.Embedding(16, 4) for _ in range(2)]
+    codebooks[1].load_state_dict(codebooks[0].state_dict())
+    dead = torch.tensor([1, 5, 9])
+    drawn: list[torch.Tensor] = []
+
+    def share(rank: int):
+        def broadcast(rows: torch.Tensor) -> None:
+            if rank == 0:
+                drawn.append(rows.clone())
+            else:
+                rows.copy_(drawn[0])
+        return broadcast
+
+    latents = torch.randn(10, 4)
+    for rank, codebook in enumerate(codebooks):
+        mine = latents if rank == 0 else None
+        assert reinit_dead_codes(codebook, dead, mine, torch.Generator().manual_seed(7), share(rank)) == 3
+    assert torch.equal(codebooks[0].weight, codebooks[1].weight)
+    assert all(any(torch.equal(row, latent) for latent in latents) for row in codebooks[1].weight[dead])
+    assert reinit_dead_codes(codebooks[0], torch.tensor([], dtype=torch.long), None, torch.Generator(), share(1)) == 0
+
+
 def test_patch_discriminator_and_hinge_losses():
     disc = PatchDiscriminator(width=16, layers=3)
     logits = disc(torch.rand(2, 3, 64, 64))
@@ -102,8 +131,6 @@ def test_psnr():
 
 
 def test_one_backward_trains_each_player_only_on_its_own_term(vq):
-    from amused.tokenizer.vq_objective import VQLossWeights, vqgan_losses
-
     disc = PatchDiscriminator(width=8, layers=2)
     pixels = torch.rand(2, 3, 64, 64)
     weights = VQLossWeights(adversarial=0.5, adversarial_start=10)

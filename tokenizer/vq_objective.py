@@ -9,6 +9,7 @@ codebook usage, so the pass is assembled here from the model's own modules.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -104,19 +105,24 @@ class CodebookHealth:
 
 
 @torch.no_grad()
-def reinit_dead_codes(codebook: nn.Embedding, dead: torch.Tensor, latents: torch.Tensor,
-                      generator: torch.Generator) -> int:
+def reinit_dead_codes(codebook: nn.Embedding, dead: torch.Tensor, latents: torch.Tensor | None,
+                      generator: torch.Generator, share: Callable[[torch.Tensor], None] | None = None) -> int:
     """Moves each dead code onto a randomly chosen recent encoder output (N, C), so that
-    it is some latent's nearest code again. Returns how many were moved."""
-    if len(dead) == 0 or len(latents) == 0:
+    it is some latent's nearest code again. Returns how many were moved.
+
+    Over several ranks every codebook must stay the same: every rank calls this with the
+    same `dead`, rank 0 draws the new rows from its `latents` (the others pass None), and
+    `share(rows)` copies rank 0's rows into every rank's, in place (a broadcast)."""
+    if len(dead) == 0:
         return 0
-    codebook.weight[dead.to(codebook.weight.device)] = replacements(latents, len(dead), generator).to(codebook.weight)
+    weight = codebook.weight
+    rows = torch.empty(len(dead), weight.shape[1], device=weight.device, dtype=weight.dtype)
+    if latents is not None:
+        rows.copy_(latents[torch.randint(len(latents), (len(dead),), generator=generator)])
+    if share is not None:
+        share(rows)
+    weight[dead.to(weight.device)] = rows
     return len(dead)
-
-
-def replacements(latents: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """`n` rows drawn from recent encoder outputs (N, C): where dead codes go."""
-    return latents[torch.randint(len(latents), (n,), generator=generator)]
 
 
 class PatchDiscriminator(nn.Module):

@@ -30,7 +30,7 @@ from amused.tokenizer.vq_objective import (
     PatchDiscriminator,
     VQLossWeights,
     psnr,
-    replacements,
+    reinit_dead_codes,
     usage_and_perplexity,
     vqgan_losses,
 )
@@ -195,17 +195,10 @@ class VQGANTask:
         if not every or step % every:
             return {}
         dead = torch.nonzero(self._global_counts() == 0).flatten()
-        if len(dead) == 0:
-            return {}
-        codebook = engine.module.vq.quantize.embedding
-        fresh = torch.empty(len(dead), codebook.weight.shape[1], device=codebook.weight.device,
-                            dtype=codebook.weight.dtype)
-        if self.rank == 0:
-            fresh.copy_(replacements(self.recent, len(dead), torch.Generator().manual_seed(self.cfg.seed * 7919 + step)))
-        dist.broadcast(fresh, src=0)
-        with torch.no_grad():
-            codebook.weight[dead.to(codebook.weight.device)] = fresh
-        return {"codes_reinitialised": len(dead)}
+        moved = reinit_dead_codes(engine.module.vq.quantize.embedding, dead, self.recent if self.rank == 0 else None,
+                                  torch.Generator().manual_seed(self.cfg.seed * 7919 + step),
+                                  share=lambda rows: dist.broadcast(rows, src=0))
+        return {"codes_reinitialised": moved} if moved else {}
 
     def state_dict(self) -> dict:
         mine = {"reader": self.reader.state_dict(), "health": self.health.state_dict()}
