@@ -7,7 +7,7 @@ work. Printed: images/s of each per batch size and the ratio ours / diffusers
 (goal >= 1.0x on CPU, >= 1.5x on a GPU). Steady state: one untimed run first, then the
 median of `--repeats` runs, the two alternated.
 
-    python benchmarks/sample.py                          # CPU, the bench-sample U-ViT (~10M parameters), 128 px
+    python benchmarks/sample.py                          # CPU, the bench-sample U-ViT (9.6M parameters), 128 px
     python benchmarks/sample.py --device cuda --preset amused-256 --batches 1 8
 """
 

@@ -2,14 +2,14 @@
 
     (a) plain loop:  the same U-ViT, masking, loss and AdamW on batches already in memory
     (b) engine:      `training.engine.train` (DeepSpeed, shard reader, EMA, metrics, checkpoint at the end)
-    (c) reader:      `training.data.ShardReader` alone, as fast as it can go
+    (c) reader:      `training.uvit.data.ShardReader` alone, as fast as it can go
 
 Printed: samples/s of each, engine overhead (1 - b/a; goal <= 5%), and reader / step
 consumption (c/b; goal >= 10x). Steady state: the first `--warmup` steps are not timed.
 It also counts, with torch's FLOP counter, the training FLOPs of one 256 px sample for
 the aMUSEd-256 U-ViT (forward x 3) and, with --gpu-peak-tflops, turns a measured rate into MFU.
 
-    python benchmarks/train.py                     # CPU, the bench-train U-ViT (~20M parameters)
+    python benchmarks/train.py                     # CPU, the bench-train U-ViT (10.3M parameters)
     python benchmarks/train.py --preset amused-256 --batch 64 --steps 60 --gpu-peak-tflops 989
 """
 
