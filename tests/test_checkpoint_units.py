@@ -102,7 +102,10 @@ def test_a_file_that_does_not_match_its_marker_is_refused_by_name(tmp_path):
     _flip_a_byte(ema)
     with pytest.raises(ValueError, match=f"checkpoint file {ema}: damaged, sha256 .* \\(same size, "):
         trained.weights(ema=True)
-    assert trained.state_dict(ema=False)["w"].tolist() == [-4.0, -4.0]  # the other file is intact
+    with pytest.raises(ValueError, match=f"checkpoint file {ema}: damaged"):
+        trained.loadable(ema=True)  # what loading the model reads: config and EMA weights
+    assert trained.loadable(ema=False) == trained  # config and raw weights are intact
+    assert trained.state_dict(ema=False)["w"].tolist() == [-4.0, -4.0]
     size = config.stat().st_size
     config.write_text("steps: 1\n")
     with pytest.raises(ValueError, match=f"checkpoint file {config}: damaged, 9 bytes, expected {size}"):

@@ -85,7 +85,7 @@ def complete_steps(run_dir: str | Path) -> list[int]:
     return sorted(int(p.name[5:]) for p in root.glob("step_*") if (p / MARKER).exists())
 
 
-def remove_incomplete(run_dir: str | Path) -> list[str]:
+def _remove_incomplete(run_dir: str | Path) -> list[str]:
     """Folders a crash left without a marker (rank 0, before any rank writes)."""
     root = checkpoints_dir(run_dir)
     removed = []
@@ -279,7 +279,12 @@ class Checkpoint:
 
     def weights(self, ema: bool) -> Path:
         """The model weights file: the EMA weights (safetensors) or DeepSpeed's model states."""
-        return self.file(EMA_WEIGHTS if ema else MODEL_STATES)
+        return self.file(_weights_name(ema))
+
+    def loadable(self, ema: bool) -> Checkpoint:
+        """This checkpoint once what loading its model reads (the config, the weights
+        with or without EMA) matches the marker."""
+        return self.checked(CONFIG, _weights_name(ema))
 
     def state_dict(self, ema: bool) -> dict[str, torch.Tensor]:
         """The model weights of `weights(ema)`. DeepSpeed's file is a pickle: read with
@@ -288,6 +293,10 @@ class Checkpoint:
         if ema:
             return load_file(str(path))
         return torch.load(path, weights_only=True, map_location="cpu")["module"]
+
+
+def _weights_name(ema: bool) -> str:
+    return EMA_WEIGHTS if ema else MODEL_STATES
 
 
 def _not_complete(folder: Path) -> ValueError:
@@ -309,7 +318,7 @@ def newest_intact(run_dir: str | Path, decide: Callable) -> dict | None:
     (the training's rank0_decides)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     verdicts: dict[int, list[str] | None] = {}
-    for step in decide(resume_candidates, run_dir):
+    for step in decide(_resume_candidates, run_dir):
         folder = checkpoints_dir(run_dir) / tag(step)
         try:
             mine = damage(folder, rank=rank, world=world)
@@ -322,19 +331,19 @@ def newest_intact(run_dir: str | Path, decide: Callable) -> dict | None:
         verdicts[step] = None if all(part is None for part in every) else list(dict.fromkeys(lines))
         if not verdicts[step]:
             break
-    return decide(resume_from, run_dir, verdicts)
+    return decide(_resume_from, run_dir, verdicts)
 
 
-def resume_candidates(run_dir: str | Path, log=_stderr) -> list[int]:
+def _resume_candidates(run_dir: str | Path, log=_stderr) -> list[int]:
     """Rank 0, before a resume: the complete steps, newest first, once the folders a
     crash left without a marker are removed."""
-    removed = remove_incomplete(run_dir)
+    removed = _remove_incomplete(run_dir)
     if removed:
         log(f"removed checkpoint folders a crash left incomplete: {', '.join(removed)}")
     return complete_steps(run_dir)[::-1]
 
 
-def resume_from(run_dir: str | Path, verdicts: dict[int, list[str] | None], log=_stderr) -> dict | None:
+def _resume_from(run_dir: str | Path, verdicts: dict[int, list[str] | None], log=_stderr) -> dict | None:
     """Rank 0: the trainer state of the newest checkpoint whose files all match its marker,
     given each checked step's problems (newest first, up to the first intact one; None: no
     checksums). A damaged one is named file by file and moved to checkpoints/damaged/.
