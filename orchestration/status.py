@@ -9,14 +9,15 @@ import yaml
 from amused.orchestration.run import read_state
 from amused.orchestration.run_config import RunConfig, parse_run_config
 from amused.orchestration.stages import STAGES
-from amused.plumbing.fsio import exists, list_files
+from amused.plumbing.fsio import exists, list_files, read_json
 from amused.plumbing.storage import join, url_to_fs
+from amused.training.checkpoint import complete_steps
+from amused.training.evaluation.evaluate import read_results
+from amused.training.evaluation.metrics import METRICS
 
 
 def _progress(cfg: RunConfig, name: str) -> str:
     """Units of work present so far, read from the stage's outputs."""
-    from amused.training.checkpoint import complete_steps
-
     if name in ("train", "vqgan"):
         section = cfg.train if name == "train" else cfg.vqgan
         done = complete_steps(section.run_dir) if exists(join(section.run_dir, "checkpoints")) else []
@@ -76,21 +77,17 @@ def _latest(cfg: RunConfig) -> list[str]:
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()
                 if k in ("step", "loss", "accuracy", "lr", "samples_per_second")))
     if cfg.evaluate is not None and exists(cfg.evaluate.output):
-        from amused.training.evaluation.evaluate import read_results
-
         results = read_results(cfg.evaluate.output)
         if results:
             r = max(results, key=lambda r: r["step"])
-            out.append(f"latest evaluation: step {r['step']} FID {r.get('fid', float('nan')):.2f} "
-                       f"CLIP score {r.get('clip_score', float('nan')):.2f} ({cfg.evaluate.output})")
+            out.append(f"latest evaluation: step {r['step']} {', '.join(m.show(r) for m in METRICS)} "
+                       f"({cfg.evaluate.output})")
     plots = [p for p in (join(cfg.train.run_dir, "metrics.png"), cfg.vqgan and join(cfg.vqgan.run_dir, "metrics.png"),
                          cfg.evaluate and join(cfg.evaluate.output, "metrics.png")) if p and exists(p)]
     if plots:
         out.append(f"metric plots: {', '.join(plots)}")
     samples = join(cfg.run_dir, "samples/result.json")
     if exists(samples):
-        from amused.plumbing.fsio import read_json
-
         s = read_json(samples)
         pf = s.get("prompt_following")
         out.append(f"samples: {s['grid']}" + (f"; prompt following {pf['score']:.0%} ({pf['matches']}/{pf['samples']})"

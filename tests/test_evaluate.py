@@ -1,72 +1,27 @@
-"""FID / CLIP score and the distributed `amused evaluate` (Ray actors, watcher)."""
+"""The distributed `amused evaluate` (Ray actors, watcher) and `amused fid-stats`; the
+measurements alone are in test_metrics_units.py."""
 
 import json
 import shutil
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.linalg
 
-from amused.training.evaluation.metrics import FeatureStats, frechet_distance
+from amused.demo.datasets import write_shape_shards
+from amused.demo.tiny_models import write_tiny_clip
+from amused.orchestration.cli import main
+from amused.tokenizer.inception import write_random_inception
+from amused.training.evaluation.metrics import RESIZE_PROTOCOL, FeatureStats
 
 PROMPTS = ["a red circle on a grey background", "a blue square", "a green triangle", "a yellow star",
            "a purple circle on a white background", "a black square"]
 
 
-def _spd(rng, d):
-    a = rng.normal(size=(d, d))
-    return a @ a.T / d + 0.1 * np.eye(d)
-
-
-def _scipy_frechet(mu1, s1, mu2, s2):
-    """pytorch-fid's formulation: an independent computation through scipy's sqrtm."""
-    covmean = scipy.linalg.sqrtm(s1 @ s2)
-    covmean = covmean.real
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
-
-
-def test_frechet_distance_equals_the_closed_form_and_an_independent_implementation():
-    rng = np.random.default_rng(0)
-    d = 12
-    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
-    a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
-    closed = float(((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum())  # diagonal Gaussians
-    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(closed, rel=1e-10)
-    s = _spd(rng, d)
-    c = 2.5  # S2 = c S1: FD = tr(S1) (1 + c - 2 sqrt(c))
-    assert frechet_distance(mu1, s, mu1, c * s) == pytest.approx(np.trace(s) * (1 + c - 2 * np.sqrt(c)), rel=1e-9)
-    for seed in range(3):  # general, non-commuting covariances
-        r = np.random.default_rng(seed + 1)
-        s1, s2 = _spd(r, 32), _spd(r, 32)
-        m1, m2 = r.normal(size=32), r.normal(size=32)
-        assert frechet_distance(m1, s1, m2, s2) == pytest.approx(_scipy_frechet(m1, s1, m2, s2), rel=1e-8)
-
-
-def test_fid_of_a_feature_set_against_itself_is_zero_and_mismatched_protocols_are_refused():
-    rng = np.random.default_rng(1)
-    features = rng.normal(size=(40, 64))  # fewer samples than dimensions: a singular covariance, as in practice
-    stats = FeatureStats.of(features, weights_sha256="abc")
-    assert abs(stats.fid(stats)) < 1e-5  # ~1e-6: rounding under the square roots of the zero eigenvalues (trace 64)
-    other = FeatureStats.of(features + 0.5, weights_sha256="abc")
-    assert other.fid(stats) == pytest.approx(64 * 0.25, rel=1e-6)  # a mean shift only
-    with pytest.raises(ValueError, match="another resize protocol or Inception weights"):
-        stats.fid(replace(stats, weights_sha256="def"))
-    with pytest.raises(ValueError, match="at least 2"):
-        FeatureStats.of(features[:1])
-
-
 @pytest.fixture(scope="module")
 def eval_setup(tmp_path_factory, tiny_models, trained_checkpoint, ray_session):
-    from amused.demo.datasets import write_shape_shards
-    from amused.demo.tiny_models import write_tiny_clip
-    from amused.orchestration.cli import main
-    from amused.training.evaluation.metrics import write_random_inception
-
     root = tmp_path_factory.mktemp("eval")
     inception = write_random_inception(root / "inception.pth")
     clip = write_tiny_clip(root / "clip")
@@ -88,8 +43,6 @@ def eval_setup(tmp_path_factory, tiny_models, trained_checkpoint, ray_session):
 
 
 def test_reference_statistics_record_protocol_and_count(eval_setup):
-    from amused.training.evaluation.metrics import RESIZE_PROTOCOL
-
     root, _, _ = eval_setup
     ref = FeatureStats.load(root / "ref.npz")
     assert ref.count == 10 and ref.protocol == RESIZE_PROTOCOL and len(ref.weights_sha256) == 64
@@ -97,8 +50,6 @@ def test_reference_statistics_record_protocol_and_count(eval_setup):
 
 
 def test_two_actors_equal_one_and_batch_size_does_not_matter(eval_setup):
-    from amused.orchestration.cli import main
-
     root, run, args = eval_setup
     ckpt = str(run / "checkpoints" / "step_00000004")
     results = {}
@@ -122,8 +73,6 @@ def test_two_actors_equal_one_and_batch_size_does_not_matter(eval_setup):
 
 
 def test_watcher_evaluates_checkpoints_as_they_appear_and_a_rerun_does_nothing(eval_setup, tmp_path, capsys):
-    from amused.orchestration.cli import main
-
     _, done_run, args = eval_setup
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)

@@ -10,7 +10,7 @@ from amused.demo.datasets import sample_members, write_shape_shards
 from amused.orchestration.cli import main
 from amused.pipeline.wds import tar_bytes
 from amused.tokenizer.image import ImageTokenizer
-from amused.training.evaluation.metrics import write_random_inception
+from amused.tokenizer.inception import write_random_inception
 from amused.training.vqgan.data import held_out_batches
 
 

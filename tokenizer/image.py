@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import VQModel
+from PIL import Image
 
 from amused.plumbing.runtime import resolve_device, resolve_dtype
 from amused.plumbing.storage import VQGAN_SUBFOLDERS, local_folder, resolve_subfolder
@@ -134,3 +135,12 @@ def nearest_codes(latents: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
         chunk = latents[start : start + _NEAREST_CHUNK]
         out[start : start + len(chunk)] = torch.addmm(sq_norms, chunk, codebook.T, alpha=-2.0).argmin(dim=1)
     return out
+
+
+def fit_image(image: Image.Image, side: int, resample: Image.Resampling = Image.Resampling.BICUBIC) -> np.ndarray:
+    """Resize the shorter side to `side` and centre-crop: (side, side, C) uint8."""
+    w, h = image.size
+    scale = side / min(w, h)
+    image = image.resize((max(side, round(w * scale)), max(side, round(h * scale))), resample)
+    left, top = (image.size[0] - side) // 2, (image.size[1] - side) // 2
+    return np.array(image.crop((left, top, left + side, top + side)))

@@ -1,7 +1,9 @@
-"""Distributed checkpoint evaluation: FID, CLIP score and a sample grid per checkpoint.
+"""Distributed checkpoint evaluation: the metrics of `metrics.METRICS` (FID, CLIP score)
+and a sample grid per checkpoint.
 
-Ray actors (one per GPU, or N on CPU) each keep the VQ-GAN, text encoder, FID Inception
-and CLIP loaded and take a disjoint, contiguous slice of the prompt set. Every image is
+Ray actors (one per GPU, or N on CPU) each keep the VQ-GAN, text encoder and what every
+metric measures with (FID Inception, CLIP) loaded and take a disjoint, contiguous slice
+of the prompt set. Every image is
 drawn from its own generator seeded by (seed, prompt index), so the images, and so the
 metrics, do not depend on how many actors there are or on the batch size. The driver
 gathers features in prompt order and writes `eval/step_N.json` (under a temporary name,
@@ -16,37 +18,38 @@ import hashlib
 import math
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
+import ray
+import torch
 from tqdm import tqdm
 
-from amused.plumbing.fsio import read_json, write_json_atomic
+from amused.plumbing.fsio import read_json, sha256_of, write_json_atomic
+from amused.plumbing.plots import image_grid, line_plots
+from amused.plumbing.raysession import ray_session
+from amused.plumbing.storage import url_to_fs
+from amused.tokenizer.image import ImageTokenizer
+from amused.tokenizer.inception import load_inception
+from amused.tokenizer.text import TextEncoder
 from amused.training.checkpoint import EMA_WEIGHTS, MARKER, MODEL_STATES, checked, checkpoints_dir, complete_steps, tag
 from amused.training.config import EvalConfig, SampleConfig
-from amused.training.evaluation.metrics import (
-    CLIP_SCORE_SCALE,
-    FEATURES,
-    RESIZE_PROTOCOL,
-    FeatureStats,
-    clip_score,
-    file_sha256,
-)
+from amused.training.evaluation.metrics import METRICS, RESIZE_PROTOCOL, FeatureStats, Metric, inception_features
+from amused.training.inference.sample import checkpoint_models
+from amused.training.vqgan.data import held_out_batches
 
 _SEED_STRIDE = 1 << 32  # image i of seed s draws from generator s * 2^32 + i
 
 
 def read_prompts(url: str, limit: int = 0) -> list[str]:
     """Non-empty prompts of a text file or a Parquet file, in order."""
-    from amused.plumbing.storage import url_to_fs
-
     fs, path = url_to_fs(url)
     if not fs.exists(path):
         raise FileNotFoundError(f"prompt set {url} not found")
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
         with fs.open(path, "rb") as fh:
             table = pq.read_table(fh)
         column = next((c for c in ("caption", "prompt", "TEXT", "text") if c in table.column_names), None)
@@ -63,18 +66,11 @@ def read_prompts(url: str, limit: int = 0) -> list[str]:
 
 
 class EvalWorker:
-    """One actor: generation and feature extraction for its slice of the prompts."""
+    """One actor: generation and each metric's measurement for its slice of the prompts."""
 
-    def __init__(self, inception: str, clip: str, vqgan: str, text_encoder: str, gpu: bool):
-        import torch
-
-        from amused.tokenizer.image import ImageTokenizer
-        from amused.tokenizer.text import TextEncoder
-        from amused.training.evaluation.metrics import ClipScorer, load_inception
-
+    def __init__(self, cfg: EvalConfig, vqgan: str, text_encoder: str, gpu: bool):
         self.device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
-        self.inception = load_inception(inception, self.device)
-        self.clip = ClipScorer(clip, self.device) if clip else None
+        self.measures = {m.name: m.measurer(cfg, self.device) for m in METRICS if m.wanted(cfg)}
         self.image = ImageTokenizer.from_pretrained(vqgan, device=self.device)
         self.text = TextEncoder.from_pretrained(text_encoder, device=self.device)
         self.loaded: tuple[str, bool] | None = None
@@ -89,32 +85,24 @@ class EvalWorker:
 
     def run(self, checkpoint: str, ema: bool, items: list[tuple[int, str]], sample: SampleConfig, seed: int,
             batch_size: int, keep_below: int) -> dict:
-        """Features, CLIP scores and the images of indices < keep_below for `items`."""
-        import torch
-
-        from amused.training.evaluation.metrics import inception_features
-
+        """Each metric's rows and the images of indices < keep_below for `items`."""
         self._load(checkpoint, ema)
-        out = {"index": [], "features": [], "clip": [], "kept": {}}
+        out = {"index": [], "rows": {name: [] for name in self.measures}, "kept": {}}
         for start in range(0, len(items), batch_size):
             batch = items[start:start + batch_size]
             index, prompts = [i for i, _ in batch], [p for _, p in batch]
             generators = [torch.Generator().manual_seed(seed * _SEED_STRIDE + i) for i in index]
             images = self.sampler.decode(self.sampler.generate(prompts, sample, generators))
             out["index"] += index
-            out["features"].append(inception_features(self.inception, images))
-            if self.clip is not None:
-                out["clip"].append(self.clip.scores(images, prompts))
+            for name, measure in self.measures.items():
+                out["rows"][name].append(measure(images, prompts))
             out["kept"].update({i: im for i, im in zip(index, images) if i < keep_below})
         return out
 
 
 def start_workers(cfg: EvalConfig, vqgan: str, text_encoder: str) -> list:
-    import ray
-
     actor = ray.remote(EvalWorker).options(num_cpus=1, num_gpus=cfg.gpus_per_actor)
-    return [actor.remote(cfg.inception, cfg.clip, vqgan, text_encoder, cfg.gpus_per_actor > 0)
-            for _ in range(cfg.actors)]
+    return [actor.remote(cfg, vqgan, text_encoder, cfg.gpus_per_actor > 0) for _ in range(cfg.actors)]
 
 
 def step_of(checkpoint: str | Path) -> int:
@@ -129,12 +117,8 @@ def results_dir(run_dir: str | Path, cfg: EvalConfig) -> Path:
 
 
 def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, sample: SampleConfig, workers: list,
-                        prompts: list[str], reference: FeatureStats) -> dict:
-    """Metrics of one checkpoint over all prompts, split across `workers`; writes the result."""
-    import ray
-
-    from amused.plumbing.plots import image_grid
-
+                        prompts: list[str], metrics: list[Metric]) -> dict:
+    """`metrics` of one checkpoint over all prompts, split across `workers`; writes the result."""
     started = time.monotonic()
     step = step_of(checkpoint)
     out_dir = results_dir(Path(checkpoint).parent.parent, cfg)
@@ -143,19 +127,13 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, sample: SampleConfig, 
                                   cfg.batch_size, cfg.grid) for w, s in zip(workers, slices)])
     index = np.concatenate([p["index"] for p in parts])
     order = np.argsort(index)
-    features = np.concatenate([f for p in parts for f in p["features"]])[order]
-    inception_sha = file_sha256(cfg.inception)
-    stats = FeatureStats.of(features, weights_sha256=inception_sha)
-    per_image = np.concatenate([c for p in parts for c in p["clip"]])[order] if cfg.clip else None
+    measured = {m.name: None for m in METRICS}
+    for m in metrics:
+        measured.update(m.summarise(np.concatenate([rows for p in parts for rows in p["rows"][m.name]])[order]))
     kept = {i: im for p in parts for i, im in p["kept"].items()}
     result = {
-        "step": step, "checkpoint": str(checkpoint), "weights": "ema" if cfg.ema else "raw",
-        "fid": stats.fid(reference), "clip_score": clip_score(per_image) if per_image is not None else None,
-        "clip_score_unfloored": float(np.mean(per_image)) if per_image is not None else None,
-        "images": len(prompts), "fid_protocol": RESIZE_PROTOCOL, "fid_features": FEATURES,
-        "fid_reference": cfg.reference, "fid_reference_images": reference.count, "inception_sha256": inception_sha,
-        "clip_score_scale": CLIP_SCORE_SCALE if cfg.clip else None, "clip": cfg.clip or None,
-        "prompts": cfg.prompts, "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+        "step": step, "checkpoint": str(checkpoint), "weights": "ema" if cfg.ema else "raw", "images": len(prompts),
+        **measured, "prompts": cfg.prompts, "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
         "seed": cfg.seed, "sample": asdict(sample), "actors": len(slices),
         "seconds": round(time.monotonic() - started, 2),
     }
@@ -177,16 +155,11 @@ def read_results(out_dir: str | Path) -> list[dict]:
 
 
 def plot_results(out_dir: str | Path) -> Path:
-    """eval/metrics.png: FID and CLIP score against training step."""
-    from amused.plumbing.plots import line_plots
-
+    """eval/metrics.png: each metric measured so far against training step."""
     results = read_results(out_dir)
-    series = {"FID (lower is better)": [(r["step"], r["fid"]) for r in results]}
-    if any(r["clip_score"] is not None for r in results):
-        series["CLIP score (100 x cosine)"] = [(r["step"], r["clip_score"]) for r in results
-                                               if r["clip_score"] is not None]
+    series = {m.title: [(r["step"], r[m.name]) for r in results if r.get(m.name) is not None] for m in METRICS}
     path = Path(out_dir) / "metrics.png"
-    line_plots(series).save(path)
+    line_plots({title: points for title, points in series.items() if points}).save(path)
     return path
 
 
@@ -196,9 +169,6 @@ def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_di
     """Evaluates one checkpoint, or every complete checkpoint of a run that has no result
     yet; with `cfg.watch`, keeps evaluating new ones until the run has finished training
     (its result.json exists, or `stop` is set) and all are done, or `timeout_seconds` pass."""
-    from amused.plumbing.raysession import ray_session
-    from amused.training.inference.sample import checkpoint_models
-
     if bool(checkpoint) == bool(run_dir):
         raise ValueError("give either a checkpoint or a run folder")
     if not 0 < poll_seconds < math.inf or not 0 <= timeout_seconds < math.inf:
@@ -210,9 +180,7 @@ def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_di
     if run_dir and not Path(run_dir).is_dir():
         raise FileNotFoundError(f"run folder {run_dir} not found")
     prompts = read_prompts(cfg.prompts, cfg.max_prompts)
-    reference = FeatureStats.load(cfg.reference)
-    if reference.protocol != RESIZE_PROTOCOL:
-        raise ValueError(f"{cfg.reference} was computed with {reference.protocol!r}, not {RESIZE_PROTOCOL!r}")
+    metrics = [m(cfg) for m in METRICS if m.wanted(cfg)]
     deadline = time.monotonic() + timeout_seconds if timeout_seconds else None
     done: list[dict] = []
     workers = None
@@ -231,7 +199,7 @@ def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_di
                 try:
                     if run_dir:  # here, not only in the actors: their error would not name the file
                         checked(ckpt, *loaded)
-                    done.append(evaluate_checkpoint(str(ckpt), cfg, sample, workers, prompts, reference))
+                    done.append(evaluate_checkpoint(str(ckpt), cfg, sample, workers, prompts, metrics))
                 except Exception as exc:
                     if (ckpt / MARKER).exists():
                         raise
@@ -249,11 +217,6 @@ def fid_reference(images: str, output: str, inception: str, resolution: int = 25
     """FID statistics of real held-out images (webdataset shards): each image's shorter
     side resized to `resolution` and centre-cropped like the generated ones, then the
     FID resize protocol. Undecodable images are counted by reason, not fatal."""
-    from collections import Counter
-
-    from amused.training.evaluation.metrics import inception_features, load_inception
-    from amused.training.vqgan.data import held_out_batches
-
     net = load_inception(inception)
     skipped: Counter = Counter()
     features = []
@@ -262,7 +225,7 @@ def fid_reference(images: str, output: str, inception: str, resolution: int = 25
             features.append(inception_features(net, batch))
             bar.update(len(batch))
     stats = FeatureStats.of(np.concatenate(features) if features else np.zeros((0, 2048)),
-                            weights_sha256=file_sha256(inception))
+                            weights_sha256=sha256_of(inception))
     stats.save(output)
     return {"output": output, "images": stats.count, "skipped": dict(skipped), "protocol": RESIZE_PROTOCOL,
             "resolution": resolution}

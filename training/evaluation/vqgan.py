@@ -13,19 +13,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from amused.plumbing.fsio import write_json_atomic
+from amused.plumbing.fsio import sha256_of, write_json_atomic
+from amused.plumbing.plots import image_grid
 from amused.tokenizer.image import ImageTokenizer
+from amused.tokenizer.inception import load_inception
 from amused.tokenizer.vq_objective import CodebookHealth, psnr
+from amused.training.evaluation.metrics import FeatureStats, inception_features
+from amused.training.vqgan.data import held_out_batches
 
 
 def evaluate_vqgan(vqgan: str | ImageTokenizer, images: str, output: str, resolution: int = 256,
                    batch_size: int = 16, max_images: int = 0, inception: str = "", grid: int = 8,
                    device: str = "cpu") -> dict:
     """Writes OUTPUT/vqgan_eval.json and OUTPUT/reconstructions.png; returns the metrics."""
-    from amused.plumbing.plots import image_grid
-    from amused.training.evaluation.metrics import FeatureStats, file_sha256, inception_features, load_inception
-    from amused.training.vqgan.data import held_out_batches
-
     tok = vqgan if isinstance(vqgan, ImageTokenizer) else ImageTokenizer.from_pretrained(vqgan, device=device)
     net = load_inception(inception, device) if inception else None
     health = CodebookHealth(tok.codebook_size, window=1 << 30)  # every batch counts
@@ -53,7 +53,7 @@ def evaluate_vqgan(vqgan: str | ImageTokenizer, images: str, output: str, resolu
         "codebook_size": tok.codebook_size, "skipped": dict(skipped), "rfid": None,
     }
     if net is not None:
-        sha = file_sha256(inception)
+        sha = sha256_of(inception)
         real = FeatureStats.of(np.concatenate(real_feats), weights_sha256=sha)
         result["rfid"] = FeatureStats.of(np.concatenate(fake_feats), weights_sha256=sha).fid(real)
         result["fid_protocol"] = real.protocol
