@@ -1,7 +1,11 @@
 """The `amused` command called in-process: exit codes, output, one-line errors."""
 
+import importlib.util
 import json
+import subprocess
+import sys
 
+from amused.orchestration import cli
 from amused.orchestration.cli import main
 from amused.pipeline.pretokenize import list_input_shards
 from amused.tokenizer.image import ImageTokenizer
@@ -41,3 +45,11 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("amused: error:") and len(err.strip().splitlines()) == 1
     assert "Traceback" not in err
+
+
+def test_help_loads_no_model_stack_and_every_lazy_module_exists():
+    code = ("import sys; from amused.orchestration.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'ray', 'deepspeed', 'diffusers', 'transformers') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+    lazy = [v.__name__ for v in vars(cli).values() if isinstance(v, cli.LazyModule)]
+    assert lazy and [name for name in lazy if importlib.util.find_spec(name) is None] == []
