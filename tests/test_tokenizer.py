@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import s3fs
 import torch
 from diffusers import AmusedPipeline, AmusedScheduler, UVit2DModel, VQModel
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
@@ -104,8 +105,6 @@ def test_text_encoding_equals_amused_pipeline(tiny_models):
 
 
 def test_model_folder_from_s3_loads_the_same_model(tiny_models, s3_bucket, images, tmp_path, monkeypatch):
-    import s3fs
-
     monkeypatch.setenv("AMUSED_CACHE", str(tmp_path / "cache"))
     url = f"{s3_bucket}/models/vqgan"
     s3fs.S3FileSystem().put(str(tiny_models / "vqgan"), url.removeprefix("s3://"), recursive=True)
