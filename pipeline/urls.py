@@ -32,6 +32,7 @@ import re
 import socket
 from urllib.parse import unquote, urlsplit
 
+import idna
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -86,10 +87,6 @@ def _parse_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address |
 def _idna_forms(host: str) -> set[str]:
     """The ASCII names clients resolve for a non-ASCII host; UnicodeError when one cannot."""
     forms = {host.encode("idna").decode("ascii")}  # what socket.getaddrinfo does with a str host
-    try:
-        import idna
-    except ImportError:
-        return forms
     try:
         forms.add(idna.encode(host, uts46=True).decode("ascii"))
     except idna.IDNAError as exc:
@@ -303,7 +300,7 @@ def _hashes(normalized: pa.Array) -> np.ndarray:
 
 def _hex(words: np.ndarray) -> pa.Array:
     """(n, k) uint64 -> n strings of 16k hex digits, without a Python loop."""
-    raw = words.astype(">u8").view(np.uint8).reshape(len(words), -1)
+    raw = words.astype(">u8").view(np.uint8).reshape(len(words), 8 * words.shape[1])  # n may be 0
     digits = np.empty((len(words), raw.shape[1] * 2), dtype=np.uint8)
     digits[:, 0::2] = _HEX[raw >> 4]
     digits[:, 1::2] = _HEX[raw & 15]
