@@ -11,7 +11,7 @@ after it then see a changed input fingerprint and follow.
 
 A run holds RUN_DIR/run.lock (and DATA_DIR/run.lock when the data lives elsewhere) from
 before it writes anything until it ends: a second run of the folder stops at once,
-naming the holder, and changes nothing (pipeline/runlock.py).
+naming the holder, and changes nothing (plumbing/runlock.py).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import yaml
 from amused.orchestration.run_config import RunConfig
 from amused.orchestration.stages import STAGES, Stage
 from amused.plumbing.fsio import atomic_writer, exists, read_json, write_json_atomic
+from amused.plumbing.raysession import ray_session
 from amused.plumbing.runlock import FolderLock
 from amused.plumbing.storage import join, url_to_fs
 from amused.training.config import dump_config
@@ -103,8 +104,6 @@ def _locked_folders(cfg: RunConfig) -> list[str]:
 
 
 def _run_locked(cfg: RunConfig, selected: set[str], log) -> dict[str, dict]:
-    from amused.plumbing.raysession import ray_session
-
     # The config as written (what `amused status` reads back) and with every default filled in.
     for name, text in (("config.yaml", yaml.safe_dump(cfg.given, sort_keys=False)),
                        ("config.resolved.yaml", dump_config(cfg))):

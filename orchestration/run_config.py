@@ -1,24 +1,29 @@
 """The run config: one YAML file for the whole graph, validated before anything runs.
 
-Each stage's section is that stage's own config class (FilterConfig, DownloadConfig,
-PretokenizeConfig, VQGANConfig, TrainConfig, EvalConfig) minus the keys the run derives:
-where a stage reads and writes (`data_dir/...`, `run_dir/...`), which models it uses
-and the Ray address. Setting a derived key is an error that names it, so there is one
-place for every path and no stage config is copied and edited by hand.
+The top (`run_dir`, `data_dir`, `ray`, `source`, `models`) says where the run lives and
+what it starts from; each stage's section is that stage's own config class minus the
+keys the run derives (where it reads and writes, which models it uses, the Ray
+address), both declared by the stage in `orchestration/stages.py`. Setting a derived
+key is an error that names it, so there is one place for every path and no stage
+config is copied and edited by hand.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from amused.orchestration.stages import STAGES, Stage
 from amused.pipeline.download import DownloadConfig
 from amused.pipeline.filter import FilterConfig
 from amused.pipeline.pretokenize import PretokenizeConfig
 from amused.plumbing.config import from_mapping, opt, read_yaml
 from amused.plumbing.storage import join
+from amused.tokenizer.presets import UVIT_CONFIGS, VQGAN_CONFIGS, downsample_of
 from amused.training.config import EvalConfig, SampleConfig, TrainConfig
+from amused.training.distributed import Layout
 from amused.training.vqgan.task import VQGANConfig
 
 
@@ -76,12 +81,19 @@ class RayConfig:
 
 
 @dataclass
-class RunConfig:
+class RunBase:
+    """The top of a run config: what every stage section's derived keys come from."""
+
     run_dir: str
     data_dir: str
     ray: RayConfig
     source: SourceConfig
     models: ModelsConfig
+
+
+@dataclass
+class RunConfig(RunBase):
+    # One field per stage section of STAGES, in stage order (a test checks they agree).
     filter: FilterConfig
     download: DownloadConfig
     vqgan: VQGANConfig | None
@@ -96,30 +108,6 @@ class RunConfig:
         out = dataclasses.asdict(self)
         out.pop("given")
         return out
-
-
-# Keys a stage section may not set, with where the run puts them (for the error message).
-def _derived(run_dir: str, data_dir: str, ray: RayConfig, source: SourceConfig, models: ModelsConfig) -> dict:
-    metadata = source.metadata or join(data_dir, "source/metadata")
-    images, tokens = join(data_dir, "images"), join(data_dir, "tokens")
-    vqgan = {"tiny": join(run_dir, "models/vqgan"), "train": join(run_dir, "vqgan/export")}.get(models.vqgan,
-                                                                                                  models.vqgan)
-    text_encoder = join(run_dir, "models") if models.text_encoder == "tiny" else models.text_encoder
-    address = ray.address or None
-    return {
-        "filter": {"input": metadata, "output": join(data_dir, "filtered"), "ray_address": address},
-        "download": {"input": join(data_dir, "filtered"), "output": images},
-        "vqgan": {"run_dir": join(run_dir, "vqgan"), "data.images": images},
-        "pretokenize": {"input": images, "output": tokens, "vqgan": vqgan, "text_encoder": text_encoder,
-                        "ray_address": address},
-        "train": {"run_dir": join(run_dir, "train"), "data.dataset": tokens, "model.vqgan": vqgan,
-                  "model.text_encoder": text_encoder},
-        "evaluate": {"vqgan": vqgan, "text_encoder": text_encoder, "output": join(run_dir, "eval"),
-                     **({"inception": join(run_dir, "models/inception.pth")} if models.inception == "tiny"
-                        else {"inception": models.inception} if models.inception else {}),
-                     **({"clip": join(run_dir, "models/clip")} if models.clip == "tiny"
-                        else {"clip": models.clip} if models.clip else {})},
-    }
 
 
 def _section(cls: type, name: str, data: dict, derived: dict[str, Any]):
@@ -139,8 +127,6 @@ def _section(cls: type, name: str, data: dict, derived: dict[str, Any]):
 
 
 def _absolute(url: str) -> str:
-    import os
-
     return url if "://" in url else os.path.abspath(url)
 
 
@@ -148,8 +134,9 @@ def _copy(data: Any) -> Any:
     return {k: _copy(v) for k, v in data.items()} if isinstance(data, dict) else data
 
 
-SECTIONS = ("run_dir", "data_dir", "ray", "source", "models", "filter", "download", "vqgan", "pretokenize",
-            "train", "evaluate", "sample", "prompts")
+TOP = tuple(f.name for f in dataclasses.fields(RunBase))
+SECTIONS = (*TOP, *(s.section for s in STAGES if s.section), "sample", "prompts")
+REQUIRED = ("run_dir", "source", "models", *(s.section for s in STAGES if s.absent == "required"))
 
 
 def _folder(data: dict, key: str, default: str | None = None) -> str:
@@ -171,13 +158,23 @@ def _given(data: dict, key: str) -> dict | None:
     return value
 
 
+def _stage_section(stage: Stage, run: RunBase, data: dict, parsed: dict[str, Any]):
+    """The stage's section from what is written, its run-dependent defaults and the keys
+    the run derives; None where the stage is off for want of it."""
+    given = _given(data, stage.section)
+    if stage.absent == "off" and not given:
+        return None
+    return _section(stage.config, stage.section, {**stage.defaults(run), **_copy(given or {})},
+                    stage.derived(run, parsed))
+
+
 def parse_run_config(data: Any) -> RunConfig:
     if not isinstance(data, dict):
         raise ValueError(f"run config: expected a mapping, got {type(data).__name__}")
     unknown = sorted(set(data) - set(SECTIONS), key=str)
     if unknown:
         raise ValueError(f"unknown key {unknown[0]!r}; allowed at the top: {', '.join(SECTIONS)}")
-    for key in ("run_dir", "source", "models", "train"):
+    for key in REQUIRED:
         if key not in data:
             raise ValueError(f"missing required key {key!r}")
     run_dir = _folder(data, "run_dir")
@@ -189,26 +186,20 @@ def parse_run_config(data: Any) -> RunConfig:
                                             if getattr(models, f.name) not in ("", "tiny", "train")})
     if models.vqgan == "train" and not _given(data, "vqgan"):
         raise ValueError("models.vqgan is 'train' but there is no vqgan section to train it")
-    derived = _derived(run_dir, data_dir, ray, source, models)
-    sections = {name: _section(cls, name, _given(data, name) or {}, derived[name])
-                for name, cls in (("filter", FilterConfig), ("download", DownloadConfig),
-                                  ("pretokenize", PretokenizeConfig), ("train", TrainConfig))}
-    vqgan = _section(VQGANConfig, "vqgan", data["vqgan"], derived["vqgan"]) if _given(data, "vqgan") else None
-    if vqgan is not None and models.vqgan != "train":
+    run = RunBase(run_dir=run_dir, data_dir=data_dir, ray=ray, source=source, models=models)
+    sections: dict[str, Any] = {}
+    for stage in STAGES:  # in order: a stage's derived keys may name an earlier stage's output
+        if stage.section:
+            sections[stage.section] = _stage_section(stage, run, data, sections)
+    if sections["vqgan"] is not None and models.vqgan != "train":
         raise ValueError(f"a vqgan section trains a VQ-GAN, but models.vqgan is {models.vqgan!r}; set it to 'train'")
-    evaluate = None
-    if _given(data, "evaluate"):
-        section = _copy(data["evaluate"])
-        # No reference statistics given: the evaluate stage computes them from the run's own images.
-        section.setdefault("reference", join(run_dir, "eval/reference.npz"))
-        evaluate = _section(EvalConfig, "evaluate", section, derived["evaluate"])
-    _check_tokens_fit(models, vqgan, sections["pretokenize"], sections["train"])
-    _check_batches(ray, vqgan, sections["train"])
+    _check_tokens_fit(models, sections["vqgan"], sections["pretokenize"], sections["train"])
+    _check_batches(ray, sections["vqgan"], sections["train"])
     prompts = [] if data.get("prompts") is None else data["prompts"]
     if not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError(f"prompts: expected a list of non-empty strings (the sample grid's prompts), got {prompts!r}")
-    return RunConfig(run_dir=run_dir, data_dir=data_dir, ray=ray, source=source, models=models, vqgan=vqgan,
-                     evaluate=evaluate, sample=from_mapping(SampleConfig, _given(data, "sample") or {}, "sample"),
+    return RunConfig(run_dir=run_dir, data_dir=data_dir, ray=ray, source=source, models=models,
+                     sample=from_mapping(SampleConfig, _given(data, "sample") or {}, "sample"),
                      prompts=prompts, given=_copy(data), **sections)
 
 
@@ -216,8 +207,6 @@ def _check_batches(ray: RayConfig, vqgan: VQGANConfig | None, train: TrainConfig
     """Each training's global batch must split over the ranks the run gives it (the train
     stage: ray.train_workers; the vqgan stage trains in the run's process, on one), by the
     trainers' own start-up check, `Layout.plan`; a resumed run keeps its recorded lanes."""
-    from amused.training.engine import Layout
-
     for name, data, world in (("train", train.data, ray.train_workers), ("vqgan", vqgan and vqgan.data, 1)):
         if data is None:
             continue
@@ -232,8 +221,6 @@ def _check_tokens_fit(models: ModelsConfig, vqgan: VQGANConfig | None, pretokeni
                       train: TrainConfig) -> None:
     """The U-ViT preset must take the tokens the run's VQ-GAN will make (grid and codebook);
     known before any work whenever both come from presets, not from folders."""
-    from amused.tokenizer.presets import UVIT_CONFIGS, VQGAN_CONFIGS, downsample_of
-
     preset = {"tiny": "tiny", "train": vqgan and not vqgan.model.pretrained and vqgan.model.preset}.get(models.vqgan)
     if not preset or train.model.pretrained:
         return

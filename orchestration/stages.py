@@ -1,37 +1,81 @@
 """The stages of a run, in order, each a thin call into `pipeline/` or `training/`.
 
-A stage names the stages it reads from (`after`), the settings its output depends on
-(`settings`, fingerprinted together with its inputs' fingerprints), the folders it
-writes (`outputs`, removed when the fingerprint changes) and `run`, which does or
-resumes the work through the stage's own resume points and returns the counts that
-`amused status` shows.
+A stage is one entry of STAGES, which declares all there is to it:
+- `after`: the stages it reads from;
+- `section`: its own part of the run config (the key, a RunConfig field of the same
+  name, and `config`, its class), with `derived`: the keys the run sets in it, from the
+  top of the run config and the sections of the stages before it (where it reads the
+  output of one before it, it names that stage's output key). A user setting a derived
+  key is an error naming it;
+- the settings its output depends on: its section's `output_settings` (every setting not
+  declared `output=False`), or `depends` where it reads more; fingerprinted together
+  with its inputs' fingerprints;
+- `outputs`: the folders it writes (removed when the fingerprint changes), and `run`,
+  which does or resumes the work through the stage's own resume points and returns the
+  counts that `amused status` shows.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
-from amused.orchestration.run_config import RunConfig
+import torch
+
+from amused.demo.showcase import sample_grid
+from amused.demo.site import ImageServer, write_shape_site
+from amused.demo.tiny_models import write_tiny_clip, write_tiny_text_encoder
+from amused.pipeline.download import DownloadConfig, download
+from amused.pipeline.filter import FilterConfig, filter_metadata
+from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
+from amused.plumbing.config import output_settings
+from amused.plumbing.fsio import exists
 from amused.plumbing.storage import join
+from amused.tokenizer.image import build_vqgan
+from amused.tokenizer.inception import write_random_inception
+from amused.training.config import EvalConfig, TrainConfig
+from amused.training.vqgan.task import VQGANConfig, export_vqgan, train_vqgan
+
+if TYPE_CHECKING:  # run_config reads STAGES to parse the stage sections
+    from amused.orchestration.run_config import RunBase, RunConfig
+
+
+def _nothing(*_) -> dict:
+    return {}
 
 
 @dataclass(frozen=True)
 class Stage:
+    """One stage of the graph (see the module docstring); `settings` and `enabled` are
+    what the graph asks of it."""
+
     name: str
     after: tuple[str, ...]
-    settings: Callable[[RunConfig], Any]
     outputs: Callable[[RunConfig], list[str]]
     run: Callable[[RunConfig], dict]
-    enabled: Callable[[RunConfig], bool] = lambda cfg: True
+    section: str | None = None
+    config: type | None = None
+    # Keys (dotted into nested sections) the run sets: f(top of the run config, the
+    # sections parsed so far by name).
+    derived: Callable[[RunBase, dict[str, Any]], dict[str, Any]] = _nothing
+    defaults: Callable[[RunBase], dict[str, Any]] = _nothing  # defaults that depend on the run
+    # A section not written: its config's defaults, an error, or the stage is off
+    # (also when empty or null).
+    absent: Literal["defaults", "required", "off"] = "defaults"
+    depends: Callable[[RunConfig], Any] | None = None  # the settings, where more than the section's
+    when: Callable[[RunConfig], bool] | None = None  # on, where more than "its section is given"
 
+    def settings(self, cfg: RunConfig) -> Any:
+        """What the stage's output depends on besides its inputs."""
+        return self.depends(cfg) if self.depends else output_settings(getattr(cfg, self.section))
 
-def _asdict(section, *drop: str) -> dict:
-    out = dataclasses.asdict(section)
-    for key in drop:  # settings that change how a stage runs, not what it writes
-        out.pop(key, None)
-    return out
+    def enabled(self, cfg: RunConfig) -> bool:
+        if self.when is not None:
+            return self.when(cfg)
+        return self.absent != "off" or getattr(cfg, self.section) is not None
 
 
 # ----- source -----------------------------------------------------------------------------
@@ -45,8 +89,6 @@ def _base_url(cfg: RunConfig) -> str:
 
 
 def run_source(cfg: RunConfig) -> dict:
-    from amused.demo.site import write_shape_site
-
     syn = cfg.source.synthetic
     return write_shape_site(_www(cfg), cfg.filter.input, syn.images, _base_url(cfg), syn.min_size, syn.max_size,
                             syn.seed)
@@ -62,14 +104,6 @@ def _tiny_models(cfg: RunConfig) -> dict[str, bool]:
 
 def run_models(cfg: RunConfig) -> dict:
     """Small random models for what the config marks 'tiny' (the demo); real runs name folders."""
-    from pathlib import Path
-
-    import torch
-
-    from amused.demo.tiny_models import write_tiny_clip, write_tiny_text_encoder
-    from amused.tokenizer.image import build_vqgan
-    from amused.training.evaluation.metrics import write_random_inception
-
     out, wanted = Path(cfg.run_dir) / "models", _tiny_models(cfg)
     torch.manual_seed(0)
     if wanted["vqgan"] and not (out / "vqgan/config.json").exists():
@@ -86,8 +120,6 @@ def run_models(cfg: RunConfig) -> dict:
 # ----- data stages ------------------------------------------------------------------------
 
 def run_filter(cfg: RunConfig) -> dict:
-    from amused.pipeline.filter import filter_metadata
-
     report = filter_metadata(cfg.filter)
     print(report.table())
     return {"rows": report.total.get("rows_in"), "kept": report.total.get("rows_out"),
@@ -95,11 +127,6 @@ def run_filter(cfg: RunConfig) -> dict:
 
 
 def run_download(cfg: RunConfig) -> dict:
-    from contextlib import nullcontext
-
-    from amused.demo.site import ImageServer
-    from amused.pipeline.download import download
-
     serve = ImageServer(_www(cfg), cfg.source.synthetic.port) if cfg.source.synthetic else nullcontext()
     with serve:
         summary = download(cfg.download)
@@ -111,9 +138,6 @@ def run_download(cfg: RunConfig) -> dict:
 
 
 def run_vqgan(cfg: RunConfig) -> dict:
-    from amused.plumbing.fsio import exists
-    from amused.training.vqgan.task import export_vqgan, train_vqgan
-
     result = train_vqgan(cfg.vqgan)
     target = cfg.pretokenize.vqgan
     if not exists(join(target, "config.json")):
@@ -123,8 +147,6 @@ def run_vqgan(cfg: RunConfig) -> dict:
 
 
 def run_pretokenize(cfg: RunConfig) -> dict:
-    from amused.pipeline.pretokenize import pretokenize
-
     report = pretokenize(cfg.pretokenize)
     print(report.summary())
     if not report.ok:
@@ -137,8 +159,8 @@ def run_pretokenize(cfg: RunConfig) -> dict:
 def run_train(cfg: RunConfig) -> dict:
     """Trains through Ray Train; with `evaluate.watch`, evaluation actors score each
     checkpoint as it is written, and the evaluate stage then only finishes what is left."""
-    import threading
-
+    # Ray Train and Ray (this and evaluate below) would add ~1.7 s to every run-config parse
+    # (`amused config`, `amused status`), which imports this module for the stage table.
     from amused.training.launch import train_on_ray
 
     stop = threading.Event()
@@ -157,7 +179,7 @@ def run_train(cfg: RunConfig) -> dict:
 
 
 def _watch_training(cfg: RunConfig, stop) -> None:
-    from amused.training.evaluation.evaluate import evaluate
+    from amused.training.evaluation.evaluate import evaluate  # ray: see run_train
 
     try:
         _fid_reference(cfg)
@@ -169,8 +191,7 @@ def _watch_training(cfg: RunConfig, stop) -> None:
 
 def _fid_reference(cfg: RunConfig) -> None:
     """As many of the run's own images as images generated per checkpoint, unless given."""
-    from amused.plumbing.fsio import exists
-    from amused.training.evaluation.evaluate import fid_reference, read_prompts
+    from amused.training.evaluation.evaluate import fid_reference, read_prompts  # ray: see run_train
 
     ev = cfg.evaluate
     if not exists(ev.reference):
@@ -179,7 +200,7 @@ def _fid_reference(cfg: RunConfig) -> None:
 
 
 def run_evaluate(cfg: RunConfig) -> dict:
-    from amused.training.evaluation.evaluate import evaluate, read_results, results_dir
+    from amused.training.evaluation.evaluate import evaluate, read_results, results_dir  # ray: see run_train
 
     _fid_reference(cfg)
     evaluate(cfg.evaluate, cfg.sample, run_dir=cfg.train.run_dir, ray_address=cfg.ray.address or None)
@@ -189,31 +210,66 @@ def run_evaluate(cfg: RunConfig) -> dict:
 
 
 def run_samples(cfg: RunConfig) -> dict:
-    from amused.demo.showcase import sample_grid
-
     return sample_grid(cfg.train.run_dir, cfg.prompts, join(cfg.run_dir, "samples"), cfg.sample,
                        score_shapes=cfg.source.synthetic is not None)
 
 
+# ----- the table ----------------------------------------------------------------------------
+
+def _vqgan_model(run: RunBase) -> str:
+    """The VQ-GAN folder the stages read: the models stage's tiny one, the vqgan stage's
+    export, or the folder the config names."""
+    return {"tiny": join(run.run_dir, "models/vqgan"), "train": join(run.run_dir, "vqgan/export")}.get(
+        run.models.vqgan, run.models.vqgan)
+
+
+def _text_encoder_model(run: RunBase) -> str:
+    return join(run.run_dir, "models") if run.models.text_encoder == "tiny" else run.models.text_encoder
+
+
+def _metric_models(run: RunBase) -> dict[str, str]:
+    """The FID Inception and CLIP the config names ('tiny': the models stage's); '' leaves
+    the evaluate section's own setting."""
+    out = {}
+    for key, tiny in (("inception", "models/inception.pth"), ("clip", "models/clip")):
+        given = getattr(run.models, key)
+        if given:
+            out[key] = join(run.run_dir, tiny) if given == "tiny" else given
+    return out
+
+
 STAGES: tuple[Stage, ...] = (
-    Stage("source", (), lambda c: _asdict(c.source), lambda c: [join(c.data_dir, "source")], run_source,
-          enabled=lambda c: c.source.synthetic is not None),
-    Stage("models", (), lambda c: _tiny_models(c), lambda c: [join(c.run_dir, "models")], run_models,
-          enabled=lambda c: any(_tiny_models(c).values())),
-    Stage("filter", ("source",), lambda c: _asdict(c.filter, "workers", "progress", "ray_address", "partition_rows"),
-          lambda c: [c.filter.output], run_filter),
-    Stage("download", ("filter",), lambda c: _asdict(c.download, "processes", "threads"),
-          lambda c: [c.download.output], run_download),
-    Stage("vqgan", ("download", "models"), lambda c: _asdict(c.vqgan, "log"),
-          lambda c: [c.vqgan.run_dir], run_vqgan, enabled=lambda c: c.vqgan is not None),
-    Stage("pretokenize", ("download", "vqgan", "models"),
-          lambda c: _asdict(c.pretokenize, "encoders", "encoder_cpus", "encoder_threads", "decode_cpus", "progress",
-                            "ray_address", "device"),
-          lambda c: [c.pretokenize.output], run_pretokenize),
-    Stage("train", ("pretokenize", "models"), lambda c: {**_asdict(c.train, "log"), "ray": _asdict(c.ray, "address")},
-          lambda c: [c.train.run_dir], run_train),
-    Stage("evaluate", ("train",), lambda c: {"evaluate": _asdict(c.evaluate, "watch"), "sample": _asdict(c.sample)},
-          lambda c: [c.evaluate.output], run_evaluate, enabled=lambda c: c.evaluate is not None),
-    Stage("samples", ("train",), lambda c: {"prompts": c.prompts, "sample": _asdict(c.sample)},
-          lambda c: [join(c.run_dir, "samples")], run_samples, enabled=lambda c: bool(c.prompts)),
+    Stage("source", (), lambda c: [join(c.data_dir, "source")], run_source,
+          depends=lambda c: output_settings(c.source), when=lambda c: c.source.synthetic is not None),
+    Stage("models", (), lambda c: [join(c.run_dir, "models")], run_models,
+          depends=_tiny_models, when=lambda c: any(_tiny_models(c).values())),
+    Stage("filter", ("source",), lambda c: [c.filter.output], run_filter, section="filter", config=FilterConfig,
+          derived=lambda run, s: {"input": run.source.metadata or join(run.data_dir, "source/metadata"),
+                                  "output": join(run.data_dir, "filtered"), "ray_address": run.ray.address or None}),
+    Stage("download", ("filter",), lambda c: [c.download.output], run_download, section="download",
+          config=DownloadConfig,
+          derived=lambda run, s: {"input": s["filter"].output, "output": join(run.data_dir, "images")}),
+    Stage("vqgan", ("download", "models"), lambda c: [c.vqgan.run_dir], run_vqgan, section="vqgan",
+          config=VQGANConfig, absent="off",
+          derived=lambda run, s: {"run_dir": join(run.run_dir, "vqgan"), "data.images": s["download"].output}),
+    Stage("pretokenize", ("download", "vqgan", "models"), lambda c: [c.pretokenize.output], run_pretokenize,
+          section="pretokenize", config=PretokenizeConfig,
+          derived=lambda run, s: {"input": s["download"].output, "output": join(run.data_dir, "tokens"),
+                                  "vqgan": _vqgan_model(run), "text_encoder": _text_encoder_model(run),
+                                  "ray_address": run.ray.address or None}),
+    Stage("train", ("pretokenize", "models"), lambda c: [c.train.run_dir], run_train, section="train",
+          config=TrainConfig, absent="required",
+          derived=lambda run, s: {"run_dir": join(run.run_dir, "train"), "data.dataset": s["pretokenize"].output,
+                                  "model.vqgan": _vqgan_model(run), "model.text_encoder": _text_encoder_model(run)},
+          depends=lambda c: {**output_settings(c.train), "ray": output_settings(c.ray)}),
+    Stage("evaluate", ("train",), lambda c: [c.evaluate.output], run_evaluate, section="evaluate",
+          config=EvalConfig, absent="off",
+          derived=lambda run, s: {"vqgan": _vqgan_model(run), "text_encoder": _text_encoder_model(run),
+                                  "output": join(run.run_dir, "eval"), **_metric_models(run)},
+          # No reference statistics given: the evaluate stage computes them from the run's own images.
+          defaults=lambda run: {"reference": join(run.run_dir, "eval/reference.npz")},
+          # Nested by section, unlike train's: the fingerprints of existing runs stay the same.
+          depends=lambda c: {"evaluate": output_settings(c.evaluate), "sample": output_settings(c.sample)}),
+    Stage("samples", ("train",), lambda c: [join(c.run_dir, "samples")], run_samples,
+          depends=lambda c: {"prompts": c.prompts, "sample": output_settings(c.sample)}, when=lambda c: bool(c.prompts)),
 )
