@@ -13,10 +13,10 @@ import torch
 from amused.demo.datasets import write_token_dataset
 from amused.pipeline.shards import TokenDataset
 from amused.tokenizer.presets import UVIT_CONFIGS
-from amused.training import engine as engine_mod
 from amused.training.checkpoint import module_weights
 from amused.training.config import parse_config
 from amused.training.engine import NonFiniteError, train
+from amused.training.uvit import task as uvit_task
 from amused.training.uvit.data import ShardReader
 from amused.training.uvit.model import build_model, enable_activation_checkpointing
 from amused.training.uvit.objective import draw_masks
@@ -210,7 +210,7 @@ def test_learns_the_tokens_a_caption_implies(tmp_path, tokens, monkeypatch):
         model.register_forward_pre_hook(hook)
         return model
 
-    monkeypatch.setattr(engine_mod, "build_model", counting_build)
+    monkeypatch.setattr(uvit_task, "build_model", counting_build)
     cfg = config(tmp_path / "run", tokens, steps=300, optim={"lr": 1e-2, "warmup_steps": 20},
                  checkpoint={"every": 300}, log={"every": 50, "progress": False})
     result = train(parse_config(cfg))

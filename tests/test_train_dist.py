@@ -25,7 +25,7 @@ import yaml
 
 from amused.demo.datasets import write_token_dataset
 from amused.training.checkpoint import MARKER, module_weights
-from tests.conftest import _free_port
+from amused.training.distributed import free_port
 
 STEPS = 60
 # fp32 on CPU: the runs differ only in the order of floating-point sums (ZeRO's bucketed
@@ -58,7 +58,7 @@ def write_config(folder: Path, name: str, dataset: str, **over) -> Path:
 
 def torchrun(nproc: int, config: Path) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
             "-m", "amused.orchestration.cli", "train", str(config)]
 
 

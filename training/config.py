@@ -3,8 +3,9 @@
 Each section validates its own ranges; `load_config` rejects unknown keys, wrong types
 and non-finite numbers by their dotted name (pipeline.config.from_mapping). Checks that
 need the data or the world size (token grid vs model, batch vs ranks and lanes:
-`training.engine.Layout.plan`) run in `training.engine` at start-up, before any step;
-`amused run` knows its world size and runs the batch check when it parses its config.
+`training.distributed.Layout.plan`) run in each task's start-up (training/uvit/task.py,
+training/vqgan/task.py) before any step; `amused run` knows its world size and runs the
+batch check when it parses its config.
 """
 
 from __future__ import annotations

@@ -11,23 +11,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ray.train import RunConfig, ScalingConfig, WorkerGroupError
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from amused.plumbing.raysession import ray_session
 from amused.training.config import TrainConfig, parse_config
-from amused.training.engine import Layout, TrainResult, train_lock
+from amused.training.distributed import Layout, train_lock
+from amused.training.engine import TrainResult, train
 
 
 def _worker(loop_config: dict) -> None:
-    from amused.training.engine import train
-
     train(parse_config(loop_config["config"]), launcher_holds_lock=True)
 
 
 def train_on_ray(cfg: TrainConfig, workers: int, gpus_per_worker: float = 0.0, address: str = "",
                  cpus_per_worker: float = 1.0) -> TrainResult:
-    from ray.train import RunConfig, ScalingConfig, WorkerGroupError
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from amused.plumbing.raysession import ray_session
-
     # The ranks' own start-up check, run here too so that a batch that does not split
     # over `workers` is refused before a cluster is asked for anything.
     Layout.plan(cfg.data.global_batch_size, cfg.data.micro_batch_size, workers, cfg.data.lanes or workers)
