@@ -1,17 +1,21 @@
 """Shared test material, built in memory or in a test's folder: awkward real-world image
 files with what the pre-tokenizer must do with each, plain JPEGs, and small token
-datasets in the pre-tokenizer's format."""
+datasets in the pre-tokenizer's format, and the demo's run config scaled down for tests."""
 
 from __future__ import annotations
 
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from amused.pipeline import shards as fmt
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def save(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -126,3 +130,28 @@ def write_dataset(url: str, sizes=(7, 5)) -> fmt.Manifest:
     manifest = fmt.Manifest(spec, records)
     fmt.write_manifest(url, manifest)
     return manifest
+
+
+def demo_config(run_dir, port: int | None = None) -> dict:
+    """configs/demo.yaml scaled down to a minute or two of CPU."""
+    # training.distributed imports deepspeed (~1.8 s after torch); the unit tier imports this module.
+    from amused.training.distributed import free_port
+
+    cfg = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
+    cfg["run_dir"] = str(run_dir)
+    cfg["source"]["synthetic"].update(images=96, port=port or free_port())
+    cfg["filter"]["rows_per_shard"] = 48
+    cfg["download"].update(samples_per_shard=48, processes=1, threads=4)
+    cfg["vqgan"].update(steps=4)
+    cfg["vqgan"]["checkpoint"] = {"every": 2, "keep": 1}
+    cfg["vqgan"]["log"] = {"every": 2, "progress": False}
+    cfg["train"].update(steps=6)
+    # The evaluation watcher's actor needs one of the session's 2 CPUs while training runs.
+    cfg["ray"]["cpus_per_worker"] = 1
+    cfg["train"]["data"].update(global_batch_size=8, micro_batch_size=8, workers=0)
+    cfg["train"]["checkpoint"] = {"every": 3, "keep": 2}
+    cfg["train"]["log"] = {"every": 3, "progress": False}
+    cfg["evaluate"].update(prompts=str(ROOT / "configs/demo-prompts.txt"), max_prompts=4, batch_size=4, grid=4)
+    cfg["sample"]["steps"] = 4
+    cfg["prompts"] = cfg["prompts"][:2]
+    return cfg

@@ -3,7 +3,6 @@ an end-to-end scaled-down demo run that resumes, skips and re-runs what changed.
 
 import copy
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,36 +11,10 @@ import yaml
 from amused.orchestration.cli import main
 from amused.orchestration.run import plan
 from amused.orchestration.run_config import load_run_config, parse_run_config
+from amused.training.distributed import free_port
+from tests.samples import demo_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def demo_config(run_dir, port: int | None = None) -> dict:
-    """configs/demo.yaml scaled down to a minute or two of CPU."""
-    cfg = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
-    cfg["run_dir"] = str(run_dir)
-    cfg["source"]["synthetic"].update(images=96, port=port or _free_port())
-    cfg["filter"]["rows_per_shard"] = 48
-    cfg["download"].update(samples_per_shard=48, processes=1, threads=4)
-    cfg["vqgan"].update(steps=4)
-    cfg["vqgan"]["checkpoint"] = {"every": 2, "keep": 1}
-    cfg["vqgan"]["log"] = {"every": 2, "progress": False}
-    cfg["train"].update(steps=6)
-    # The evaluation watcher's actor needs one of the session's 2 CPUs while training runs.
-    cfg["ray"]["cpus_per_worker"] = 1
-    cfg["train"]["data"].update(global_batch_size=8, micro_batch_size=8, workers=0)
-    cfg["train"]["checkpoint"] = {"every": 3, "keep": 2}
-    cfg["train"]["log"] = {"every": 3, "progress": False}
-    cfg["evaluate"].update(prompts=str(ROOT / "configs/demo-prompts.txt"), max_prompts=4, batch_size=4, grid=4)
-    cfg["sample"]["steps"] = 4
-    cfg["prompts"] = cfg["prompts"][:2]
-    return cfg
 
 
 def test_shipped_configs_validate():
@@ -177,7 +150,7 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path):
 
     # One port for both runs: the image URLs, kept in each sample's metadata, contain it.
     # Several download threads: the download stage puts each shard in key order.
-    port = _free_port()
+    port = free_port()
     straight = demo_config(tmp_path / "straight", port)
     assert start(straight, "straight").wait(timeout=900) == 0
     killed = demo_config(tmp_path / "killed", port)

@@ -30,7 +30,7 @@ from amused.training.distributed import rank0_decides
 from amused.training.engine import train
 from amused.training.inference.sample import load_trained_model
 from amused.training.launch import train_on_ray
-from tests.test_run import demo_config
+from tests.samples import demo_config
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = socket.gethostname()
