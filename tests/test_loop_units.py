@@ -1,14 +1,11 @@
 """The training loop's pieces, each alone: batch layouts, the lr schedule, the non-finite
-policy, interval bookkeeping, the versioned trainer state, the process group."""
-
-import os
+policy, interval bookkeeping, the versioned trainer state."""
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from amused.training.config import OptimConfig
-from amused.training.distributed import Layout, free_port, in_process_group, process_group
+from amused.training.distributed import Layout
 from amused.training.engine import Interval, NonFiniteError, NonFinitePolicy, StepOutcome, due, lr_factor
 from amused.training.state import TrainState
 
@@ -154,32 +151,3 @@ def test_a_trainer_state_of_an_unknown_version_or_layout_is_refused():
         TrainState.from_dict({"step": 1, "global_batch_size": 8})
     with pytest.raises(ValueError, match=r"task state key\(s\) \['step'\] would overwrite the trainer's own"):
         TrainState(step=1, world_size=1, global_batch_size=8, nonfinite_in_row=0, task={"step": 5}).to_dict()
-
-
-# ---------------------------------------------------------------- process group
-
-_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def test_a_one_rank_group_lives_only_for_its_call_and_leaves_the_environment_alone(monkeypatch):
-    for name in _LAUNCH_ENV:
-        monkeypatch.delenv(name, raising=False)
-    assert in_process_group(lambda: (dist.get_rank(), dist.get_world_size(), os.environ["LOCAL_RANK"])) == (0, 1, "0")
-    assert not dist.is_initialized()
-    assert not any(name in os.environ for name in _LAUNCH_ENV)
-    with pytest.raises(KeyError):
-        with process_group():
-            raise KeyError("a failing training")
-    assert not dist.is_initialized()
-    assert not any(name in os.environ for name in _LAUNCH_ENV)
-
-
-def test_a_group_from_the_launchers_environment_is_joined_and_ended(monkeypatch):
-    launch = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-              "MASTER_PORT": str(free_port())}
-    for name, value in launch.items():
-        monkeypatch.setenv(name, value)
-    with process_group():
-        assert dist.get_world_size() == 1
-    assert not dist.is_initialized()
-    assert {name: os.environ[name] for name in launch} == launch

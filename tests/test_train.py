@@ -1,20 +1,24 @@
 """Training in one process: objective, activation checkpointing, config errors, the
-non-finite policy, crash leftovers, and that the model learns."""
+non-finite policy, crash leftovers, that the model learns, and the process group a
+training runs in."""
 
 import copy
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from amused.demo.datasets import write_token_dataset
 from amused.pipeline.shards import TokenDataset
 from amused.tokenizer.presets import UVIT_CONFIGS
 from amused.training.checkpoint import module_weights
 from amused.training.config import parse_config
+from amused.training.distributed import free_port, in_process_group, process_group
 from amused.training.engine import NonFiniteError, train
 from amused.training.uvit import task as uvit_task
 from amused.training.uvit.data import ShardReader
@@ -249,3 +253,32 @@ def test_rerun_ignores_and_removes_a_checkpoint_without_marker(tmp_path, tokens,
     # The config is snapshotted with the run and with each checkpoint.
     assert "steps: 20" in (run_dir / "config.yaml").read_text()
     assert np.isfinite(json.loads((run_dir / "result.json").read_text())["last_metrics"]["loss"])
+
+
+# ---------------------------------------------------------------- process group
+
+_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def test_a_one_rank_group_lives_only_for_its_call_and_leaves_the_environment_alone(monkeypatch):
+    for name in _LAUNCH_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert in_process_group(lambda: (dist.get_rank(), dist.get_world_size(), os.environ["LOCAL_RANK"])) == (0, 1, "0")
+    assert not dist.is_initialized()
+    assert not any(name in os.environ for name in _LAUNCH_ENV)
+    with pytest.raises(KeyError):
+        with process_group():
+            raise KeyError("a failing training")
+    assert not dist.is_initialized()
+    assert not any(name in os.environ for name in _LAUNCH_ENV)
+
+
+def test_a_group_from_the_launchers_environment_is_joined_and_ended(monkeypatch):
+    launch = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(free_port())}
+    for name, value in launch.items():
+        monkeypatch.setenv(name, value)
+    with process_group():
+        assert dist.get_world_size() == 1
+    assert not dist.is_initialized()
+    assert {name: os.environ[name] for name in launch} == launch

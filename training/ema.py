@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -31,8 +32,6 @@ class EMA:
         save_file({n: t.contiguous() for n, t in self.shadow.items()}, path, metadata={"updates": str(self.updates)})
 
     def load(self, path: str) -> None:
-        from safetensors import safe_open
-
         with safe_open(path, framework="pt") as fh:
             self.updates = int(fh.metadata()["updates"])
         loaded = load_file(path)
