@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from amused.pipeline.fetch_guard import guarded_downloads
 from amused.pipeline.urls import AddressPolicy, normalize, parse_allow, parse_pins, sample_keys, scheme_allowed
+from amused.pipeline.wds import ShardFormatError, sort_shard
 from amused.plumbing.config import opt
 from amused.plumbing.fsio import atomic_writer, exists, list_files, parquet_columns, read_json, write_json_atomic
 from amused.plumbing.storage import join, url_to_fs
@@ -189,6 +190,8 @@ def prepare_input(source: str, dest: str, policy: AddressPolicy) -> dict:
 
 def run_img2dataset(url_list: str, output: str, extra: list[str], cfg: DownloadConfig) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports it; it would phone home
+    # img2dataset pulls in torch and albumentations (+4 s on import); the CLI and the run
+    # config import this module for DownloadConfig.
     from img2dataset import download as img2dataset_download
 
     with guarded_downloads(cfg.allow(), cfg.pins()):
@@ -307,8 +310,6 @@ def _sort_shards(output: str) -> None:
     img2dataset's incremental mode redoes an input file's shard whose stats file is
     missing; the samples of a retry round's shard go back to their earlier failure, which
     `--retry-failed` retries."""
-    from amused.pipeline.wds import ShardFormatError, sort_shard
-
     fs, _ = url_to_fs(output)
     plans = list_files(join(output, STATE, "retry-*", "plan.json"), ".json", required=False)
     first_retried = min((read_json(p)["first_shard"] for p in plans), default=None)

@@ -8,7 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from amused.pipeline import shards as fmt
-from amused.plumbing.fsio import TMP_MARK, sha256_of
+from amused.plumbing.fsio import TMP_MARK, atomic_writer, sha256_of
+from amused.plumbing.plots import image_grid
 from amused.plumbing.storage import join, url_to_fs
 
 
@@ -194,8 +195,7 @@ def format_inspect(info: dict) -> str:
 
 def reconstruction_grid(url: str, out_png: str, n: int = 16, vqgan: str | None = None) -> str:
     """Decodes the first `n` rows' tokens with the dataset's VQ-GAN (or `vqgan`) into a captioned PNG."""
-    from amused.plumbing.fsio import atomic_writer
-    from amused.plumbing.plots import image_grid
+    # torch and diffusers (~9 s) for this grid only: `amused shards verify` and `inspect` must not pay it.
     from amused.tokenizer.image import ImageTokenizer
 
     dataset = fmt.TokenDataset(url)

@@ -266,6 +266,8 @@ class ChunkEncoder:
 
     def __init__(self, vqgan: str, text_encoder: str, resolution: int, device: str, dtype: str,
                  threads: int | None):
+        # torch and diffusers (~9 s) load in the encoder actors and the driver only: Ray's read and
+        # decode tasks import this module too.
         import torch
 
         from amused.tokenizer.image import ImageTokenizer
@@ -378,7 +380,7 @@ class EncoderPlan:
 
 
 def _encoder_plan(cfg: PretokenizeConfig) -> EncoderPlan:
-    import ray
+    import ray  # +1.7 s on import; the CLI and the run config import this module for its config
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if cfg.device == "cuda" and not gpus:
@@ -393,7 +395,7 @@ def _encoder_plan(cfg: PretokenizeConfig) -> EncoderPlan:
 def _dataset_spec(cfg: PretokenizeConfig, plan: EncoderPlan) -> fmt.DatasetSpec:
     """Fingerprints the models and reads their shapes (on the driver, on CPU); writes the
     empty prompt's embeddings next to the shards."""
-    from amused.tokenizer.image import ImageTokenizer
+    from amused.tokenizer.image import ImageTokenizer  # torch: see ChunkEncoder
     from amused.tokenizer.text import TextEncoder
 
     image = ImageTokenizer.from_pretrained(cfg.vqgan, device="cpu")
@@ -458,7 +460,7 @@ def pretokenize(cfg: PretokenizeConfig) -> PretokenizeReport:
 
 def _run(cfg: PretokenizeConfig, spec: fmt.DatasetSpec, plan: EncoderPlan, pending: list[str],
          report: PretokenizeReport) -> None:
-    import ray
+    import ray  # see _encoder_plan
 
     resources = {"num_gpus": 1} if plan.device == "cuda" else {"num_cpus": cfg.encoder_cpus}
     items = [{"shard": i, "source": s} for i, s in enumerate(pending)]

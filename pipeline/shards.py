@@ -25,6 +25,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import safetensors.numpy
 
 from amused.plumbing.fsio import atomic_writer, read_json, write_json_atomic
 from amused.plumbing.storage import folder_fingerprint, join, local_folder, resolve_subfolder, url_to_fs
@@ -276,22 +277,18 @@ def write_manifest(dataset_url: str, manifest: Manifest) -> None:
 
 
 def write_empty_prompt(dataset_url: str, hidden_states: np.ndarray, pooled: np.ndarray) -> None:
-    from safetensors.numpy import save
-
-    data = save({"hidden_states": np.ascontiguousarray(hidden_states, dtype="<f2"),
+    data = safetensors.numpy.save({"hidden_states": np.ascontiguousarray(hidden_states, dtype="<f2"),
                  "pooled": np.ascontiguousarray(pooled, dtype="<f2")})
     with atomic_writer(join(dataset_url, EMPTY_PROMPT)) as fh:
         fh.write(data)
 
 
 def read_empty_prompt(dataset_url: str) -> dict[str, np.ndarray] | None:
-    from safetensors.numpy import load
-
     fs, path = url_to_fs(join(dataset_url, EMPTY_PROMPT))
     if not fs.exists(path):
         return None
     with fs.open(path, "rb") as fh:
-        return load(fh.read())
+        return safetensors.numpy.load(fh.read())
 
 
 def tensor_view(column: pa.Array | pa.ChunkedArray, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

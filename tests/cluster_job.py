@@ -7,15 +7,15 @@ import sys
 import threading
 import time
 
+import pyarrow.parquet as pq
+import ray
+from ray.cluster_utils import Cluster
+
+from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
+from amused.plumbing.fsio import list_files
+
 
 def main(images: str, models: str, out: str, remove_after: float) -> None:
-    import pyarrow.parquet as pq
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
-    from amused.plumbing.fsio import list_files
-
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
     worker = cluster.add_node(num_cpus=3)
     cluster.wait_for_nodes()

@@ -13,6 +13,11 @@ import yaml
 
 from amused.orchestration.cli import main
 from amused.orchestration.run_config import parse_run_config
+from amused.plumbing.config import read_yaml
+
+# Unit tier: every test is well under a second, except that the first `amused evaluate`
+# call imports its module (ray, ~2 s once per session).
+pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
 NAN, INF = math.nan, math.inf
@@ -188,8 +193,6 @@ def test_yaml_errors_name_file_line_and_column(tmp_path, capsys, text, where, pr
 
 
 def test_yaml_merge_keys_may_be_overridden(tmp_path):
-    from amused.plumbing.config import read_yaml
-
     path = tmp_path / "merge.yaml"
     path.write_text("base: &b {lr: 0.1, steps: 3}\ntrain:\n  <<: *b\n  lr: 0.2\n")
     assert read_yaml(str(path))["train"] == {"lr": 0.2, "steps": 3}

@@ -12,11 +12,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import s3fs
 
-from amused.pipeline.download import DownloadConfig, classify, download
+from amused.pipeline.download import DownloadConfig, _sort_shards, classify, download
 from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
 from amused.pipeline.shards import TokenDataset
-from amused.pipeline.wds import iter_samples, metadata_of
+from amused.pipeline.wds import ShardFormatError, iter_samples, metadata_of, tar_bytes
 from amused.plumbing.fsio import list_files
 from tests.samples import jpeg
 
@@ -181,8 +182,6 @@ def test_download_matches_server_then_resumes_retries_and_pretokenizes(server, t
 
 
 def test_s3_input_and_output(server, tmp_path, s3_bucket):
-    import s3fs
-
     fs = s3fs.S3FileSystem()
     table = pa.table({"url": [f"{server}/img/{i}.jpg" for i in range(3)] + [f"{server}/missing/9.jpg"],
                       "caption": ["a", "b", "c", "d"]})
@@ -199,9 +198,6 @@ def test_s3_input_and_output(server, tmp_path, s3_bucket):
 
 
 def test_a_damaged_finished_shard_is_named_and_left_as_it_is(tmp_path):
-    from amused.pipeline.download import _sort_shards
-    from amused.pipeline.wds import ShardFormatError, tar_bytes
-
     whole = tar_bytes([("b.jpg", jpeg(1)), ("b.txt", b"y"), ("a.jpg", jpeg(0)), ("a.txt", b"x")])
     cut = whole[:whole.index(b"a.jpg")]  # ends at a member boundary: no end-of-archive blocks
     for shard, data in (("00000", cut), ("00001", whole)):
@@ -220,8 +216,6 @@ def test_a_damaged_finished_shard_is_named_and_left_as_it_is(tmp_path):
 
 
 def test_deleting_the_files_a_damaged_shard_error_names_fetches_it_again(server, tmp_path):
-    from amused.pipeline.wds import ShardFormatError
-
     meta = tmp_path / "meta"
     meta.mkdir()
     for i in range(2):

@@ -7,8 +7,18 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import s3fs
 
-from amused.pipeline.filter import REPORT, WORK, FilterConfig, filter_file, filter_metadata
+from amused.pipeline.filter import (
+    REPORT,
+    WORK,
+    FilterConfig,
+    _check_or_start_job,
+    _job_fingerprint,
+    filter_file,
+    filter_metadata,
+    resolve_mapping,
+)
 from amused.pipeline.urls import normalize, sample_keys
 from amused.plumbing.fsio import list_files, read_json
 from amused.plumbing.storage import join
@@ -141,8 +151,6 @@ def test_output_is_independent_of_workers_splits_and_partitions(reference, nasty
 
 
 def test_rerun_after_a_crash_redoes_only_missing_files(reference, nasty_input, tmp_path, ray_session):
-    from amused.pipeline.filter import _check_or_start_job, _job_fingerprint, resolve_mapping
-
     out, _ = reference
     src = write_files(tmp_path / "in", [laion_table(FILE_A), laion_table(FILE_B)])
     crashed = str(tmp_path / "crashed")
@@ -223,8 +231,6 @@ def test_invalid_recorded_sizes_are_dropped_with_a_reason_without_size_rules(tmp
 
 
 def test_s3_in_and_out_equals_local(reference, nasty_input, s3_bucket, ray_session):
-    import s3fs
-
     out, _ = reference
     fs = s3fs.S3FileSystem()
     fs.put(nasty_input + "/", f"{s3_bucket}/meta/", recursive=True)

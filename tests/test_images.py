@@ -1,9 +1,15 @@
+"""Image decoding for pre-tokenization: bad images rejected with their reason, EXIF
+orientation, transparency, 16-bit, CMYK and GIF frames, crop geometry and views, and
+which formats decode at all."""
+
 import numpy as np
 import pytest
 
 from amused.pipeline.images import crop_offsets, decode_views, open_image
 from amused.pipeline.wds import BadSample
 from tests import samples
+
+pytestmark = pytest.mark.unit
 
 
 def decode(data: bytes, size: int = 64):

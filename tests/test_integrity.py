@@ -7,6 +7,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import s3fs
 
 from amused.demo.datasets import sample_members
 from amused.pipeline import shards as fmt
@@ -80,8 +81,6 @@ def test_sample_count_must_match_img2dataset_stats(tmp_path):
 
 
 def test_cut_tar_on_s3_is_refused(s3_bucket):
-    import s3fs
-
     data = three_samples()
     fs = s3fs.S3FileSystem()
     fs.pipe(f"{s3_bucket}/cut/00000.tar".removeprefix("s3://"), data[: member_offsets(data)[6]])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import s3fs
 
 from amused.demo.datasets import sample_members, write_shape_shards
 from amused.pipeline import shards as fmt
@@ -167,8 +168,6 @@ def test_sigkill_then_rerun_is_byte_identical(ray_session, tiny_models, tmp_path
 
 
 def test_s3_input_and_output(ray_session, tiny_models, s3_bucket, tmp_path):
-    import s3fs
-
     local_src = tmp_path / "src"
     write_shape_shards(str(local_src), shards=2, per_shard=5, seed=9)
     fs = s3fs.S3FileSystem()

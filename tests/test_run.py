@@ -3,13 +3,19 @@ an end-to-end scaled-down demo run that resumes, skips and re-runs what changed.
 
 import copy
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from amused.orchestration.cli import main
-from amused.orchestration.run import plan
+from amused.orchestration.run import _locked_folders, plan, run
 from amused.orchestration.run_config import load_run_config, parse_run_config
 from amused.training.distributed import free_port
 from tests.samples import demo_config
@@ -81,8 +87,6 @@ def _ran(log: list[str]) -> set[str]:
 def test_run_resumes_skips_and_reruns_what_changed(tmp_path, capsys):
     cfg = demo_config(tmp_path / "run")
     log: list[str] = []
-    from amused.orchestration.run import run
-
     states = run(parse_run_config(cfg), log=log.append)
     assert _ran(log) == {"source", "models", "filter", "download", "vqgan", "pretokenize", "train", "evaluate",
                          "samples"}
@@ -135,13 +139,6 @@ def _outcome(run_dir: Path) -> dict:
 def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path):
     """`amused run` killed with SIGKILL (its whole process group: Ray too) at three random
     moments, resumed each time, ends where an uninterrupted run ends."""
-    import os
-    import random
-    import signal
-    import subprocess
-    import sys
-    import time
-
     def start(cfg: dict, name: str) -> subprocess.Popen:
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
@@ -192,8 +189,6 @@ def test_local_paths_become_absolute(tmp_path, monkeypatch):
 def test_runs_sharing_a_data_folder_share_a_lock(tmp_path):
     """A run's data folder inside its run folder is locked too: another run may name it
     as its own data_dir."""
-    from amused.orchestration.run import _locked_folders
-
     first = parse_run_config(demo_config(tmp_path / "x"))
     second = parse_run_config({**demo_config(tmp_path / "y"), "data_dir": first.data_dir})
     assert first.data_dir.startswith(first.run_dir + "/")
