@@ -1,3 +1,6 @@
+"""The token dataset format: round trip and tensor views, schema and shard names, atomic
+writes, and what verify and inspect catch."""
+
 import json
 
 import numpy as np
@@ -7,6 +10,8 @@ from amused.pipeline import shards as fmt
 from amused.pipeline.inspect import format_inspect, inspect_dataset, verify_dataset
 from amused.plumbing.fsio import atomic_writer
 from tests.samples import make_columns, make_spec, write_dataset
+
+pytestmark = pytest.mark.unit
 
 
 def test_round_trip_types_and_zero_copy(tmp_path):
