@@ -12,7 +12,7 @@ A stage is one entry of STAGES, which declares all there is to it:
   with its inputs' fingerprints;
 - `outputs`: the folders it writes (removed when the fingerprint changes), and `run`,
   which does or resumes the work through the stage's own resume points and returns the
-  counts that `amused status` shows.
+  counts that `amused status` shows, with `progress`, the work found in its outputs.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ from amused.pipeline.download import DownloadConfig, download
 from amused.pipeline.filter import FilterConfig, filter_metadata
 from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
 from amused.plumbing.config import output_settings
-from amused.plumbing.fsio import exists
+from amused.plumbing.fsio import exists, list_files
 from amused.plumbing.storage import join
 from amused.tokenizer.image import build_vqgan
 from amused.tokenizer.inception import write_random_inception
+from amused.training.checkpoint import Checkpoint
 from amused.training.config import EvalConfig, TrainConfig
 from amused.training.vqgan.task import VQGANConfig, export_vqgan, train_vqgan
 
@@ -67,6 +68,8 @@ class Stage:
     absent: Literal["defaults", "required", "off"] = "defaults"
     depends: Callable[[RunConfig], Any] | None = None  # the settings, where more than the section's
     when: Callable[[RunConfig], bool] | None = None  # on, where more than "its section is given"
+    # Units of work present so far, read from its outputs alone (`amused status`).
+    progress: Callable[[RunConfig], str] = lambda cfg: ""
 
     def settings(self, cfg: RunConfig) -> Any:
         """What the stage's output depends on besides its inputs."""
@@ -216,6 +219,15 @@ def run_samples(cfg: RunConfig) -> dict:
 
 # ----- the table ----------------------------------------------------------------------------
 
+def _shards(folder: str, suffix: str) -> str:
+    return f"{len(list_files(folder, suffix, required=False))} shards"
+
+
+def _steps(section) -> str:
+    latest = Checkpoint.latest(section.run_dir)
+    return f"step {latest.step if latest else 0}/{section.steps}"
+
+
 def _vqgan_model(run: RunBase) -> str:
     """The VQ-GAN folder the stages read: the models stage's tiny one, the vqgan stage's
     export, or the folder the config names."""
@@ -245,23 +257,28 @@ STAGES: tuple[Stage, ...] = (
           depends=_tiny_models, when=lambda c: any(_tiny_models(c).values())),
     Stage("filter", ("source",), lambda c: [c.filter.output], run_filter, section="filter", config=FilterConfig,
           derived=lambda run, s: {"input": run.source.metadata or join(run.data_dir, "source/metadata"),
-                                  "output": join(run.data_dir, "filtered"), "ray_address": run.ray.address or None}),
+                                  "output": join(run.data_dir, "filtered"), "ray_address": run.ray.address or None},
+          progress=lambda c: _shards(c.filter.output, ".parquet")),
     Stage("download", ("filter",), lambda c: [c.download.output], run_download, section="download",
           config=DownloadConfig,
-          derived=lambda run, s: {"input": s["filter"].output, "output": join(run.data_dir, "images")}),
+          derived=lambda run, s: {"input": s["filter"].output, "output": join(run.data_dir, "images")},
+          progress=lambda c: _shards(c.download.output, ".tar")),
     Stage("vqgan", ("download", "models"), lambda c: [c.vqgan.run_dir], run_vqgan, section="vqgan",
           config=VQGANConfig, absent="off",
-          derived=lambda run, s: {"run_dir": join(run.run_dir, "vqgan"), "data.images": s["download"].output}),
+          derived=lambda run, s: {"run_dir": join(run.run_dir, "vqgan"), "data.images": s["download"].output},
+          progress=lambda c: _steps(c.vqgan)),
     Stage("pretokenize", ("download", "vqgan", "models"), lambda c: [c.pretokenize.output], run_pretokenize,
           section="pretokenize", config=PretokenizeConfig,
           derived=lambda run, s: {"input": s["download"].output, "output": join(run.data_dir, "tokens"),
                                   "vqgan": _vqgan_model(run), "text_encoder": _text_encoder_model(run),
-                                  "ray_address": run.ray.address or None}),
+                                  "ray_address": run.ray.address or None},
+          progress=lambda c: _shards(c.pretokenize.output, ".parquet")),
     Stage("train", ("pretokenize", "models"), lambda c: [c.train.run_dir], run_train, section="train",
           config=TrainConfig, absent="required",
           derived=lambda run, s: {"run_dir": join(run.run_dir, "train"), "data.dataset": s["pretokenize"].output,
                                   "model.vqgan": _vqgan_model(run), "model.text_encoder": _text_encoder_model(run)},
-          depends=lambda c: {**output_settings(c.train), "ray": output_settings(c.ray)}),
+          depends=lambda c: {**output_settings(c.train), "ray": output_settings(c.ray)},
+          progress=lambda c: _steps(c.train)),
     Stage("evaluate", ("train",), lambda c: [c.evaluate.output], run_evaluate, section="evaluate",
           config=EvalConfig, absent="off",
           derived=lambda run, s: {"vqgan": _vqgan_model(run), "text_encoder": _text_encoder_model(run),

@@ -175,3 +175,14 @@ def test_a_file_whose_every_row_is_rejected_keeps_nothing_without_failing(tmp_pa
     counts = filter_file({"index": 0, "path": str(path)}, cfg.output, {"url": "URL", "caption": "TEXT"}, cfg.rules(),
                          cfg.seed)
     assert (counts["rows_kept"], counts["rejected"]["url_scheme"]) == (0, 2)
+
+
+def test_progress_is_read_from_each_stages_outputs(demo):
+    cfg = parse_run_config(demo)
+    Path(cfg.filter.output).mkdir(parents=True)
+    for name in ("00000.parquet", "00001.parquet"):
+        (Path(cfg.filter.output) / name).write_bytes(b"")
+    progress = {s.name: s.progress(cfg) for s in STAGES}
+    assert progress == {"source": "", "models": "", "filter": "2 shards", "download": "0 shards",
+                        "vqgan": "step 0/600", "pretokenize": "0 shards", "train": "step 0/1600", "evaluate": "",
+                        "samples": ""}
