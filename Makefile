@@ -6,7 +6,7 @@ AMUSED := $(VENV)/bin/amused
 STAMP := $(VENV)/.installed-stamp
 DEMO := demo-out
 
-.PHONY: install lint test test-all demo bench clean
+.PHONY: install lint test test-unit test-all demo bench clean
 
 $(STAMP): pyproject.toml requirements/img2dataset.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,12 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: lint
-	$(PY) -m pytest -q --durations=10
+# Two tiers: the unit tier (seconds) fails fast before the integration tier starts.
+test: lint test-unit
+	$(PY) -m pytest -q -m 'not slow and not unit' --durations=10
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -m unit
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m '' --durations=10

@@ -9,24 +9,11 @@ import yaml
 from amused.orchestration.run import read_state
 from amused.orchestration.run_config import RunConfig, parse_run_config
 from amused.orchestration.stages import STAGES
-from amused.plumbing.fsio import exists, list_files, read_json
+from amused.plumbing.fsio import exists, read_json
 from amused.plumbing.storage import join, url_to_fs
-from amused.training.checkpoint import complete_steps
+from amused.training.checkpoint import Checkpoint
 from amused.training.evaluation.evaluate import read_results
 from amused.training.evaluation.metrics import METRICS
-
-
-def _progress(cfg: RunConfig, name: str) -> str:
-    """Units of work present so far, read from the stage's outputs."""
-    if name in ("train", "vqgan"):
-        section = cfg.train if name == "train" else cfg.vqgan
-        done = complete_steps(section.run_dir) if exists(join(section.run_dir, "checkpoints")) else []
-        return f"step {done[-1] if done else 0}/{section.steps}"
-    folder = {"filter": cfg.filter.output, "download": cfg.download.output, "pretokenize": cfg.pretokenize.output}
-    if name in folder:
-        suffix = ".tar" if name == "download" else ".parquet"
-        return f"{len(list_files(folder[name], suffix, required=False))} shards"
-    return ""
 
 
 def _counts(counts: dict | None) -> str:
@@ -51,7 +38,7 @@ def status(run_dir: str) -> str:
         state = read_state(run_dir, stage.name)
         status_, seconds = (state["status"], f"{state.get('seconds', 0) + state.get('seconds_before', 0):.1f}") \
             if state else ("pending", "")
-        rows.append((stage.name, status_, seconds, _progress(cfg, stage.name), _counts((state or {}).get("counts"))))
+        rows.append((stage.name, status_, seconds, stage.progress(cfg), _counts((state or {}).get("counts"))))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]
     lines += _latest(cfg)
@@ -59,13 +46,10 @@ def status(run_dir: str) -> str:
 
 
 def _latest(cfg: RunConfig) -> list[str]:
-    from amused.training.checkpoint import checkpoints_dir, complete_steps, tag
-
     out = []
-    if exists(join(cfg.train.run_dir, "checkpoints")):
-        steps = complete_steps(cfg.train.run_dir)
-        if steps:
-            out.append(f"latest checkpoint: {checkpoints_dir(cfg.train.run_dir) / tag(steps[-1])}")
+    latest = Checkpoint.latest(cfg.train.run_dir)
+    if latest:
+        out.append(f"latest checkpoint: {latest.folder}")
     metrics = join(cfg.train.run_dir, "metrics.jsonl")
     if exists(metrics):
         fs, path = url_to_fs(metrics)

@@ -11,6 +11,8 @@ from typing import Iterator
 def ray_session(address: str | None) -> Iterator[None]:
     """Uses an initialised Ray as is; else connects to `address` (None: a local one) and
     shuts it down afterwards. Our own progress bars and reports replace Ray Data's."""
+    # ray costs 1.2-1.7 s to import; the configs of the jobs that call this are imported by
+    # the CLI and the run config, which must not pay it.
     import ray
 
     started = not ray.is_initialized()

@@ -10,11 +10,18 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
+import s3fs
+import torch
+
+from amused.demo.datasets import write_token_dataset
+from amused.demo.tiny_models import write_tiny_models
+from amused.training.config import parse_config
+from amused.training.distributed import free_port
+from amused.training.engine import train
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -25,21 +32,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
-    from amused.demo.tiny_models import write_tiny_models
-
     return write_tiny_models(tmp_path_factory.mktemp("models") / "tiny", seed=0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1; the environment points boto/s3fs (and Ray workers) at it."""
-    port = _free_port()
+    port = free_port()
     moto = Path(sys.executable).parent / "moto_server"
     proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -63,8 +62,6 @@ def s3_server():
 
 @pytest.fixture(scope="session")
 def s3_bucket(s3_server) -> str:
-    import s3fs
-
     fs = s3fs.S3FileSystem()
     fs.mkdir("amused-test")
     return "s3://amused-test"
@@ -73,8 +70,6 @@ def s3_bucket(s3_server) -> str:
 @pytest.fixture(scope="session")
 def ray_session(s3_server):
     """One local Ray for the whole session; started after the S3 variables so workers inherit them."""
-    import ray
-
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
@@ -83,10 +78,6 @@ def ray_session(s3_server):
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory) -> str:
     """A tiny U-ViT's training checkpoint after 4 steps (its EMA differs from the raw weights)."""
-    from amused.demo.datasets import write_token_dataset
-    from amused.training.config import parse_config
-    from amused.training.engine import train
-
     root = tmp_path_factory.mktemp("trained")
     write_token_dataset(str(root / "tokens"), [64])
     return train(parse_config({

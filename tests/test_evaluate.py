@@ -81,7 +81,11 @@ def test_watcher_evaluates_checkpoints_as_they_appear_and_a_rerun_does_nothing(e
     def training():  # writes checkpoints the way training does: complete folder, then the run's result
         for step in (2, 4):
             time.sleep(1.0)
-            shutil.copytree(source, run / "checkpoints" / f"step_{step:08d}")
+            # Copy under a temporary name, then rename: a checkpoint appears whole, its marker
+            # never before its weights, as training publishes it.
+            staging = run / "checkpoints" / f".staging_{step:08d}"
+            shutil.copytree(source, staging)
+            staging.rename(run / "checkpoints" / f"step_{step:08d}")
         time.sleep(1.0)
         (run / "result.json").write_text("{}")
 

@@ -8,7 +8,7 @@ from PIL import Image, ImageFilter
 
 from amused.demo.shapes import caption_parts, classify_shape_image, shape_image
 from amused.demo.showcase import prompt_following
-from amused.training.inference.sample import fit_image
+from amused.tokenizer.image import fit_image
 
 
 def _images(n: int, side: int, seed: int = 7) -> tuple[np.ndarray, list[str]]:

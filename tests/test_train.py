@@ -16,7 +16,7 @@ import torch.distributed as dist
 from amused.demo.datasets import write_token_dataset
 from amused.pipeline.shards import TokenDataset
 from amused.tokenizer.presets import UVIT_CONFIGS
-from amused.training.checkpoint import module_weights
+from amused.training.checkpoint import Checkpoint
 from amused.training.config import parse_config
 from amused.training.distributed import free_port, in_process_group, process_group
 from amused.training.engine import NonFiniteError, train
@@ -182,7 +182,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
                 if any([{7, 200} & set(next(reader)["micro_conds"][:, 3].long().tolist()) for _ in range(2)])]
     assert skipped == poisoned and len(poisoned) >= 3  # 2 rows x 2 epochs, unless two share a batch
     assert all(math.isfinite(r["loss"]) for r in lines if r["loss"] is not None)
-    state = module_weights(result.checkpoint)
+    state = Checkpoint.at(result.checkpoint).state_dict(ema=False)
     assert all(torch.isfinite(t).all() for t in state.values())
 
     bad = str(tmp_path / "all-nan")
@@ -230,7 +230,7 @@ def test_learns_the_tokens_a_caption_implies(tmp_path, tokens, monkeypatch):
 @pytest.mark.gpu
 def test_bf16_steps_on_a_gpu(tmp_path, tokens):
     result = train(parse_config(config(tmp_path / "run", tokens, steps=10, checkpoint={"every": 10})))
-    state = module_weights(result.checkpoint)
+    state = Checkpoint.at(result.checkpoint).state_dict(ema=False)
     assert next(iter(state.values())).dtype == torch.bfloat16  # precision "auto" = bf16 on a GPU
     assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "run"))
 

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from amused.demo.datasets import write_token_dataset
-from amused.training.checkpoint import MARKER, module_weights
+from amused.training.checkpoint import MARKER, Checkpoint
 from amused.training.distributed import free_port
 
 STEPS = 60
@@ -88,7 +88,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return module_weights(run_dir / "checkpoints" / f"step_{step:08d}")
+    return Checkpoint.at(run_dir / "checkpoints" / f"step_{step:08d}").state_dict(ema=False)
 
 
 @pytest.fixture(scope="module")

@@ -78,7 +78,7 @@ def tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def complete_steps(run_dir: str | Path) -> list[int]:
+def _complete_steps(run_dir: str | Path) -> list[int]:
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
@@ -156,7 +156,7 @@ def mark_complete(run_dir: str | Path, step: int, keep: int, files: dict[str, di
     folder = checkpoints_dir(run_dir) / tag(step)
     write_json_atomic(str(folder / MARKER), {"step": step, "files": files})
     _write_latest(run_dir, step)
-    for old in complete_steps(run_dir)[:-keep]:
+    for old in _complete_steps(run_dir)[:-keep]:
         shutil.rmtree(checkpoints_dir(run_dir) / tag(old))
         shutil.rmtree(checkpoints_dir(run_dir) / UNIVERSAL / tag(old), ignore_errors=True)
 
@@ -207,11 +207,6 @@ def _seen(path: Path, folder: Path) -> tuple:
 _noted_unverified: set[Path] = set()
 
 
-def checked(folder: str | Path, *names: str) -> None:
-    """Kept for callers not yet on `Checkpoint`: `Checkpoint.at(folder).checked(*names)`."""
-    Checkpoint.at(folder).checked(*names)
-
-
 Parse = TypeVar("Parse")
 
 
@@ -239,7 +234,7 @@ class Checkpoint:
     @classmethod
     def every(cls, run_dir: str | Path) -> list[Checkpoint]:
         """The run's complete checkpoints, oldest first."""
-        return [cls(checkpoints_dir(run_dir) / tag(step), step) for step in complete_steps(run_dir)]
+        return [cls(checkpoints_dir(run_dir) / tag(step), step) for step in _complete_steps(run_dir)]
 
     @classmethod
     def latest(cls, run_dir: str | Path) -> Checkpoint | None:
@@ -340,7 +335,7 @@ def _resume_candidates(run_dir: str | Path, log=_stderr) -> list[int]:
     removed = _remove_incomplete(run_dir)
     if removed:
         log(f"removed checkpoint folders a crash left incomplete: {', '.join(removed)}")
-    return complete_steps(run_dir)[::-1]
+    return _complete_steps(run_dir)[::-1]
 
 
 def _resume_from(run_dir: str | Path, verdicts: dict[int, list[str] | None], log=_stderr) -> dict | None:
@@ -399,8 +394,3 @@ def to_universal(run_dir: str | Path, step: int) -> Path:
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
     return dst.parent
-
-
-def module_weights(folder: str | Path) -> dict[str, torch.Tensor]:
-    """Kept for callers not yet on `Checkpoint`: `Checkpoint.at(folder).state_dict(ema=False)`."""
-    return Checkpoint.at(folder).state_dict(ema=False)

@@ -17,6 +17,7 @@ from typing import Literal
 import yaml
 
 from amused.plumbing.config import from_mapping, opt, read_yaml, section
+from amused.tokenizer.presets import UVIT_CONFIGS
 
 
 def _check(ok: bool, message: str) -> None:
@@ -49,7 +50,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    preset: Literal["tiny", "small", "amused-256", "amused-512"] = opt("amused-256", "U-ViT architecture")
+    # The allowed names are the presets table's, so a new preset needs no edit here.
+    preset: Literal[tuple(UVIT_CONFIGS)] = opt("amused-256", "U-ViT architecture (tokenizer/presets.py)")
     pretrained: str | None = opt(None, "start from this UVit2DModel folder (diffusers layout; a pipeline folder's "
                                        "transformer/ is found) instead of random weights")
     vqgan: str | None = opt(None, "the VQ-GAN folder the tokens came from; checked against the dataset manifest")

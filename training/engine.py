@@ -45,7 +45,7 @@ from tqdm import tqdm
 from amused.plumbing.fsio import read_json, write_json_atomic
 from amused.plumbing.plots import line_plots
 from amused.training import checkpoint as ckpt
-from amused.training.config import OptimConfig, TrainConfig, dump_config
+from amused.training.config import OptimConfig, TrainConfig
 from amused.training.distributed import (
     Layout,
     current_device,
@@ -306,11 +306,11 @@ class NonFinitePolicy:
         """After step `step`: counts it, and stops the run with NonFiniteError at the limit."""
         self.in_row = self.in_row + 1 if bad else 0
         if self.in_row >= self.limit:
-            last = ckpt.complete_steps(run_dir)
+            last = ckpt.Checkpoint.latest(run_dir)
             raise NonFiniteError(
                 f"stopping at step {step}: {self.in_row} steps in a row had a non-finite loss or gradient "
                 f"(engine.max_nonfinite_in_row={self.limit}); the last good checkpoint is "
-                f"{ckpt.tag(last[-1]) if last else 'none'}. Check the data (NaN embeddings?) and the learning rate.")
+                f"{last.folder.name if last else 'none'}. Check the data (NaN embeddings?) and the learning rate.")
 
 
 # ---------------------------------------------------------------- metrics
@@ -414,10 +414,10 @@ def save_checkpoint(engine, cfg, step: int, task: Task, ema: EMA | None, in_row:
     if rank == 0:
         if ema is not None:
             ema.save(str(folder / ckpt.EMA_WEIGHTS))
-        (folder / "config.yaml").write_text(dump_config(cfg))
+        ckpt.write_config(folder, cfg)
         state = TrainState(step=step, world_size=world, global_batch_size=cfg.data.global_batch_size,
                            nonfinite_in_row=in_row, task=task_state)
-        (folder / "trainer.json").write_text(json.dumps(state.to_dict()))
+        (folder / ckpt.TRAINER).write_text(json.dumps(state.to_dict()))
     # The gather is the barrier: rank 0 has every rank's checksums only once all files are written.
     every: list = [None] * world
     dist.all_gather_object(every, ckpt.own_checksums(folder, rank))

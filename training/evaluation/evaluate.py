@@ -35,10 +35,10 @@ from amused.plumbing.storage import url_to_fs
 from amused.tokenizer.image import ImageTokenizer
 from amused.tokenizer.inception import load_inception
 from amused.tokenizer.text import TextEncoder
-from amused.training.checkpoint import EMA_WEIGHTS, MARKER, MODEL_STATES, checked, checkpoints_dir, complete_steps, tag
+from amused.training.checkpoint import Checkpoint, tag
 from amused.training.config import EvalConfig, SampleConfig
 from amused.training.evaluation.metrics import METRICS, RESIZE_PROTOCOL, FeatureStats, Metric, inception_features
-from amused.training.inference.sample import checkpoint_models
+from amused.training.inference.sample import Sampler, checkpoint_models, load_trained_model
 from amused.training.vqgan.data import held_out_batches
 
 _SEED_STRIDE = 1 << 32  # image i of seed s draws from generator s * 2^32 + i
@@ -77,8 +77,6 @@ class EvalWorker:
         self.sampler = None
 
     def _load(self, checkpoint: str, ema: bool) -> None:
-        from amused.training.inference.sample import Sampler, load_trained_model
-
         if self.loaded != (checkpoint, ema):
             self.sampler = Sampler(load_trained_model(checkpoint, ema=ema), self.image, self.text)
             self.loaded = (checkpoint, ema)
@@ -174,9 +172,8 @@ def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_di
     if not 0 < poll_seconds < math.inf or not 0 <= timeout_seconds < math.inf:
         raise ValueError(f"poll must be > 0 and timeout >= 0 seconds (0 = never), both finite; got poll "
                          f"{poll_seconds}, timeout {timeout_seconds}")
-    loaded = ("config.yaml", EMA_WEIGHTS if cfg.ema else MODEL_STATES)
     if checkpoint:
-        checked(checkpoint, *loaded)
+        Checkpoint.at(checkpoint).loadable(cfg.ema)
     if run_dir and not Path(run_dir).is_dir():
         raise FileNotFoundError(f"run folder {run_dir} not found")
     prompts = read_prompts(cfg.prompts, cfg.max_prompts)
@@ -189,21 +186,21 @@ def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_di
             # Before listing: a checkpoint written after this look is seen by the next one.
             finished = bool(run_dir) and (Path(run_dir) / "result.json").exists() or bool(stop and stop.is_set())
             if checkpoint:
-                pending = [Path(checkpoint)]
+                pending = [Checkpoint.at(checkpoint)]
             else:
                 evaluated = {r["step"] for r in read_results(results_dir(run_dir, cfg))}
-                pending = [checkpoints_dir(run_dir) / tag(s) for s in complete_steps(run_dir) if s not in evaluated]
+                pending = [c for c in Checkpoint.every(run_dir) if c.step not in evaluated]
             for ckpt in tqdm(pending, desc="evaluate", unit="ckpt", disable=len(pending) < 2):
                 if workers is None:
-                    workers = start_workers(cfg, *checkpoint_models(str(ckpt), cfg.vqgan, cfg.text_encoder))
+                    workers = start_workers(cfg, *checkpoint_models(ckpt.folder, cfg.vqgan, cfg.text_encoder))
                 try:
                     if run_dir:  # here, not only in the actors: their error would not name the file
-                        checked(ckpt, *loaded)
-                    done.append(evaluate_checkpoint(str(ckpt), cfg, sample, workers, prompts, metrics))
+                        ckpt.loadable(cfg.ema)
+                    done.append(evaluate_checkpoint(str(ckpt.folder), cfg, sample, workers, prompts, metrics))
                 except Exception as exc:
-                    if (ckpt / MARKER).exists():
+                    if ckpt.complete:
                         raise
-                    print(f"skipped {ckpt.name}: removed (kept-last pruning) while it was evaluated ({exc})")
+                    print(f"skipped {ckpt.folder.name}: removed (kept-last pruning) while it was evaluated ({exc})")
             if checkpoint or not cfg.watch or (finished and not pending):
                 return done
             if deadline is not None and time.monotonic() > deadline:

@@ -125,15 +125,6 @@ def token_mask(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return small >= 0.5
 
 
-def fit_image(image: Image.Image, side: int, resample: Image.Resampling = Image.Resampling.BICUBIC) -> np.ndarray:
-    """Resize the shorter side to `side` and centre-crop: (side, side, C) uint8."""
-    w, h = image.size
-    scale = side / min(w, h)
-    image = image.resize((max(side, round(w * scale)), max(side, round(h * scale))), resample)
-    left, top = (image.size[0] - side) // 2, (image.size[1] - side) // 2
-    return np.array(image.crop((left, top, left + side, top + side)))
-
-
 class Sampler:
     """The U-ViT with the VQ-GAN and text encoder it was trained with, loaded once (an
     evaluation actor keeps one for all its prompts)."""

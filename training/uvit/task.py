@@ -5,15 +5,14 @@ the model against the tokens, the batch against ranks and lanes), run before any
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 
 from amused.pipeline.shards import ModelIdentity, TokenDataset, read_empty_prompt
 from amused.plumbing.storage import VQGAN_SUBFOLDERS
 from amused.tokenizer.text import TextEncoder
-from amused.training.config import TrainConfig, dump_config
+from amused.training.checkpoint import write_config
+from amused.training.config import TrainConfig
 from amused.training.distributed import Layout, rank0_decides
 from amused.training.state import TrainState, resume_state
 from amused.training.uvit.data import ShardReader
@@ -92,7 +91,7 @@ def start(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> tuple[U
     model = build_model(cfg.model.preset, cfg.model.pretrained)
     _check_model(model, dataset.spec)
     if rank == 0:
-        (Path(cfg.run_dir) / "config.yaml").write_text(dump_config(cfg))
+        write_config(cfg.run_dir, cfg)
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model)
     return UViTTask(cfg, model, dataset, layout, rank, world, device, info["empty"], dtype), resume

@@ -22,7 +22,7 @@ from PIL import Image
 from amused.pipeline.images import open_image
 from amused.pipeline.wds import BadSample, RawSample, shard_samples
 from amused.plumbing.fsio import list_files
-from amused.training.inference.sample import fit_image
+from amused.tokenizer.image import fit_image
 
 
 class ImageCropReader:
