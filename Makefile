@@ -37,7 +37,8 @@ test-all: $(STAMP)
 demo: $(STAMP)
 	# The whole graph from one config (configs/demo.yaml); a rerun finds every stage done.
 	$(AMUSED) run configs/demo.yaml
-	$(AMUSED) export --checkpoint $$(ls -d $(DEMO)/run/train/checkpoints/step_* | tail -1) --output $(DEMO)/pipeline
+	# The newest complete checkpoint, as every reader finds it (a folder without its marker never counts).
+	$(AMUSED) export --checkpoint $$($(PY) -c "from amused.training.checkpoint import Checkpoint; print(Checkpoint.latest('$(DEMO)/run/train').folder)") --output $(DEMO)/pipeline
 
 bench: $(STAMP)
 	$(PY) benchmarks/shard_format.py

@@ -1,7 +1,7 @@
 """Training throughput: our DeepSpeed engine vs a plain PyTorch loop, and the shard reader.
 
     (a) plain loop:  the same U-ViT, masking, loss and AdamW on batches already in memory
-    (b) engine:      `training.engine.train` (DeepSpeed, shard reader, EMA, metrics, checkpoint at the end)
+    (b) engine:      `training.uvit.task.train` (DeepSpeed, shard reader, EMA, metrics, checkpoint at the end)
     (c) reader:      `training.uvit.data.ShardReader` alone, as fast as it can go
 
 Printed: samples/s of each, engine overhead (1 - b/a; goal <= 5%), and reader / step
@@ -28,10 +28,10 @@ from amused.demo.datasets import write_token_dataset
 from amused.pipeline.shards import TokenDataset
 from amused.tokenizer.presets import UVIT_CONFIGS
 from amused.training.config import parse_config
-from amused.training.engine import train
 from amused.training.uvit.data import ShardReader
 from amused.training.uvit.model import build_model, mask_id, param_groups
 from amused.training.uvit.objective import draw_masks, masked_loss
+from amused.training.uvit.task import train
 
 
 def training_flops_per_sample(preset: str, text_len: int = 77) -> float:

@@ -42,7 +42,7 @@ run_graph = LazyModule("amused.orchestration.run")
 run_config = LazyModule("amused.orchestration.run_config")
 run_status = LazyModule("amused.orchestration.status")
 tokenizer_image = LazyModule("amused.tokenizer.image")
-engine = LazyModule("amused.training.engine")
+uvit_task = LazyModule("amused.training.uvit.task")
 evaluation = LazyModule("amused.training.evaluation.evaluate")
 metrics = LazyModule("amused.training.evaluation.metrics")
 vq_evaluation = LazyModule("amused.training.evaluation.vqgan")
@@ -107,7 +107,7 @@ def _train(args) -> int:
         result = launch.train_on_ray(cfg, workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker,
                                      address=args.ray_address)
     else:
-        result = engine.train(cfg)
+        result = uvit_task.train(cfg)
     if os.environ.get("RANK", "0") == "0":
         resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from is not None else ""
         print(f"trained to step {result.step}{resumed}; checkpoint {result.checkpoint}; "
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     vq = sub.add_parser("vqgan", help="the image tokenizer").add_subparsers(dest="vqgan_command", required=True)
     vq_train = vq.add_parser("train", help="train or fine-tune a VQ-GAN on webdataset image shards (DeepSpeed)")
-    vq_train.add_argument("config", help="YAML (training/vqgan.py: VQGANConfig)")
+    vq_train.add_argument("config", help="YAML (training/vqgan/task.py: VQGANConfig)")
     vq_train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     vq_train.set_defaults(func=_vqgan_train)
     vq_export = vq.add_parser("export", help="a VQ-GAN checkpoint as a VQModel folder")

@@ -160,7 +160,9 @@ class GuardedDownloader:
 def guarded_downloads(allow: tuple[str, ...], pins: dict[str, tuple[str, ...]]) -> Iterator[None]:
     """While open, every `img2dataset.download` in this process fetches through the guard,
     host names in `pins` resolved to their pinned addresses."""
-    main = importlib.import_module("img2dataset.main")  # the package's `main` attribute is a function
+    # img2dataset costs ~4 s to import and the CLI imports this module through download.py;
+    # import_module because the package's `main` attribute is a function, not the module.
+    main = importlib.import_module("img2dataset.main")
 
     original = main.Downloader
     main.Downloader = lambda **kwargs: GuardedDownloader(original(**kwargs), allow, pins)

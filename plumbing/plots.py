@@ -1,4 +1,5 @@
-"""Pictures a person would rather look at than numbers: captioned image grids."""
+"""Pictures a person would rather look at than numbers: captioned image grids and line
+plots of metrics against step."""
 
 from __future__ import annotations
 

@@ -17,8 +17,8 @@ import torch
 from amused.demo.datasets import write_token_dataset
 from amused.demo.tiny_models import write_tiny_models
 from amused.training.config import parse_config
-from amused.training.distributed import free_port
-from amused.training.engine import train
+from amused.training.uvit.task import train
+from tests.samples import free_port
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,6 +5,7 @@ datasets in the pre-tokenizer's format, and the demo's run config scaled down fo
 from __future__ import annotations
 
 import io
+import socket
 import struct
 import zlib
 from pathlib import Path
@@ -132,11 +133,15 @@ def write_dataset(url: str, sizes=(7, 5)) -> fmt.Manifest:
     return manifest
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (servers and launchers the tests start)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def demo_config(run_dir, port: int | None = None) -> dict:
     """configs/demo.yaml scaled down to a minute or two of CPU."""
-    # training.distributed imports deepspeed (~1.8 s after torch); the unit tier imports this module.
-    from amused.training.distributed import free_port
-
     cfg = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
     cfg["run_dir"] = str(run_dir)
     cfg["source"]["synthetic"].update(images=96, port=port or free_port())

@@ -91,7 +91,7 @@ def test_weights_with_or_without_ema(tmp_path):
 def test_the_config_it_was_trained_with_round_trips(tmp_path):
     trained = Checkpoint.at(_checkpoint(tmp_path / "run", 5))
     assert trained.config(parse_config) == _config(tmp_path / "run", steps=5)
-    assert trained.config_text() == dump_config(_config(tmp_path / "run", steps=5))
+    assert trained.file(CONFIG).read_text() == dump_config(_config(tmp_path / "run", steps=5))
     assert not list(trained.folder.glob(f"{CONFIG}*tmp*"))  # written under a temporary name, then renamed
 
 

@@ -12,9 +12,9 @@ from amused.demo.datasets import write_token_dataset
 from amused.orchestration.cli import main
 from amused.training.checkpoint import Checkpoint
 from amused.training.config import SampleConfig, parse_config
-from amused.training.engine import train
 from amused.training.inference.sample import Sampler, load_trained_model
 from amused.training.uvit.model import build_model
+from amused.training.uvit.task import train
 
 PROMPTS = ["a red circle on a grey background", "a blue square"]
 

@@ -17,8 +17,7 @@ import yaml
 from amused.orchestration.cli import main
 from amused.orchestration.run import _locked_folders, plan, run
 from amused.orchestration.run_config import load_run_config, parse_run_config
-from amused.training.distributed import free_port
-from tests.samples import demo_config
+from tests.samples import demo_config, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,9 +27,9 @@ from amused.training import checkpoint as ckpt
 from amused.training.checkpoint import MARKER, Checkpoint, damage, newest_intact, own_checksums
 from amused.training.config import load_config, parse_config
 from amused.training.distributed import rank0_decides
-from amused.training.engine import train
 from amused.training.inference.sample import load_trained_model
 from amused.training.launch import train_on_ray
+from amused.training.uvit.task import train
 from tests.samples import demo_config
 
 ROOT = Path(__file__).resolve().parents[1]

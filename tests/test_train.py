@@ -18,12 +18,14 @@ from amused.pipeline.shards import TokenDataset
 from amused.tokenizer.presets import UVIT_CONFIGS
 from amused.training.checkpoint import Checkpoint
 from amused.training.config import parse_config
-from amused.training.distributed import free_port, in_process_group, process_group
-from amused.training.engine import NonFiniteError, train
+from amused.training.distributed import in_process_group, process_group
+from amused.training.engine import NonFiniteError
 from amused.training.uvit import task as uvit_task
 from amused.training.uvit.data import ShardReader
 from amused.training.uvit.model import build_model, enable_activation_checkpointing
 from amused.training.uvit.objective import draw_masks
+from amused.training.uvit.task import train
+from tests.samples import free_port
 
 
 @pytest.fixture(scope="module")

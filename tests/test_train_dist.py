@@ -25,7 +25,7 @@ import yaml
 
 from amused.demo.datasets import write_token_dataset
 from amused.training.checkpoint import MARKER, Checkpoint
-from amused.training.distributed import free_port
+from tests.samples import free_port
 
 STEPS = 60
 # fp32 on CPU: the runs differ only in the order of floating-point sums (ZeRO's bucketed

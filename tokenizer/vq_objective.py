@@ -113,8 +113,10 @@ def reinit_dead_codes(codebook: nn.Embedding, dead: torch.Tensor, latents: torch
     Over several ranks every codebook must stay the same: every rank calls this with the
     same `dead`, rank 0 draws the new rows from its `latents` (the others pass None), and
     `share(rows)` copies rank 0's rows into every rank's, in place (a broadcast)."""
-    if len(dead) == 0:
-        return 0
+    if latents is None and share is None:
+        raise ValueError("reinit_dead_codes needs latents to draw from, or share() to receive rank 0's rows")
+    if len(dead) == 0 or (latents is not None and len(latents) == 0):
+        return 0  # nothing dead, or no latents seen yet: the codes wait for the next call
     weight = codebook.weight
     rows = torch.empty(len(dead), weight.shape[1], device=weight.device, dtype=weight.dtype)
     if latents is not None:

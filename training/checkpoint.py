@@ -264,10 +264,6 @@ class Checkpoint:
         """The path of the file `name`, checked."""
         return self.checked(name).folder / name
 
-    def config_text(self) -> str:
-        """The config it was trained with, as written (YAML)."""
-        return self.file(CONFIG).read_text()
-
     def config(self, parse: Callable[[Any], Parse]) -> Parse:
         """The config it was trained with, read by `parse` (e.g. training.config.parse_config)."""
         return parse(read_yaml(str(self.file(CONFIG))))

@@ -1,7 +1,7 @@
 """The training config: one small typed section per component, read from YAML.
 
 Each section validates its own ranges; `load_config` rejects unknown keys, wrong types
-and non-finite numbers by their dotted name (pipeline.config.from_mapping). Checks that
+and non-finite numbers by their dotted name (plumbing.config.from_mapping). Checks that
 need the data or the world size (token grid vs model, batch vs ranks and lanes:
 `training.distributed.Layout.plan`) run in each task's start-up (training/uvit/task.py,
 training/vqgan/task.py) before any step; `amused run` knows its world size and runs the

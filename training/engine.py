@@ -1,6 +1,6 @@
 """The DeepSpeed training loop over a model's task (`run_loop`), the same under torchrun,
-the deepspeed launcher, Ray Train and a plain in-process call (one rank), and `train(cfg)`,
-the U-ViT's training on it (`amused train`; the VQ-GAN's: training/vqgan/task.py).
+the deepspeed launcher, Ray Train and a plain in-process call (one rank). Each model's
+room starts it: `training.uvit.task.train` (`amused train`), `training.vqgan.task.train_vqgan`.
 
 Start-up checks everything that depends on the data, the model and the world size
 before any step. A rerun on a run folder resumes from its newest intact checkpoint (its
@@ -45,18 +45,13 @@ from tqdm import tqdm
 from amused.plumbing.fsio import read_json, write_json_atomic
 from amused.plumbing.plots import line_plots
 from amused.training import checkpoint as ckpt
-from amused.training.config import OptimConfig, TrainConfig
+from amused.training.config import OptimConfig
 from amused.training.distributed import (
     Layout,
-    current_device,
-    in_process_group,
-    locked,
     rank0_decides,
-    wants_bf16,
 )
 from amused.training.ema import EMA
 from amused.training.state import TrainState
-from amused.training.uvit import task as uvit
 
 
 class NonFiniteError(RuntimeError):
@@ -100,24 +95,6 @@ class Task(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
     def epoch(self) -> int: ...
     def close(self) -> None: ...
-
-
-# ---------------------------------------------------------------- the U-ViT's training
-
-def train(cfg: TrainConfig, launcher_holds_lock: bool = False) -> TrainResult:
-    """Trains (or resumes) the U-ViT run; `launcher_holds_lock`: the process that started
-    the ranks holds RUN_DIR/train.lock (Ray Train's driver), so rank 0 does not take it."""
-    if launcher_holds_lock:
-        return in_process_group(_train, cfg)
-    return in_process_group(locked, cfg.run_dir, _train, cfg)
-
-
-def _train(cfg: TrainConfig) -> TrainResult:
-    device = current_device()
-    bf16 = wants_bf16(cfg.engine.precision, device)
-    task, resume = uvit.start(cfg, device, torch.bfloat16 if bf16 else torch.float32)
-    universal = resume is not None and resume.world_size != dist.get_world_size()
-    return run_loop(cfg, task, resume, universal, device, bf16)
 
 
 # ---------------------------------------------------------------- the loop

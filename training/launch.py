@@ -17,7 +17,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from amused.plumbing.raysession import ray_session
 from amused.training.config import TrainConfig, parse_config
 from amused.training.distributed import Layout, train_lock
-from amused.training.engine import TrainResult, train
+from amused.training.engine import TrainResult
+from amused.training.uvit.task import train
 
 
 def _worker(loop_config: dict) -> None:

@@ -1,5 +1,5 @@
 """The U-ViT's task on the training loop (training/engine.py): masked-token training on
-token shards, and its start-up checks (the dataset, the tokenizers it was made with,
+token shards, `train(cfg)` (what `amused train` runs), and its start-up checks (the dataset, the tokenizers it was made with,
 the model against the tokens, the batch against ranks and lanes), run before any step.
 """
 
@@ -13,7 +13,8 @@ from amused.plumbing.storage import VQGAN_SUBFOLDERS
 from amused.tokenizer.text import TextEncoder
 from amused.training.checkpoint import write_config
 from amused.training.config import TrainConfig
-from amused.training.distributed import Layout, rank0_decides
+from amused.training.distributed import Layout, current_device, in_process_group, locked, rank0_decides, wants_bf16
+from amused.training.engine import TrainResult, run_loop
 from amused.training.state import TrainState, resume_state
 from amused.training.uvit.data import ShardReader
 from amused.training.uvit.model import build_model, enable_activation_checkpointing, mask_id, param_groups, token_grid
@@ -156,3 +157,19 @@ def _forward(engine, batch: dict, masked: torch.Tensor, drop: torch.Tensor, empt
     logits = engine(tokens.masked_fill(masked, mask_id(engine.module)), hidden.to(dtype), pooled.to(dtype),
                     batch["micro_conds"])
     return masked_loss(logits, tokens, masked, label_smoothing, scale)
+
+
+def train(cfg: TrainConfig, launcher_holds_lock: bool = False) -> TrainResult:
+    """Trains (or resumes) the U-ViT run; `launcher_holds_lock`: the process that started
+    the ranks holds RUN_DIR/train.lock (Ray Train's driver), so rank 0 does not take it."""
+    if launcher_holds_lock:
+        return in_process_group(_train, cfg)
+    return in_process_group(locked, cfg.run_dir, _train, cfg)
+
+
+def _train(cfg: TrainConfig) -> TrainResult:
+    device = current_device()
+    bf16 = wants_bf16(cfg.engine.precision, device)
+    task, resume = start(cfg, device, torch.bfloat16 if bf16 else torch.float32)
+    universal = resume is not None and resume.world_size != dist.get_world_size()
+    return run_loop(cfg, task, resume, universal, device, bf16)
