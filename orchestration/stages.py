@@ -38,6 +38,8 @@ from amused.tokenizer.image import build_vqgan
 from amused.tokenizer.inception import write_random_inception
 from amused.training.checkpoint import Checkpoint
 from amused.training.config import EvalConfig, TrainConfig
+from amused.training.evaluation.metrics import METRICS
+from amused.training.evaluation.results import read_results, results_dir
 from amused.training.vqgan.task import VQGANConfig, export_vqgan, train_vqgan
 
 if TYPE_CHECKING:  # run_config reads STAGES to parse the stage sections
@@ -203,13 +205,14 @@ def _fid_reference(cfg: RunConfig) -> None:
 
 
 def run_evaluate(cfg: RunConfig) -> dict:
-    from amused.training.evaluation.evaluate import evaluate, read_results, results_dir  # ray: see run_train
+    from amused.training.evaluation.evaluate import evaluate  # ray: see run_train
 
     _fid_reference(cfg)
     evaluate(cfg.evaluate, cfg.sample, run_dir=cfg.train.run_dir, ray_address=cfg.ray.address or None)
     results = read_results(results_dir(cfg.train.run_dir, cfg.evaluate))
     latest = max(results, key=lambda r: r["step"], default=None)
-    return {"evaluated": len(results), "latest": latest and {k: latest.get(k) for k in ("step", "fid", "clip_score")}}
+    shown = ("step", *(m.name for m in METRICS))
+    return {"evaluated": len(results), "latest": latest and {k: latest.get(k) for k in shown}}
 
 
 def run_samples(cfg: RunConfig) -> dict:

@@ -12,8 +12,12 @@ from amused.orchestration.stages import STAGES
 from amused.plumbing.fsio import exists, read_json
 from amused.plumbing.storage import join, url_to_fs
 from amused.training.checkpoint import Checkpoint
-from amused.training.evaluation.evaluate import read_results
 from amused.training.evaluation.metrics import METRICS
+from amused.training.evaluation.results import read_results
+from amused.training.uvit.task import UViTTask
+
+# The training metrics status shows: the task's main ones and what the engine logs for every task.
+_TRAINING_METRICS = ("step", *UViTTask.plot, "samples_per_s")
 
 
 def _counts(counts: dict | None) -> str:
@@ -59,7 +63,7 @@ def _latest(cfg: RunConfig) -> list[str]:
             last = json.loads(lines[-1])
             out.append("latest training metrics: " + ", ".join(
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()
-                if k in ("step", "loss", "accuracy", "lr", "samples_per_second")))
+                if k in _TRAINING_METRICS))
     if cfg.evaluate is not None and exists(cfg.evaluate.output):
         results = read_results(cfg.evaluate.output)
         if results:

@@ -60,6 +60,11 @@ def test_two_actors_equal_one_and_batch_size_does_not_matter(eval_setup):
         results[name] = json.loads((out / "step_00000004.json").read_text())
         assert (out / "step_00000004.png").exists() and (out / "metrics.png").exists()
     one = results["one"]
+    assert set(one) == {"step", "checkpoint", "weights", "fid", "clip_score", "clip_score_unfloored", "images",
+                        "fid_protocol", "fid_features", "fid_reference", "fid_reference_images", "inception_sha256",
+                        "clip_score_scale", "clip", "prompts", "prompts_sha256", "seed", "sample", "actors",
+                        "seconds"}  # the fields of every result since the first release (the file sorts them)
+    assert one["step"] == 4 and one["checkpoint"] == ckpt
     assert one["images"] == 6 and one["fid_reference_images"] == 10 and one["weights"] == "ema"
     assert one["fid"] > 1e-3 and np.isfinite(one["clip_score"])  # generated vs real: not the same distribution
     assert "clean-fid" in one["fid_protocol"] and "100 x cosine" in one["clip_score_scale"]

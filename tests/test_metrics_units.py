@@ -18,6 +18,7 @@ from amused.training.evaluation.metrics import (
     Fid,
     Metric,
     frechet_distance,
+    summarise_all,
 )
 
 pytestmark = pytest.mark.unit
@@ -85,8 +86,11 @@ def test_fid_of_a_feature_set_against_itself_is_zero_and_mismatched_protocols_ar
 def test_the_table_names_each_metric_once_with_what_the_results_and_plots_need():
     assert [m.name for m in METRICS] == ["fid", "clip_score"]
     for m in METRICS:
-        assert issubclass(m, Metric) and m.label and m.title
+        assert issubclass(m, Metric) and m.label and m.title and m.numbers[0] == m.name
+        assert m.fields == m.numbers + m.provenance
     assert len({m.title for m in METRICS}) == len(METRICS)
+    fields = [f for m in METRICS for f in m.fields]
+    assert len(set(fields)) == len(fields)
 
 
 WEIGHTS = b"inception weights"
@@ -128,6 +132,33 @@ def test_clip_score_summary_is_floored_at_zero(tmp_path):
                       "clip": "clip/"}
 
 
+def test_summaries_write_every_declared_field_and_none_for_a_metric_not_measured(tmp_path):
+    # The fields of eval/step_N.json since the first release, in the order the result dict has
+    # always listed them: the numbers, then (after "images") what they were measured with;
+    # without CLIP its fields are null.
+    cfg = _config(tmp_path)
+    numbers, provenance = summarise_all([Fid(cfg)], {"fid": np.array([[1.0, 1.0], [3.0, 1.0], [1.0, 3.0]])})
+    assert list(numbers) == ["fid", "clip_score", "clip_score_unfloored"]
+    assert list(provenance) == ["fid_protocol", "fid_features", "fid_reference", "fid_reference_images",
+                                "inception_sha256", "clip_score_scale", "clip"]
+    assert numbers["fid"] is not None and provenance["fid_reference_images"] == 4
+    assert (numbers["clip_score"], numbers["clip_score_unfloored"], provenance["clip_score_scale"],
+            provenance["clip"]) == (None, None, None, None)
+    clip = ClipScore(_config(tmp_path, clip="clip/"))
+    numbers, provenance = summarise_all([clip], {"clip_score": np.array([1.0, 3.0])})
+    assert numbers == {"fid": None, "clip_score": 2.0, "clip_score_unfloored": 2.0}
+    assert provenance["clip"] == "clip/" and provenance["fid_protocol"] is None
+
+
+def test_a_summary_must_write_exactly_its_declared_fields(tmp_path):
+    class Undeclared(ClipScore):
+        def summarise(self, rows):
+            return {**super().summarise(rows), "extra": 1}
+
+    with pytest.raises(ValueError, match="metric clip_score wrote .* not its declared fields"):
+        summarise_all([Undeclared(_config(tmp_path, clip="clip/"))], {"clip_score": np.array([1.0])})
+
+
 def test_show_is_one_phrase_per_metric_and_says_what_was_not_measured():
     result = {"fid": 12.34567, "clip_score": None, "images": 6, "fid_reference_images": 10}
     assert [m.show(result) for m in METRICS] == ["FID 12.346 (6 images vs 10 reference)", "CLIP score n/a"]
@@ -136,6 +167,7 @@ def test_show_is_one_phrase_per_metric_and_says_what_was_not_measured():
 def test_a_new_metric_is_a_subclass_with_a_name_a_measurer_and_a_summary():
     class Brightness(Metric):
         name, label, title = "brightness", "brightness", "mean pixel value"
+        numbers = ("brightness",)
 
         @staticmethod
         def measurer(cfg, device):
@@ -147,3 +179,4 @@ def test_a_new_metric_is_a_subclass_with_a_name_a_measurer_and_a_summary():
     images = np.stack([np.full((2, 2, 3), 10, np.uint8), np.full((2, 2, 3), 30, np.uint8)])
     rows = Brightness.measurer(None, "cpu")(images, ["a", "b"])
     assert Brightness.show(Brightness(None).summarise(rows)) == "brightness 20.00"
+    assert Brightness.fields == ("brightness",)

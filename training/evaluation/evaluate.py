@@ -28,7 +28,7 @@ import ray
 import torch
 from tqdm import tqdm
 
-from amused.plumbing.fsio import read_json, sha256_of, write_json_atomic
+from amused.plumbing.fsio import sha256_of, write_json_atomic
 from amused.plumbing.plots import image_grid, line_plots
 from amused.plumbing.raysession import ray_session
 from amused.plumbing.storage import url_to_fs
@@ -37,7 +37,15 @@ from amused.tokenizer.inception import load_inception
 from amused.tokenizer.text import TextEncoder
 from amused.training.checkpoint import Checkpoint, tag
 from amused.training.config import EvalConfig, SampleConfig
-from amused.training.evaluation.metrics import METRICS, RESIZE_PROTOCOL, FeatureStats, Metric, inception_features
+from amused.training.evaluation.metrics import (
+    METRICS,
+    RESIZE_PROTOCOL,
+    FeatureStats,
+    Metric,
+    inception_features,
+    summarise_all,
+)
+from amused.training.evaluation.results import read_results, results_dir
 from amused.training.inference.sample import Sampler, checkpoint_models, load_trained_model
 from amused.training.vqgan.data import held_out_batches
 
@@ -103,35 +111,23 @@ def start_workers(cfg: EvalConfig, vqgan: str, text_encoder: str) -> list:
     return [actor.remote(cfg, vqgan, text_encoder, cfg.gpus_per_actor > 0) for _ in range(cfg.actors)]
 
 
-def step_of(checkpoint: str | Path) -> int:
-    name = Path(checkpoint).name
-    if not name.startswith("step_") or not name[5:].isdigit():
-        raise ValueError(f"{checkpoint} is not a checkpoint folder (RUN_DIR/checkpoints/step_N)")
-    return int(name[5:])
-
-
-def results_dir(run_dir: str | Path, cfg: EvalConfig) -> Path:
-    return Path(cfg.output) if cfg.output else Path(run_dir) / "eval"
-
-
-def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, sample: SampleConfig, workers: list,
+def evaluate_checkpoint(checkpoint: Checkpoint, cfg: EvalConfig, sample: SampleConfig, workers: list,
                         prompts: list[str], metrics: list[Metric]) -> dict:
     """`metrics` of one checkpoint over all prompts, split across `workers`; writes the result."""
     started = time.monotonic()
-    step = step_of(checkpoint)
-    out_dir = results_dir(Path(checkpoint).parent.parent, cfg)
+    step = checkpoint.step
+    out_dir = results_dir(checkpoint.folder.parent.parent, cfg)  # RUN_DIR/checkpoints/step_N
     slices = [s for s in np.array_split(np.arange(len(prompts)), len(workers)) if len(s)]
-    parts = ray.get([w.run.remote(str(checkpoint), cfg.ema, [(int(i), prompts[i]) for i in s], sample, cfg.seed,
-                                  cfg.batch_size, cfg.grid) for w, s in zip(workers, slices)])
-    index = np.concatenate([p["index"] for p in parts])
-    order = np.argsort(index)
-    measured = {m.name: None for m in METRICS}
-    for m in metrics:
-        measured.update(m.summarise(np.concatenate([rows for p in parts for rows in p["rows"][m.name]])[order]))
+    parts = ray.get([w.run.remote(str(checkpoint.folder), cfg.ema, [(int(i), prompts[i]) for i in s], sample,
+                                  cfg.seed, cfg.batch_size, cfg.grid) for w, s in zip(workers, slices)])
+    order = np.argsort(np.concatenate([p["index"] for p in parts]))
+    numbers, provenance = summarise_all(metrics, {
+        m.name: np.concatenate([rows for p in parts for rows in p["rows"][m.name]])[order] for m in metrics})
     kept = {i: im for p in parts for i, im in p["kept"].items()}
     result = {
-        "step": step, "checkpoint": str(checkpoint), "weights": "ema" if cfg.ema else "raw", "images": len(prompts),
-        **measured, "prompts": cfg.prompts, "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+        "step": step, "checkpoint": str(checkpoint.folder), "weights": "ema" if cfg.ema else "raw", **numbers,
+        "images": len(prompts), **provenance,
+        "prompts": cfg.prompts, "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
         "seed": cfg.seed, "sample": asdict(sample), "actors": len(slices),
         "seconds": round(time.monotonic() - started, 2),
     }
@@ -146,10 +142,6 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig, sample: SampleConfig, 
     write_json_atomic(str(out_dir / f"{tag(step)}.json"), result)
     plot_results(out_dir)
     return result
-
-
-def read_results(out_dir: str | Path) -> list[dict]:
-    return sorted((read_json(str(p)) for p in Path(out_dir).glob("step_*.json")), key=lambda r: r["step"])
 
 
 def plot_results(out_dir: str | Path) -> Path:
@@ -196,7 +188,7 @@ def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_di
                 try:
                     if run_dir:  # here, not only in the actors: their error would not name the file
                         ckpt.loadable(cfg.ema)
-                    done.append(evaluate_checkpoint(str(ckpt.folder), cfg, sample, workers, prompts, metrics))
+                    done.append(evaluate_checkpoint(ckpt, cfg, sample, workers, prompts, metrics))
                 except Exception as exc:
                     if ckpt.complete:
                         raise

@@ -159,13 +159,20 @@ class Metric(ABC):
     metric needs once and then turns every batch (uint8 images (N, H, W, 3) and their
     prompts) into one row per image; on the driver, an instance made before the first
     checkpoint (it checks what the summary compares against) summarises all rows, in
-    prompt order, into the fields of eval/step_N.json, `name` among them. A metric that
-    is not `wanted` is written as `name: None`."""
+    prompt order, into its `fields` of eval/step_N.json. A metric that is not `wanted`
+    writes each of its fields as None, so every result file has the same keys."""
 
-    name: ClassVar[str]  # its field in eval/step_N.json
+    name: ClassVar[str]  # its headline field in eval/step_N.json
+    numbers: ClassVar[tuple[str, ...]]  # the fields it measures, `name` first
+    provenance: ClassVar[tuple[str, ...]] = ()  # the fields saying what the numbers were measured with
+    fields: ClassVar[tuple[str, ...]]  # every field `summarise` writes (numbers, then provenance)
     label: ClassVar[str]  # how the CLI and `amused status` name it
     title: ClassVar[str]  # its panel in eval/metrics.png
     digits: ClassVar[int] = 2  # decimals shown
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.fields = cls.numbers + cls.provenance
 
     def __init__(self, cfg: EvalConfig):
         self.cfg = cfg
@@ -191,6 +198,8 @@ class Metric(ABC):
 
 class Fid(Metric):
     name, label, title, digits = "fid", "FID", "FID (lower is better)", 3
+    numbers = ("fid",)
+    provenance = ("fid_protocol", "fid_features", "fid_reference", "fid_reference_images", "inception_sha256")
 
     def __init__(self, cfg: EvalConfig):
         super().__init__(cfg)
@@ -217,6 +226,8 @@ class Fid(Metric):
 
 class ClipScore(Metric):
     name, label, title = "clip_score", "CLIP score", "CLIP score (100 x cosine)"
+    numbers = ("clip_score", "clip_score_unfloored")
+    provenance = ("clip_score_scale", "clip")
 
     @staticmethod
     def wanted(cfg: EvalConfig) -> bool:
@@ -233,3 +244,17 @@ class ClipScore(Metric):
 
 # What every evaluation measures, in the order results, plots and the CLI show them.
 METRICS: tuple[type[Metric], ...] = (Fid, ClipScore)
+
+
+def summarise_all(metrics: list[Metric], rows: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """The numbers and the provenance fields of every metric of METRICS, each in table
+    order: `metrics` (the wanted ones) summarise their `rows`, the others write None."""
+    written = {}
+    for metric in metrics:
+        summary = metric.summarise(rows[metric.name])
+        if set(summary) != set(metric.fields):
+            raise ValueError(f"metric {metric.name} wrote {sorted(summary)}, not its declared fields "
+                             f"{sorted(metric.fields)}")
+        written.update(summary)
+    return ({f: written.get(f) for m in METRICS for f in m.numbers},
+            {f: written.get(f) for m in METRICS for f in m.provenance})
