@@ -119,6 +119,7 @@ def test_run_resumes_skips_and_reruns_what_changed(tmp_path, capsys):
     assert main(["status", str(tmp_path / "run")]) == 0
     table = capsys.readouterr().out
     assert "train        done" in table and "step 6/6" in table and "latest checkpoint:" in table
+    assert "masked_accuracy" in table and "samples_per_s" in table and "latest evaluation: step 6 FID" in table
     assert load_run_config(str(path)).train.optim.lr == 0.003
 
 
