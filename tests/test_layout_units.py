@@ -74,3 +74,18 @@ def test_the_readme_map_names_every_package_folder():
     assert packages <= named, f"packages missing from the README map: {sorted(packages - named)}"
     assert named <= packages | folders, f"the README map names folders that do not exist: {sorted(named - packages - folders)}"
     assert folders <= named, f"top-level folders missing from the map: {sorted(folders - named)}"
+
+
+def test_every_package_folder_is_installed_under_the_namespace():
+    # An editable install finds a new sub-package anyway; a wheel (a cluster image) only
+    # holds the packages pyproject lists, so a missing one would fail only there.
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    with open(ROOT / "pyproject.toml", "rb") as fh:
+        setuptools = tomllib.load(fh)["tool"]["setuptools"]
+    folders = {str(Path(p).parent) for p in _tracked("*/__init__.py") if not p.startswith("tests/")}
+    mapped = {name: folder for name, folder in setuptools["package-dir"].items()}
+    listed = set()
+    for package in setuptools["packages"]:
+        top = ".".join(package.split(".")[:2])
+        listed.add("/".join([mapped[top], *package.split(".")[2:]]))
+    assert listed == folders, f"pyproject packages vs package folders: {sorted(listed ^ folders)}"
