@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from amused.pipeline.fetch_guard import guarded_downloads
+from amused.pipeline.politeness import OPT_OUT_DIRECTIVES, Politeness
 from amused.pipeline.urls import AddressPolicy, normalize, parse_allow, parse_pins, sample_keys, scheme_allowed
 from amused.pipeline.wds import ShardFormatError, sort_shard
 from amused.plumbing.config import opt
@@ -94,13 +95,22 @@ class DownloadConfig:
     resolve: str = opt("", "HOST=ADDRESS,...: answer these host names with these addresses instead of DNS, like "
                            "curl --resolve (split DNS, tests); a pinned address is still judged by the URL policy, "
                            "only --allow-hosts exempts")
-    user_agent_token: str | None = opt(None, "token added to the User-Agent and matched in X-Robots-Tag")
+    user_agent_token: str | None = opt(None, "token added to the User-Agent and matched in robots.txt and "
+                                             "X-Robots-Tag")
+    contact_url: str = opt("", "http(s) or mailto: URL where site owners reach whoever runs this download; sent in "
+                               "the User-Agent")
+    domain_concurrency: int = opt(8, "requests in flight per domain, per download process")
+    domain_rate: float = opt(10.0, "requests started per second per domain, per download process (0: no cap)")
+    domain_breaker: int = opt(50, "consecutive failures or opt-out answers from one domain, per download process, "
+                                  "after which its remaining URLs are skipped (0: never)")
+    robots: bool = opt(True, "fetch each domain's robots.txt once per download process and skip what it disallows")
     retry_failed: bool = opt(False, "fetch the transient failures again and add the successes as new shards")
     max_attempts: int = opt(3, "attempts per sample, first download included, before a failure is final")
     distributor: str = opt("multiprocessing", "img2dataset distributor: multiprocessing or ray")
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "samples_per_shard", "processes", "threads", "timeout", "max_attempts"):
+        for name in ("image_size", "samples_per_shard", "processes", "threads", "timeout", "max_attempts",
+                     "domain_concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: {getattr(self, name)!r} must be >= 1")
         if not 1 <= self.encode_quality <= 100:
@@ -110,6 +120,13 @@ class DownloadConfig:
         if self.user_agent_token is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", self.user_agent_token):
             raise ValueError(f"user_agent_token: {self.user_agent_token!r}: letters, digits, '.', '_' and '-' only "
                              f"(it goes into the User-Agent header and is matched in X-Robots-Tag)")
+        if not self.domain_rate >= 0 or self.domain_rate == float("inf"):
+            raise ValueError(f"domain_rate: {self.domain_rate!r} must be a finite number >= 0 (0: no cap)")
+        if self.domain_breaker < 0:
+            raise ValueError(f"domain_breaker: {self.domain_breaker!r} must be >= 0 (0: never)")
+        if self.contact_url and not re.fullmatch(r"(https?://|mailto:)[!-~]+", self.contact_url):
+            raise ValueError(f"contact_url: {self.contact_url!r}: an http(s):// or mailto: URL without spaces or "
+                             f"control characters (it goes into the User-Agent header)")
         for name in ("input", "output"):
             if not getattr(self, name).strip():
                 raise ValueError(f"{name}: empty path")
@@ -124,6 +141,11 @@ class DownloadConfig:
 
     def policy(self) -> AddressPolicy:
         return AddressPolicy(self.allow())
+
+    def politeness(self) -> Politeness:
+        return Politeness(contact_url=self.contact_url, token=self.user_agent_token,
+                          concurrency=self.domain_concurrency, rate=self.domain_rate, breaker=self.domain_breaker,
+                          robots=self.robots)
 
 
 @dataclass
@@ -194,7 +216,7 @@ def run_img2dataset(url_list: str, output: str, extra: list[str], cfg: DownloadC
     # config import this module for DownloadConfig.
     from img2dataset import download as img2dataset_download
 
-    with guarded_downloads(cfg.allow(), cfg.pins()):
+    with guarded_downloads(cfg.allow(), cfg.pins(), cfg.politeness()):
         img2dataset_download(
             url_list=url_list, output_folder=output, input_format="parquet", output_format="webdataset",
             url_col="url", caption_col="caption", save_additional_columns=extra,
@@ -203,6 +225,7 @@ def run_img2dataset(url_list: str, output: str, extra: list[str], cfg: DownloadC
             processes_count=cfg.processes, thread_count=cfg.threads, timeout=cfg.timeout, retries=0,
             number_sample_per_shard=cfg.samples_per_shard, incremental_mode="incremental",
             distributor=cfg.distributor, enable_wandb=False, user_agent_token=cfg.user_agent_token,
+            disallowed_header_directives=list(OPT_OUT_DIRECTIVES),
         )
 
 

@@ -29,6 +29,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from functools import partial
 
+from amused.pipeline.politeness import Politeness
 from amused.pipeline.urls import AddressPolicy
 
 # host, port -> getaddrinfo-shaped entries (family, type, proto, canonname, sockaddr)
@@ -157,7 +158,8 @@ class GuardedDownloader:
 
 
 @contextlib.contextmanager
-def guarded_downloads(allow: tuple[str, ...], pins: dict[str, tuple[str, ...]]) -> Iterator[None]:
+def guarded_downloads(allow: tuple[str, ...], pins: dict[str, tuple[str, ...]],
+                      politeness: Politeness | None = None) -> Iterator[None]:
     """While open, every `img2dataset.download` in this process fetches through the guard,
     host names in `pins` resolved to their pinned addresses."""
     # img2dataset costs ~4 s to import and the CLI imports this module through download.py;
