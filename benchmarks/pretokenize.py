@@ -12,6 +12,17 @@ the first and the last), since actor start-up is a one-off cost at scale.
 
     python benchmarks/pretokenize.py                       # CPU: small counts
     python benchmarks/pretokenize.py --images 16384 --batch-size 256 --shards 32   # GPU
+
+--model-free times the data plane alone: the Ray job whose encoder actors run no model and
+return aMUSEd-256-shaped outputs (16 x 16 uint16 tokens taken from the pixels, 77 x 768 fp16
+hidden states and 768 pooled drawn from a fixed random bank), so what is timed is tar read,
+JPEG decode + crop, transfer and Parquet write. It runs the job twice, on the first third of
+the shards and on all of them, and reports marginal costs between the two (fixed start-up
+cancels): the driver's CPU seconds per 1,000 samples, the bytes the driver received per
+sample (as the job counts them, where it does), and the ceiling in samples/s per CPU core
+(samples over the CPU seconds of every process of the job: driver, Ray, workers).
+
+    python benchmarks/pretokenize.py --model-free --images 3000 --shards 12 --batch-size 64
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import multiprocessing as mp
 import os
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +44,16 @@ from amused.demo.datasets import write_shape_shards
 from amused.demo.tiny_models import clip_bpe_tokenizer
 from amused.pipeline import shards as fmt
 from amused.pipeline.images import decode_views
-from amused.pipeline.pretokenize import PretokenizeConfig, list_input_shards, pretokenize
+from amused.pipeline.pretokenize import (
+    ChunkEncoder,
+    PretokenizeConfig,
+    _pretokenize,
+    list_input_shards,
+    pretokenize,
+)
 from amused.pipeline.wds import BadSample, caption_of, iter_samples
 from amused.tokenizer.image import ImageTokenizer, build_vqgan
-from amused.tokenizer.text import TextEncoder, build_clip_text
+from amused.tokenizer.text import TextEmbeddings, TextEncoder, build_clip_text
 
 RES = 256
 
@@ -142,6 +160,84 @@ def ray_job(models: Path, src: Path, out: Path, batch: int, decode_cpus: float) 
     return report.rows_written / total, steady, report.rows_written
 
 
+class _NoImageModel:
+    def __init__(self, resolution: int):
+        self.stride = resolution // 16
+
+    def encode_with_mask(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        tokens = pixels[:, :: self.stride, :: self.stride, 0].astype(np.uint16) * 32
+        return tokens, np.ones(len(pixels), bool)
+
+
+class _NoTextModel:
+    def __init__(self):
+        # Random, not zeros: zstd would squeeze zeros to nothing and flatter the write.
+        self.bank = torch.from_numpy(np.random.default_rng(0).standard_normal((64, 77, 768)).astype(np.float16))
+
+    def encode(self, captions: list[str]) -> TextEmbeddings:
+        rows = [zlib.crc32(c.encode()) % len(self.bank) for c in captions]
+        hidden = self.bank[rows]
+        return TextEmbeddings(hidden_states=hidden, pooled=hidden[:, 0, :])
+
+
+class ModelFreeEncoder(ChunkEncoder):
+    """The job's encoder with aMUSEd-256-shaped outputs and no model behind them."""
+
+    def __init__(self, vqgan: str, text_encoder: str, resolution: int, device: str, dtype: str,
+                 threads: int | None):
+        self.resolution = resolution
+        self.image = _NoImageModel(resolution)
+        self.text = _NoTextModel()
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """(this process, this process + its reaped descendants: Ray's daemons and their workers)."""
+    t = os.times()
+    return t.user + t.system, t.user + t.system + t.children_user + t.children_system
+
+
+def model_free_run(models: Path, src: Path, out: Path, batch: int, decode_cpus: float) -> dict:
+    driver0, all0 = _cpu_seconds()
+    ray.init(include_dashboard=False, log_to_driver=False)
+    cfg = PretokenizeConfig(input=str(src), output=str(out), vqgan=str(models / "vqgan"), text_encoder=str(models),
+                            resolution=RES, batch_size=batch, decode_cpus=decode_cpus, progress=False)
+    start = time.perf_counter()
+    report = _pretokenize(cfg, ModelFreeEncoder)
+    wall = time.perf_counter() - start
+    driver = _cpu_seconds()[0] - driver0
+    ray.shutdown()  # its daemons are reaped here: their CPU time (and their workers') counts after it
+    assert report.ok, report.summary()
+    table = fmt.TokenDataset(str(out))
+    encoded = sum(table.read_shard(s.name).nbytes for s in table.shards)
+    return {"rows": report.rows_written, "wall": wall, "driver_cpu": driver, "all_cpu": _cpu_seconds()[1] - all0,
+            "driver_bytes": getattr(report, "driver_bytes", None), "encoded_bytes": encoded}
+
+
+def model_free(models: Path, work: Path, shards: int, batch: int, decode_cpus: float) -> None:
+    tars = sorted((work / "wds").glob("*.tar"))
+    subsets = {"warmup": tars[:1], "small": tars[: max(1, shards // 3)]}
+    for name, subset in subsets.items():
+        (work / name).mkdir(exist_ok=True)
+        for tar in subset:
+            (work / name / tar.name).unlink(missing_ok=True)
+            (work / name / tar.name).symlink_to(tar)
+    # The first job in a process pays one-off costs (imports, Ray Data's first plan) that would
+    # not cancel in the difference: a one-shard job first, not counted.
+    runs = [model_free_run(models, src, work / f"tokens-{src.name}", batch, decode_cpus)
+            for src in (work / "warmup", work / "small", work / "wds")][1:]
+    for r in runs:
+        per = f"{r['driver_bytes'] / r['rows']:.0f} B" if r["driver_bytes"] is not None else "not counted"
+        print(f"{r['rows']:6d} samples: {r['wall']:6.1f}s wall ({r['rows'] / r['wall']:.1f} samples/s), driver CPU "
+              f"{r['driver_cpu']:.2f}s, all processes' CPU {r['all_cpu']:.1f}s; driver received {per}/sample; "
+              f"encoded rows {r['encoded_bytes'] / r['rows'] / 1e3:.1f} KB/sample (Arrow)", flush=True)
+    (s, big) = runs
+    d_rows = big["rows"] - s["rows"]
+    print(f"marginal ({s['rows']} -> {big['rows']} samples): driver CPU "
+          f"{(big['driver_cpu'] - s['driver_cpu']) / d_rows * 1e3:.2f} s per 1,000 samples; data-plane ceiling "
+          f"{d_rows / (big['all_cpu'] - s['all_cpu']):.1f} samples/s per CPU core; "
+          f"wall {d_rows / (big['wall'] - s['wall']):.1f} samples/s on {os.cpu_count()} cores")
+
+
 def main() -> None:
     gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,6 +246,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256 if gpu else 8)
     p.add_argument("--decode-cpus", type=float, default=0.5)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--model-free", action="store_true", help="time the data plane alone (see above)")
     args = p.parse_args()
     device, dtype = ("cuda", "bf16") if gpu else ("cpu", "fp32")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-pretok-"))
@@ -157,6 +254,9 @@ def main() -> None:
     t = time.perf_counter()
     write_data(work / "wds", args.images, args.shards)
     print(f"data: {args.images} images in {args.shards} shards written in {time.perf_counter() - t:.1f}s", flush=True)
+    if args.model_free:
+        model_free(models, work, args.shards, args.batch_size, args.decode_cpus)
+        return
 
     a = bare_models(models, device, dtype, args.batch_size, n=max(args.batch_size * 4, args.images // 4))
     print(f"(a) bare models      {a:9.1f} images/s", flush=True)

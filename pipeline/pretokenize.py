@@ -437,6 +437,12 @@ def finalize_manifest(output: str, spec: fmt.DatasetSpec) -> fmt.Manifest:
 
 def pretokenize(cfg: PretokenizeConfig) -> PretokenizeReport:
     """Runs the job; shards already complete in `cfg.output` are skipped."""
+    return _pretokenize(cfg, ChunkEncoder)
+
+
+def _pretokenize(cfg: PretokenizeConfig, encoder: type) -> PretokenizeReport:
+    """The job with `encoder` as the actors' class: benchmarks/pretokenize.py passes a model-free
+    one to time the data plane alone."""
     started = time.monotonic()
     sources = list_input_shards(cfg.input)
     names = [fmt.shard_name(s) for s in sources]
@@ -452,14 +458,14 @@ def pretokenize(cfg: PretokenizeConfig) -> PretokenizeReport:
         report = PretokenizeReport(output=cfg.output, shards_total=len(sources),
                                    shards_already_done=len(sources) - len(pending))
         if pending:
-            _run(cfg, spec, plan, pending, report)
+            _run(cfg, spec, plan, pending, report, encoder)
     finalize_manifest(cfg.output, spec)
     report.seconds = time.monotonic() - started
     return report
 
 
 def _run(cfg: PretokenizeConfig, spec: fmt.DatasetSpec, plan: EncoderPlan, pending: list[str],
-         report: PretokenizeReport) -> None:
+         report: PretokenizeReport, encoder: type) -> None:
     import ray  # see _encoder_plan
 
     resources = {"num_gpus": 1} if plan.device == "cuda" else {"num_cpus": cfg.encoder_cpus}
@@ -470,7 +476,7 @@ def _run(cfg: PretokenizeConfig, spec: fmt.DatasetSpec, plan: EncoderPlan, pendi
         resolution=cfg.resolution, crop=cfg.crop, views=cfg.views, seed=cfg.seed, min_side=cfg.min_side,
         max_pixels=cfg.max_pixels))
     ds = ds.map_batches(
-        ChunkEncoder, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        encoder, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan.actors),
         fn_constructor_kwargs=dict(vqgan=cfg.vqgan, text_encoder=cfg.text_encoder, resolution=cfg.resolution,
                                    device=plan.device, dtype=plan.dtype, threads=plan.threads),
         **resources,
