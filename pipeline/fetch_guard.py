@@ -16,6 +16,11 @@ wraps that object so that, in the worker, each shard runs with an opener that
 
 A refusal is an error message that `pipeline.download.classify` turns into a permanent
 failure reason: `policy_url`, `policy_redirect` or `policy_address`.
+
+With a `Politeness`, the opener is also the polite client of `pipeline.politeness`: its
+User-Agent, per-domain caps, circuit breaker and robots.txt, its state kept per process
+for the run (`guarded_downloads` names each run), so it holds across the shards one
+process downloads.
 """
 
 from __future__ import annotations
@@ -26,17 +31,18 @@ import importlib
 import ipaddress
 import socket
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from functools import partial
 
-from amused.pipeline.politeness import Politeness
+from amused.pipeline.politeness import Courtesy, HeldResponse, NotSent, Politeness, courtesy_for
 from amused.pipeline.urls import AddressPolicy
 
 # host, port -> getaddrinfo-shaped entries (family, type, proto, canonname, sockaddr)
 Resolver = Callable[[str, int], list]
 
 
-class PolicyRefused(OSError):
+class PolicyRefused(NotSent):
     """A request the URL policy does not allow; its text names the URL or address."""
 
 
@@ -79,26 +85,36 @@ def _guarded(connection_class: type, connect) -> Callable[..., http.client.HTTPC
     def make(host, **kwargs):
         conn = connection_class(host, **kwargs)
         conn._create_connection = connect  # http.client's own seam for how it opens the socket
+        conn.response_class = HeldResponse  # tells the politeness state when its body is done
         return conn
     return make
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, connect):
+    def __init__(self, connect, courtesy: Courtesy | None):
         super().__init__()
         self._connection = _guarded(http.client.HTTPConnection, connect)
+        self._courtesy = courtesy
+
+    def _open(self, req):
+        return self.do_open(self._connection, req)
 
     def http_open(self, req):
-        return self.do_open(self._connection, req)
+        if self._courtesy is None:
+            return self._open(req)
+        return self._courtesy.open(req, self._open, self.parent)
 
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, connect):
+    def __init__(self, connect, courtesy: Courtesy | None):
         super().__init__()
         self._connection = _guarded(http.client.HTTPSConnection, connect)
+        self._courtesy = courtesy
 
-    def https_open(self, req):
+    def _open(self, req):
         return self.do_open(self._connection, req, context=self._context)
+
+    https_open = _HTTPHandler.http_open
 
 
 class _URLJudge(urllib.request.BaseHandler):
@@ -128,10 +144,12 @@ class _RedirectJudge(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def guarded_opener(policy: AddressPolicy, resolve: Resolver = system_resolver) -> urllib.request.OpenerDirector:
+def guarded_opener(policy: AddressPolicy, resolve: Resolver = system_resolver,
+                   courtesy: Courtesy | None = None) -> urllib.request.OpenerDirector:
     connect = partial(connect_judged, policy, resolve)
     opener = urllib.request.OpenerDirector()
-    for handler in (_URLJudge(policy), _HTTPHandler(connect), _HTTPSHandler(connect), _RedirectJudge(policy),
+    for handler in (_URLJudge(policy), _HTTPHandler(connect, courtesy), _HTTPSHandler(connect, courtesy),
+                    _RedirectJudge(policy),
                     urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor(),
                     urllib.request.UnknownHandler()):
         opener.add_handler(handler)
@@ -141,16 +159,28 @@ def guarded_opener(policy: AddressPolicy, resolve: Resolver = system_resolver) -
 class GuardedDownloader:
     """img2dataset's Downloader with the guarded opener installed around each shard, in
     whichever process runs it; the previous opener comes back afterwards (a Ray worker
-    runs other tasks too). It travels to the workers pickled, pins included."""
+    runs other tasks too). It travels to the workers pickled, pins, politeness and run
+    name included; `is_disallowed` is img2dataset's X-Robots-Tag rule."""
 
-    def __init__(self, downloader, allow: tuple[str, ...], pins: dict[str, tuple[str, ...]]):
+    def __init__(self, downloader, allow: tuple[str, ...], pins: dict[str, tuple[str, ...]],
+                 politeness: Politeness | None, run: str, is_disallowed: Callable):
         self.downloader = downloader
         self.allow = allow
         self.pins = pins
+        self.politeness = politeness
+        self.run = run
+        self.is_disallowed = is_disallowed
 
     def __call__(self, row):
+        courtesy = None
+        if self.politeness is not None:
+            d = self.downloader  # the opt-out verdict img2dataset will reach, with its own settings
+            opted_out = None if not d.disallowed_header_directives else partial(
+                self.is_disallowed, user_agent_token=d.user_agent_token,
+                disallowed_header_directives=d.disallowed_header_directives)
+            courtesy = courtesy_for(self.run, self.politeness, opted_out)
         previous = urllib.request._opener
-        urllib.request.install_opener(guarded_opener(AddressPolicy(self.allow), pinned_resolver(self.pins)))
+        urllib.request.install_opener(guarded_opener(AddressPolicy(self.allow), pinned_resolver(self.pins), courtesy))
         try:
             return self.downloader(row)
         finally:
@@ -161,13 +191,16 @@ class GuardedDownloader:
 def guarded_downloads(allow: tuple[str, ...], pins: dict[str, tuple[str, ...]],
                       politeness: Politeness | None = None) -> Iterator[None]:
     """While open, every `img2dataset.download` in this process fetches through the guard,
-    host names in `pins` resolved to their pinned addresses."""
+    host names in `pins` resolved to their pinned addresses, as a polite client if
+    `politeness` is given; each download run gets its own politeness state."""
     # img2dataset costs ~4 s to import and the CLI imports this module through download.py;
     # import_module because the package's `main` attribute is a function, not the module.
     main = importlib.import_module("img2dataset.main")
+    is_disallowed = importlib.import_module("img2dataset.downloader").is_disallowed
 
     original = main.Downloader
-    main.Downloader = lambda **kwargs: GuardedDownloader(original(**kwargs), allow, pins)
+    main.Downloader = lambda **kwargs: GuardedDownloader(original(**kwargs), allow, pins, politeness,
+                                                         uuid.uuid4().hex, is_disallowed)
     try:
         yield
     finally:

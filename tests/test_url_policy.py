@@ -142,7 +142,7 @@ def test_download_config_checks_at_construction(field, value, message):
 # ----- servers -----------------------------------------------------------------------------
 
 class Handler(BaseHTTPRequestHandler):
-    """/img/N.jpg an image, /error/N.jpg a 500, /to/<url> a 302 to <url>."""
+    """/img/N.jpg an image, /error/N.jpg a 500, /to/<url> a 302 to <url>, no robots.txt (404)."""
 
     hits: Counter = Counter()  # (server address, path) -> requests
 
@@ -156,6 +156,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Location", self.path[len("/to/"):])
             self.send_header("Content-Length", "0")
             self.end_headers()
+            return
+        if self.path == "/robots.txt":
+            self.send_error(404)
             return
         kind, name = self.path.strip("/").split("/", 1)
         body = jpeg(int(name.split(".")[0])) if kind == "img" else b"boom"
