@@ -8,13 +8,24 @@ reader -> policy -> img2dataset -> summary:
   becomes shard i (`number_sample_per_shard` covers a whole file).
 - img2dataset runs in its incremental mode: a shard counts as done once its
   `NNNNN_stats.json` exists, so a rerun fetches only the missing shards.
+- Work per input file and per shard runs as tasks where img2dataset runs: Ray tasks
+  spread over the cluster's nodes (`--distributor ray`) or a pool of local processes
+  (`multiprocessing`). The driver sees only small results.
 - img2dataset writes a shard's samples in the order their downloads finish, which
-  differs between runs with several threads; every finished shard is then rewritten once
-  in key order, so two clean downloads of the same input give the same shards.
+  differs between runs with several threads; a task rewrites every finished shard once
+  in key order (so two clean downloads of the same input give the same shards), writes
+  its transient failures to `_amused/pending/NNNNN.parquet` and then its record,
+  `_amused/records/NNNNN.json` (counts by outcome, pending samples by attempts, the
+  node that wrote it): the shard's marker. The summary merges the records; each run
+  leaves them all in one object, `_amused/records.parquet`, so a rerun reads one object
+  instead of one per shard.
 - `retry_failed` gathers the samples whose last attempt failed transiently (timeout,
-  DNS, connection, 429, 5xx), downloads them into a staging folder and moves the
-  finished shards in under new numbers after the existing ones (tar and metadata
-  first, the stats file last), never touching a finished shard.
+  DNS, connection, 429, 5xx) from the pending files, by tasks that pack consecutive
+  shards' samples into input files of at most one shard each, downloads them into a
+  staging folder, and tasks move the finished shards in under new numbers after the
+  existing ones (tar and metadata first, the stats file last), never touching a finished
+  shard. A retried shard's record names the earlier failures its attempts supersede, so
+  each sample counts once, in its last attempt.
 - Every request img2dataset makes, first run or retry, goes through `pipeline.fetch_guard`
   with this run's policy: the URL, every redirect hop and every resolved address are
   judged before connecting (`resolve` pins names to addresses without DNS; a pinned
@@ -24,11 +35,21 @@ reader -> policy -> img2dataset -> summary:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
+import json
+import math
+import multiprocessing
 import os
 import re
+import socket
+import sys
 import tarfile
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +63,7 @@ from amused.pipeline.urls import AddressPolicy, normalize, parse_allow, parse_pi
 from amused.pipeline.wds import ShardFormatError, sort_shard
 from amused.plumbing.config import opt
 from amused.plumbing.fsio import atomic_writer, exists, list_files, parquet_columns, read_json, write_json_atomic
+from amused.plumbing.raysession import ray_session
 from amused.plumbing.storage import join, url_to_fs
 
 STATE = "_amused"
@@ -106,7 +128,10 @@ class DownloadConfig:
     robots: bool = opt(True, "fetch each domain's robots.txt once per download process and skip what it disallows")
     retry_failed: bool = opt(False, "fetch the transient failures again and add the successes as new shards")
     max_attempts: int = opt(3, "attempts per sample, first download included, before a failure is final")
-    distributor: str = opt("multiprocessing", "img2dataset distributor: multiprocessing or ray")
+    distributor: str = opt("multiprocessing", "img2dataset distributor, and where the per-shard work runs: "
+                                              "multiprocessing (local processes) or ray (tasks on the cluster)")
+    ray_address: str | None = opt(None, "Ray cluster address with distributor ray (default: the running or a "
+                                        "local Ray)", output=False)
 
     def __post_init__(self) -> None:
         for name in ("image_size", "samples_per_shard", "processes", "threads", "timeout", "max_attempts",
@@ -208,6 +233,15 @@ def prepare_input(source: str, dest: str, policy: AddressPolicy) -> dict:
     return counts
 
 
+def prepare_task(source: str, dest: str, allow: tuple[str, ...]) -> dict:
+    """prepare_input as a task: the refusals, and the rows and columns of the checked copy
+    (from its footer), so that the driver never opens an input file."""
+    rejected = prepare_input(source, dest, AddressPolicy(allow))
+    fs, path = url_to_fs(dest)
+    meta = pq.ParquetFile(path, filesystem=fs).metadata
+    return {"rejected": rejected, "rows": meta.num_rows, "columns": meta.schema.to_arrow_schema().names}
+
+
 # ----- worker: img2dataset -----------------------------------------------------------------
 
 def run_img2dataset(url_list: str, output: str, extra: list[str], cfg: DownloadConfig) -> None:
@@ -229,161 +263,382 @@ def run_img2dataset(url_list: str, output: str, extra: list[str], cfg: DownloadC
         )
 
 
-# ----- writer side: what is on disk --------------------------------------------------------
+# ----- tasks: where per-file and per-shard work runs ---------------------------------------
+
+_IN_FLIGHT = 1_000  # tasks handed out ahead of their results: 230,000 shards are not all queued at once
+
+
+class Tasks:
+    """fn(**kwargs) per call, as Ray tasks spread over the cluster's nodes (distributor ray)
+    or in one pool of `processes` local processes (multiprocessing), results in completion
+    order. A task's exception ends the job, the same exception either way; every task is
+    idempotent (its marker is written last), so Ray may rerun one whose node died."""
+
+    def __init__(self, cfg: DownloadConfig):
+        self.cfg = cfg
+        self.pool: ProcessPoolExecutor | None = None
+
+    def map(self, fn: Callable[..., dict], calls: list[dict]) -> Iterator[dict]:
+        if not calls:
+            return
+        if self.cfg.distributor == "ray":
+            yield from self._ray(fn, calls)
+            return
+        if self.pool is None:  # spawn, like img2dataset: forking a process that runs threads is unsafe
+            self.pool = ProcessPoolExecutor(self.cfg.processes, mp_context=multiprocessing.get_context("spawn"))
+        todo = iter(calls)
+        pending = {self.pool.submit(fn, **kw) for kw in itertools.islice(todo, _IN_FLIGHT)}
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                pending |= {self.pool.submit(fn, **kw) for kw in itertools.islice(todo, len(done))}
+                for future in done:
+                    yield future.result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+    @staticmethod
+    def _ray(fn: Callable[..., dict], calls: list[dict]) -> Iterator[dict]:
+        import ray  # 1.2-1.7 s to import; only the ray distributor needs it
+
+        task = ray.remote(_call).options(num_cpus=1, scheduling_strategy="SPREAD")
+        todo = iter(calls)
+        pending = [task.remote(fn, kw) for kw in itertools.islice(todo, _IN_FLIGHT)]
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                pending += [task.remote(fn, kw) for kw in itertools.islice(todo, 1)]
+                yield ray.get(done[0])
+        finally:
+            for ref in pending:
+                ray.cancel(ref)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+def _call(fn: Callable[..., dict], kwargs: dict) -> dict:
+    return fn(**kwargs)
+
+
+def _node_name() -> str:
+    """The Ray node id inside a Ray task, else the host name: a record names who wrote it."""
+    ray = sys.modules.get("ray")  # a Ray worker has it imported; importing it here would cost 1.2-1.7 s
+    if ray is not None and ray.is_initialized():
+        return ray.get_runtime_context().get_node_id()
+    return socket.gethostname()
+
+
+# ----- per shard: sorted tar, record, retry candidates --------------------------------------
+
+SHARD_FILES = (".tar", ".parquet", "_stats.json")  # img2dataset's stats file, its marker, last
+
 
 def _shard_ids(output: str) -> list[int]:
     return sorted(int(u.rsplit("/", 1)[-1].split("_")[0]) for u in list_files(output, "_stats.json", required=False))
 
 
-def _attempts(output: str, extra: list[str] = ()) -> pa.Table:
-    """Every recorded attempt of the finished shards: key, status, error, shard (+ `extra`)."""
-    fs, _ = url_to_fs(output)
-    columns = ["sample_key", "status", "error_message", *extra]
-    tables = []
-    for shard in _shard_ids(output):
-        path = url_to_fs(join(output, f"{shard:05d}.parquet"))[1]
-        t = pq.read_table(path, filesystem=fs, columns=columns)
-        tables.append(t.append_column("shard", pa.array([shard] * len(t), pa.int32())))
-    if not tables:
-        return pa.table({c: pa.array([], pa.string()) for c in columns}).append_column(
-            "shard", pa.array([], pa.int32()))
-    return pa.concat_tables(tables, promote_options="permissive")
+def record_url(output: str, shard: int) -> str:
+    return join(output, STATE, "records", f"{shard:05d}.json")
 
 
-def final_states(attempts: pa.Table) -> pa.Table:
-    """One row per sample key: its last attempt, with `attempts`, `reason` and `kind`.
+def pending_url(output: str, shard: int) -> str:
+    return join(output, STATE, "pending", f"{shard:05d}.parquet")
 
-    A sample is retried only while it has never succeeded, so its last attempt tells
-    whether it ever did.
-    """
-    t = attempts.sort_by([("sample_key", "ascending"), ("shard", "ascending")])
-    keys = t.column("sample_key").to_numpy(zero_copy_only=False)
-    last = np.ones(len(keys), dtype=bool)
-    last[:-1] = keys[1:] != keys[:-1]
-    ends = np.flatnonzero(last)
-    final = t.filter(pa.array(last)).append_column("attempts", pa.array(np.diff(ends, prepend=-1)))
-    messages = pc.fill_null(final.column("error_message"), "")
+
+def _reasons(status: pa.Array, messages: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """(reason, kind) per attempt; 'success' for both when it succeeded. Classifies each
+    distinct message once (a shard repeats a few messages many times)."""
+    messages = pc.fill_null(messages.cast(pa.string()), "")
     distinct = pc.unique(messages)
     labels = [classify(m) for m in distinct.to_pylist()]
     where = pc.index_in(messages, distinct)
-    success = pc.equal(final.column("status"), "success")
-    reason = pc.if_else(success, "success", pa.array([r for r, _ in labels], pa.string()).take(where))
-    kind = pc.if_else(success, "success", pa.array([k for _, k in labels], pa.string()).take(where))
-    return final.append_column("reason", reason).append_column("kind", kind)
+    success = pc.equal(status, "success")
+    return (pc.if_else(success, "success", pa.array([r for r, _ in labels], pa.string()).take(where)),
+            pc.if_else(success, "success", pa.array([k for _, k in labels], pa.string()).take(where)))
 
 
-def summarize(output: str, policy_rejected: dict) -> DownloadSummary:
-    summary = DownloadSummary(output=output, policy_rejected=policy_rejected)
-    for shard in _shard_ids(output):
-        summary.shards += 1
-        summary.seconds += read_json(join(output, f"{shard:05d}_stats.json"))["duration"]
-    final = final_states(_attempts(output))
-    summary.samples = final.num_rows
-    for row in final.group_by(["reason", "kind"]).aggregate([("sample_key", "count")]).to_pylist():
-        if row["reason"] == "success":
-            summary.successes = row["sample_key_count"]
+def _counts(values: pa.Array) -> dict:
+    return {str(v): int(n) for v, n in zip(*(pc.value_counts(values).flatten())) if v is not None}
+
+
+def finish_shard(output: str, shard: int, extra: list[str], origin: dict | None) -> dict:
+    """A finished shard's work after img2dataset, in the task that runs it: its tar
+    rewritten in key order (temp name, then rename), its transient failures written to
+    `_amused/pending/`, then its record under `_amused/records/` (the marker, last), which
+    this returns. `origin` names the retry round and group of a retried shard: its input
+    holds each sample's earlier attempts and failure reason, which this shard's attempt
+    supersedes. A damaged tar is left as it is and gets no record; the result then names
+    it and the files whose deletion makes a rerun fetch it again: img2dataset's
+    incremental mode redoes an input file's shard whose stats file is missing; the samples
+    of a retry round's shard go back to their earlier failure, which `--retry-failed`
+    retries."""
+    marker = record_url(output, shard)
+    if exists(marker):
+        return read_json(marker)
+    started = time.monotonic()
+    fs, _ = url_to_fs(output)
+    name = join(output, f"{shard:05d}")
+    try:
+        with fs.open(url_to_fs(name + ".tar")[1], "rb") as src, atomic_writer(name + ".tar") as dst:
+            members = sort_shard(src, dst)
+    except tarfile.TarError as exc:
+        files = " ".join(name + suffix for suffix in SHARD_FILES)
+        return {"shard": shard, "damaged": f"{name}.tar: {exc} (to fetch it again, delete {files} and rerun amused "
+                                           f"download{' --retry-failed' if origin else ''})"}
+    table = pq.read_table(url_to_fs(name + ".parquet")[1], filesystem=fs,
+                          columns=["key", "status", "error_message", "url", "caption", *extra])
+    supersedes: dict = {}
+    attempts = pa.array(np.ones(table.num_rows, np.int64))
+    if origin:
+        tried = pq.read_table(url_to_fs(_group_url(output, origin["plan"], origin["group"]))[1], filesystem=fs,
+                              columns=["attempts", "reason"])
+        # img2dataset's key is the shard number, then the row's index in its input file
+        # (as many digits as samples_per_shard - 1 has): that row holds the earlier attempts.
+        digits = math.ceil(math.log10(origin["samples_per_shard"]))
+        rows = pa.array([int(k) % 10 ** digits for k in table.column("key").to_pylist()], pa.int64())
+        earlier = tried.take(rows)
+        attempts = pc.add(earlier.column("attempts"), 1)
+        supersedes = _counts(earlier.column("reason"))
+    reason, kind = _reasons(table.column("status"), table.column("error_message"))
+    transient = pc.equal(kind, "transient")
+    retry = table.select(["url", "caption", *extra]).append_column("attempts", attempts) \
+        .append_column("reason", reason).filter(transient)
+    if retry.num_rows:
+        with atomic_writer(pending_url(output, shard)) as fh:
+            pq.write_table(retry, fh)
+    outcomes = _counts(reason)
+    record = {"shard": shard, "round": int(origin["plan"].split("-")[1]) + 1 if origin else 0,
+              "origin": origin, "members": members, "samples": table.num_rows,
+              "successes": outcomes.pop("success", 0), "failures": outcomes,
+              "pending": _counts(retry.column("attempts")), "supersedes": supersedes,
+              "duration": read_json(name + "_stats.json")["duration"],
+              "node": _node_name(), "seconds": round(time.monotonic() - started, 3)}
+    write_json_atomic(marker, record)
+    return record
+
+
+def land_shard(output: str, staged: str, shard: int, extra: list[str], origin: dict) -> dict:
+    """A retry round's finished shard moved from its staging folder to shard number `shard`
+    (tar and metadata first, the stats file last), then finished there. The staging stats
+    file is copied, not moved: it stays img2dataset's marker there, so a round resumed
+    after a crash does not fetch its landed shards again."""
+    fs, _ = url_to_fs(output)
+    target = join(output, f"{shard:05d}")
+    if not exists(target + "_stats.json"):
+        for suffix in SHARD_FILES[:-1]:
+            if exists(staged + suffix):
+                fs.mv(url_to_fs(staged + suffix)[1], url_to_fs(target + suffix)[1])
+        fs.copy(url_to_fs(staged + "_stats.json")[1], url_to_fs(target + "_stats.json")[1])
+    return finish_shard(output, shard, extra, origin)
+
+
+def write_group(output: str, dest: str, sources: list[list[int]], below: int, extra: list[str]) -> dict:
+    """One retry input file: each source shard's pending samples with at least its `lo`
+    and fewer than `below` attempts ([shard, lo] pairs), in source order."""
+    fs, _ = url_to_fs(output)
+    tables = []
+    for shard, lo in sources:
+        t = pq.read_table(url_to_fs(pending_url(output, shard))[1], filesystem=fs,
+                          columns=["url", "caption", *extra, "attempts", "reason"])
+        a = t.column("attempts")
+        tables.append(t.filter(pc.and_(pc.greater_equal(a, lo), pc.less(a, below))))
+    table = pa.concat_tables(tables)
+    with atomic_writer(dest) as fh:
+        pq.write_table(table, fh)
+    return {"rows": table.num_rows}
+
+
+# ----- driver: merging records ---------------------------------------------------------------
+
+CACHE = "records.parquet"  # every record known at the end of a run, in one object
+
+
+def _plans(output: str) -> list[tuple[str, dict]]:
+    """(name, plan) of every retry round, oldest first."""
+    return [(u.rsplit("/", 2)[-2], read_json(u))
+            for u in list_files(join(output, STATE, "retry-*", "plan.json"), ".json", required=False)]
+
+
+def _group_url(output: str, plan: str, group: int) -> str:
+    return join(output, STATE, plan, "input", f"{group:05d}.parquet")
+
+
+def _origin(shard: int, plans: list[tuple[str, dict]]) -> dict | None:
+    """The retry round and group whose shard `shard` is (the newest round's, should a
+    number be reused after a damaged shard was deleted), or None for an input file's."""
+    for name, plan in reversed(plans):
+        group = shard - plan["first_shard"]
+        if 0 <= group < len(plan["groups"]):
+            return {"plan": name, "group": group, "samples_per_shard": plan["samples_per_shard"]}
+    return None
+
+
+def _read_cache(output: str) -> dict[int, dict]:
+    url = join(output, STATE, CACHE)
+    if not exists(url):
+        return {}
+    fs, path = url_to_fs(url)
+    t = pq.read_table(path, filesystem=fs)
+    return dict(zip(t.column("shard").to_pylist(), map(json.loads, t.column("record").to_pylist())))
+
+
+def shard_records(cfg: DownloadConfig, extra: list[str], tasks: Tasks, known: dict[int, dict] | None = None
+                  ) -> dict[int, dict]:
+    """The record of every finished shard, finishing (as tasks) those without one.
+
+    One listing of the output and one of `_amused/records/`, then the records from `known`
+    or the one-object cache `_amused/records.parquet` that each run leaves: a rerun over
+    230,000 finished shards reads one object, not 230,000. Only a record whose file is
+    listed counts, so deleting a record makes its shard be finished again. A damaged shard
+    raises, after every intact one is finished and cached."""
+    shards = _shard_ids(cfg.output)
+    listed = {int(u.rsplit("/", 1)[-1].removesuffix(".json"))
+              for u in list_files(join(cfg.output, STATE, "records"), ".json", required=False)}
+    cached = _read_cache(cfg.output) if known is None else known
+    records = {s: cached[s] for s in shards if s in listed and s in cached}
+    plans = _plans(cfg.output)
+    calls = [{"output": cfg.output, "shard": s, "extra": extra, "origin": _origin(s, plans)}
+             for s in shards if s not in records]
+    damaged = {}
+    for result in tasks.map(finish_shard, calls):
+        if "damaged" in result:
+            damaged[result["shard"]] = result["damaged"]
         else:
-            summary.failures[row["reason"]] = row["sample_key_count"]
-            if row["kind"] == "transient":
-                summary.transient_pending += row["sample_key_count"]
+            records[result["shard"]] = result
+    records = dict(sorted(records.items()))
+    if records != cached:
+        with atomic_writer(join(cfg.output, STATE, CACHE)) as fh:
+            pq.write_table(pa.table({"shard": pa.array(list(records), pa.int32()),
+                                     "record": [json.dumps(r, sort_keys=True) for r in records.values()]}), fh)
+    if damaged:
+        raise ShardFormatError(f"{len(damaged)} damaged finished shard(s) left as they are, the others sorted: "
+                               + "; ".join(damaged[s] for s in sorted(damaged)))
+    return records
+
+
+def merge(output: str, records: dict[int, dict], policy_rejected: dict) -> DownloadSummary:
+    """The summary from the shards' records: each sample counted once, in its last attempt
+    (a retried shard's record names the earlier failures its attempts supersede)."""
+    kinds = dict((name, kind) for name, kind, _ in _REASONS)
+    summary = DownloadSummary(output=output, policy_rejected=policy_rejected)
+    failures: Counter = Counter()
+    for shard in sorted(records):
+        r = records[shard]
+        summary.shards += 1
+        summary.seconds += r["duration"]
+        summary.samples += r["samples"] - sum(r["supersedes"].values())
+        summary.successes += r["successes"]
+        failures.update(r["failures"])
+        failures.subtract(r["supersedes"])
+    summary.failures = {reason: n for reason, n in failures.items() if n}
+    summary.transient_pending = sum(n for reason, n in summary.failures.items()
+                                    if kinds.get(reason) == "transient")
     return summary
 
 
 # ----- retries -----------------------------------------------------------------------------
 
-def _retry_round(cfg: DownloadConfig, extra: list[str]) -> int:
-    """One retry round (or the unfinished one a crash left); returns how many samples it tried."""
-    fs, _ = url_to_fs(cfg.output)
-    plans = list_files(join(cfg.output, STATE, "retry-*", "plan.json"), ".json", required=False)
-    unfinished = [p for p in plans if not exists(p.replace("plan.json", "done.json"))]
+def retry_groups(records: dict[int, dict], plans: list[tuple[str, dict]], below: int, per_shard: int
+                 ) -> list[list[list[int]]]:
+    """The next round's input files, as [[source shard, lo], ...] per file: consecutive
+    shards whose pending samples (at least lo, fewer than `below` attempts) fit one shard.
+    A shard's pending samples with fewer attempts than an earlier round's limit were taken
+    by that round, if the round's shard holding them landed (has its record)."""
+    taken: dict[int, int] = {}
+    for name, plan in plans:
+        for group, sources in enumerate(plan["groups"]):
+            landed = records.get(plan["first_shard"] + group)
+            if landed and landed["origin"] and (landed["origin"]["plan"], landed["origin"]["group"]) == (name, group):
+                for shard, _ in sources:
+                    taken[shard] = max(taken.get(shard, 0), plan["below"])
+    groups: list[list[list[int]]] = []
+    room = 0
+    for shard, record in records.items():
+        lo = taken.get(shard, 0)
+        n = sum(count for attempts, count in record["pending"].items() if lo <= int(attempts) < below)
+        if not n:
+            continue
+        if n > room:
+            groups.append([])
+            room = per_shard
+        groups[-1].append([shard, lo])
+        room -= n
+    return groups
+
+
+def _retry_round(cfg: DownloadConfig, extra: list[str], records: dict[int, dict], tasks: Tasks
+                 ) -> tuple[int, dict[int, dict]]:
+    """One retry round (or the unfinished one a crash left): (samples it tried, records of
+    the shards it landed). Its plan is written after its input files, its done.json after
+    its shards landed."""
+    plans = _plans(cfg.output)
+    unfinished = [(n, p) for n, p in plans if not exists(join(cfg.output, STATE, n, "done.json"))]
     if unfinished:
-        plan_url = unfinished[0]
-        plan = read_json(plan_url)
+        name, plan = unfinished[0]
     else:
-        final = final_states(_attempts(cfg.output, ["url", "caption", *(c for c in extra if c != "sample_key")]))
-        retry = final.filter(pc.and_(pc.equal(final.column("kind"), "transient"),
-                                     pc.less(final.column("attempts"), cfg.max_attempts)))
-        if not retry.num_rows:
-            return 0
-        base = join(cfg.output, STATE, f"retry-{len(plans):03d}")
-        with atomic_writer(join(base, "input", "00000.parquet")) as fh:
-            pq.write_table(retry.select(["url", "caption", *extra]), fh)
-        plan_url = join(base, "plan.json")
-        plan = {"first_shard": max(_shard_ids(cfg.output), default=-1) + 1, "samples": retry.num_rows}
-        write_json_atomic(plan_url, plan)
-    base = plan_url.rsplit("/", 1)[0]
+        groups = retry_groups(records, plans, cfg.max_attempts, cfg.samples_per_shard)
+        if not groups:
+            return 0, {}
+        name = f"retry-{len(plans):03d}"
+        fs, inputs = url_to_fs(join(cfg.output, STATE, name, "input"))
+        if fs.exists(inputs):  # a crash before the plan: its input files may not be this plan's
+            fs.rm(inputs, recursive=True)
+        calls = [{"output": cfg.output, "dest": _group_url(cfg.output, name, g), "sources": sources,
+                  "below": cfg.max_attempts, "extra": extra} for g, sources in enumerate(groups)]
+        rows = sum(r["rows"] for r in tasks.map(write_group, calls))
+        plan = {"first_shard": max(records, default=-1) + 1, "groups": groups, "below": cfg.max_attempts,
+                "samples_per_shard": cfg.samples_per_shard, "samples": rows}
+        write_json_atomic(join(cfg.output, STATE, name, "plan.json"), plan)
+    base = join(cfg.output, STATE, name)
     staging = join(base, "out")
     run_img2dataset(join(base, "input"), staging, extra, cfg)
-    for shard in _shard_ids(staging):
-        target = plan["first_shard"] + shard
-        if exists(join(cfg.output, f"{target:05d}_stats.json")):
-            continue
-        for suffix in (".tar", ".parquet", "_stats.json"):  # the stats file, img2dataset's marker, last
-            fs.mv(url_to_fs(join(staging, f"{shard:05d}{suffix}"))[1],
-                  url_to_fs(join(cfg.output, f"{target:05d}{suffix}"))[1])
-    write_json_atomic(join(base, "done.json"), {"moved_to": plan["first_shard"]})
-    return plan["samples"]
-
-
-def _sort_shards(output: str) -> None:
-    """Rewrites each finished shard's tar in key order (temp name, then rename); a marker
-    under `_amused/sorted/` written after it lets a rerun skip it. A damaged tar is left
-    as it is, for a person to look at; every intact shard is still sorted, then one error
-    names each damaged shard and the files whose deletion makes a rerun fetch it again:
-    img2dataset's incremental mode redoes an input file's shard whose stats file is
-    missing; the samples of a retry round's shard go back to their earlier failure, which
-    `--retry-failed` retries."""
-    fs, _ = url_to_fs(output)
-    plans = list_files(join(output, STATE, "retry-*", "plan.json"), ".json", required=False)
-    first_retried = min((read_json(p)["first_shard"] for p in plans), default=None)
-    damaged = []
-    for shard in _shard_ids(output):
-        marker = join(output, STATE, "sorted", f"{shard:05d}.json")
-        if exists(marker):
-            continue
-        url = join(output, f"{shard:05d}.tar")
-        try:
-            with fs.open(url_to_fs(url)[1], "rb") as src, atomic_writer(url) as dst:
-                members = sort_shard(src, dst)
-        except tarfile.TarError as exc:
-            files = " ".join(join(output, f"{shard:05d}{suffix}") for suffix in (".tar", ".parquet", "_stats.json"))
-            retried = first_retried is not None and shard >= first_retried
-            damaged.append(f"{url}: {exc} (to fetch it again, delete {files} and rerun amused download"
-                           f"{' --retry-failed' if retried else ''})")
-        else:
-            write_json_atomic(marker, {"members": members})
-    if damaged:
-        raise ShardFormatError(f"{len(damaged)} damaged finished shard(s) left as they are, the others sorted: "
-                               + "; ".join(damaged))
+    calls = [{"output": cfg.output, "staged": join(staging, f"{g:05d}"), "shard": plan["first_shard"] + g,
+              "extra": extra, "origin": {"plan": name, "group": g, "samples_per_shard": plan["samples_per_shard"]}}
+             for g in _shard_ids(staging)]
+    landed = {r["shard"]: r for r in tasks.map(land_shard, calls) if "damaged" not in r}
+    write_json_atomic(join(base, "done.json"), {"landed": sorted(landed)})
+    return plan["samples"], landed
 
 
 # ----- the stage ---------------------------------------------------------------------------
 
 def download(cfg: DownloadConfig) -> DownloadSummary:
     """Downloads what is missing (and with `retry_failed`, what failed transiently)."""
+    with ray_session(cfg.ray_address) if cfg.distributor == "ray" else contextlib.nullcontext():
+        tasks = Tasks(cfg)
+        try:
+            return _download(cfg, tasks)
+        finally:
+            tasks.close()
+
+
+def _download(cfg: DownloadConfig, tasks: Tasks) -> DownloadSummary:
     files = list_files(cfg.input, ".parquet")
-    policy = cfg.policy()
     checked = join(cfg.output, STATE, "input")
-    rejected: dict[str, int] = {}
-    extra = None
-    for i, source in enumerate(files):
-        counts = prepare_input(source, join(checked, f"{i:05d}.parquet"), policy)
-        for rule, n in counts.items():
-            rejected[rule] = rejected.get(rule, 0) + n
-        names = parquet_columns(join(checked, f"{i:05d}.parquet"))
-        extra = [c for c in EXTRA_COLUMNS if c in names] if extra is None else [c for c in extra if c in names]
-    largest = max(pq.ParquetFile(url_to_fs(u)[1], filesystem=url_to_fs(u)[0]).metadata.num_rows
-                  for u in list_files(checked, ".parquet"))
+    rejected: Counter = Counter()
+    extra = list(EXTRA_COLUMNS)
+    largest = 0
+    calls = [{"source": source, "dest": join(checked, f"{i:05d}.parquet"), "allow": cfg.allow()}
+             for i, source in enumerate(files)]
+    for result in tasks.map(prepare_task, calls):
+        rejected.update(result["rejected"])
+        extra = [c for c in extra if c in result["columns"]]
+        largest = max(largest, result["rows"])
     if largest > cfg.samples_per_shard:
         raise ValueError(f"an input file has {largest} rows > samples_per_shard {cfg.samples_per_shard}; "
                          f"raise it, or filter with --rows-per-shard {cfg.samples_per_shard}")
     started = time.monotonic()
     run_img2dataset(checked, cfg.output, extra, cfg)
-    if cfg.retry_failed:
-        while _retry_round(cfg, extra):
-            pass
-    _sort_shards(cfg.output)
-    summary = summarize(cfg.output, rejected)
+    records = shard_records(cfg, extra, tasks)
+    while cfg.retry_failed:
+        tried, landed = _retry_round(cfg, extra, records, tasks)
+        if not tried:
+            break
+        records = shard_records(cfg, extra, tasks, {**records, **landed})
+    summary = merge(cfg.output, records, dict(rejected))
     write_json_atomic(join(cfg.output, STATE, SUMMARY),
                       {**dataclasses.asdict(summary), "wall_seconds": time.monotonic() - started})
     return summary

@@ -1,24 +1,27 @@
 """`amused download` against an HTTP server on 127.0.0.1 that serves images and failures."""
 
 import dataclasses
+import json
 import os
 import re
+import socket
 import tarfile
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from amused.pipeline.download import DownloadConfig, _sort_shards, classify, download
+from amused.pipeline.download import DownloadConfig, Tasks, classify, download, merge, record_url, shard_records
 from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
 from amused.pipeline.shards import TokenDataset
 from amused.pipeline.wds import ShardFormatError, iter_samples, metadata_of, tar_bytes
-from amused.plumbing.fsio import list_files
+from amused.plumbing.fsio import list_files, read_json
 from tests.samples import jpeg
 
 
@@ -41,6 +44,8 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
     def do_GET(self):
+        if self.path == "/robots.txt":  # no robots.txt: everything allowed (not counted as a hit)
+            return self._send(404, b"", "text/plain")
         kind, name = self.path.strip("/").split("/", 1)
         Handler.hits[self.path] += 1
         n = int(name.split(".")[0])
@@ -94,6 +99,33 @@ def write_input(folder, base: str) -> str:
     return str(folder)
 
 
+def final_states(output: str) -> dict:
+    """The test oracle: every attempt of every finished shard read into one table, one row
+    per sample key (its attempt in the highest shard, the last), counted by outcome."""
+    tables = []
+    for stats in list_files(output, "_stats.json"):
+        shard = int(stats.rsplit("/", 1)[-1][:5])
+        t = pq.read_table(f"{output}/{shard:05d}.parquet", columns=["sample_key", "status", "error_message"])
+        tables.append(t.append_column("shard", pa.array([shard] * t.num_rows, pa.int32())))
+    t = pa.concat_tables(tables).sort_by([("sample_key", "ascending"), ("shard", "ascending")])
+    keys = t.column("sample_key").to_numpy(zero_copy_only=False)
+    last = np.ones(len(keys), dtype=bool)
+    last[:-1] = keys[1:] != keys[:-1]
+    final = t.filter(pa.array(last))
+    outcomes, transient = Counter(), 0
+    for status, message in zip(final.column("status").to_pylist(), final.column("error_message").to_pylist()):
+        reason, kind = ("success", "success") if status == "success" else classify(message)
+        outcomes[reason] += 1
+        transient += kind == "transient"
+    return {"samples": final.num_rows, "successes": outcomes.pop("success", 0), "failures": dict(outcomes),
+            "transient_pending": transient}
+
+
+def counted(summary) -> dict:
+    return {"samples": summary.samples, "successes": summary.successes, "failures": summary.failures,
+            "transient_pending": summary.transient_pending}
+
+
 def test_classify_failures():
     assert classify("HTTP Error 404: Not Found") == ("http_404", "permanent")
     assert classify("HTTP Error 503: Service Unavailable") == ("http_5xx", "transient")
@@ -120,6 +152,7 @@ def test_download_matches_server_then_resumes_retries_and_pretokenizes(server, t
     cfg = DownloadConfig(input=src, output=out, image_size=64, processes=1, threads=8, timeout=3,
                          allow_hosts="127.0.0.1", samples_per_shard=100)
     first = download(cfg)
+    assert counted(first) == final_states(out)
     assert first.policy_rejected == {"url_scheme": 1, "url_address": 1}
     assert first.shards == 2 and first.samples == sum(PLAN.values())
     assert first.successes == PLAN["img"]
@@ -157,6 +190,12 @@ def test_download_matches_server_then_resumes_retries_and_pretokenizes(server, t
     assert all(Handler.hits[f"/error/{i}.jpg"] == 3 for i in range(PLAN["error"]))
     assert Handler.hits["/slow/0.jpg"] == 3
     assert retried.shards == 4  # two retry rounds, each a new shard after the first two
+    # the merged per-shard records count each sample once, in its last attempt, as the oracle does
+    assert counted(retried) == final_states(out)
+    records = [read_json(record_url(out, s)) for s in range(4)]
+    assert [r["round"] for r in records] == [0, 0, 1, 2]
+    assert sum(records[2]["supersedes"].values()) == PLAN["error"] + PLAN["flaky"] + PLAN["slow"]
+    assert records[3]["supersedes"] == {"http_5xx": PLAN["error"], "timeout": 1}
     assert {p.name: p.stat().st_mtime_ns for p in shard0} == before
     hits = sum(Handler.hits.values())
     assert download(dataclasses.replace(cfg, retry_failed=True)).successes == retried.successes
@@ -197,22 +236,75 @@ def test_s3_input_and_output(server, tmp_path, s3_bucket):
     assert download(cfg).successes == 3 and sum(Handler.hits.values()) == hits
 
 
+def write_shard(folder, shard: int, outcomes: list[tuple[str, str | None]], tar: bytes | None = None) -> None:
+    """A finished shard as img2dataset leaves it: per sample (sample key, error message or
+    None for a success), the successes' files in the tar in reverse key order."""
+    keys = [f"{shard:05d}{i:04d}" for i in range(len(outcomes))]
+    members = [(f"{k}{ext}", data) for k, (_, error) in zip(keys, outcomes) if error is None
+               for ext, data in ((".jpg", jpeg(int(k) % 97)), (".txt", b"c"))]
+    (folder / f"{shard:05d}.tar").write_bytes(tar if tar is not None else tar_bytes(members[::-1]))
+    pq.write_table(pa.table({"key": keys, "url": [f"http://x/{key}" for key, _ in outcomes], "caption": ["c"] * len(keys),
+                             "sample_key": [key for key, _ in outcomes],
+                             "status": ["success" if e is None else "failed_to_download" for _, e in outcomes],
+                             "error_message": [e for _, e in outcomes]}), folder / f"{shard:05d}.parquet")
+    (folder / f"{shard:05d}_stats.json").write_text(f'{{"duration": {1.5 + shard}}}')
+
+
+def records_of(folder, processes: int = 1) -> dict:
+    cfg = DownloadConfig(input=str(folder), output=str(folder), processes=processes)
+    tasks = Tasks(cfg)
+    try:
+        return shard_records(cfg, ["sample_key"], tasks)
+    finally:
+        tasks.close()
+
+
+def test_per_shard_records_in_a_process_pool_merge_like_the_oracle_and_a_rerun_reads_one_object(tmp_path):
+    errors = [None, None, "HTTP Error 404: Not Found", "HTTP Error 503: Service Unavailable", "timed out",
+              "Image decoding error"]
+    for shard in range(6):
+        write_shard(tmp_path, shard, [(f"k{shard}-{i}", errors[(shard + i) % len(errors)]) for i in range(6)])
+    records = records_of(tmp_path, processes=2)
+    assert sorted(records) == list(range(6))
+    assert counted(merge(str(tmp_path), records, {})) == final_states(str(tmp_path))
+    assert {r["node"] for r in records.values()} == {socket.gethostname()}
+    for shard, r in records.items():
+        assert read_json(record_url(str(tmp_path), shard)) == r
+        with open(tmp_path / f"{shard:05d}.tar", "rb") as fh:
+            keys = [s.key for s in iter_samples(fh, "x.tar")]
+        assert keys == sorted(keys) and len(keys) == r["successes"] == r["members"] // 2
+        pending = pq.read_table(tmp_path / "_amused" / "pending" / f"{shard:05d}.parquet")
+        assert sorted(pending.column("reason").to_pylist()) == ["http_5xx", "timeout"]
+        assert r["pending"] == {"1": 2} and pending.column("attempts").to_pylist() == [1, 1]
+    # A rerun takes the records from the one cached object: an edit of a record file is not
+    # seen until the cache is gone (then each record is read by a task).
+    edited = {**records[1], "successes": 99}
+    (tmp_path / "_amused" / "records" / "00001.json").write_text(json.dumps(edited))
+    assert records_of(tmp_path) == records
+    (tmp_path / "_amused" / "records.parquet").unlink()
+    assert records_of(tmp_path)[1] == edited
+    # deleting a record makes its shard be finished again: a tar damaged since is found
+    (tmp_path / "_amused" / "records" / "00002.json").unlink()
+    (tmp_path / "00002.tar").write_bytes((tmp_path / "00002.tar").read_bytes()[:700])
+    with pytest.raises(ShardFormatError, match=r"^1 damaged .*00002\.tar"):
+        records_of(tmp_path)
+
+
 def test_a_damaged_finished_shard_is_named_and_left_as_it_is(tmp_path):
     whole = tar_bytes([("b.jpg", jpeg(1)), ("b.txt", b"y"), ("a.jpg", jpeg(0)), ("a.txt", b"x")])
     cut = whole[:whole.index(b"a.jpg")]  # ends at a member boundary: no end-of-archive blocks
-    for shard, data in (("00000", cut), ("00001", whole)):
-        (tmp_path / f"{shard}.tar").write_bytes(data)
-        (tmp_path / f"{shard}_stats.json").write_text('{"successes": 2}')
+    for shard, data in ((0, cut), (1, whole)):
+        write_shard(tmp_path, shard, [("a", None), ("b", None)], tar=data)
     files = " ".join(str(tmp_path / f"00000{suffix}") for suffix in (".tar", ".parquet", "_stats.json"))
     with pytest.raises(ShardFormatError, match=rf"1 damaged finished shard\(s\) left as they are, the others sorted: "
                                                rf".*00000\.tar: .*end-of-archive.*delete {files} and rerun"):
-        _sort_shards(str(tmp_path))
+        records_of(tmp_path)
     assert (tmp_path / "00000.tar").read_bytes() == cut
-    assert sorted(p.name for p in (tmp_path / "_amused" / "sorted").iterdir()) == ["00001.json"]
+    assert sorted(p.name for p in (tmp_path / "_amused" / "records").iterdir()) == ["00001.json"]
     with open(tmp_path / "00001.tar", "rb") as fh:  # the intact shard after the damaged one is in key order
         assert [s.key for s in iter_samples(fh, "00001.tar")] == ["a", "b"]
     with pytest.raises(ShardFormatError, match=r"^1 damaged .*00000\.tar"):  # a rerun names it again, alone
-        _sort_shards(str(tmp_path))
+        records_of(tmp_path)
 
 
 def test_deleting_the_files_a_damaged_shard_error_names_fetches_it_again(server, tmp_path):
@@ -228,7 +320,7 @@ def test_deleting_the_files_a_damaged_shard_error_names_fetches_it_again(server,
     intact = (out / "00001.tar").read_bytes()
     # shard 1 as a crash between img2dataset and the sorting would leave it, but damaged
     (out / "00001.tar").write_bytes(intact[:len(intact) // 2])
-    (out / "_amused" / "sorted" / "00001.json").unlink()
+    (out / "_amused" / "records" / "00001.json").unlink()
     with pytest.raises(ShardFormatError) as error:
         download(cfg)
     named = re.search(r"delete (.*) and rerun amused download\)$", str(error.value)).group(1).split()
