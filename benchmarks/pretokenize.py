@@ -31,12 +31,14 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import tempfile
 import time
 import zlib
 from pathlib import Path
 
 import numpy as np
+import psutil
 import ray
 import torch
 
@@ -190,26 +192,35 @@ class ModelFreeEncoder(ChunkEncoder):
         self.text = _NoTextModel()
 
 
-def _cpu_seconds() -> tuple[float, float]:
-    """(this process, this process + its reaped descendants: Ray's daemons and their workers)."""
-    t = os.times()
-    return t.user + t.system, t.user + t.system + t.children_user + t.children_system
+def _ray_cpu_seconds() -> float:
+    """CPU seconds of this process's descendants (Ray's daemons and workers, started by this
+    run's ray.init), with the workers they have already reaped; read before ray.shutdown."""
+    total = 0.0
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            t = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 def model_free_run(models: Path, src: Path, out: Path, batch: int, decode_cpus: float) -> dict:
-    driver0, all0 = _cpu_seconds()
+    shutil.rmtree(out, ignore_errors=True)
+    driver0 = time.process_time()
     ray.init(include_dashboard=False, log_to_driver=False)
     cfg = PretokenizeConfig(input=str(src), output=str(out), vqgan=str(models / "vqgan"), text_encoder=str(models),
                             resolution=RES, batch_size=batch, decode_cpus=decode_cpus, progress=False)
     start = time.perf_counter()
     report = _pretokenize(cfg, ModelFreeEncoder)
     wall = time.perf_counter() - start
-    driver = _cpu_seconds()[0] - driver0
-    ray.shutdown()  # its daemons are reaped here: their CPU time (and their workers') counts after it
+    driver = time.process_time() - driver0
+    workers = _ray_cpu_seconds()
+    ray.shutdown()
     assert report.ok, report.summary()
     table = fmt.TokenDataset(str(out))
     encoded = sum(table.read_shard(s.name).nbytes for s in table.shards)
-    return {"rows": report.rows_written, "wall": wall, "driver_cpu": driver, "all_cpu": _cpu_seconds()[1] - all0,
+    return {"rows": report.rows_written, "wall": wall, "driver_cpu": driver, "all_cpu": driver + workers,
             "driver_bytes": getattr(report, "driver_bytes", None), "encoded_bytes": encoded}
 
 
