@@ -42,7 +42,8 @@ ROBOTS = {  # host -> (status, robots.txt)
 class Site(BaseHTTPRequestHandler):
     """/img/N.jpg an image; /private/N.jpg, /late/N.jpg too (robots decide); /noml/N.jpg
     with `X-Robots-Tag: noml`; /theirs/N.jpg opted out for otherbot only; /ours/N.jpg for
-    our token only; /down/N.jpg a 503; /slow/N.jpg an image after 0.3 s."""
+    our token only; /down/N.jpg a 503; /slow/N.jpg an image whose body follows its
+    headers 0.3 s later."""
 
     lock = threading.Lock()
     requests: list = []  # (host, path, start time, user agent)
@@ -52,12 +53,13 @@ class Site(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-    def _send(self, code: int, body: bytes, headers=()):
+    def _send(self, code: int, body: bytes, headers=(), pause: float = 0.0):
         self.send_response(code)
         self.send_header("Content-Length", str(len(body)))
         for k, v in headers:
             self.send_header(k, v)
-        self.end_headers()
+        self.end_headers()  # sent now: a slot freed at the headers would let the next request in
+        time.sleep(pause)
         self.wfile.write(body)
 
     def do_GET(self):
@@ -80,10 +82,8 @@ class Site(BaseHTTPRequestHandler):
         body = jpeg(int(name.split(".")[0]))
         if kind == "down":
             return self._send(503, b"busy")
-        if kind == "slow":
-            time.sleep(0.3)
         opt_out = {"noml": "noml", "theirs": "otherbot: noml", "ours": f"{TOKEN}: noai"}.get(kind)
-        self._send(200, body, [("X-Robots-Tag", opt_out)] if opt_out else [])
+        self._send(200, body, [("X-Robots-Tag", opt_out)] if opt_out else [], pause=0.3 if kind == "slow" else 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_the_breaker_stops_a_failing_site_after_exactly_n_requests(served):
 
 
 def test_per_site_concurrency_and_rate(served):
-    # every slow response holds its slot until its body is read and closed
+    # a slow body holds its slot until it is read and closed, not only until its headers
     fetch_all(served, [f"c.test/slow/{i}.jpg" for i in range(8)], Courtesy(politeness(concurrency=2), None))
     assert Site.most_in_flight["c.test"] == 2  # reached, never passed
     interval, n = 0.25, 6
