@@ -17,7 +17,16 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from amused.pipeline.download import DownloadConfig, Tasks, classify, download, merge, record_url, shard_records
+from amused.pipeline.download import (
+    DownloadConfig,
+    Tasks,
+    classify,
+    download,
+    merge,
+    record_url,
+    retry_groups,
+    shard_records,
+)
 from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
 from amused.pipeline.shards import TokenDataset
 from amused.pipeline.wds import ShardFormatError, iter_samples, metadata_of, tar_bytes
@@ -288,6 +297,23 @@ def test_per_shard_records_in_a_process_pool_merge_like_the_oracle_and_a_rerun_r
     (tmp_path / "00002.tar").write_bytes((tmp_path / "00002.tar").read_bytes()[:700])
     with pytest.raises(ShardFormatError, match=r"^1 damaged .*00002\.tar"):
         records_of(tmp_path)
+
+
+def test_retry_groups_pack_consecutive_shards_and_skip_what_a_landed_round_took():
+    def record(pending, origin=None):
+        return {"pending": pending, "origin": origin}
+
+    records = {0: record({"1": 60}), 1: record({"1": 50}), 2: record({}), 3: record({"1": 30, "2": 10}),
+               4: record({"2": 5, "3": 7}, {"plan": "retry-000", "group": 0})}
+    # at most 100 samples a file; samples with 3 attempts are given up
+    assert retry_groups(records, [], below=3, per_shard=100) == [[[0, 0]], [[1, 0], [3, 0], [4, 0]]]
+    # shard 4 is round retry-000's first file landed: the samples with fewer than 2 attempts of
+    # shards 0 and 1 were retried there; a file that did not land (group 1) took nothing
+    plans = [("retry-000", {"first_shard": 4, "groups": [[[0, 0], [1, 0]], [[3, 0]]], "below": 2})]
+    assert retry_groups(records, plans, below=3, per_shard=100) == [[[3, 0], [4, 0]]]
+    assert retry_groups(records, plans, below=4, per_shard=100) == [[[3, 0], [4, 0]]]
+    records[4]["origin"]["group"] = 1  # a shard of another file of that round: shards 0 and 1 are pending again
+    assert retry_groups(records, plans, below=3, per_shard=100) == [[[0, 0]], [[1, 0], [3, 0], [4, 0]]]
 
 
 def test_a_damaged_finished_shard_is_named_and_left_as_it_is(tmp_path):
