@@ -21,9 +21,10 @@ and cdn2.x.com are two domains); robots.txt belongs to an origin (scheme, host, 
   a site that was down may be back for `--retry-failed`.
 - robots.txt is fetched once per origin, through the same guard, caps and breaker;
   the first `ROBOTS_MAX_BYTES` are parsed (RFC 9309 asks for at least 500 KiB) for the
-  group of `token` (or `amused-pipeline`), `*` otherwise. A 4xx other than 429 means no
-  rules (RFC 9309 2.3.1.3); a 429, 5xx or no answer means "disallow everything" for that
-  origin, as Google does: `robots_unreachable`, transient. A disallowed URL fails with
+  group of `token` (or `amused-pipeline`), `*` otherwise. A 4xx other than 429, or a
+  redirect loop, means no rules (RFC 9309 2.3.1.2-3); a 429, 5xx or no answer means
+  "disallow everything" for that origin, as Google does: `robots_unreachable`,
+  transient. A refusal by the URL policy or the breaker is the URL's own reason. A disallowed URL fails with
   `robots_disallowed`, permanent, and is not a breaker failure: it costs the site no
   request and the site has said its other paths are welcome. Crawl-delay is not read:
   `rate` is the one per-domain pace.
@@ -120,7 +121,7 @@ class _Domain:
         self.tripped = False
         self.next_start = 0.0
 
-    def _refuse_if_tripped(self) -> None:
+    def refuse_if_tripped(self) -> None:
         if self.tripped:
             raise PolitenessRefused(f"{BREAKER_OPEN} for {self.host} after {self.p.breaker} consecutive failures "
                                     f"or opt-outs")
@@ -129,7 +130,7 @@ class _Domain:
         """Waits for a slot, the breaker's room and the rate; then the request may start."""
         with self.cond:
             while True:
-                self._refuse_if_tripped()
+                self.refuse_if_tripped()
                 if self.open < self.p.concurrency and (not self.p.breaker or self.failures + self.open < self.p.breaker):
                     break
                 self.cond.wait()
@@ -173,14 +174,16 @@ class Courtesy:
 
     def _domain(self, host: str) -> _Domain:
         with self._lock:
-            return self._domains.setdefault(host, _Domain(host, self.p))
+            if host not in self._domains:
+                self._domains[host] = _Domain(host, self.p)
+            return self._domains[host]
 
     def open(self, req: urllib.request.Request, do_open: Callable, parent: urllib.request.OpenerDirector):
         """`do_open(req)` under the rules above; `parent` fetches robots.txt."""
         req.add_unredirected_header("User-Agent", self.user_agent)  # wins over img2dataset's and urllib's
         parts = urllib.parse.urlsplit(req.full_url)
         domain = self._domain((parts.hostname or "").lower())
-        domain._refuse_if_tripped()
+        domain.refuse_if_tripped()
         if self.p.robots and parts.path != "/robots.txt":  # robots.txt itself is always allowed (RFC 9309)
             self._check_robots(f"{parts.scheme}://{parts.netloc}", req, parent)
         domain.enter()
@@ -206,7 +209,9 @@ class Courtesy:
 
     def _check_robots(self, origin: str, req: urllib.request.Request, parent: urllib.request.OpenerDirector):
         with self._lock:
-            robots = self._robots.setdefault(origin, _Robots())
+            if origin not in self._robots:
+                self._robots[origin] = _Robots()
+            robots = self._robots[origin]
         with robots.lock:
             if robots.rules is None:
                 robots.rules = self._fetch_robots(origin, req.timeout, parent)
@@ -223,7 +228,8 @@ class Courtesy:
                 text = r.read(ROBOTS_MAX_BYTES).decode("utf-8", errors="replace")
         except urllib.error.HTTPError as exc:
             exc.close()
-            return "allow" if 400 <= exc.code < 500 and exc.code != 429 else f"HTTP {exc.code}"
+            # 3xx: a redirect loop, "unavailable" like a 4xx (RFC 9309 2.3.1.2)
+            return "allow" if 300 <= exc.code < 500 and exc.code != 429 else f"HTTP {exc.code}"
         except Exception as exc:
             if isinstance(getattr(exc, "reason", exc), NotSent):
                 raise  # the URL policy or the breaker refuses this origin: the URL's own reason; not cached
