@@ -3,7 +3,13 @@
     input shards -> read (tar -> chunks of compressed bytes)      CPU tasks
                  -> decode + crop (bytes -> uint8 crops)           CPU tasks
                  -> encode (VQ-GAN ids, CLIP states)               actor pool, GPU or CPU
-                 -> driver: reassemble each shard in order, write Parquet, then its marker
+                 -> write: one task per shard, where its encoded    CPU tasks
+                    chunks are: Parquet, then its marker
+
+The driver sees block references, where each chunk is (a task next to the block reads its
+shard, chunk index and error) and each write's small record (rows, sha256, skips by reason,
+the node that wrote it); encoded data never reaches it. A shard whose chunks or write were
+lost with a node is rerun in another pass, up to ROUNDS.
 
 A chunk is up to `batch_size` consecutive samples of one shard and is the encoders'
 batch, so what the models compute for a sample never depends on which other shards
@@ -13,11 +19,12 @@ Only compressed bytes and R x R crops cross between stages, never full decoded i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -121,6 +128,11 @@ class PretokenizeReport:
     rows_written: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    # The driver's own cost: the bytes it received (what ray.get returned to it, and Ray Data's
+    # per-block metadata) and its CPU seconds, from the first block to the last write.
+    driver_bytes: int = 0
+    driver_cpu_seconds: float = 0.0
+    writer_nodes: dict[str, str] = field(default_factory=dict)  # shard name -> Ray node id that wrote it
 
     @property
     def ok(self) -> bool:
@@ -134,6 +146,14 @@ class PretokenizeReport:
             f"{self.shards_written} written, {len(self.failed_shards)} failed",
             f"  rows written: {self.rows_written} in {self.seconds:.1f}s ({rate:.1f} rows/s)",
         ]
+        if self.rows_written:
+            nodes = sorted(set(self.writer_nodes.values()))
+            lines += [
+                f"  driver: received {self.driver_bytes / self.rows_written:.0f} bytes/sample, "
+                f"{self.driver_cpu_seconds / self.rows_written * 1e3:.2f} CPU s per 1,000 samples",
+                f"  shards written on {len(nodes)} node(s): " + ", ".join(
+                    f"{n[:8]} {sum(v == n for v in self.writer_nodes.values())}" for n in nodes),
+            ]
         if self.skipped:
             lines.append("  skipped samples by reason:")
             lines += [f"    {reason:24s} {n}" for reason, n in sorted(self.skipped.items())]
@@ -319,54 +339,164 @@ _ENCODED = pa.schema(_PASS_FIELDS + [("items", pa.string()), ("skipped", pa.stri
                                      ("hidden", pa.large_binary()), ("pooled", pa.large_binary())])
 
 
-# ----- driver: reassemble shards, write, record ------------------------------------------------
+# ----- stage 4: write each shard where its chunks are -----------------------------------------
 
-class ShardAssembler:
-    """Collects a shard's encoded chunks (they arrive in any order) and writes it once complete."""
+_LOCATOR = ("source", "chunk", "last", "error")
+_ENCODED_DATA = ("items", "skipped", "tokens", "hidden", "pooled")
 
-    def __init__(self, output: str, spec: fmt.DatasetSpec, report: PretokenizeReport, pool: ThreadPoolExecutor):
-        self.output, self.spec, self.report, self.pool = output, spec, report, pool
-        self.chunks: dict[str, dict[int, dict]] = {}
-        self.last: dict[str, int] = {}
-        self.errors: dict[str, str] = {}
-        self.writes: list[tuple[str, Future]] = []  # (shard name, its write)
 
-    def add(self, row: dict) -> bool:
-        """Adds one chunk; True when it completed its shard."""
-        source = row["source"]
-        self.chunks.setdefault(source, {})[row["chunk"]] = row
-        if row["error"]:
-            self.errors[source] = row["error"]
-        if row["last"]:
-            self.last[source] = row["chunk"]
-        if source not in self.last or len(self.chunks[source]) != self.last[source] + 1:
-            return False
-        received = self.chunks.pop(source)
-        chunks = [received[i] for i in range(self.last.pop(source) + 1)]
+def locate_chunks(block: pa.Table, start: int, end: int | None) -> list[tuple]:
+    """(source, chunk, last, error, row) of each encoded chunk in rows [start, end) of a block.
+
+    A Ray task next to the block: the driver learns where each chunk is, never its data.
+    """
+    end = block.num_rows if end is None else end
+    columns = block.slice(start, end - start).select(list(_LOCATOR)).to_pydict()
+    return [(*values, start + i) for i, values in enumerate(zip(*(columns[c] for c in _LOCATOR)))]
+
+
+def write_encoded_shard(output: str, spec: fmt.DatasetSpec, source: str, rows: list[tuple[int, int]],
+                        *blocks: pa.Table) -> dict:
+    """Writes one shard from its encoded chunks, chunk i being row `rows[i][1]` of block
+    `rows[i][0]`: the Parquet file, then its marker. A Ray task that takes the blocks as its
+    arguments, so Ray runs it where most of their bytes are; it returns only the small record
+    the driver keeps, with the node that wrote it."""
+    import ray  # see _encoder_plan
+
+    chunks = [{name: blocks[b][name][r] for name in _ENCODED_DATA} for b, r in rows]
+    items = [item for c in chunks for item in json.loads(c["items"].as_py())]
+    skipped = [s for c in chunks for s in json.loads(c["skipped"].as_py())]
+    columns = {name: [item[name] for item in items] for name in
+               ("key", "content_id", "caption", "view", *fmt.SIZE_COLUMNS, "aesthetic_score")}
+    for name, field_name in (("image_tokens", "tokens"), ("text_hidden_states", "hidden"),
+                             ("text_pooled", "pooled")):
+        dtype, shape = spec.tensor_columns()[name]
+        data = b"".join(c[field_name].as_buffer() for c in chunks)
+        columns[name] = np.frombuffer(data, dtype).reshape(-1, *shape)
+    record = fmt.write_shard(output, source, fmt.build_table(spec, columns))
+    for s in skipped:
+        record.skipped[s["reason"]] = record.skipped.get(s["reason"], 0) + 1
+    record.skipped = dict(sorted(record.skipped.items()))
+    fmt.write_marker(output, record, skipped, spec)
+    return {"record": dataclasses.asdict(record), "node": ray.get_runtime_context().get_node_id()}
+
+
+WRITE_CPUS = 0.25
+ROUNDS = 3  # passes over the shards a node or worker failure left unwritten, before naming them failed
+# Encoded bytes of the shards being written at once, as a share of the cluster's object store:
+# their blocks stay pinned until written.
+WRITE_MEMORY_SHARE = 0.25
+
+
+@dataclass
+class _Shard:
+    chunks: dict[int, tuple] = field(default_factory=dict)  # chunk -> (block ref, row, bytes)
+    last: int | None = None
+    error: str = ""
+
+    def complete(self) -> bool:
+        return self.last is not None and len(self.chunks) == self.last + 1
+
+
+class _Round:
+    """One pass of the pipeline over some input shards, as the driver sees it: it learns where
+    each encoded chunk is (block and row), submits a shard's write once all its chunks are
+    known, and keeps the writes' records; at most `budget` encoded bytes are being written at once."""
+
+    def __init__(self, output: str, spec: fmt.DatasetSpec, report: PretokenizeReport, bar: tqdm, budget: int):
+        import ray  # see _encoder_plan
+
+        self.ray, self.output, self.spec, self.report, self.bar, self.budget = ray, output, spec, report, bar, budget
+        self.locate = ray.remote(num_cpus=0)(locate_chunks)
+        self.write = ray.remote(num_cpus=WRITE_CPUS)(write_encoded_shard)
+        self.shards: dict[str, _Shard] = {}
+        self.locating: dict = {}  # locate task -> (block ref, block bytes)
+        self.queued: list[str] = []  # sources whose chunks are all located, waiting for the budget
+        self.writing: dict = {}  # write task -> (source, bytes)
+        self.in_flight = 0
+        self.written: set[str] = set()
+        self.lost: dict[str, str] = {}  # source -> what was lost, where known
+
+    def run(self, bundles) -> None:
+        for bundle in bundles:
+            # What Ray Data hands the driver per block: its reference, metadata and schema.
+            self.report.driver_bytes += len(pickle.dumps((bundle.schema, [e.metadata for e in bundle.blocks])))
+            for entry, piece in zip(bundle.blocks, bundle.slices):
+                span = (piece.start_offset, piece.end_offset) if piece else (0, None)
+                self.locating[self.locate.remote(entry.ref, *span)] = (entry.ref, entry.metadata.size_bytes)
+            self._poll(wait=False)
+            while self.queued:  # over budget: stop taking blocks until writes finish
+                self._poll(wait=True)
+        while self.locating or self.writing or self.queued:
+            self._poll(wait=True)
+
+    def _get(self, ref):
+        value = self.ray.get(ref)
+        self.report.driver_bytes += len(pickle.dumps(value))
+        return value
+
+    def _poll(self, wait: bool) -> None:
+        refs = [*self.locating, *self.writing]
+        if refs:
+            ready, _ = self.ray.wait(refs, num_returns=1 if wait else len(refs), timeout=None if wait else 0)
+            for ref in ready:
+                self._located(ref) if ref in self.locating else self._written(ref)
+        self._submit()
+
+    def _located(self, task) -> None:
+        block, size = self.locating.pop(task)
+        try:
+            found = self._get(task)
+        except self.ray.exceptions.RayError:
+            return  # the block is gone with its node: its shards stay incomplete and rerun next round
+        for source, chunk, last, error, row in found:
+            shard = self.shards.setdefault(source, _Shard())
+            shard.chunks[chunk] = (block, row, size // max(1, len(found)))
+            shard.last = chunk if last else shard.last
+            shard.error = error or shard.error
+            if shard.complete():
+                self.queued.append(source)
+
+    def _submit(self) -> None:
+        while self.queued:
+            shard = self.shards[self.queued[0]]
+            size = sum(bytes_ for _, _, bytes_ in shard.chunks.values())
+            if not shard.error and self.writing and self.in_flight + size > self.budget:
+                return
+            source = self.queued.pop(0)
+            del self.shards[source]
+            if shard.error:  # a malformed or damaged tar: named, never written
+                self.report.failed_shards[fmt.shard_name(source)] = shard.error
+                self.bar.update(1)
+                continue
+            order = [shard.chunks[i] for i in range(shard.last + 1)]
+            where = {ref: i for i, ref in enumerate(dict.fromkeys(ref for ref, _, _ in order))}
+            rows = [(where[ref], row) for ref, row, _ in order]
+            self.writing[self.write.remote(self.output, self.spec, source, rows, *where)] = (source, size)
+            self.in_flight += size
+
+    def _written(self, task) -> None:
+        source, size = self.writing.pop(task)
+        self.in_flight -= size
         name = fmt.shard_name(source)
-        if source in self.errors:
-            self.report.failed_shards[name] = self.errors.pop(source)
-        else:
-            self.writes.append((name, self.pool.submit(self._write, source, chunks)))
-        return True
-
-    def _write(self, source: str, chunks: list[dict]) -> fmt.ShardRecord:
-        spec = self.spec
-        items = [item for c in chunks for item in json.loads(c["items"])]
-        skipped = [s for c in chunks for s in json.loads(c["skipped"])]
-        columns = {name: [item[name] for item in items] for name in
-                   ("key", "content_id", "caption", "view", *fmt.SIZE_COLUMNS, "aesthetic_score")}
-        for name, field_name in (("image_tokens", "tokens"), ("text_hidden_states", "hidden"),
-                                 ("text_pooled", "pooled")):
-            dtype, shape = spec.tensor_columns()[name]
-            columns[name] = np.frombuffer(b"".join(c[field_name] for c in chunks), dtype).reshape(-1, *shape)
-        table = fmt.build_table(spec, columns)
-        record = fmt.write_shard(self.output, source, table)
-        for s in skipped:
-            record.skipped[s["reason"]] = record.skipped.get(s["reason"], 0) + 1
-        record.skipped = dict(sorted(record.skipped.items()))
-        fmt.write_marker(self.output, record, skipped, spec)
-        return record
+        try:
+            out = self._get(task)
+        except self.ray.exceptions.RayTaskError as exc:  # the write itself failed (storage, Arrow)
+            cause = exc.cause or exc
+            self.report.failed_shards[name] = f"writing failed ({type(cause).__name__}: {cause})"
+            self.bar.update(1)
+            return
+        except self.ray.exceptions.RayError as exc:  # its blocks or its worker lost: rerun next round
+            self.lost[source] = f"{type(exc).__name__}"
+            return
+        record = fmt.ShardRecord(**out["record"])
+        self.written.add(source)
+        self.report.shards_written += 1
+        self.report.rows_written += record.rows
+        for reason, n in record.skipped.items():
+            self.report.skipped[reason] = self.report.skipped.get(reason, 0) + n
+        self.report.writer_nodes[name] = out["node"]
+        self.bar.update(1)
 
 
 @dataclass(frozen=True)
@@ -468,36 +598,38 @@ def _run(cfg: PretokenizeConfig, spec: fmt.DatasetSpec, plan: EncoderPlan, pendi
          report: PretokenizeReport, encoder: type) -> None:
     import ray  # see _encoder_plan
 
+    cpu = time.process_time()
+    budget = int(ray.cluster_resources().get("object_store_memory", 1 << 30) * WRITE_MEMORY_SHARE)
+    bar = tqdm(total=len(pending), unit="shard", desc="pretokenize", disable=not cfg.progress)
+    todo, lost = pending, {}
+    for _ in range(ROUNDS):
+        job = _Round(cfg.output, spec, report, bar, budget)
+        job.run(_encoded(cfg, plan, todo, encoder).iter_internal_ref_bundles())
+        todo = [s for s in todo if s not in job.written and fmt.shard_name(s) not in report.failed_shards]
+        lost = {s: job.lost.get(s, "its encoded chunks") for s in todo}
+        if not todo:
+            break
+    bar.close()
+    for source, what in lost.items():
+        report.failed_shards[fmt.shard_name(source)] = (f"lost to node or worker failures in each of {ROUNDS} "
+                                                          f"rounds (last: {what})")
+    report.driver_cpu_seconds += time.process_time() - cpu
+
+
+def _encoded(cfg: PretokenizeConfig, plan: EncoderPlan, sources: list[str], encoder: type):
+    """The Ray Dataset of encoded chunks (read -> decode -> encode) of `sources`."""
+    import ray  # see _encoder_plan
+
     resources = {"num_gpus": 1} if plan.device == "cuda" else {"num_cpus": cfg.encoder_cpus}
-    items = [{"shard": i, "source": s} for i, s in enumerate(pending)]
+    items = [{"shard": i, "source": s} for i, s in enumerate(sources)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.flat_map(read_chunks, fn_kwargs={"batch_size": cfg.batch_size}, num_cpus=0.25)
     ds = ds.map(decode_chunk, num_cpus=cfg.decode_cpus, fn_kwargs=dict(
         resolution=cfg.resolution, crop=cfg.crop, views=cfg.views, seed=cfg.seed, min_side=cfg.min_side,
         max_pixels=cfg.max_pixels))
-    ds = ds.map_batches(
+    return ds.map_batches(
         encoder, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan.actors),
         fn_constructor_kwargs=dict(vqgan=cfg.vqgan, text_encoder=cfg.text_encoder, resolution=cfg.resolution,
                                    device=plan.device, dtype=plan.dtype, threads=plan.threads),
         **resources,
     )
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        assembler = ShardAssembler(cfg.output, spec, report, pool)
-        bar = tqdm(total=len(pending), unit="shard", desc="pretokenize", disable=not cfg.progress)
-        samples = 0
-        for row in ds.iter_rows():
-            samples += len(json.loads(row["items"]))
-            if assembler.add(row):
-                bar.update(1)
-            bar.set_postfix(samples=samples, refresh=False)
-        bar.close()
-        for name, future in assembler.writes:
-            try:
-                record = future.result()
-            except Exception as exc:  # one shard's write (storage, Arrow) must not hide the others'
-                report.failed_shards[name] = f"writing failed ({type(exc).__name__}: {exc})"
-                continue
-            report.shards_written += 1
-            report.rows_written += record.rows
-            for reason, n in record.skipped.items():
-                report.skipped[reason] = report.skipped.get(reason, 0) + n

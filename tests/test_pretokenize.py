@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import s3fs
 
 from amused.demo.datasets import sample_members, write_shape_shards
@@ -180,3 +181,19 @@ def test_s3_input_and_output(ray_session, tiny_models, s3_bucket, tmp_path):
     pretokenize(config(tiny_models, local_src, local))
     for name in ("00000.parquet", "00001.parquet"):
         assert fs.cat_file(f"{out}/{name}".removeprefix("s3://")) == (local / name).read_bytes()
+
+
+def test_driver_receives_records_not_samples(ray_session, tiny_models, tmp_path):
+    src = tmp_path / "src"
+    write_shape_shards(str(src), shards=3, per_shard=16, seed=4)
+    report = pretokenize(config(tiny_models, src, tmp_path / "out", batch_size=8))
+    assert report.ok and report.rows_written == 48
+    spec = fmt.read_manifest(str(tmp_path / "out")).spec
+    encoded = sum(dtype.itemsize * int(np.prod(shape)) for dtype, shape in spec.tensor_columns().values())
+    per_sample = report.driver_bytes / report.rows_written
+    # Had the samples come through the driver, it would have received at least their tensors.
+    assert encoded > 2048 and 0 < per_sample < 1024, (per_sample, encoded)
+    assert report.driver_cpu_seconds > 0 and "bytes/sample" in report.summary()
+    node = ray.get_runtime_context().get_node_id()  # the session's one node
+    assert report.writer_nodes == {f"0000{i}.parquet": node for i in range(3)}
+
