@@ -20,7 +20,8 @@ JPEG decode + crop, transfer and Parquet write. It runs the job twice, on the fi
 the shards and on all of them, and reports marginal costs between the two (fixed start-up
 cancels): the driver's CPU seconds per 1,000 samples, the bytes the driver received per
 sample (as the job counts them, where it does), and the ceiling in samples/s per CPU core
-(samples over the CPU seconds of every process of the job: driver, Ray, workers).
+(samples over the CPU seconds of every process of the job: driver, Ray, workers, each
+sampled every 0.5 s).
 
     python benchmarks/pretokenize.py --model-free --images 3000 --shards 12 --batch-size 64
 """
@@ -33,6 +34,7 @@ import multiprocessing as mp
 import os
 import shutil
 import tempfile
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -192,35 +194,58 @@ class ModelFreeEncoder(ChunkEncoder):
         self.text = _NoTextModel()
 
 
-def _ray_cpu_seconds() -> float:
+class _RayCpu:
     """CPU seconds of this process's descendants (Ray's daemons and workers, started by this
-    run's ray.init), with the workers they have already reaped; read before ray.shutdown."""
-    total = 0.0
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            t = proc.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += t.user + t.system + t.children_user + t.children_system
-    return total
+    run's ray.init): each process's last reading, sampled every `every` seconds so that
+    workers that exit before the end still count (all but their last `every` seconds)."""
+
+    def __init__(self, every: float = 0.5):
+        self.every, self.seen, self.stop = every, {}, threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _read(self) -> None:
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                t = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            self.seen[proc.pid] = t.user + t.system
+
+    def _watch(self) -> None:
+        while not self.stop.wait(self.every):
+            self._read()
+
+    def __enter__(self) -> "_RayCpu":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._read()
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.seen.values())
 
 
 def model_free_run(models: Path, src: Path, out: Path, batch: int, decode_cpus: float) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     driver0 = time.process_time()
-    ray.init(include_dashboard=False, log_to_driver=False)
-    cfg = PretokenizeConfig(input=str(src), output=str(out), vqgan=str(models / "vqgan"), text_encoder=str(models),
-                            resolution=RES, batch_size=batch, decode_cpus=decode_cpus, progress=False)
-    start = time.perf_counter()
-    report = _pretokenize(cfg, ModelFreeEncoder)
-    wall = time.perf_counter() - start
-    driver = time.process_time() - driver0
-    workers = _ray_cpu_seconds()
+    with _RayCpu() as workers:
+        ray.init(include_dashboard=False, log_to_driver=False)
+        cfg = PretokenizeConfig(input=str(src), output=str(out), vqgan=str(models / "vqgan"),
+                                text_encoder=str(models), resolution=RES, batch_size=batch, decode_cpus=decode_cpus,
+                                progress=False)
+        start = time.perf_counter()
+        report = _pretokenize(cfg, ModelFreeEncoder)
+        wall = time.perf_counter() - start
+        driver = time.process_time() - driver0
     ray.shutdown()
     assert report.ok, report.summary()
     table = fmt.TokenDataset(str(out))
     encoded = sum(table.read_shard(s.name).nbytes for s in table.shards)
-    return {"rows": report.rows_written, "wall": wall, "driver_cpu": driver, "all_cpu": driver + workers,
+    return {"rows": report.rows_written, "wall": wall, "driver_cpu": driver, "all_cpu": driver + workers.seconds,
             "driver_bytes": getattr(report, "driver_bytes", None), "encoded_bytes": encoded}
 
 
