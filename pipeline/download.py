@@ -58,7 +58,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from amused.pipeline.fetch_guard import guarded_downloads
-from amused.pipeline.politeness import OPT_OUT_DIRECTIVES, Politeness
+from amused.pipeline.politeness import (
+    BREAKER_OPEN,
+    OPT_OUT_DIRECTIVES,
+    ROBOTS_DISALLOWED,
+    ROBOTS_UNREACHABLE,
+    Politeness,
+)
 from amused.pipeline.urls import AddressPolicy, normalize, parse_allow, parse_pins, sample_keys, scheme_allowed
 from amused.pipeline.wds import ShardFormatError, sort_shard
 from amused.plumbing.config import opt
@@ -72,8 +78,14 @@ SUMMARY = "download.json"
 EXTRA_COLUMNS = ("sample_key", "aesthetic_score", "similarity", "nsfw", "watermark", "language")
 
 # (reason, class, pattern over img2dataset's error message), first match wins; the
-# policy's messages quote the URL, so they come before the patterns a URL could contain.
+# politeness refusals (`pipeline.politeness`) match only at the start (urllib may wrap them
+# in "<urlopen error ...>"), then the policy's messages, which quote the URL, come before
+# the patterns a URL could contain.
+_POLITE = r"^(<urlopen error )?"
 _REASONS = (
+    ("robots_disallowed", "permanent", _POLITE + re.escape(ROBOTS_DISALLOWED)),
+    ("robots_unreachable", "transient", _POLITE + re.escape(ROBOTS_UNREACHABLE)),
+    ("domain_breaker", "transient", _POLITE + re.escape(BREAKER_OPEN)),
     ("policy_redirect", "permanent", r"URL policy refused redirect|Redirection to url .* is not allowed"),
     ("policy_address", "permanent", r"URL policy refused address"),
     ("policy_url", "permanent", r"URL policy refused"),

@@ -152,6 +152,12 @@ def test_classify_failures():
         ("policy_address", "permanent")
     assert classify("HTTP Error 302: Found - Redirection to url 'file:///etc/passwd' is not allowed") == \
         ("policy_redirect", "permanent")
+    # the politeness refusals, matched only at the start of the message (urllib may wrap it)
+    assert classify("<urlopen error robots.txt disallows http://a/URL policy refused for x>") == \
+        ("robots_disallowed", "permanent")
+    assert classify("robots.txt unreachable for http://a (HTTP 503)") == ("robots_unreachable", "transient")
+    assert classify("domain circuit breaker open for a after 3 consecutive failures") == ("domain_breaker", "transient")
+    assert classify("URL policy refused http://a/robots.txt disallows") == ("policy_url", "permanent")
 
 
 def test_download_matches_server_then_resumes_retries_and_pretokenizes(server, tmp_path, tiny_models,
