@@ -1,8 +1,11 @@
 """Atomic writes on any fsspec filesystem.
 
-A file is written under a temporary name beside its target and moved into place only
-when complete, so a reader never sees a partial file under its final name. On local
-disks the move is an atomic rename; on object stores a finished PUT is itself atomic.
+A reader never sees a partial file under its final name. On S3 an object appears only
+when its single PUT, or its multipart upload, completes, so the file is written under its
+final name and, on failure, discarded before anything is sent (an open multipart upload
+is aborted): one request per small file, and no server-side copy of a large one. On
+other filesystems it is written under a temporary name beside its target and moved into
+place when complete (an atomic rename on local disks).
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from amused.plumbing.storage import url_to_fs
+from amused.plumbing.storage import protocol, url_to_fs
 
 TMP_MARK = ".tmp-"
+# Stores whose uploads are invisible until complete, and whose fsspec files can discard one.
+_VISIBLE_WHEN_COMPLETE = frozenset({"s3", "s3a"})
 
 
 class HashingWriter:
@@ -50,6 +55,16 @@ class HashingWriter:
 @contextmanager
 def atomic_writer(url: str) -> Iterator[HashingWriter]:
     fs, path = url_to_fs(url)
+    if protocol(fs) in _VISIBLE_WHEN_COMPLETE:
+        fh = fs.open(path, "wb")
+        try:
+            yield HashingWriter(fh)
+        except BaseException:
+            fh.discard()
+            fh.closed = True  # closing a discarded file would upload it
+            raise
+        fh.close()
+        return
     parent, _, name = path.rpartition("/")
     fs.makedirs(parent, exist_ok=True)
     tmp = f"{parent}/{name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
@@ -89,15 +104,17 @@ def list_files(url: str, suffix: str, required: bool = True) -> list[str]:
     fs, path = url_to_fs(url)
     if any(c in path for c in "*?["):
         found = fs.glob(path)
-    elif fs.isfile(path):
-        found = [path]
     else:
+        # The folder's listing first: on object stores asking whether a folder is a file
+        # costs a HEAD and a LIST of its own.
         found = fs.glob(f"{path.rstrip('/')}/*{suffix}")
+        if not found and fs.isfile(path):
+            found = [path]
     found = sorted(p for p in found if TMP_MARK not in p.rsplit("/", 1)[-1])
     if not found and required:
         raise FileNotFoundError(f"no *{suffix} files at {url}")
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return [p if protocol == "file" else f"{protocol}://{p}" for p in found]
+    scheme = protocol(fs)
+    return [p if scheme == "file" else f"{scheme}://{p}" for p in found]
 
 
 def parquet_columns(url: str) -> list[str]:

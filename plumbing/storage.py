@@ -1,4 +1,21 @@
-"""Model folders addressed by fsspec URLs: resolve sub-folders, cache remote ones, fingerprint.
+"""fsspec URLs: the retry policy of every S3 client, model folders (resolve sub-folders,
+cache remote ones, fingerprint).
+
+Object storage throttles (503 SlowDown), fails (500) and drops connections. botocore
+retries each request with jittered exponential backoff (a random wait in [0, min(2^k, 20)]
+seconds before retry k) up to `AWS_MAX_ATTEMPTS` attempts in all; s3fs repeats a call that
+still failed with a throttle or a dropped connection up to 5 times, and re-reads a body cut
+off in the middle. botocore reads the policy from the environment whenever it makes a
+client, so it is set here, at import: every process that touches storage imports this
+module (url_to_fs lives here), and every process started after it inherits it: Ray's
+raylet and workers started by ray.init, img2dataset's processes, DeepSpeed ranks. A value
+already set in the environment wins, so a cluster can choose its own (AWS_RETRY_MODE=adaptive
+adds client-side rate limiting).
+
+s3fs keeps every listing it made for the life of the process and answers later listings
+and exists() from it, so a driver that listed a folder before its workers wrote there
+would not see their files; the listing cache is off for S3 (a listing is one request per
+1,000 names, made where it is needed).
 
 `from_pretrained` in diffusers and transformers reads only local folders, so a remote
 folder (s3://...) is copied once into a local cache under a temporary name and renamed
@@ -17,6 +34,10 @@ from pathlib import Path
 import fsspec
 
 CACHE_ENV = "AMUSED_CACHE"
+RETRY_POLICY = {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "8"}
+for _name, _value in RETRY_POLICY.items():
+    os.environ.setdefault(_name, _value)
+fsspec.config.conf.setdefault("s3", {}).setdefault("use_listings_cache", False)
 
 
 def url_to_fs(url: str):
@@ -36,6 +57,11 @@ def join(url: str, *parts: str) -> str:
 def _protocols(fs) -> tuple[str, ...]:
     proto = fs.protocol
     return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+def protocol(fs) -> str:
+    """The main name of a filesystem's protocol ("file", "s3", ...)."""
+    return _protocols(fs)[0]
 
 
 def _cache_root() -> Path:

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models built once, a local S3 server, one Ray per session."""
+"""Shared fixtures: tiny random models built once, a local S3 server behind a
+fault-injecting proxy, one Ray per session."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from amused.demo.datasets import write_token_dataset
 from amused.demo.tiny_models import write_tiny_models
 from amused.training.config import parse_config
 from amused.training.uvit.task import train
+from tests.s3proxy import S3Proxy
 from tests.samples import free_port
 
 
@@ -36,16 +38,13 @@ def tiny_models(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """A moto S3 server on 127.0.0.1; the environment points boto/s3fs (and Ray workers) at it."""
+def s3_proxy():
+    """A moto S3 server on 127.0.0.1 behind the fault-injecting proxy (faults off), which
+    counts every request; the environment points boto/s3fs (and Ray workers) at the proxy."""
     port = free_port()
     moto = Path(sys.executable).parent / "moto_server"
     proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    os.environ.update(env)
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -55,9 +54,28 @@ def s3_server():
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError("moto_server did not start")
             time.sleep(0.1)
-    yield endpoint
+    proxy = S3Proxy(f"http://127.0.0.1:{port}")
+    os.environ.update({"AWS_ENDPOINT_URL": proxy.url, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+    yield proxy
+    proxy.close()
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3_proxy) -> str:
+    """The S3 endpoint the environment names."""
+    return s3_proxy.url
+
+
+@pytest.fixture
+def s3_faults(s3_proxy, s3_bucket) -> S3Proxy:
+    """The proxy with its counters zeroed; a test turns faults on with `.faults = Faults(...)`.
+    Faults are off again afterwards."""
+    s3_proxy.reset_counts()
+    yield s3_proxy
+    s3_proxy.faults = None
 
 
 @pytest.fixture(scope="session")
@@ -69,8 +87,9 @@ def s3_bucket(s3_server) -> str:
 
 @pytest.fixture(scope="session")
 def ray_session(s3_server):
-    """One local Ray for the whole session; started after the S3 variables so workers inherit them."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    """One local Ray for the whole session; started after the S3 variables so workers inherit them.
+    A new one even where another Ray runs on this machine (which ray.init would join)."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 
