@@ -150,7 +150,7 @@ def plain_loop(models: Path, src: Path, out: Path, device: str, dtype: str, batc
 
 
 def ray_job(models: Path, src: Path, out: Path, batch: int, decode_cpus: float) -> tuple[float, float, int]:
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     cfg = PretokenizeConfig(input=str(src), output=str(out), vqgan=str(models / "vqgan"), text_encoder=str(models),
                             resolution=RES, batch_size=batch, decode_cpus=decode_cpus, progress=True)
     start = time.perf_counter()
@@ -233,7 +233,8 @@ def model_free_run(models: Path, src: Path, out: Path, batch: int, decode_cpus: 
     shutil.rmtree(out, ignore_errors=True)
     driver0 = time.process_time()
     with _RayCpu() as workers:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        # "local": a Ray of its own, never one another process on this machine started.
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
         cfg = PretokenizeConfig(input=str(src), output=str(out), vqgan=str(models / "vqgan"),
                                 text_encoder=str(models), resolution=RES, batch_size=batch, decode_cpus=decode_cpus,
                                 progress=False)
