@@ -215,6 +215,15 @@ def test_download_matches_server_then_resumes_retries_and_pretokenizes(server, t
     hits = sum(Handler.hits.values())
     assert download(dataclasses.replace(cfg, retry_failed=True)).successes == retried.successes
     assert sum(Handler.hits.values()) == hits
+    # A crash in the last retry round after its shard landed, before its record and done.json:
+    # the rerun resumes that round, fetching nothing again, and finishes the shard in place.
+    landed = tmp_path / "wds" / "00003.tar"
+    tar = landed.read_bytes()
+    (tmp_path / "wds" / "_amused" / "retry-001" / "done.json").unlink()
+    (tmp_path / "wds" / "_amused" / "records" / "00003.json").unlink()
+    resumed = download(dataclasses.replace(cfg, retry_failed=True))
+    assert (counted(resumed), resumed.shards) == (counted(retried), 4) and sum(Handler.hits.values()) == hits
+    assert landed.read_bytes() == tar and read_json(record_url(out, 3))["supersedes"] == records[3]["supersedes"]
 
     samples = []
     for tar in list_files(out, ".tar"):
