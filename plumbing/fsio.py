@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 from amused.plumbing.storage import protocol, url_to_fs
 
 TMP_MARK = ".tmp-"
-# Stores whose uploads are invisible until complete, and whose fsspec files can discard one.
-_VISIBLE_WHEN_COMPLETE = frozenset({"s3", "s3a"})
+# S3: an upload is invisible until complete and its fsspec file can discard one; an
+# object's existence is one HEAD request.
+_S3 = frozenset({"s3", "s3a"})
 
 
 class HashingWriter:
@@ -55,7 +56,7 @@ class HashingWriter:
 @contextmanager
 def atomic_writer(url: str) -> Iterator[HashingWriter]:
     fs, path = url_to_fs(url)
-    if protocol(fs) in _VISIBLE_WHEN_COMPLETE:
+    if protocol(fs) in _S3:
         fh = fs.open(path, "wb")
         try:
             yield HashingWriter(fh)
@@ -124,5 +125,20 @@ def parquet_columns(url: str) -> list[str]:
 
 
 def exists(url: str) -> bool:
+    """Whether a file or a folder is at `url`."""
     fs, path = url_to_fs(url)
     return fs.exists(path)
+
+
+def file_exists(url: str) -> bool:
+    """Whether a file is at `url`: for markers. On S3 one HEAD request, where exists() also
+    asks, when no object has that name, whether a folder has (a LIST request per missing file)."""
+    fs, path = url_to_fs(url)
+    if protocol(fs) not in _S3:
+        return fs.isfile(path)
+    bucket, key, _ = fs.split_path(path)
+    try:
+        fs.call_s3("head_object", Bucket=bucket, Key=key)
+        return True
+    except FileNotFoundError:
+        return False

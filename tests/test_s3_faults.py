@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from amused.demo.datasets import write_shape_shards, write_token_dataset
 from amused.pipeline.filter import REPORT, FilterConfig, filter_metadata
 from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
-from amused.plumbing.fsio import atomic_writer, read_json
+from amused.plumbing.fsio import atomic_writer, exists, file_exists, list_files, read_json
 from amused.plumbing.storage import RETRY_POLICY, url_to_fs
 from amused.training.checkpoint import EMA_WEIGHTS, MODEL_STATES
 from amused.training.config import parse_config
@@ -76,7 +76,7 @@ def test_every_s3_client_gets_the_retry_policy(s3_server, ray_session):
     assert json.loads(out) == POLICY
 
 
-def test_a_failed_write_leaves_nothing_and_a_write_is_one_put(s3_faults, monkeypatch):
+def test_a_failed_write_leaves_nothing_a_write_is_one_put_and_a_marker_check_one_head(s3_faults, monkeypatch):
     bucket = "s3://amused-test/atomic"
     fs, root = url_to_fs(bucket)
     monkeypatch.setattr(fs, "default_block_size", 5 << 20)  # s3fs's smallest part, so a part goes out
@@ -92,6 +92,9 @@ def test_a_failed_write_leaves_nothing_and_a_write_is_one_put(s3_faults, monkeyp
         fh.write(b"done")
     assert dict(s3_faults.requests) == {"PUT": 1}
     assert fs.cat_file(f"{root}/small.bin") == b"done"
+    s3_faults.reset_counts()
+    assert file_exists(f"{bucket}/small.bin") and not file_exists(f"{bucket}/missing.json")
+    assert dict(s3_faults.requests) == {"HEAD": 2}
 
 
 # ---------------------------------------------------------------- stages under faults
@@ -192,6 +195,7 @@ def test_filter_lists_as_often_for_three_times_the_files(s3_proxy, s3_bucket, fi
     assert large.requests["LIST"] == small.requests["LIST"]
 
 
+@pytest.mark.slow
 def test_pretokenize_lists_as_often_for_three_times_the_shards(s3_proxy, s3_bucket, pretokenize_clean, tiny_models,
                                                                tmp_path, capsys):
     put_shape_shards(f"{s3_bucket}/p6/in", 6, tmp_path / "p6")
@@ -203,3 +207,15 @@ def test_pretokenize_lists_as_often_for_three_times_the_shards(s3_proxy, s3_buck
               f"({small.requests['LIST_PROBE']}), 6 shards -> {large.requests['LIST']} ({large.requests['LIST_PROBE']})")
     assert large.result.rows_written == 18
     assert large.requests["LIST"] == small.requests["LIST"]
+
+
+def test_a_listing_sees_what_another_process_wrote_after_it(s3_bucket):
+    """A driver that listed a folder, then let its workers write there, lists it again."""
+    url = f"{s3_bucket}/seen/_stats"
+    with atomic_writer(f"{url}/00000.json") as fh:
+        fh.write(b"{}")
+    assert list_files(url, ".json") == [f"{url}/00000.json"]
+    write = f"from amused.plumbing.fsio import atomic_writer\nwith atomic_writer('{url}/00001.json') as fh: fh.write(b'1')"
+    subprocess.run([sys.executable, "-c", write], check=True, cwd=ROOT)
+    assert list_files(url, ".json") == [f"{url}/00000.json", f"{url}/00001.json"]
+    assert exists(f"{url}/00001.json")
