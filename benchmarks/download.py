@@ -154,6 +154,9 @@ def run_once(path: str, work: Path, size: int, args) -> dict:
     cpu = {who: cpu_seconds(who) - seconds for who, seconds in before.items()}
     stats = [json.loads(p.read_text()) for p in sorted(out.glob("*_stats.json"))]
     successes = sum(s["successes"] for s in stats)
+    if successes < sum(s["count"] for s in stats):  # a rate over failures would not be a download rate
+        raise RuntimeError(f"{path}: {successes} of {sum(s['count'] for s in stats)} samples downloaded; "
+                           f"the errors are in {out}/*.parquet")
     shard_seconds = sum(s["duration"] for s in stats)
     worker_cpu = sum(float(p.read_text()) for p in probe.glob("*.cpu"))
     tars = sorted(out.glob("*.tar"))
@@ -173,6 +176,19 @@ def run_once(path: str, work: Path, size: int, args) -> dict:
         "parquet_bytes": sum(p.stat().st_size for p in out.glob("*.parquet")) / successes,
         **{f"{k}_bytes": v / successes for k, v in member.items()},
     }
+
+
+def wait_listening(port: int, seconds: float = 120.0) -> None:
+    """Until the server accepts connections (its spawned process imports this module first)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"image server on 127.0.0.1:{port} not listening after {seconds:.0f}s") from None
+            time.sleep(0.2)
 
 
 def free_port() -> int:
@@ -205,6 +221,7 @@ def main() -> None:
     server = mp.get_context("spawn").Process(target=serve, args=(str(work / "www"), port), daemon=True)
     server.start()
     try:
+        wait_listening(port)
         for size in (int(s) for s in args.sizes.split(",")):
             runs: dict[str, list[dict]] = {"baseline": [], "ours": []}
             for r in range(args.repeats):
