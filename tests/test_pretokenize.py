@@ -185,14 +185,16 @@ def test_s3_input_and_output(ray_session, tiny_models, s3_bucket, tmp_path):
 
 def test_driver_receives_records_not_samples(ray_session, tiny_models, tmp_path):
     src = tmp_path / "src"
-    write_shape_shards(str(src), shards=3, per_shard=16, seed=4)
-    report = pretokenize(config(tiny_models, src, tmp_path / "out", batch_size=8))
-    assert report.ok and report.rows_written == 48
+    write_shape_shards(str(src), shards=3, per_shard=32, seed=4)
+    # Chunks of 32 samples (~5 KB each here): blocks over Ray's 100 KB, which it would otherwise
+    # hand to their owner, the driver, inline; real blocks (64 x 118 KB) are far over it.
+    report = pretokenize(config(tiny_models, src, tmp_path / "out", batch_size=32))
+    assert report.ok and report.rows_written == 96
     spec = fmt.read_manifest(str(tmp_path / "out")).spec
     encoded = sum(dtype.itemsize * int(np.prod(shape)) for dtype, shape in spec.tensor_columns().values())
     per_sample = report.driver_bytes / report.rows_written
     # Had the samples come through the driver, it would have received at least their tensors.
-    assert encoded > 2048 and 0 < per_sample < 1024, (per_sample, encoded)
+    assert encoded * 32 > 100 << 10 and 0 < per_sample < 1024, (per_sample, encoded)
     assert report.driver_cpu_seconds > 0 and "bytes/sample" in report.summary()
     node = ray.get_runtime_context().get_node_id()  # the session's one node
     assert report.writer_nodes == {f"0000{i}.parquet": node for i in range(3)}
