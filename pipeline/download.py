@@ -68,7 +68,14 @@ from amused.pipeline.politeness import (
 from amused.pipeline.urls import AddressPolicy, normalize, parse_allow, parse_pins, sample_keys, scheme_allowed
 from amused.pipeline.wds import ShardFormatError, sort_shard
 from amused.plumbing.config import opt
-from amused.plumbing.fsio import atomic_writer, exists, list_files, parquet_columns, read_json, write_json_atomic
+from amused.plumbing.fsio import (
+    atomic_writer,
+    file_exists,
+    list_files,
+    parquet_columns,
+    read_json,
+    write_json_atomic,
+)
 from amused.plumbing.raysession import ray_session
 from amused.plumbing.storage import join, url_to_fs
 
@@ -221,7 +228,7 @@ class DownloadSummary:
 def prepare_input(source: str, dest: str, policy: AddressPolicy) -> dict:
     """Copies one metadata file with the URL policy applied and sample keys filled in."""
     counts_url = dest.removesuffix(".parquet") + ".json"
-    if exists(counts_url):
+    if file_exists(counts_url):
         return read_json(counts_url)
     src_fs, src_path = url_to_fs(source)
     names = parquet_columns(source)
@@ -388,7 +395,7 @@ def finish_shard(output: str, shard: int, extra: list[str], origin: dict | None)
     of a retry round's shard go back to their earlier failure, which `--retry-failed`
     retries."""
     marker = record_url(output, shard)
-    if exists(marker):
+    if file_exists(marker):
         return read_json(marker)
     started = time.monotonic()
     fs, _ = url_to_fs(output)
@@ -439,9 +446,9 @@ def land_shard(output: str, staged: str, shard: int, extra: list[str], origin: d
     after a crash does not fetch its landed shards again."""
     fs, _ = url_to_fs(output)
     target = join(output, f"{shard:05d}")
-    if not exists(target + "_stats.json"):
+    if not file_exists(target + "_stats.json"):
         for suffix in SHARD_FILES[:-1]:
-            if exists(staged + suffix):
+            if file_exists(staged + suffix):
                 fs.mv(url_to_fs(staged + suffix)[1], url_to_fs(target + suffix)[1])
         fs.copy(url_to_fs(staged + "_stats.json")[1], url_to_fs(target + "_stats.json")[1])
     return finish_shard(output, shard, extra, origin)
@@ -490,7 +497,7 @@ def _origin(shard: int, plans: list[tuple[str, dict]]) -> dict | None:
 
 def _read_cache(output: str) -> dict[int, dict]:
     url = join(output, STATE, CACHE)
-    if not exists(url):
+    if not file_exists(url):
         return {}
     fs, path = url_to_fs(url)
     t = pq.read_table(path, filesystem=fs)
@@ -587,7 +594,7 @@ def _retry_round(cfg: DownloadConfig, extra: list[str], records: dict[int, dict]
     the shards it landed). Its plan is written after its input files, its done.json after
     its shards landed."""
     plans = _plans(cfg.output)
-    unfinished = [(n, p) for n, p in plans if not exists(join(cfg.output, STATE, n, "done.json"))]
+    unfinished = [(n, p) for n, p in plans if not file_exists(join(cfg.output, STATE, n, "done.json"))]
     if unfinished:
         name, plan = unfinished[0]
     else:

@@ -41,7 +41,14 @@ from tqdm import tqdm
 from amused.pipeline.urls import AddressPolicy, normalize, parse_allow, sample_keys, scheme_allowed, seeded_rank
 from amused.pipeline.wds import MAX_RECORDED_SIDE
 from amused.plumbing.config import opt, output_settings
-from amused.plumbing.fsio import atomic_writer, exists, list_files, parquet_columns, read_json, write_json_atomic
+from amused.plumbing.fsio import (
+    atomic_writer,
+    file_exists,
+    list_files,
+    parquet_columns,
+    read_json,
+    write_json_atomic,
+)
 from amused.plumbing.raysession import ray_session
 from amused.plumbing.storage import join, url_to_fs
 
@@ -338,11 +345,12 @@ def filter_file(item: dict, output: str, mapping: dict, rules: RuleSet, seed: in
     """Filters one metadata file into `_work/files/NNNNN.parquet`; returns its counts."""
     index, path = int(item["index"]), str(item["path"])
     marker = _work(output, "files", f"{index:05d}.json")
-    if exists(marker):
+    if file_exists(marker):
         return read_json(marker)
     src_fs, src_path = url_to_fs(path)
     sources = sorted(set(mapping.values()) & set(parquet_columns(path)))
-    table = pq.read_table(src_path, columns=sources, filesystem=src_fs)
+    with src_fs.open(src_path, "rb") as fh:  # one open: through `filesystem=` pyarrow asks for the file 7 times
+        table = pq.read_table(fh, columns=sources)
     cols = canonical_table(table, mapping)
     cols["_normalized"] = normalize(cols["url"])
     alive = pa.array(np.ones(table.num_rows, dtype=bool))
@@ -377,14 +385,14 @@ def _sort_keys() -> list[tuple[str, str]]:
 def dedup_partition(item: dict, output: str, files: list[int], partitions: int, dedup: bool) -> dict:
     p = int(item["partition"])
     marker = _work(output, "parts", f"{p:05d}.json")
-    fs, marker_path = url_to_fs(marker)
-    if fs.exists(marker_path):
+    if file_exists(marker):
         return read_json(marker)
     lo, hi = rank_bounds(p, partitions)
     rank = pc.field("_rank")
     expr = rank >= pa.scalar(lo, pa.uint64())
     if hi < 1 << 64:
         expr = expr & (rank < pa.scalar(hi, pa.uint64()))
+    fs, _ = url_to_fs(output)
     paths = [url_to_fs(_work(output, "files", f"{i:05d}.parquet"))[1] for i in files]
     table = pads.dataset(paths, format="parquet", filesystem=fs, schema=_WORK_SCHEMA).to_table(filter=expr)
     table = table.sort_by(_sort_keys())
@@ -417,7 +425,7 @@ def write_shards(item: dict, output: str, offsets: list[int], rows_per_shard: in
     start, end = offsets[p], offsets[p + 1]
     first = -(-start // rows_per_shard)
     shards = list(range(first, -(-end // rows_per_shard))) if end > start else []
-    todo = [s for s in shards if not exists(shard_url(output, s))]
+    todo = [s for s in shards if not file_exists(shard_url(output, s))]
     if not todo:
         return {"partition": p, "written": 0}
     need_end = min(total, (todo[-1] + 1) * rows_per_shard)

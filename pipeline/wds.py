@@ -138,13 +138,16 @@ def recorded_sample_count(fs, tar_path: str) -> int | None:
     """img2dataset's `successes` from the `NNNNN_stats.json` beside a tar (fsspec `fs`),
     or None when there is no such file or count."""
     stats = f"{tar_path.removesuffix('.tar')}_stats.json"
-    if not tar_path.endswith(".tar") or not fs.exists(stats):
+    if not tar_path.endswith(".tar"):
         return None
-    with fs.open(stats, "rb") as fh:
-        try:
-            stats_obj = json.loads(fh.read())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ShardFormatError(f"{stats}: unreadable img2dataset stats file ({exc})") from None
+    try:  # one GET: on object stores exists() costs a HEAD and, when missing, a LIST
+        data = fs.cat_file(stats)
+    except FileNotFoundError:
+        return None
+    try:
+        stats_obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ShardFormatError(f"{stats}: unreadable img2dataset stats file ({exc})") from None
     successes = stats_obj.get("successes") if isinstance(stats_obj, dict) else None
     return successes if isinstance(successes, int) and not isinstance(successes, bool) else None
 

@@ -106,6 +106,9 @@ class FolderLock:
                 self.mine = me
                 return
             holder = self._read()
+            if holder == me:  # our own create, whose answer was lost and which the retry then found taken
+                self.mine = me
+                return
             if holder is None:
                 continue  # released between our create and our look
             if holder.host != me.host:

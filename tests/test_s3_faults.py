@@ -22,6 +22,7 @@ from amused.demo.datasets import write_shape_shards, write_token_dataset
 from amused.pipeline.filter import REPORT, FilterConfig, filter_metadata
 from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
 from amused.plumbing.fsio import atomic_writer, exists, file_exists, list_files, read_json
+from amused.plumbing.runlock import FolderLock
 from amused.plumbing.storage import RETRY_POLICY, url_to_fs
 from amused.training.checkpoint import EMA_WEIGHTS, MODEL_STATES
 from amused.training.config import parse_config
@@ -219,3 +220,19 @@ def test_a_listing_sees_what_another_process_wrote_after_it(s3_bucket):
     subprocess.run([sys.executable, "-c", write], check=True, cwd=ROOT)
     assert list_files(url, ".json") == [f"{url}/00000.json", f"{url}/00001.json"]
     assert exists(f"{url}/00001.json")
+
+
+def test_a_lock_whose_create_answer_was_lost_is_held_not_refused(s3_faults, s3_bucket):
+    """The conditional PUT lands but its answer is lost; botocore's retry then finds the
+    key taken (412), by this very process: the lock is ours, not another holder's."""
+    url = f"{s3_bucket}/lost-answer/run.lock"
+    s3_faults.faults = Faults(rate=0.99, seed=1, modes=("lost",), max_in_a_row=1)
+    try:
+        lock = FolderLock(url)
+        lock.acquire()
+    finally:
+        s3_faults.faults = None
+    assert s3_faults.injected["PUT:lost"] >= 1
+    assert lock.mine is not None and exists(url)
+    lock.release()
+    assert not exists(url)
