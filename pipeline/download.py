@@ -477,8 +477,15 @@ CACHE = "records.parquet"  # every record known at the end of a run, in one obje
 
 def _plans(output: str) -> list[tuple[str, dict]]:
     """(name, plan) of every retry round, oldest first."""
-    return [(u.rsplit("/", 2)[-2], read_json(u))
-            for u in list_files(join(output, STATE, "retry-*", "plan.json"), ".json", required=False)]
+    plans = []
+    for url in list_files(join(output, STATE, "retry-*", "plan.json"), ".json", required=False):
+        plan = read_json(url)
+        if "groups" not in plan:  # rounds before per-shard records kept no groups: their shards cannot be traced
+            raise ValueError(f"{url}: a retry round of an older amused download, whose shards this version cannot "
+                             f"trace to their samples' earlier attempts; summarise or retry this folder with the "
+                             f"version that wrote it, or download into a new folder")
+        plans.append((url.rsplit("/", 2)[-2], plan))
+    return plans
 
 
 def _group_url(output: str, plan: str, group: int) -> str:

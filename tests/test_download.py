@@ -18,8 +18,10 @@ import pytest
 import s3fs
 
 from amused.pipeline.download import (
+    STATE,
     DownloadConfig,
     Tasks,
+    _plans,
     classify,
     download,
     merge,
@@ -372,3 +374,13 @@ def test_deleting_the_files_a_damaged_shard_error_names_fetches_it_again(server,
     again = download(cfg)
     assert (again.shards, again.successes) == (2, 6) and image_hits() == hits + 3
     assert (out / "00001.tar").read_bytes() == intact
+
+
+def test_a_retry_round_of_the_older_layout_is_refused_by_name(tmp_path):
+    """Before per-shard records a retry plan kept no groups; its shards cannot be traced, so
+    the summary refuses the folder, naming the plan, instead of failing on a missing key."""
+    plan = tmp_path / "wds" / STATE / "retry-000" / "plan.json"
+    plan.parent.mkdir(parents=True)
+    plan.write_text(json.dumps({"first_shard": 3, "samples": 5}))
+    with pytest.raises(ValueError, match=f"{re.escape(str(plan))}: a retry round of an older amused download"):
+        _plans(str(tmp_path / "wds"))
