@@ -472,8 +472,21 @@ class _Round:
             order = [shard.chunks[i] for i in range(shard.last + 1)]
             where = {ref: i for i, ref in enumerate(dict.fromkeys(ref for ref, _, _ in order))}
             rows = [(where[ref], row) for ref, row, _ in order]
-            self.writing[self.write.remote(self.output, self.spec, source, rows, *where)] = (source, size)
+            write = self.write.options(scheduling_strategy=self._near(list(where)))
+            self.writing[write.remote(self.output, self.spec, source, rows, *where)] = (source, size)
             self.in_flight += size
+
+    def _near(self, blocks: list) -> object:
+        """On the node holding most of these blocks' bytes, even when it is busy for now: Ray's
+        own locality preference gives way to any node with a free CPU, and the blocks would
+        cross the network. If that node dies first, the write fails and reruns next round."""
+        held: dict[str, int] = {}
+        for where in self.ray.experimental.get_object_locations(blocks).values():
+            for node in where["node_ids"]:
+                held[node] = held.get(node, 0) + (where["object_size"] or 0)
+        if not held:  # blocks small enough to live in the driver's own memory
+            return "DEFAULT"
+        return self.ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(max(held, key=held.get), soft=False)
 
     def _written(self, task) -> None:
         source, size = self.writing.pop(task)
