@@ -41,8 +41,12 @@ demo: $(STAMP)
 	$(AMUSED) export --checkpoint $$($(PY) -c "from amused.training.checkpoint import Checkpoint; print(Checkpoint.latest('$(DEMO)/run/train').folder)") --output $(DEMO)/pipeline
 
 bench: $(STAMP)
+	$(PY) benchmarks/filter.py
+	$(PY) benchmarks/download.py
 	$(PY) benchmarks/shard_format.py
+	$(PY) benchmarks/bytes_per_sample.py
 	$(PY) benchmarks/pretokenize.py
+	$(PY) benchmarks/pretokenize.py --model-free
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/sample.py
 
