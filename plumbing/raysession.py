@@ -6,18 +6,23 @@ import logging
 from contextlib import contextmanager
 from typing import Iterator
 
+from amused.plumbing.storage import storage_env
+
 
 @contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
     """Uses an initialised Ray as is; else connects to `address` (None: a local one) and
-    shuts it down afterwards. Our own progress bars and reports replace Ray Data's."""
+    shuts it down afterwards. Every worker of the job, on any node, gets this process's
+    storage settings (S3 retry policy, no listing cache). Our own progress bars and reports
+    replace Ray Data's."""
     # ray costs 1.2-1.7 s to import; the configs of the jobs that call this are imported by
     # the CLI and the run config, which must not pay it.
     import ray
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": storage_env()})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -8,7 +8,9 @@ still failed with a throttle or a dropped connection up to 5 times, and re-reads
 off in the middle. botocore reads the policy from the environment whenever it makes a
 client, so it is set here, at import: every process that touches storage imports this
 module (url_to_fs lives here), and every process started after it inherits it: Ray's
-raylet and workers started by ray.init, img2dataset's processes, DeepSpeed ranks. A value
+raylet and workers started by ray.init, img2dataset's processes, DeepSpeed ranks; workers
+of a cluster that `ray start` began get it through the job's runtime_env
+(`plumbing.raysession`). A value
 already set in the environment wins, so a cluster can choose its own (AWS_RETRY_MODE=adaptive
 adds client-side rate limiting).
 
@@ -37,7 +39,16 @@ CACHE_ENV = "AMUSED_CACHE"
 RETRY_POLICY = {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "8"}
 for _name, _value in RETRY_POLICY.items():
     os.environ.setdefault(_name, _value)
+# fsspec reads FSSPEC_<PROTOCOL> (JSON) when a process imports it: the same setting for
+# processes that never import this module (img2dataset's workers).
+os.environ.setdefault("FSSPEC_S3", json.dumps({"use_listings_cache": False}))
 fsspec.config.conf.setdefault("s3", {}).setdefault("use_listings_cache", False)
+
+
+def storage_env() -> dict[str, str]:
+    """The storage settings of this process's environment, for processes that do not
+    inherit it: Ray workers on other nodes were started by `ray start`, not by us."""
+    return {name: os.environ[name] for name in (*RETRY_POLICY, "FSSPEC_S3")}
 
 
 def url_to_fs(url: str):

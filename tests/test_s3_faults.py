@@ -5,6 +5,7 @@ seen half-done; and the number of LIST requests of a run does not grow with its 
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -75,6 +76,18 @@ def test_every_s3_client_gets_the_retry_policy(s3_server, ray_session):
     probe = "import json, s3fs; print(json.dumps(s3fs.S3FileSystem(skip_instance_cache=True).s3.meta.config.retries))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == POLICY
+
+
+def test_workers_of_a_cluster_started_without_our_settings_get_them(s3_server):
+    """On a real cluster the workers descend from `ray start`, not from our process: the
+    job's runtime_env carries the retry policy and the listing-cache setting to them."""
+    env = {k: v for k, v in os.environ.items() if k not in (*RETRY_POLICY, "FSSPEC_S3")}
+    done = subprocess.run([sys.executable, "-m", "tests.storage_env_job"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["retries"] == POLICY
+    assert json.loads(seen["env"]["FSSPEC_S3"]) == {"use_listings_cache": False}
 
 
 def test_a_failed_write_leaves_nothing_a_write_is_one_put_and_a_marker_check_one_head(s3_faults, monkeypatch):
