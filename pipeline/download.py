@@ -201,6 +201,7 @@ class DownloadSummary:
     failures: dict = field(default_factory=dict)  # reason -> count, of samples whose last attempt failed
     transient_pending: int = 0
     policy_rejected: dict = field(default_factory=dict)
+    unfinished_inputs: list = field(default_factory=list)  # input files img2dataset finished no shard of
     seconds: float = 0.0
 
     @property
@@ -220,6 +221,11 @@ class DownloadSummary:
         if self.transient_pending:
             lines.append(f"  {self.transient_pending:,} transient failures can be retried: amused download "
                          f"--retry-failed")
+        if self.unfinished_inputs:
+            named = ", ".join(f"{i:05d}" for i in self.unfinished_inputs[:10])
+            lines.append(f"  {len(self.unfinished_inputs):,} input file(s) have no finished shard "
+                         f"({named}{', ...' if len(self.unfinished_inputs) > 10 else ''}): img2dataset gave up "
+                         f"on them; a rerun fetches them")
         return "\n".join(lines)
 
 
@@ -595,7 +601,7 @@ def retry_groups(records: dict[int, dict], plans: list[tuple[str, dict]], below:
     return groups
 
 
-def _retry_round(cfg: DownloadConfig, extra: list[str], records: dict[int, dict], tasks: Tasks
+def _retry_round(cfg: DownloadConfig, extra: list[str], records: dict[int, dict], inputs: int, tasks: Tasks
                  ) -> tuple[int, dict[int, dict]]:
     """One retry round (or the unfinished one a crash left): (samples it tried, records of
     the shards it landed). Its plan is written after its input files, its done.json after
@@ -615,7 +621,8 @@ def _retry_round(cfg: DownloadConfig, extra: list[str], records: dict[int, dict]
         calls = [{"output": cfg.output, "dest": _group_url(cfg.output, name, g), "sources": sources,
                   "below": cfg.max_attempts, "extra": extra} for g, sources in enumerate(groups)]
         rows = sum(r["rows"] for r in tasks.map(write_group, calls))
-        plan = {"first_shard": max(records, default=-1) + 1, "groups": groups, "below": cfg.max_attempts,
+        # Never an input file's number, even one img2dataset finished no shard of: a rerun fetches it there.
+        plan = {"first_shard": max(inputs, max(records, default=-1) + 1), "groups": groups, "below": cfg.max_attempts,
                 "samples_per_shard": cfg.samples_per_shard, "samples": rows}
         write_json_atomic(join(cfg.output, STATE, name, "plan.json"), plan)
     base = join(cfg.output, STATE, name)
@@ -660,11 +667,12 @@ def _download(cfg: DownloadConfig, tasks: Tasks) -> DownloadSummary:
     run_img2dataset(checked, cfg.output, extra, cfg)
     records = shard_records(cfg, extra, tasks)
     while cfg.retry_failed:
-        tried, landed = _retry_round(cfg, extra, records, tasks)
+        tried, landed = _retry_round(cfg, extra, records, len(files), tasks)
         if not tried:
             break
         records = shard_records(cfg, extra, tasks, {**records, **landed})
     summary = merge(cfg.output, records, dict(rejected))
+    summary.unfinished_inputs = [i for i in range(len(files)) if i not in records]
     write_json_atomic(join(cfg.output, STATE, SUMMARY),
                       {**dataclasses.asdict(summary), "wall_seconds": time.monotonic() - started})
     return summary
