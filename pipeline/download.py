@@ -60,6 +60,7 @@ import pyarrow.parquet as pq
 from amused.pipeline.fetch_guard import guarded_downloads
 from amused.pipeline.politeness import (
     BREAKER_OPEN,
+    DOMAIN_OPTED_OUT,
     OPT_OUT_DIRECTIVES,
     ROBOTS_DISALLOWED,
     ROBOTS_UNREACHABLE,
@@ -93,6 +94,7 @@ _REASONS = (
     ("robots_disallowed", "permanent", _POLITE + re.escape(ROBOTS_DISALLOWED)),
     ("robots_unreachable", "transient", _POLITE + re.escape(ROBOTS_UNREACHABLE)),
     ("domain_breaker", "transient", _POLITE + re.escape(BREAKER_OPEN)),
+    ("domain_opted_out", "permanent", _POLITE + re.escape(DOMAIN_OPTED_OUT)),
     ("policy_redirect", "permanent", r"URL policy refused redirect|Redirection to url .* is not allowed"),
     ("policy_address", "permanent", r"URL policy refused address"),
     ("policy_url", "permanent", r"URL policy refused"),

@@ -20,7 +20,8 @@ failure reason: `policy_url`, `policy_redirect` or `policy_address`.
 With a `Politeness`, the opener is also the polite client of `pipeline.politeness`: its
 User-Agent, per-domain caps, circuit breaker and robots.txt, its state kept per process
 for the run (`guarded_downloads` names each run), so it holds across the shards one
-process downloads.
+process downloads, and no longer: img2dataset's multiprocessing pool renews each process
+every 5 shards (`maxtasksperchild=5`); with Ray it lives per worker process.
 """
 
 from __future__ import annotations

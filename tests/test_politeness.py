@@ -25,7 +25,7 @@ from amused.pipeline.politeness import (
 from amused.pipeline.urls import AddressPolicy
 from tests.samples import jpeg
 
-HOSTS = ("a.test", "b.test", "c.test", "d.test", "e.test", "f.test", "g.test")
+HOSTS = ("a.test", "b.test", "c.test", "d.test", "e.test", "f.test", "g.test", "h.test", "i.test")
 TOKEN, CONTACT = "amusedtest", "https://example.org/amused-crawler"
 ROBOTS = {  # host -> (status, robots.txt)
     "a.test": (200, "User-agent: *\nDisallow: /private/\n\nUser-agent: otherbot\nDisallow: /\n"),
@@ -36,7 +36,11 @@ ROBOTS = {  # host -> (status, robots.txt)
     "f.test": (503, ""),  # unreachable: nothing of f.test may be fetched
     # a rule past the size cap is never read; one before it is
     "g.test": (200, "User-agent: *\nDisallow: /private/\n" + "#" * ROBOTS_MAX_BYTES + "\nDisallow: /late/\n"),
+    # moved within the origin: the text is the new place
+    "h.test": (301, "/robots.txt/"),
+    "i.test": (301, "/en/robots.txt"),
 }
+MOVED = {"/robots.txt/": "User-agent: *\nDisallow: /private/\n", "/en/robots.txt": "User-agent: *\nDisallow: /private/\n"}
 
 
 class Site(BaseHTTPRequestHandler):
@@ -77,7 +81,11 @@ class Site(BaseHTTPRequestHandler):
     def _answer(self, host: str):
         if self.path == "/robots.txt":
             status, text = ROBOTS[host]
+            if status == 301:
+                return self._send(301, b"", [("Location", text)])
             return self._send(status, text.encode())
+        if self.path in MOVED:
+            return self._send(200, MOVED[self.path].encode())
         kind, name = self.path.strip("/").split("/", 1)
         body = jpeg(int(name.split(".")[0]))
         if kind == "down":
@@ -152,6 +160,26 @@ def test_robots_txt_is_asked_once_per_site_and_honoured(served):
     assert {ua for *_, ua in Site.requests} == {f"amused-pipeline/0.1.0 (compatible; {TOKEN}; +{CONTACT})"}
 
 
+def test_robots_txt_moved_within_its_origin_is_followed_without_waiting_on_itself(served):
+    """robots.txt redirected to another path of the same origin: its fetch is not checked
+    against the robots.txt being fetched (that waited forever on itself, and every other
+    thread of the origin with it); the moved rules are honoured."""
+    paths = [f"{h}/{kind}/{i}.jpg" for h in ("h.test", "i.test") for kind in ("img", "private") for i in range(3)]
+    got = []
+    worker = threading.Thread(target=lambda: got.extend(fetch_all(served, paths, Courtesy(politeness(), None))),
+                              daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive(), "fetching behind a moved robots.txt hangs"
+    for path, result in zip(paths, got):
+        if "/private/" in path:
+            assert result.startswith(ROBOTS_DISALLOWED), (path, result)
+        else:
+            assert result == "ok", (path, result)
+    assert asked("h.test", "/robots.txt") == 2 and asked("i.test", "/robots.txt") == 1  # /robots.txt/ included
+    assert asked("i.test", "/en/robots.txt") == 1 and asked("h.test", "/private/") == asked("i.test", "/private/") == 0
+
+
 def test_the_breaker_stops_a_failing_site_after_exactly_n_requests(served):
     """Eight threads on a site that answers 503: it gets `breaker` requests, not one more,
     however many were waiting; the healthy site beside it gets all of its own."""
@@ -207,9 +235,10 @@ def test_download_is_a_polite_client(served, tmp_path):
                          domain_breaker=3)
     summary = download(cfg)
     assert summary.successes == 6 + 1 + 8  # a.test's images and `theirs`, c.test's slow ones
-    assert summary.failures == {"robots_disallowed": 2, "opted_out": 1 + 3, "http_5xx": 3, "domain_breaker": 5 + 2,
-                                "robots_unreachable": 2}
-    assert summary.transient_pending == 3 + 7 + 2
+    # b.test's failures open its breaker (transient), e.test's opt-outs its own (permanent)
+    assert summary.failures == {"robots_disallowed": 2, "opted_out": 1 + 3, "http_5xx": 3, "domain_breaker": 5,
+                                "domain_opted_out": 2, "robots_unreachable": 2}
+    assert summary.transient_pending == 3 + 5 + 2
     assert {h: asked(h, "/robots.txt") for h in ("a.test", "b.test", "c.test", "e.test", "f.test")} == dict.fromkeys(
         ("a.test", "b.test", "c.test", "e.test", "f.test"), 1)
     assert asked("a.test", "/private/") == asked("f.test", "/img/") == 0
@@ -219,4 +248,4 @@ def test_download_is_a_polite_client(served, tmp_path):
     gaps = sorted(b - a for a, b in zip(starts, starts[1:]))
     assert gaps[len(gaps) // 2] >= 0.5 / 20, gaps  # lenient: at most 20 starts a second
     assert {ua for *_, ua in Site.requests} == {f"amused-pipeline/0.1.0 (compatible; {TOKEN}; +{CONTACT})"}
-    assert "robots_disallowed" in summary.table() and "domain_breaker" in summary.table()
+    assert "robots_disallowed" in summary.table() and "domain_opted_out" in summary.table()
