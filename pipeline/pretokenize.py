@@ -381,7 +381,10 @@ def write_encoded_shard(output: str, spec: fmt.DatasetSpec, source: str, rows: l
     return {"record": dataclasses.asdict(record), "node": ray.get_runtime_context().get_node_id()}
 
 
-WRITE_CPUS = 0.25
+# A write reserves no CPU: it is pinned to the node holding its blocks, and a node whose CPUs
+# the encoder actors hold would otherwise never run it (the job would wait forever). How many
+# run at once is bounded by WRITE_MEMORY_SHARE instead.
+WRITE_CPUS = 0
 ROUNDS = 3  # passes over the shards a node or worker failure left unwritten, before naming them failed
 # Encoded bytes of the shards being written at once, as a share of the cluster's object store:
 # their blocks stay pinned until written.

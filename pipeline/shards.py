@@ -236,6 +236,9 @@ class Marker:
         return self.spec.changes_to(spec)
 
 
+MARKER_BATCH = 1000
+
+
 def read_markers(dataset_url: str) -> dict[str, Marker]:
     """Every completion marker, by shard name."""
     fs, root = url_to_fs(dataset_url)
@@ -243,14 +246,21 @@ def read_markers(dataset_url: str) -> dict[str, Marker]:
     if not fs.exists(stats):
         return {}
     out = {}
+    specs: dict[str, DatasetSpec] = {}  # one object per distinct spec, not one per shard
     paths = sorted(fs.glob(f"{stats}/*.json"))
-    # One batched call: on object storage fsspec fetches the markers concurrently, not one GET at a time.
-    contents = fs.cat(paths) if paths else {}
-    for path in paths:
-        obj = json.loads(contents[path])
-        record = ShardRecord(**obj["record"])
-        spec = DatasetSpec.from_json(obj["spec"]) if obj.get("spec") else None
-        out[record.name] = Marker(record, spec)
+    # Batched calls: on object storage fsspec fetches a batch's markers concurrently, not one GET at a
+    # time; a batch at a time, since a marker also lists its skipped samples, which are not kept.
+    for start in range(0, len(paths), MARKER_BATCH):
+        batch = paths[start : start + MARKER_BATCH]
+        contents = fs.cat(batch)
+        for path in batch:
+            obj = json.loads(contents[path])
+            record = ShardRecord(**obj["record"])
+            spec = None
+            if obj.get("spec"):
+                key = json.dumps(obj["spec"], sort_keys=True)
+                spec = specs.get(key) or specs.setdefault(key, DatasetSpec.from_json(obj["spec"]))
+            out[record.name] = Marker(record, spec)
     return out
 
 
