@@ -2,6 +2,8 @@
 the RFC 9309 matcher, and the per-process state kept per download run, bounded."""
 
 import threading
+import time
+import urllib.request
 
 import pytest
 
@@ -12,10 +14,12 @@ from amused.pipeline.politeness import (
     FAILURE,
     GOOD,
     OPT_OUT,
+    ROBOTS_UNREACHABLE,
     Courtesy,
     Politeness,
     PolitenessRefused,
     RobotsRules,
+    _Fetching,
     courtesy_for,
     parse_robots,
 )
@@ -158,3 +162,16 @@ def test_per_process_state_is_bounded_and_keeps_busy_domains():
         courtesy._robots[f"http://{i}.test"] = RobotsRules()
         courtesy._trim(courtesy._robots, lambda v: False)
     assert list(courtesy._robots) == ["http://7.test", "http://8.test", "http://9.test"]
+
+
+def test_waiting_for_another_threads_robots_txt_is_bounded():
+    """A fetch that never ends (here: one no thread will finish) holds the origin's other
+    URLs for at most ROBOTS_WAIT_REQUESTS request timeouts, then they are unreachable."""
+    courtesy = Courtesy(politeness(), None)
+    courtesy._robots["http://x.test"] = _Fetching()
+    request = urllib.request.Request("http://x.test/a.jpg")
+    request.timeout = 0.02  # what urllib's opener sets
+    began = time.monotonic()
+    with pytest.raises(PolitenessRefused, match=f"^{ROBOTS_UNREACHABLE} for http://x.test .*still fetching"):
+        courtesy._check_robots("http://x.test", request, None)
+    assert 0.2 <= time.monotonic() - began < 1
