@@ -617,9 +617,9 @@ def _retry_round(cfg: DownloadConfig, extra: list[str], records: dict[int, dict]
         if not groups:
             return 0, {}
         name = f"retry-{len(plans):03d}"
-        fs, inputs = url_to_fs(join(cfg.output, STATE, name, "input"))
-        if fs.exists(inputs):  # a crash before the plan: its input files may not be this plan's
-            fs.rm(inputs, recursive=True)
+        fs, input_dir = url_to_fs(join(cfg.output, STATE, name, "input"))
+        if fs.exists(input_dir):  # a crash before the plan: its input files may not be this plan's
+            fs.rm(input_dir, recursive=True)
         calls = [{"output": cfg.output, "dest": _group_url(cfg.output, name, g), "sources": sources,
                   "below": cfg.max_attempts, "extra": extra} for g, sources in enumerate(groups)]
         rows = sum(r["rows"] for r in tasks.map(write_group, calls))
