@@ -3,11 +3,11 @@
     input shards -> read (tar -> chunks of compressed bytes)      CPU tasks
                  -> decode + crop (bytes -> uint8 crops)           CPU tasks
                  -> encode (VQ-GAN ids, CLIP states)               actor pool, GPU or CPU
-                 -> write: one task per shard, where its encoded    CPU tasks
-                    chunks are: Parquet, then its marker
+                 -> write: one call per shard to the NodeWriter      one actor per node
+                    where its encoded chunks are: Parquet, marker
 
-The driver sees block references, where each chunk is (a task next to the block reads its
-shard, chunk index and error) and each write's small record (rows, sha256, skips by reason,
+The driver sees block references, where each chunk is (the writer next to the block reads
+its shard, chunk index and error) and each write's small record (rows, sha256, skips by reason,
 the node that wrote it); encoded data never reaches it. A shard whose chunks or write were
 lost with a node is rerun in another pass, up to ROUNDS.
 
@@ -348,7 +348,7 @@ _ENCODED_DATA = ("items", "skipped", "tokens", "hidden", "pooled")
 def locate_chunks(block: pa.Table, start: int, end: int | None) -> list[tuple]:
     """(source, chunk, last, error, row) of each encoded chunk in rows [start, end) of a block.
 
-    A Ray task next to the block: the driver learns where each chunk is, never its data.
+    Run by the NodeWriter next to the block: the driver learns where each chunk is, never its data.
     """
     end = block.num_rows if end is None else end
     columns = block.slice(start, end - start).select(list(_LOCATOR)).to_pydict()
@@ -358,9 +358,9 @@ def locate_chunks(block: pa.Table, start: int, end: int | None) -> list[tuple]:
 def write_encoded_shard(output: str, spec: fmt.DatasetSpec, source: str, rows: list[tuple[int, int]],
                         *blocks: pa.Table) -> dict:
     """Writes one shard from its encoded chunks, chunk i being row `rows[i][1]` of block
-    `rows[i][0]`: the Parquet file, then its marker. A Ray task that takes the blocks as its
-    arguments, so Ray runs it where most of their bytes are; it returns only the small record
-    the driver keeps, with the node that wrote it."""
+    `rows[i][0]`: the Parquet file, then its marker. Run by the NodeWriter on the node holding
+    most of the blocks' bytes; it returns only the small record the driver keeps, with the node
+    that wrote it."""
     import ray  # see _encoder_plan
 
     chunks = [{name: blocks[b][name][r] for name in _ENCODED_DATA} for b, r in rows]
