@@ -5,6 +5,7 @@ node part-way. Writes OUT/result.json (stdout carries Ray's own messages): the c
 node ids, and per job the nodes its completion records name, its failed shards and the keys
 it wrote."""
 
+import hashlib
 import json
 import sys
 import threading
@@ -18,6 +19,13 @@ from ray.cluster_utils import Cluster
 from amused.pipeline import shards as fmt
 from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
 from amused.plumbing.fsio import list_files
+
+
+def digests(out: str) -> dict[str, str]:
+    """sha256 of every shard and marker, by name relative to the dataset."""
+    root = Path(out)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted([*root.glob("*.parquet"), *(root / fmt.STATS_DIR).glob("*.json")])}
 
 
 def keys_of(out: str) -> list[str]:
@@ -64,8 +72,10 @@ def main(images: str, models: str, out: str) -> None:
     Path(out, "result.json").write_text(json.dumps({
         "nodes": nodes,
         "whole": {"writer_nodes": sorted(set(whole.writer_nodes.values())), "failed": whole.failed_shards,
-                  "keys": keys_of(f"{out}/whole"), "driver_bytes_per_sample": whole.driver_bytes / whole.rows_written},
+                  "keys": keys_of(f"{out}/whole"), "driver_bytes_per_sample": whole.driver_bytes / whole.rows_written,
+                  "digests": digests(f"{out}/whole")},
         "lossy": {"failed": report.failed_shards, "keys": keys_of(lossy), "shards": report.shards_total,
+                  "digests": digests(lossy),
                   "removed_after_shards": removed.get("done_before"),
                   "worker_removed": workers[-1] not in cluster.worker_nodes},
     }))

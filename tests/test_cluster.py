@@ -42,3 +42,5 @@ def test_three_nodes_write_then_one_lost_every_sample_once(tmp_path, tiny_models
     assert lossy["worker_removed"] and 0 < lossy["removed_after_shards"] < SHARDS, "the node must go mid-job"
     assert lossy["failed"] == {}
     assert sorted(lossy["keys"]) == expected  # every sample, none twice
+    # The same bytes, shards and markers, as the job that lost no node, wherever each shard was written.
+    assert len(lossy["digests"]) == 2 * SHARDS and lossy["digests"] == whole["digests"]
