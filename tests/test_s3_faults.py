@@ -191,7 +191,7 @@ def test_training_from_s3_under_faults_saves_the_fault_free_weights(s3_proxy, s3
         print("\n" + clean.line("train fault-free") + "\n" + faulty.line("train with faults"))
     assert sum(faulty.injected.values()) >= 3
     assert (faulty.result / EMA_WEIGHTS).read_bytes() == (clean.result / EMA_WEIGHTS).read_bytes()
-    want, got = (torch.load(r / MODEL_STATES, weights_only=False)["module"] for r in (clean.result, faulty.result))
+    want, got = (torch.load(r / MODEL_STATES, weights_only=True)["module"] for r in (clean.result, faulty.result))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert load_file(str(faulty.result / EMA_WEIGHTS)).keys() == load_file(str(clean.result / EMA_WEIGHTS)).keys()
 
