@@ -20,8 +20,8 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import IO, Iterable, Iterator
 
-from amused.plumbing.fsio import file_exists
-from amused.plumbing.storage import protocol, url_to_fs
+from amused.plumbing.fsio import file_exists_in
+from amused.plumbing.storage import url_to_fs
 
 # Extensions of the formats pipeline.images decodes (its IMAGE_FORMATS), in order of preference.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "avif", "gif", "bmp", "tif", "tiff")
@@ -139,9 +139,8 @@ def recorded_sample_count(fs, tar_path: str) -> int | None:
     """img2dataset's `successes` from the `NNNNN_stats.json` beside a tar (fsspec `fs`),
     or None when there is no such file or count."""
     stats = f"{tar_path.removesuffix('.tar')}_stats.json"
-    scheme = protocol(fs)
     # A HEAD, not exists(): on object stores that adds a LIST for every missing file.
-    if not tar_path.endswith(".tar") or not file_exists(stats if scheme == "file" else f"{scheme}://{stats}"):
+    if not tar_path.endswith(".tar") or not file_exists_in(fs, stats):
         return None
     data = fs.cat_file(stats)
     try:

@@ -133,7 +133,11 @@ def exists(url: str) -> bool:
 def file_exists(url: str) -> bool:
     """Whether a file is at `url`: for markers. On S3 one HEAD request, where exists() also
     asks, when no object has that name, whether a folder has (a LIST request per missing file)."""
-    fs, path = url_to_fs(url)
+    return file_exists_in(*url_to_fs(url))
+
+
+def file_exists_in(fs, path: str) -> bool:
+    """`file_exists` for a path on a filesystem the caller already holds."""
     if protocol(fs) not in _S3:
         return fs.isfile(path)
     bucket, key, _ = fs.split_path(path)
