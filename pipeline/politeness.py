@@ -254,7 +254,8 @@ def parse_robots(text: str, agent: str) -> RobotsRules:
                 for name in agents:
                     groups[name].append((rule, key == "allow"))
     chosen = next((groups[a] for a in (agent.lower(), PRODUCT, "*") if a in groups), [])
-    return RobotsRules(tuple(sorted(set(chosen), key=lambda r: (-len(r[0].removesuffix("$")), not r[1]))))
+    # dict.fromkeys, not set: equal-length rules keep file order whatever the hash seed
+    return RobotsRules(tuple(sorted(dict.fromkeys(chosen), key=lambda r: (-len(r[0].removesuffix("$")), not r[1]))))
 
 
 class _Fetching:
