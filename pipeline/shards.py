@@ -75,13 +75,23 @@ class DatasetSpec:
     # TF32 convolutions on GPUs, change the tokens. "" where nothing was encoded (synthetic).
     encoder_device: str = ""
     encoder_dtype: str = ""
+    # What a sample stores of its caption: "states", the text encoder's outputs (the
+    # default: training never runs the text tower), or "ids", its CLIP token ids (~60x
+    # fewer bytes; the training step runs the frozen text tower on them).
+    text: str = "states"
+
+    def __post_init__(self):
+        if self.text not in TEXT_MODES:
+            raise ValueError(f"text: {self.text!r} is not allowed; expected {' or '.join(TEXT_MODES)}")
 
     def tensor_columns(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
-        return {
-            "image_tokens": (np.dtype("<u2"), tuple(self.token_grid)),
-            "text_hidden_states": (np.dtype("<f2"), (self.text_seq_len, self.text_hidden_size)),
-            "text_pooled": (np.dtype("<f2"), (self.text_pooled_dim,)),
-        }
+        columns = {"image_tokens": (np.dtype("<u2"), tuple(self.token_grid))}
+        if self.text == "ids":  # CLIP's vocabulary (49,408) fits uint16
+            columns["text_ids"] = (np.dtype("<u2"), (self.text_seq_len,))
+        else:
+            columns["text_hidden_states"] = (np.dtype("<f2"), (self.text_seq_len, self.text_hidden_size))
+            columns["text_pooled"] = (np.dtype("<f2"), (self.text_pooled_dim,))
+        return columns
 
     def schema(self) -> pa.Schema:
         fields = [
@@ -125,6 +135,7 @@ class DatasetSpec:
 
 
 SIZE_COLUMNS = ("orig_width", "orig_height", "crop_top", "crop_left")
+TEXT_MODES = ("states", "ids")
 
 
 @dataclass
