@@ -33,10 +33,10 @@ from amused.plumbing.storage import folder_fingerprint, join, local_folder, reso
 FORMAT = "amused-token-dataset"
 VERSION = 2  # 2: the spec records the encoders' device and dtype; markers carry the spec
 READABLE_VERSIONS = (1, 2)  # a version 1 spec reads with those two as "" (not recorded)
-MANIFEST = "manifest.json"
+MANIFEST = "_manifest.json"
 # The text encoder's embeddings of "" (hidden states and pooled, float16): the
 # unconditional input that classifier-free-guidance training swaps in.
-EMPTY_PROMPT = "empty_prompt.safetensors"
+EMPTY_PROMPT = "_empty_prompt.safetensors"
 STATS_DIR = "_stats"
 ROW_GROUP_ROWS = 512
 SHARD_NAME = re.compile(r"^\d+$")

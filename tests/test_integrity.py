@@ -189,11 +189,11 @@ def test_settings_are_recorded_resolved_and_a_mismatch_is_refused(ray_session, t
         pretokenize(config(tiny_models, src, out, dtype="bf16"))
 
     # Without the manifest, the marker still says how the shard was made.
-    (out / "manifest.json").unlink()
+    (out / "_manifest.json").unlink()
     with pytest.raises(ValueError, match="shard 00000.parquet was made with other settings") as err:
         pretokenize(config(tiny_models, src, out, crop="random", seed=9))
     assert "crop: 'center' -> 'random'" in str(err.value) and "seed: 0 -> 9" in str(err.value)
-    assert not (out / "manifest.json").exists()
+    assert not (out / "_manifest.json").exists()
     assert pretokenize(config(tiny_models, src, out)).shards_already_done == 1
 
 

@@ -156,7 +156,7 @@ def test_sigkill_then_rerun_is_byte_identical(ray_session, tiny_models, tmp_path
     proc.wait()
     done_at_kill = len(list(stats.glob("*.json")))
     assert 0 < done_at_kill < n_shards, "the kill must land part-way for this test to mean anything"
-    assert not (out / "manifest.json").exists() or len(fmt.read_manifest(str(out)).shards) < n_shards
+    assert not (out / "_manifest.json").exists() or len(fmt.read_manifest(str(out)).shards) < n_shards
 
     report = pretokenize(config(tiny_models, src, out))
     assert report.ok and report.shards_already_done >= done_at_kill

@@ -127,7 +127,7 @@ def test_inspect_counts_codebook_usage_and_captions(tmp_path):
 def test_manifest_rejects_other_formats(tmp_path):
     url = str(tmp_path / "ds")
     write_dataset(url)
-    path = tmp_path / "ds" / "manifest.json"
+    path = tmp_path / "ds" / "_manifest.json"
     obj = json.loads(path.read_text())
     obj["version"] = 99
     path.write_text(json.dumps(obj))

@@ -114,7 +114,7 @@ def _inspect_run(cfg: TrainConfig) -> dict:
     try:
         dataset = TokenDataset(cfg.data.dataset)
     except FileNotFoundError:
-        raise ValueError(f"data.dataset: no token dataset at {cfg.data.dataset} (manifest.json missing)") from None
+        raise ValueError(f"data.dataset: no token dataset at {cfg.data.dataset} (_manifest.json missing)") from None
     spec = dataset.spec
     _check_identity("vqgan", cfg.model.vqgan, VQGAN_SUBFOLDERS, spec.image_tokenizer)
     _check_identity("text_encoder", cfg.model.text_encoder, (), spec.text_encoder)
@@ -122,7 +122,7 @@ def _inspect_run(cfg: TrainConfig) -> dict:
     if empty is None and cfg.objective.cond_drop_prob > 0:
         if cfg.model.text_encoder is None:
             raise ValueError(f"objective.cond_drop_prob > 0 needs the empty prompt's embeddings: {cfg.data.dataset} "
-                             "has no empty_prompt.safetensors; set model.text_encoder")
+                             "has no _empty_prompt.safetensors; set model.text_encoder")
         out = TextEncoder.from_pretrained(cfg.model.text_encoder, device="cpu").encode([""])
         empty = {"hidden_states": out.hidden_states[0].half().numpy(), "pooled": out.pooled[0].half().numpy()}
     return {"dataset": dataset, "empty": empty}
