@@ -31,9 +31,11 @@ class VerifyReport:
 
 
 def verify_dataset(url: str, checksums: bool = True) -> VerifyReport:
-    """Manifest vs files: existence, size, sha256, row counts, schema, tensor shapes, key uniqueness,
-    token ids within the codebook, finite text embeddings; every completion marker made with
-    the manifest's settings and agreeing with its record."""
+    """Manifest vs files: existence, size, sha256, row counts, schema, each shard's key-value spec,
+    tensor shapes, key uniqueness, image token ids within the codebook, finite float tensors (the text
+    embeddings; the compact text mode's ids are not checked: the spec does not record the vocabulary);
+    every completion marker made with the manifest's settings and format version and agreeing with its
+    record."""
     report = VerifyReport(url)
     try:
         dataset = fmt.TokenDataset(url)
@@ -51,6 +53,8 @@ def verify_dataset(url: str, checksums: bool = True) -> VerifyReport:
             report.warnings.append(f"{name}: shard not in the manifest (unfinished; a rerun rewrites it)")
     _check_markers(url, dataset.manifest, report)
     expected_schema = spec.schema()
+    expected_header = fmt.shard_header(expected_schema)
+    tensors = spec.tensor_columns()
     keys: set[str] = set()
     for shard in dataset.shards:
         where = shard.name
@@ -76,7 +80,9 @@ def verify_dataset(url: str, checksums: bool = True) -> VerifyReport:
         if not table.schema.equals(expected_schema, check_metadata=False):
             report.errors.append(f"{where}: schema differs from the manifest's spec:\n{table.schema}")
             continue
-        cols = dataset.decode(table.select(["key", "image_tokens", "text_hidden_states", "text_pooled"]))
+        if dataset.manifest.version >= 3:  # earlier shards did not carry the spec
+            _check_header(fmt.shard_header(table.schema), expected_header, spec, where, report)
+        cols = dataset.decode(table.select(["key", *tensors]))
         dup = len(cols["key"]) - len(set(cols["key"]))
         new_keys = set(cols["key"])
         clash = keys & new_keys
@@ -86,12 +92,30 @@ def verify_dataset(url: str, checksums: bool = True) -> VerifyReport:
         if table.num_rows and int(cols["image_tokens"].max()) >= spec.codebook_size:
             report.errors.append(f"{where}: token id {int(cols['image_tokens'].max())} >= codebook size "
                                  f"{spec.codebook_size}")
-        for name in ("text_hidden_states", "text_pooled"):
-            if not np.isfinite(cols[name]).all():
+        for name, (dtype, _) in tensors.items():
+            if dtype.kind == "f" and not np.isfinite(cols[name]).all():
                 report.errors.append(f"{where}: non-finite values in {name}")
     if report.rows != dataset.num_rows:
         report.errors.append(f"manifest total {dataset.num_rows} rows, shards hold {report.rows}")
     return report
+
+
+def _check_header(header: dict | None, expected: dict, spec: fmt.DatasetSpec, where: str,
+                  report: VerifyReport) -> None:
+    """The shard's own record of how it was made (read by tools without the manifest) must be the manifest's."""
+    if header is None:
+        report.errors.append(f"{where}: no {fmt.KV_KEY!r} entry in the Parquet key-value metadata")
+        return
+    for key in ("format", "version", "columns"):
+        if header.get(key) != expected[key]:
+            report.errors.append(f"{where}: key-value metadata {key} {header.get(key)!r}, manifest says {expected[key]!r}")
+    try:
+        changes = fmt.DatasetSpec.from_json(header["spec"]).changes_to(spec)
+    except (KeyError, TypeError, ValueError) as exc:
+        changes = [f"unreadable ({type(exc).__name__}: {exc})"]
+    if changes:
+        report.errors.append(f"{where}: key-value metadata spec differs from the manifest's (shard -> manifest): "
+                             + "; ".join(changes))
 
 
 def _check_markers(url: str, manifest: fmt.Manifest, report: VerifyReport) -> None:
@@ -105,10 +129,10 @@ def _check_markers(url: str, manifest: fmt.Manifest, report: VerifyReport) -> No
         return
     listed = {s.name: s for s in manifest.shards}
     for name, marker in sorted(markers.items()):
-        where = f"{name} (marker {fmt.STATS_DIR}/{name.removesuffix('.parquet')}.json)"
+        where = f"{name} (marker {marker.path})"
         if marker.spec is None:
             report.warnings.append(f"{where}: the marker does not record the settings it was made with")
-        elif changes := marker.spec.changes_to(manifest.spec):
+        elif changes := marker.changes_to(manifest.spec, manifest.version):
             report.errors.append(f"{where}: made with other settings than the manifest's (marker -> manifest): "
                                  + "; ".join(changes))
         record = listed.get(name)

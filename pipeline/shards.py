@@ -1,17 +1,35 @@
-"""The token dataset: Parquet shards (zstd) plus a JSON manifest.
+"""The token dataset: Parquet shards (zstd), each carrying the dataset's spec, plus a
+JSON manifest.
 
 Layout of a dataset folder (any fsspec URL):
-    manifest.json        format version, DatasetSpec, every complete shard (rows, bytes, sha256)
-    00042.parquet        one shard per input shard (00042.tar -> 00042.parquet)
-    _stats/00042.json    the shard's completion marker: its record, its skipped samples and
-                         the DatasetSpec it was made with
+    00042.parquet                   one shard per input shard (00042.tar -> 00042.parquet)
+    __meta__/manifest.json          format version, DatasetSpec, every complete shard (rows, bytes, sha256)
+    __meta__/empty_prompt.safetensors   the text encoder's outputs for "" (guidance training)
+    __meta__/stats/00042.json       the shard's completion marker: its record, its skipped samples,
+                                    the format version and the DatasetSpec it was made with
+
+The side files sit in `__meta__/` so that the folder itself reads as a Parquet dataset in
+every common tool: pyarrow and pandas skip names starting with "_" or ".", Hugging Face
+`datasets` skips only folders starting with "__" or "." (it tries to read a top-level
+`_manifest.json`, or `_stats/*.json`, as Parquet and fails), DuckDB and Ray Data read
+`*.parquet` only. (polars reads every file under a folder: give it `folder/*.parquet`.)
+
+Every shard's Parquet key-value metadata holds, under `amused.dataset`, a JSON object:
+    {"format": "amused-token-dataset", "version": 3, "spec": DatasetSpec.to_json(),
+     "columns": {"image_tokens": {"dtype": "<u2", "shape": [16, 16]}, ...}}
+so that anyone with only pyarrow (or DuckDB's `parquet_kv_metadata`) can turn a tensor
+column's values into arrays: `np.frombuffer(b"".join(values), dtype).reshape(-1, *shape)`.
+Each tensor field also carries its dtype and shape in its own field metadata.
 
 A shard counts only once its marker exists; the marker is written after the Parquet
-file, and both go through a temporary name. A marker made with another spec is never
-counted as done: a rerun with other settings refuses the folder instead of mixing.
-Tensors are stored as fixed-size binary columns (little-endian, dtype and shape in the
-field metadata and the manifest): they read back zero-copy with `numpy.frombuffer` and
-write 3-4x faster than Parquet's per-value float16 lists. Nothing here ever unpickles.
+file, and both go through a temporary name. A marker made with another spec, or another
+format version (the bytes differ), is never counted as done: a rerun refuses the folder
+instead of mixing. Tensors are fixed-size binary columns (little-endian, row-major), not
+Arrow's `fixed_shape_tensor` extension type: measured with benchmarks/shard_format.py on
+aMUSEd-256's columns, the extension type (stored as a Parquet list, dictionary encoding off)
+reads 1.2x and writes 4.3x slower, beyond the 10% read cost we accept, and `datasets`
+refuses its float16 form, while DuckDB and pandas flatten it anyway. Binary columns read
+back zero-copy with `numpy.frombuffer`. Nothing here ever unpickles.
 """
 
 from __future__ import annotations
@@ -31,13 +49,20 @@ from amused.plumbing.fsio import atomic_writer, read_json, write_json_atomic
 from amused.plumbing.storage import folder_fingerprint, join, local_folder, resolve_subfolder, url_to_fs
 
 FORMAT = "amused-token-dataset"
-VERSION = 2  # 2: the spec records the encoders' device and dtype; markers carry the spec
-READABLE_VERSIONS = (1, 2)  # a version 1 spec reads with those two as "" (not recorded)
-MANIFEST = "_manifest.json"
+# 2: the spec records the encoders' device and dtype; markers carry the spec.
+# 3: the spec in every shard's key-value metadata; side files under __meta__/; markers carry the version.
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # a version 1 spec reads with the encoder's device and dtype "" (not recorded)
+KV_KEY = "amused.dataset"  # the Parquet key-value metadata entry holding the spec
+META_DIR = "__meta__"
+MANIFEST = f"{META_DIR}/manifest.json"
 # The text encoder's embeddings of "" (hidden states and pooled, float16): the
 # unconditional input that classifier-free-guidance training swaps in.
-EMPTY_PROMPT = "_empty_prompt.safetensors"
-STATS_DIR = "_stats"
+EMPTY_PROMPT = f"{META_DIR}/empty_prompt.safetensors"
+STATS_DIR = f"{META_DIR}/stats"
+# Where versions 1 and 2 kept the side files: read, never written, so that their datasets still
+# train and a rerun into their folders sees their markers (and refuses to mix versions).
+LEGACY_NAMES = {MANIFEST: "manifest.json", EMPTY_PROMPT: "empty_prompt.safetensors", STATS_DIR: "_stats"}
 ROW_GROUP_ROWS = 512
 SHARD_NAME = re.compile(r"^\d+$")
 
@@ -94,19 +119,22 @@ class DatasetSpec:
         return columns
 
     def schema(self) -> pa.Schema:
+        tensors = self.tensor_columns()
         fields = [
             pa.field("key", pa.string(), nullable=False),
             pa.field("content_id", pa.string(), nullable=False),
             pa.field("caption", pa.string(), nullable=False),
             pa.field("view", pa.int16(), nullable=False),
         ]
-        for name, (dtype, shape) in self.tensor_columns().items():
+        for name, (dtype, shape) in tensors.items():
             meta = {"dtype": dtype.str, "shape": ",".join(map(str, shape))}
             nbytes = int(dtype.itemsize * np.prod(shape))
             fields.append(pa.field(name, pa.binary(nbytes), nullable=False, metadata=meta))
         fields += [pa.field(c, pa.int32(), nullable=False) for c in SIZE_COLUMNS]
         fields.append(pa.field("aesthetic_score", pa.float32(), nullable=True))
-        return pa.schema(fields, metadata={"format": FORMAT, "version": str(VERSION)})
+        header = {"format": FORMAT, "version": VERSION, "spec": self.to_json(),
+                  "columns": {name: {"dtype": dtype.str, "shape": list(shape)} for name, (dtype, shape) in tensors.items()}}
+        return pa.schema(fields, metadata={KV_KEY: json.dumps(header, sort_keys=True)})
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -152,6 +180,7 @@ class ShardRecord:
 class Manifest:
     spec: DatasetSpec
     shards: list[ShardRecord]
+    version: int = VERSION  # the format its shards were written in
 
     @property
     def rows(self) -> int:
@@ -167,7 +196,7 @@ class Manifest:
     def to_json(self) -> dict:
         return {
             "format": FORMAT,
-            "version": VERSION,
+            "version": self.version,
             "spec": self.spec.to_json(),
             "rows": self.rows,
             "skipped": self.skipped(),
@@ -181,7 +210,13 @@ class Manifest:
         if obj.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"token dataset version {obj.get('version')} is not supported (expected "
                              f"{' or '.join(map(str, READABLE_VERSIONS))})")
-        return cls(DatasetSpec.from_json(obj["spec"]), [ShardRecord(**s) for s in obj["shards"]])
+        return cls(DatasetSpec.from_json(obj["spec"]), [ShardRecord(**s) for s in obj["shards"]], obj["version"])
+
+
+def shard_header(schema: pa.Schema) -> dict | None:
+    """A shard's key-value metadata entry (format, version, spec, tensor columns); None before version 3."""
+    raw = (schema.metadata or {}).get(KV_KEY.encode())
+    return None if raw is None else json.loads(raw)
 
 
 def shard_name(source: str) -> str:
@@ -227,11 +262,11 @@ def marker_url(dataset_url: str, name: str) -> str:
 
 
 def write_marker(dataset_url: str, record: ShardRecord, skipped_samples: list[dict], spec: DatasetSpec) -> None:
-    """The shard's completion marker, carrying the spec the shard was made with."""
+    """The shard's completion marker, carrying the format version and spec the shard was made with."""
     write_json_atomic(
         marker_url(dataset_url, record.name),
         {"record": dataclasses.asdict(record), "skipped_samples": skipped_samples,
-         "spec": spec.to_json()},
+         "version": VERSION, "spec": spec.to_json()},
     )
 
 
@@ -239,23 +274,28 @@ def write_marker(dataset_url: str, record: ShardRecord, skipped_samples: list[di
 class Marker:
     record: ShardRecord
     spec: DatasetSpec | None  # None: written without one (synthetic datasets, version 1)
+    version: int  # the format version: shards of different versions differ in bytes
+    path: str  # relative to the dataset folder, for messages
 
-    def changes_to(self, spec: DatasetSpec) -> list[str]:
-        """How `spec` differs from what this shard was made with; unknown counts as a change."""
+    def changes_to(self, spec: DatasetSpec, version: int = VERSION) -> list[str]:
+        """How `spec` and format `version` differ from what this shard was made with; unknown counts
+        as a change."""
+        out = [] if self.version == version else [f"format version: {self.version} -> {version}"]
         if self.spec is None:
-            return ["settings: not recorded in the marker -> this dataset's"]
-        return self.spec.changes_to(spec)
+            return [*out, "settings: not recorded in the marker -> this dataset's"]
+        return out + self.spec.changes_to(spec)
 
 
 MARKER_BATCH = 1000
 
 
 def read_markers(dataset_url: str) -> dict[str, Marker]:
-    """Every completion marker, by shard name."""
+    """Every completion marker, by shard name (those of versions 1 and 2 where the folder has no others)."""
     fs, root = url_to_fs(dataset_url)
-    stats = f"{root.rstrip('/')}/{STATS_DIR}"
-    if not fs.exists(stats):
+    stats_dir = next((d for d in (STATS_DIR, LEGACY_NAMES[STATS_DIR]) if fs.exists(f"{root.rstrip('/')}/{d}")), None)
+    if stats_dir is None:
         return {}
+    stats = f"{root.rstrip('/')}/{stats_dir}"
     out = {}
     specs: dict[str, DatasetSpec] = {}  # one object per distinct spec, not one per shard
     paths = sorted(fs.glob(f"{stats}/*.json"))
@@ -271,26 +311,42 @@ def read_markers(dataset_url: str) -> dict[str, Marker]:
             if obj.get("spec"):
                 key = json.dumps(obj["spec"], sort_keys=True)
                 spec = specs.get(key) or specs.setdefault(key, DatasetSpec.from_json(obj["spec"]))
-            out[record.name] = Marker(record, spec)
+            # Version 1 markers carried no spec, version 2 ones no version.
+            version = obj.get("version", 2 if spec else 1)
+            out[record.name] = Marker(record, spec, version, f"{stats_dir}/{path.rsplit('/', 1)[-1]}")
     return out
 
 
 def completed_shards(dataset_url: str, spec: DatasetSpec) -> dict[str, ShardRecord]:
     """Records of every shard whose completion marker exists, by shard name; raises
-    ValueError naming the shard and the settings when a marker was made with another spec."""
+    ValueError naming the shard and the settings when a marker was made with another spec
+    or format version."""
     done = {}
     for name, marker in read_markers(dataset_url).items():
         changes = marker.changes_to(spec)
         if changes:
             raise ValueError(f"{dataset_url}: shard {name} was made with other settings (its marker -> this "
                              f"run): {'; '.join(changes)}. Refusing to mix them in one dataset; use another "
-                             f"output folder, or delete {name} and its marker {STATS_DIR}/{name[:-8]}.json")
+                             f"output folder, or delete {name} and its marker {marker.path}")
         done[name] = marker.record
     return done
 
 
+def side_file(dataset_url: str, name: str) -> str | None:
+    """URL of side file `name` (MANIFEST, EMPTY_PROMPT), or of its version 1-2 name where only that
+    exists (their datasets stay readable); None if neither does."""
+    fs, root = url_to_fs(dataset_url)
+    for candidate in (name, LEGACY_NAMES[name]):
+        if fs.exists(f"{root.rstrip('/')}/{candidate}"):
+            return join(dataset_url, candidate)
+    return None
+
+
 def read_manifest(dataset_url: str) -> Manifest:
-    return Manifest.from_json(read_json(join(dataset_url, MANIFEST)))
+    url = side_file(dataset_url, MANIFEST)
+    if url is None:
+        raise FileNotFoundError(f"{dataset_url}: no token dataset manifest ({MANIFEST})")
+    return Manifest.from_json(read_json(url))
 
 
 def write_manifest(dataset_url: str, manifest: Manifest) -> None:
@@ -305,9 +361,10 @@ def write_empty_prompt(dataset_url: str, hidden_states: np.ndarray, pooled: np.n
 
 
 def read_empty_prompt(dataset_url: str) -> dict[str, np.ndarray] | None:
-    fs, path = url_to_fs(join(dataset_url, EMPTY_PROMPT))
-    if not fs.exists(path):
+    url = side_file(dataset_url, EMPTY_PROMPT)
+    if url is None:
         return None
+    fs, path = url_to_fs(url)
     with fs.open(path, "rb") as fh:
         return safetensors.numpy.load(fh.read())
 

@@ -182,18 +182,18 @@ def test_settings_are_recorded_resolved_and_a_mismatch_is_refused(ray_session, t
     assert pretokenize(config(tiny_models, src, out)).ok  # dtype auto: fp32 on CPU
     spec = fmt.read_manifest(str(out)).spec
     assert (spec.encoder_device, spec.encoder_dtype) == ("cpu", "fp32")
-    marker = json.loads((out / "_stats" / "00000.json").read_text())
+    marker = json.loads((out / fmt.STATS_DIR / "00000.json").read_text())
     assert fmt.DatasetSpec.from_json(marker["spec"]) == spec
 
     with pytest.raises(ValueError, match="encoder_dtype: 'fp32' -> 'bf16'"):
         pretokenize(config(tiny_models, src, out, dtype="bf16"))
 
     # Without the manifest, the marker still says how the shard was made.
-    (out / "_manifest.json").unlink()
+    (out / fmt.MANIFEST).unlink()
     with pytest.raises(ValueError, match="shard 00000.parquet was made with other settings") as err:
         pretokenize(config(tiny_models, src, out, crop="random", seed=9))
     assert "crop: 'center' -> 'random'" in str(err.value) and "seed: 0 -> 9" in str(err.value)
-    assert not (out / "_manifest.json").exists()
+    assert not (out / fmt.MANIFEST).exists()
     assert pretokenize(config(tiny_models, src, out)).shards_already_done == 1
 
 
@@ -207,12 +207,12 @@ def test_verify_checks_each_marker_against_the_manifest(tmp_path):
         records.append(record)
     fmt.write_manifest(url, fmt.Manifest(spec, records))
     assert verify_dataset(url).ok and not verify_dataset(url).warnings
-    path = tmp_path / "ds" / "_stats" / "00001.json"
+    path = tmp_path / "ds" / fmt.STATS_DIR / "00001.json"
     marker = json.loads(path.read_text())
     marker["spec"]["crop"], marker["spec"]["seed"] = "random", 9
     path.write_text(json.dumps(marker))
     errors = verify_dataset(url).errors
-    assert len(errors) == 1 and errors[0].startswith("00001.parquet (marker _stats/00001.json): made with other")
+    assert len(errors) == 1 and errors[0].startswith(f"00001.parquet (marker {fmt.STATS_DIR}/00001.json): made with other")
     assert "crop: 'random' -> 'center'; seed: 9 -> 0" in errors[0]
 
 
