@@ -293,12 +293,14 @@ def parse_pins(text: str) -> dict[str, tuple[str, ...]]:
     return pins
 
 
-def _hashes(normalized: pa.Array) -> np.ndarray:
+def key_words(normalized: pa.Array) -> np.ndarray:
+    """(n, 2) uint64: the 128 key bits of normalised URLs (no nulls); their order is the
+    order of the hex keys."""
     values = normalized.to_numpy(zero_copy_only=False)
     return np.stack([pd.util.hash_array(values, hash_key=salt, categorize=False) for salt in _KEY_SALTS], axis=1)
 
 
-def _hex(words: np.ndarray) -> pa.Array:
+def key_text(words: np.ndarray) -> pa.Array:
     """(n, k) uint64 -> n strings of 16k hex digits, without a Python loop."""
     raw = words.astype(">u8").view(np.uint8).reshape(len(words), 8 * words.shape[1])  # n may be 0
     digits = np.empty((len(words), raw.shape[1] * 2), dtype=np.uint8)
@@ -311,8 +313,8 @@ def _hex(words: np.ndarray) -> pa.Array:
 
 def sample_keys(normalized: pa.Array) -> tuple[pa.Array, np.ndarray]:
     """Hex keys and their first 64 bits (for seeded ranks) of normalised URLs (no nulls)."""
-    words = _hashes(normalized)
-    return _hex(words), words[:, 0]
+    words = key_words(normalized)
+    return key_text(words), words[:, 0]
 
 
 def seeded_rank(key_bits: np.ndarray, seed: int) -> np.ndarray:
