@@ -10,8 +10,8 @@ Layout of a dataset folder (any fsspec URL):
 
 The side files sit in `__meta__/` so that the folder itself reads as a Parquet dataset in
 every common tool: pyarrow and pandas skip names starting with "_" or ".", Hugging Face
-`datasets` skips only folders starting with "__" or "." (it tries to read a top-level
-`_manifest.json`, or `_stats/*.json`, as Parquet and fails), DuckDB and Ray Data read
+`datasets` skips only names starting with "." and folders starting with "__" (it tried to
+read version 3's first names, `_manifest.json` and `_stats/*.json`, as Parquet, and failed), DuckDB and Ray Data read
 `*.parquet` only. (polars reads every file under a folder: give it `folder/*.parquet`.)
 
 Every shard's Parquet key-value metadata holds, under `amused.dataset`, a JSON object:
@@ -26,10 +26,11 @@ file, and both go through a temporary name. A marker made with another spec, or 
 format version (the bytes differ), is never counted as done: a rerun refuses the folder
 instead of mixing. Tensors are fixed-size binary columns (little-endian, row-major), not
 Arrow's `fixed_shape_tensor` extension type: measured with benchmarks/shard_format.py on
-aMUSEd-256's columns, the extension type (stored as a Parquet list, dictionary encoding off)
-reads 1.2x and writes 4.3x slower, beyond the 10% read cost we accept, and `datasets`
-refuses its float16 form, while DuckDB and pandas flatten it anyway. Binary columns read
-back zero-copy with `numpy.frombuffer`. Nothing here ever unpickles.
+aMUSEd-256's columns, the extension type (stored as a Parquet list; dictionary encoding off,
+its better setting) read 1.2-5.7x and wrote 4.3-5.0x slower in three runs, beyond the 10%
+read cost we accept; `datasets` 5.2 refuses its float16 form, and DuckDB and pandas flatten
+it anyway. Binary columns read back zero-copy with `numpy.frombuffer`. Nothing here ever
+unpickles.
 """
 
 from __future__ import annotations
