@@ -26,6 +26,7 @@ from amused.pipeline.shards import (
 from amused.pipeline.wds import tar_bytes
 from amused.plumbing.fsio import atomic_writer
 from amused.plumbing.storage import join
+from amused.tokenizer.presets import CLIP_TEXT_COMMON
 
 
 def sample_members(key: str, image: bytes | None, caption: str | bytes | None, meta: dict | None,
@@ -66,7 +67,7 @@ def write_shape_shards(output: str, shards: int = 2, per_shard: int = 16, min_si
 
 def write_token_dataset(output: str, shard_rows: list[int], token_grid: tuple[int, int] = (8, 8),
                         codebook_size: int = 64, text_seq_len: int = 8, text_dim: int = 32, classes: int = 8,
-                        seed: int = 0, nan_rows: tuple[int, ...] = ()) -> Manifest:
+                        seed: int = 0, nan_rows: tuple[int, ...] = (), text_encoder: str | None = None) -> Manifest:
     """A token dataset whose image tokens follow from the caption, for training tests.
 
     Sample i belongs to class i % classes; its text states are the class's fixed random
@@ -74,15 +75,19 @@ def write_token_dataset(output: str, shard_rows: list[int], token_grid: tuple[in
     caption can predict every masked token, while chance is 1 / codebook_size.
     crop_left holds the global row number, so a test can tell which rows a batch holds;
     `nan_rows` (global row numbers) get NaN text states, to exercise the non-finite policy.
+    With `text_encoder` (a CLIP folder, recorded as the dataset's), a text "ids" dataset
+    instead: a class's text is a fixed random draw of `text_seq_len` ids from CLIP's vocabulary.
     """
     rng = np.random.default_rng(seed)
     grids = rng.integers(0, codebook_size, (classes, *token_grid))
     hidden = rng.standard_normal((classes, text_seq_len, text_dim)).astype(np.float16)
     pooled = rng.standard_normal((classes, text_dim)).astype(np.float16)
+    ids = rng.integers(0, CLIP_TEXT_COMMON["vocab_size"], (classes, text_seq_len))
     ident = ModelIdentity(path="synthetic", sha256="0" * 64)
     spec = DatasetSpec(resolution=token_grid[0] * 8, token_grid=tuple(token_grid), codebook_size=codebook_size,
                        text_seq_len=text_seq_len, text_hidden_size=text_dim, text_pooled_dim=text_dim,
-                       image_tokenizer=ident, text_encoder=ident)
+                       image_tokenizer=ident, text_encoder=ModelIdentity.of(text_encoder) if text_encoder else ident,
+                       text="ids" if text_encoder else "states")
     records, start = [], 0
     for shard, n in enumerate(shard_rows):
         rows = np.arange(start, start + n)
@@ -92,7 +97,8 @@ def write_token_dataset(output: str, shard_rows: list[int], token_grid: tuple[in
         columns = {
             "key": [f"{shard:05d}/{r}/0/c{r}" for r in rows], "content_id": [f"c{r}" for r in rows],
             "caption": [f"class {c}" for c in cls], "view": [0] * n, "image_tokens": grids[cls],
-            "text_hidden_states": states, "text_pooled": pooled[cls],
+            **({"text_ids": ids[cls]} if spec.text == "ids" else {"text_hidden_states": states,
+                                                                   "text_pooled": pooled[cls]}),
             "orig_width": [256] * n, "orig_height": [256] * n, "crop_top": [0] * n, "crop_left": rows.tolist(),
             "aesthetic_score": [None if r % 3 == 0 else 5.0 + (r % 4) / 2 for r in rows],
         }
@@ -100,7 +106,8 @@ def write_token_dataset(output: str, shard_rows: list[int], token_grid: tuple[in
         write_marker(output, record, [], spec)
         records.append(record)
         start += n
-    write_empty_prompt(output, np.zeros((text_seq_len, text_dim)), np.zeros(text_dim))
+    if spec.text == "states":
+        write_empty_prompt(output, np.zeros((text_seq_len, text_dim)), np.zeros(text_dim))
     manifest = Manifest(spec, records)
     write_manifest(output, manifest)
     return manifest

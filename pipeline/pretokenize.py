@@ -2,7 +2,7 @@
 
     input shards -> read (tar -> chunks of compressed bytes)      CPU tasks
                  -> decode + crop (bytes -> uint8 crops)           CPU tasks
-                 -> encode (VQ-GAN ids, CLIP states)               actor pool, GPU or CPU
+                 -> encode (VQ-GAN ids, CLIP states or token ids)   actor pool, GPU or CPU
                  -> write: one call per shard to the NodeWriter      one actor per node
                     where its encoded chunks are: Parquet, marker
 
@@ -20,6 +20,7 @@ Only compressed bytes and R x R crops cross between stages, never full decoded i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -67,6 +68,8 @@ class PretokenizeConfig:
     encoders: int | None = opt(None, "encoder actors (default: one per GPU, else 1)", output=False)
     device: str = opt("auto", "auto, cpu or cuda (auto: cuda when the Ray cluster has GPUs)", output=False)
     dtype: str = opt("auto", "auto, fp32 or bf16 (auto: bf16 on GPU, fp32 on CPU); fp16 is refused")
+    text: str = opt("states", "what a sample stores of its caption: states (the text encoder's outputs, ~118 KB "
+                              "at 256 px) or ids (its 77 CLIP token ids, 154 B; training runs the frozen tower)")
     encoder_cpus: float = opt(1.0, "CPUs reserved by each CPU encoder actor", output=False)
     encoder_threads: int | None = opt(None, "torch threads per CPU encoder (default: cores / encoders)", output=False)
     decode_cpus: float = opt(0.5, "CPUs reserved by each decode task", output=False)
@@ -105,6 +108,8 @@ class PretokenizeConfig:
             raise bad("device", " or ".join(DEVICES))
         if self.dtype not in DTYPES:
             raise bad("dtype", " or ".join(DTYPES) + " (fp16: the aMUSEd VQ-GAN overflows to NaN in float16)")
+        if self.text not in fmt.TEXT_MODES:
+            raise bad("text", " or ".join(fmt.TEXT_MODES))
         if not self.encoder_cpus > 0:
             raise bad("encoder_cpus", "a number > 0")
         if self.encoder_threads is not None and self.encoder_threads < 1:
@@ -282,25 +287,29 @@ def _passthrough(row: dict) -> dict:
 # ----- stage 3: encode on an actor pool -------------------------------------------------------
 
 class ChunkEncoder:
-    """Loads the VQ-GAN and CLIP once per actor and encodes one chunk per call."""
+    """Loads the VQ-GAN and CLIP (text "ids": its tokenizer alone) once per actor and encodes
+    one chunk per call."""
 
     def __init__(self, vqgan: str, text_encoder: str, resolution: int, device: str, dtype: str,
-                 threads: int | None):
+                 threads: int | None, text: str = "states"):
         # torch and diffusers (~9 s) load in the encoder actors and the driver only: Ray's read and
         # decode tasks import this module too.
         import torch
 
         from amused.tokenizer.image import ImageTokenizer
-        from amused.tokenizer.text import TextEncoder
+        from amused.tokenizer.text import TextEncoder, load_tokenizer, token_ids
 
         if threads:
             torch.set_num_threads(threads)
         self.resolution = resolution
         self.image = ImageTokenizer.from_pretrained(vqgan, device=device, dtype=dtype)
-        self.text = TextEncoder.from_pretrained(text_encoder, device=device, dtype=dtype)
+        states = text == "states"
+        self.text = TextEncoder.from_pretrained(text_encoder, device=device, dtype=dtype) if states else None
+        self.token_ids = None if states else functools.partial(token_ids, load_tokenizer(text_encoder))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.Table.from_pylist([self.encode(row) for row in batch.to_pylist()], schema=_ENCODED)
+        rows = [self.encode(row) for row in batch.to_pylist()]
+        return pa.Table.from_pylist(rows, schema=_encoded_schema(rows[0]) if rows else None)
 
     def encode(self, row: dict) -> dict:
         items, skipped = json.loads(row["items"]), json.loads(row["skipped"])
@@ -308,10 +317,7 @@ class ChunkEncoder:
         pixels = np.frombuffer(row["pixels"], np.uint8).reshape(-1, r, r, 3)
         tokens, finite = self.image.encode_with_mask(pixels)
         captions = sorted({item["caption"] for item in items})
-        emb = self.text.encode(captions)
-        hidden_all = emb.hidden_states.float().cpu().numpy().astype("<f2")
-        pooled_all = emb.pooled.float().cpu().numpy().astype("<f2")
-        text_ok = np.isfinite(hidden_all).all(axis=(1, 2)) & np.isfinite(pooled_all).all(axis=1)
+        text, text_ok = self.encode_text(captions)
         where = {c: i for i, c in enumerate(captions)}
         rows = np.array([where[item["caption"]] for item in items], dtype=np.int64)
         keep = []
@@ -327,22 +333,35 @@ class ChunkEncoder:
             **_passthrough(row),
             "items": json.dumps([items[i] for i in keep]),
             "skipped": json.dumps(skipped),
-            "tokens": tokens[keep_idx].astype("<u2").tobytes(),
-            "hidden": hidden_all[rows[keep_idx]].tobytes(),
-            "pooled": pooled_all[rows[keep_idx]].tobytes(),
+            "image_tokens": tokens[keep_idx].astype("<u2").tobytes(),
+            **{name: values[rows[keep_idx]].tobytes() for name, values in text.items()},
         }
+
+    def encode_text(self, captions: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The text tensor columns of each caption, by column name, and which captions gave finite values."""
+        if self.text is None:  # text "ids": the tokenizer alone; ids are finite by construction
+            return {"text_ids": self.token_ids(captions).numpy().astype("<u2")}, np.ones(len(captions), bool)
+        emb = self.text.encode(captions)
+        hidden = emb.hidden_states.float().cpu().numpy().astype("<f2")
+        pooled = emb.pooled.float().cpu().numpy().astype("<f2")
+        finite = np.isfinite(hidden).all(axis=(1, 2)) & np.isfinite(pooled).all(axis=1)
+        return {"text_hidden_states": hidden, "text_pooled": pooled}, finite
 
 
 _PASS_FIELDS = [("shard", pa.int64()), ("source", pa.string()), ("chunk", pa.int64()), ("last", pa.bool_()),
                 ("error", pa.string())]
-_ENCODED = pa.schema(_PASS_FIELDS + [("items", pa.string()), ("skipped", pa.string()), ("tokens", pa.large_binary()),
-                                     ("hidden", pa.large_binary()), ("pooled", pa.large_binary())])
+
+
+def _encoded_schema(row: dict) -> pa.Schema:
+    """An encoded chunk's: what it passes through, and its tensor columns (the spec's, by name) as bytes."""
+    fields = _PASS_FIELDS + [("items", pa.string()), ("skipped", pa.string())]
+    known = {name for name, _ in fields}
+    return pa.schema(fields + [(name, pa.large_binary()) for name in row if name not in known])
 
 
 # ----- stage 4: write each shard where its chunks are -----------------------------------------
 
 _LOCATOR = ("source", "chunk", "last", "error")
-_ENCODED_DATA = ("items", "skipped", "tokens", "hidden", "pooled")
 
 
 def locate_chunks(block: pa.Table, start: int, end: int | None) -> list[tuple]:
@@ -363,15 +382,14 @@ def write_encoded_shard(output: str, spec: fmt.DatasetSpec, source: str, rows: l
     that wrote it."""
     import ray  # see _encoder_plan
 
-    chunks = [{name: blocks[b][name][r] for name in _ENCODED_DATA} for b, r in rows]
+    tensors = spec.tensor_columns()
+    chunks = [{name: blocks[b][name][r] for name in ("items", "skipped", *tensors)} for b, r in rows]
     items = [item for c in chunks for item in json.loads(c["items"].as_py())]
     skipped = [s for c in chunks for s in json.loads(c["skipped"].as_py())]
     columns = {name: [item[name] for item in items] for name in
                ("key", "content_id", "caption", "view", *fmt.SIZE_COLUMNS, "aesthetic_score")}
-    for name, field_name in (("image_tokens", "tokens"), ("text_hidden_states", "hidden"),
-                             ("text_pooled", "pooled")):
-        dtype, shape = spec.tensor_columns()[name]
-        data = b"".join(c[field_name].as_buffer() for c in chunks)
+    for name, (dtype, shape) in tensors.items():
+        data = b"".join(c[name].as_buffer() for c in chunks)
         columns[name] = np.frombuffer(data, dtype).reshape(-1, *shape)
     record = fmt.write_shard(output, source, fmt.build_table(spec, columns))
     for s in skipped:
@@ -560,24 +578,31 @@ def _encoder_plan(cfg: PretokenizeConfig) -> EncoderPlan:
 
 
 def _dataset_spec(cfg: PretokenizeConfig, plan: EncoderPlan) -> fmt.DatasetSpec:
-    """Fingerprints the models and reads their shapes (on the driver, on CPU); writes the
-    empty prompt's embeddings next to the shards."""
+    """Fingerprints the models and reads their shapes (on the driver, on CPU); with text
+    "states", writes the empty prompt's embeddings next to the shards (with "ids" the
+    training step computes them with the tower it runs anyway)."""
     from amused.tokenizer.image import ImageTokenizer  # torch: see ChunkEncoder
     from amused.tokenizer.text import TextEncoder
 
     image = ImageTokenizer.from_pretrained(cfg.vqgan, device="cpu")
     text = TextEncoder.from_pretrained(cfg.text_encoder, device="cpu")
-    if fmt.read_empty_prompt(cfg.output) is None:
-        empty = text.encode([""])
-        fmt.write_empty_prompt(cfg.output, empty.hidden_states[0].float().numpy(), empty.pooled[0].float().numpy())
-    return fmt.DatasetSpec(
+    spec = fmt.DatasetSpec(
         resolution=cfg.resolution, token_grid=image.grid(cfg.resolution), codebook_size=image.codebook_size,
         text_seq_len=text.seq_len, text_hidden_size=text.hidden_size, text_pooled_dim=text.pooled_dim,
         image_tokenizer=fmt.ModelIdentity.of(cfg.vqgan, VQGAN_SUBFOLDERS),
         text_encoder=fmt.ModelIdentity.of(cfg.text_encoder), crop=cfg.crop, views=cfg.views,
         seed=cfg.seed, min_side=cfg.min_side, max_pixels=cfg.max_pixels,
-        encoder_device=plan.device, encoder_dtype=plan.dtype,
+        encoder_device=plan.device, encoder_dtype=plan.dtype, text=cfg.text,
     )
+    if cfg.text == "ids":
+        dtype = spec.tensor_columns()["text_ids"][0]
+        if len(text.tokenizer) > np.iinfo(dtype).max + 1:
+            raise ValueError(f"text: 'ids' stores token ids as {dtype.name}, but the tokenizer of {cfg.text_encoder} "
+                             f"has {len(text.tokenizer):,} tokens; use text: states")
+    elif fmt.read_empty_prompt(cfg.output) is None:
+        empty = text.encode([""])
+        fmt.write_empty_prompt(cfg.output, empty.hidden_states[0].float().numpy(), empty.pooled[0].float().numpy())
+    return spec
 
 
 def _check_output(output: str, spec: fmt.DatasetSpec) -> dict[str, fmt.ShardRecord]:
@@ -667,6 +692,6 @@ def _encoded(cfg: PretokenizeConfig, plan: EncoderPlan, sources: list[str], enco
     return ds.map_batches(
         encoder, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan.actors),
         fn_constructor_kwargs=dict(vqgan=cfg.vqgan, text_encoder=cfg.text_encoder, resolution=cfg.resolution,
-                                   device=plan.device, dtype=plan.dtype, threads=plan.threads),
+                                   device=plan.device, dtype=plan.dtype, threads=plan.threads, text=cfg.text),
         **resources,
     )

@@ -72,7 +72,7 @@ def test_awkward_inputs_are_counted_and_good_ones_match_direct_encoding(ray_sess
 
     ds = fmt.TokenDataset(str(out))
     assert ds.manifest.skipped() == expected_skips()
-    marker = json.loads((out / "_stats" / "00000.json").read_text())
+    marker = json.loads((out / fmt.STATS_DIR / "00000.json").read_text())
     assert {s["key"]: s["reason"] for s in marker["skipped_samples"]}["html"] == "not_an_image"
 
     rows = next(ds.iter_batches(batch_size=1000, shards=["00000.parquet"]))
@@ -147,7 +147,7 @@ def test_sigkill_then_rerun_is_byte_identical(ray_session, tiny_models, tmp_path
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             cwd=Path(__file__).parents[1])
     deadline = time.monotonic() + 240
-    stats = out / "_stats"
+    stats = out / fmt.STATS_DIR
     while not (stats.exists() and any(stats.glob("*.json"))):
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline, "no shard finished in time"
@@ -156,7 +156,7 @@ def test_sigkill_then_rerun_is_byte_identical(ray_session, tiny_models, tmp_path
     proc.wait()
     done_at_kill = len(list(stats.glob("*.json")))
     assert 0 < done_at_kill < n_shards, "the kill must land part-way for this test to mean anything"
-    assert not (out / "_manifest.json").exists() or len(fmt.read_manifest(str(out)).shards) < n_shards
+    assert not (out / fmt.MANIFEST).exists() or len(fmt.read_manifest(str(out)).shards) < n_shards
 
     report = pretokenize(config(tiny_models, src, out))
     assert report.ok and report.shards_already_done >= done_at_kill

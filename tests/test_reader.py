@@ -91,3 +91,14 @@ def test_resume_mid_stream_gives_the_next_items(dataset, stop):
     other = reader(dataset, world=1, window_rows=64)
     with pytest.raises(ValueError, match="window_rows"):
         other.load_state_dict(state)
+
+
+def test_an_ids_dataset_gives_the_token_ids_as_int64(tmp_path, tiny_models):
+    url = str(tmp_path / "ids")
+    write_token_dataset(url, [40], text_seq_len=77, text_encoder=str(tiny_models))
+    ds = TokenDataset(url)
+    batch = next(reader(ds, world=1))
+    assert set(batch) == {"image_tokens", "text_ids", "micro_conds"}
+    assert batch["text_ids"].dtype == torch.int64 and batch["text_ids"].shape == (8, 77)
+    stored = next(ds.iter_batches(batch_size=100))["text_ids"]
+    np.testing.assert_array_equal(batch["text_ids"].numpy(), stored[rows_of(batch)])

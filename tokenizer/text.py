@@ -4,6 +4,10 @@ Cross-attention context: the penultimate layer's hidden states (`hidden_states[-
 before the final layer norm), padded to the tokenizer's max length (77). Global
 condition: the projected pooled embedding (`text_embeds`). This is exactly what
 diffusers' AmusedPipeline computes for a prompt.
+
+The token ids are a step of their own (`token_ids`, `encode_ids`): a text "ids" token
+dataset stores them, made with the tokenizer alone, and the training step runs the
+tower on them.
 """
 
 from __future__ import annotations
@@ -51,32 +55,46 @@ class TextEncoder:
         cls, url: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "fp32"
     ) -> "TextEncoder":
         """Load from a diffusers pipeline folder (`text_encoder/` + `tokenizer/`) or one CLIP folder."""
-        url = str(url)
-        model_url = resolve_subfolder(url, ("text_encoder",))
-        tokenizer_url = join(url, "tokenizer") if model_url != url else url
-        tokenizer = CLIPTokenizer.from_pretrained(local_folder(tokenizer_url))
+        model_url = resolve_subfolder(str(url), ("text_encoder",))
         model = CLIPTextModelWithProjection.from_pretrained(local_folder(model_url))
-        return cls(tokenizer, model, device=device, dtype=dtype)
+        return cls(load_tokenizer(url), model, device=device, dtype=dtype)
 
     def token_ids(self, captions: list[str]) -> torch.Tensor:
-        return self.tokenizer(
-            list(captions),
-            return_tensors="pt",
-            padding="max_length",
-            truncation=True,
-            max_length=self.seq_len,
-        ).input_ids
+        return token_ids(self.tokenizer, captions)
+
+    def encode(self, captions: list[str]) -> TextEmbeddings:
+        return self.encode_ids(self.token_ids(captions))
 
     @torch.no_grad()
-    def encode(self, captions: list[str]) -> TextEmbeddings:
-        if not captions:
+    def encode_ids(self, ids: torch.Tensor) -> TextEmbeddings:
+        """The two conditions of (N, seq_len) token ids, on this encoder's device and dtype."""
+        if not len(ids):
             empty = torch.zeros(0, device=self.device, dtype=self.dtype)
             return TextEmbeddings(
                 empty.reshape(0, self.seq_len, self.hidden_size), empty.reshape(0, self.pooled_dim)
             )
-        ids = self.token_ids(captions).to(self.device)
-        out = self.model(ids, return_dict=True, output_hidden_states=True)
+        out = self.model(ids.to(self.device), return_dict=True, output_hidden_states=True)
         return TextEmbeddings(hidden_states=out.hidden_states[-2], pooled=out.text_embeds)
+
+
+def load_tokenizer(url: str | Path) -> CLIPTokenizer:
+    """The tokenizer of a diffusers pipeline folder (`tokenizer/` beside `text_encoder/`) or of one CLIP folder."""
+    url = str(url)
+    tokenizer_url = join(url, "tokenizer") if resolve_subfolder(url, ("text_encoder",)) != url else url
+    return CLIPTokenizer.from_pretrained(local_folder(tokenizer_url))
+
+
+def token_ids(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    """(N, model_max_length) int64 ids: each caption truncated or padded to the tower's positions."""
+    if not captions:  # the tokenizer refuses an empty batch
+        return torch.zeros(0, int(tokenizer.model_max_length), dtype=torch.long)
+    return tokenizer(
+        list(captions),
+        return_tensors="pt",
+        padding="max_length",
+        truncation=True,
+        max_length=int(tokenizer.model_max_length),
+    ).input_ids
 
 
 def build_clip_text(name: str = "tiny") -> CLIPTextModelWithProjection:

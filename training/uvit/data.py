@@ -35,8 +35,9 @@ from amused.pipeline.shards import ROW_GROUP_ROWS, TokenDataset, tensor_view
 from amused.plumbing.storage import join, url_to_fs
 
 PIECE_ROWS = ROW_GROUP_ROWS
-COLUMNS = ("image_tokens", "text_hidden_states", "text_pooled", "orig_width", "orig_height", "crop_top",
-           "crop_left", "aesthetic_score")
+# aMUSEd's micro-conditioning, in its order (the aesthetic score last, its default where
+# missing); read besides the spec's tensor columns (image tokens, and text states or token ids).
+MICRO_COLUMNS = ("orig_width", "orig_height", "crop_top", "crop_left")
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -106,6 +107,7 @@ class _PieceReader:
     def __init__(self, dataset_url: str, tensors: dict, default_aesthetic: float, max_open: int = 8):
         self.url = dataset_url
         self.tensors = tensors
+        self.columns = [*tensors, *MICRO_COLUMNS, "aesthetic_score"]
         self.default_aesthetic = default_aesthetic
         self.max_open = max_open
         self.files: dict[str, tuple[pq.ParquetFile, np.ndarray]] = {}
@@ -126,10 +128,10 @@ class _PieceReader:
             pf, starts = self._file(p.shard)
             first = int(np.searchsorted(starts, p.start, side="right")) - 1
             last = int(np.searchsorted(starts, p.stop - 1, side="right")) - 1
-            table = pf.read_row_groups(list(range(first, last + 1)), columns=list(COLUMNS), use_threads=False)
+            table = pf.read_row_groups(list(range(first, last + 1)), columns=self.columns, use_threads=False)
             parts.append(table.slice(p.start - int(starts[first]), p.stop - p.start))
         out = {}
-        for name in COLUMNS:
+        for name in self.columns:
             cols = [t.column(name) for t in parts]
             if name in self.tensors:
                 out[name] = np.concatenate([tensor_view(c, *self.tensors[name]) for c in cols])
@@ -140,13 +142,12 @@ class _PieceReader:
     def batch(self, pieces: list[Piece], order: np.ndarray) -> dict[str, torch.Tensor]:
         cols = self.read(pieces)
         aesthetic = np.nan_to_num(cols["aesthetic_score"].astype(np.float32), nan=self.default_aesthetic)
-        micro = np.stack([cols["orig_width"], cols["orig_height"], cols["crop_top"], cols["crop_left"]], 1)
-        return {
-            "image_tokens": torch.from_numpy(cols["image_tokens"][order].astype(np.int64)),
-            "text_hidden_states": torch.from_numpy(cols["text_hidden_states"][order]),
-            "text_pooled": torch.from_numpy(cols["text_pooled"][order]),
-            "micro_conds": torch.from_numpy(np.concatenate([micro.astype(np.float32), aesthetic[:, None]], 1)[order]),
-        }
+        micro = np.stack([cols[name] for name in MICRO_COLUMNS], 1)
+        # Ids (image tokens, text token ids: uint16 on disk) as int64, what embedding lookups take.
+        out = {name: torch.from_numpy(cols[name][order].astype(np.int64) if cols[name].dtype.kind == "u"
+                                      else cols[name][order]) for name in self.tensors}
+        out["micro_conds"] = torch.from_numpy(np.concatenate([micro.astype(np.float32), aesthetic[:, None]], 1)[order])
+        return out
 
 
 class _Windows(IterableDataset):

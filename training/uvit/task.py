@@ -1,6 +1,11 @@
 """The U-ViT's task on the training loop (training/engine.py): masked-token training on
 token shards, `train(cfg)` (what `amused train` runs), and its start-up checks (the dataset, the tokenizers it was made with,
 the model against the tokens, the batch against ranks and lanes), run before any step.
+
+On a text "ids" dataset each micro-batch's caption ids go through the frozen CLIP text
+tower (model.text_encoder; no grad, in the run's precision, outside the optimizer and the
+checkpoint) and its outputs are rounded to float16, as a "states" dataset stores them, so
+both kinds of dataset feed the U-ViT the same inputs for the same weights.
 """
 
 from __future__ import annotations
@@ -8,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from amused.pipeline.shards import ModelIdentity, TokenDataset, read_empty_prompt
+from amused.pipeline.shards import MANIFEST, ModelIdentity, TokenDataset, read_empty_prompt
 from amused.plumbing.storage import VQGAN_SUBFOLDERS
-from amused.tokenizer.text import TextEncoder
+from amused.tokenizer.text import TextEmbeddings, TextEncoder
 from amused.training.checkpoint import write_config
 from amused.training.config import TrainConfig
 from amused.training.distributed import Layout, current_device, in_process_group, locked, rank0_decides, wants_bf16
@@ -28,8 +33,9 @@ class UViTTask:
     stats_size = 3  # cross-entropy sum, correct, masked count (this rank)
 
     def __init__(self, cfg: TrainConfig, model, dataset: TokenDataset, layout: Layout, rank: int, world: int,
-                 device: torch.device, empty: dict | None, dtype: torch.dtype):
+                 device: torch.device, empty: dict | None, dtype: torch.dtype, text: TextEncoder | None = None):
         self.cfg, self.model, self.layout, self.device, self.dtype = cfg, model, layout, device, dtype
+        self.text = text  # text "ids": the frozen tower the captions' ids go through
         self.world = world
         self.reader = ShardReader(dataset, lanes=layout.lanes, rank=rank, world_size=world,
                                   lane_batch=layout.lane_batch, accum=layout.accum, window_rows=cfg.data.window_rows,
@@ -50,7 +56,10 @@ class UViTTask:
     def micro_step(self, engine, step: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = slice(k * self.layout.lane_batch, (k + 1) * self.layout.lane_batch)
         masked, drop = self.masks.micro(self.reader.lanes, rows)
-        parts = _forward(engine, next(self.reader), masked, drop, self.empty, self.dtype, self.device,
+        batch = next(self.reader)
+        if self.text is not None:
+            batch = _with_text_states(self.text, batch)
+        parts = _forward(engine, batch, masked, drop, self.empty, self.dtype, self.device,
                          self.cfg.objective.label_smoothing, self.scale)
         stats = torch.stack([parts.ce_sum.double(), parts.correct.double(),
                              torch.tensor(parts.count, dtype=torch.float64, device=self.device)])
@@ -91,11 +100,16 @@ def start(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> tuple[U
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.preset, cfg.model.pretrained)
     _check_model(model, dataset.spec)
+    text, empty = None, info["empty"]
+    if dataset.spec.text == "ids":
+        # After the U-ViT is built, so that its initialisation draws the same numbers in both modes.
+        text = TextEncoder.from_pretrained(cfg.model.text_encoder, device=device, dtype=dtype)
+        empty = {k: v[0] for k, v in _half(text.encode([""])).items()}
     if rank == 0:
         write_config(cfg.run_dir, cfg)
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model)
-    return UViTTask(cfg, model, dataset, layout, rank, world, device, info["empty"], dtype), resume
+    return UViTTask(cfg, model, dataset, layout, rank, world, device, empty, dtype, text), resume
 
 
 def _check_identity(what: str, configured: str | None, subfolders: tuple[str, ...], recorded) -> None:
@@ -114,10 +128,15 @@ def _inspect_run(cfg: TrainConfig) -> dict:
     try:
         dataset = TokenDataset(cfg.data.dataset)
     except FileNotFoundError:
-        raise ValueError(f"data.dataset: no token dataset at {cfg.data.dataset} (_manifest.json missing)") from None
+        raise ValueError(f"data.dataset: no token dataset at {cfg.data.dataset} ({MANIFEST} missing)") from None
     spec = dataset.spec
+    if spec.text == "ids" and cfg.model.text_encoder is None:
+        raise ValueError(f"model.text_encoder is required: {cfg.data.dataset} stores caption token ids (text: ids), "
+                         "which training runs through the CLIP text tower the dataset was made with")
     _check_identity("vqgan", cfg.model.vqgan, VQGAN_SUBFOLDERS, spec.image_tokenizer)
     _check_identity("text_encoder", cfg.model.text_encoder, (), spec.text_encoder)
+    if spec.text == "ids":  # every rank computes the empty prompt with the tower it loads
+        return {"dataset": dataset, "empty": None}
     empty = read_empty_prompt(cfg.data.dataset)
     if empty is None and cfg.objective.cond_drop_prob > 0:
         if cfg.model.text_encoder is None:
@@ -142,6 +161,18 @@ def _check_model(model, spec) -> None:
         problems.append(f"pooled text size {spec.text_pooled_dim} vs cond_embed_dim {model.config.cond_embed_dim}")
     if problems:
         raise ValueError("the token dataset does not fit model.preset/model.pretrained: " + "; ".join(problems))
+
+
+def _half(emb: TextEmbeddings) -> dict[str, torch.Tensor]:
+    """The text conditions in float16, what a "states" dataset stores (through float32, as pretokenize rounds)."""
+    return {"hidden_states": emb.hidden_states.float().half(), "pooled": emb.pooled.float().half()}
+
+
+def _with_text_states(text: TextEncoder, batch: dict) -> dict:
+    """A text "ids" micro-batch with the tower's outputs for its ids in place of them."""
+    states = _half(text.encode_ids(batch["text_ids"]))
+    rest = {k: v for k, v in batch.items() if k != "text_ids"}
+    return {**rest, "text_hidden_states": states["hidden_states"], "text_pooled": states["pooled"]}
 
 
 def _forward(engine, batch: dict, masked: torch.Tensor, drop: torch.Tensor, empty: dict | None, dtype,
