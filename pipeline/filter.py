@@ -68,7 +68,7 @@ _WORK_SCHEMA = pa.schema([pa.field(k, t) for k, t in CANONICAL.items()] + [
     pa.field("_rank", pa.uint64()), pa.field("_k0", pa.uint64()), pa.field("_k1", pa.uint64()),
     pa.field("_file", pa.int32())])
 SCRATCH = ".arrow"
-_BATCH_ROWS = 65_536
+_BATCH_ROWS = 16_384  # the read granularity of a rank range: a partition reads < 1 batch too many per file
 _RANK_BOUNDS = b"amused.rank_bounds"
 
 _LAION = dict(url="URL", caption="TEXT", width="WIDTH", height="HEIGHT", similarity="similarity", nsfw="punsafe",
@@ -467,7 +467,7 @@ def dedup_partition(item: dict, output: str, files: list[int], partitions: int, 
         return done
     lo, hi = rank_bounds(p, partitions)
     table = pa.concat_tables([_read_scratch(_work(output, "files", f"{i:05d}{SCRATCH}"), lo, hi)
-                              for i in files]).combine_chunks()
+                              for i in files])
     order, repeat = _global_order(table)
     duplicates: dict[str, int] = {}
     if dedup and repeat.any():
@@ -589,6 +589,16 @@ def _cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def _partitions(output: str, wanted: int) -> int:
+    """The job's partition count, fixed by its first run: the units of passes 2 and 3 are its
+    rank ranges, so a rerun on another cluster (or with other partition_rows) keeps them."""
+    url = _work(output, "partitions.json")
+    if file_exists(url):
+        return int(read_json(url)["partitions"])
+    write_json_atomic(url, {"partitions": wanted})
+    return wanted
+
+
 def _schemas(files: list[str]) -> list[list[str]]:
     with ThreadPoolExecutor(16) as pool:
         return list(pool.map(parquet_columns, files))
@@ -619,16 +629,17 @@ def filter_metadata(cfg: FilterConfig) -> FilterReport:
                           cfg.workers, "filter: files", cfg.progress)
         counts.sort(key=lambda c: c["index"])
         kept = sum(c["rows_kept"] for c in counts)
-        partitions = max(1, math.ceil(kept / cfg.partition_rows))
+        # At least one partition per task slot: the partition count does not change the output.
+        slots = min(_cpus(), cfg.workers or _cpus())
+        partitions = _partitions(cfg.output, max(slots, math.ceil(kept / cfg.partition_rows)))
         parts = _ray_map([{"partition": p} for p in range(partitions)], dedup_partition,
                          dict(output=cfg.output, files=list(range(len(files))), partitions=partitions,
                               dedup=cfg.dedup), cfg.workers, "filter: dedup", cfg.progress)
         parts.sort(key=lambda r: r["partition"])
         offsets = np.concatenate([[0], np.cumsum([r["rows"] for r in parts])]).astype(int).tolist()
-        tasks = min(partitions, cfg.workers or partitions)
         _ray_map([{"partition": p} for p in range(partitions)], write_shards,
                  dict(output=cfg.output, offsets=offsets, rows_per_shard=cfg.rows_per_shard,
-                      threads=max(1, _cpus() // tasks)),
+                      threads=max(1, _cpus() // min(partitions, slots))),
                  cfg.workers, "filter: shards", cfg.progress)
 
     report = _report(cfg, schema, counts, parts, rules)

@@ -1,6 +1,7 @@
 """`amused filter`: exact kept sets and per-rule counts on nasty rows, independent of
 workers and file splits, resumable, S3 in and out."""
 
+import dataclasses
 import math
 import os
 
@@ -16,6 +17,8 @@ from amused.pipeline.filter import (
     FilterConfig,
     _check_or_start_job,
     _job_fingerprint,
+    _partitions,
+    dedup_partition,
     filter_file,
     filter_metadata,
     resolve_mapping,
@@ -179,6 +182,24 @@ def test_rerun_after_a_crash_redoes_only_missing_files(reference, nasty_input, t
     # other rules on the same output are refused rather than mixed
     with pytest.raises(ValueError, match="other settings"):
         filter_metadata(FilterConfig(input=src, output=crashed, rows_per_shard=4, progress=False))
+
+
+def test_a_rerun_keeps_the_partitions_of_the_first_run(reference, nasty_input, tmp_path, ray_session):
+    out, _ = reference
+    stopped = str(tmp_path / "stopped")
+    cfg = FilterConfig(input=nasty_input, output=stopped, rows_per_shard=4, progress=False, **RULES)
+    files = list_files(nasty_input, ".parquet")
+    _, mapping = resolve_mapping("auto", {}, pq.read_schema(files[0]).names)
+    _check_or_start_job(cfg, _job_fingerprint(cfg, files, mapping))
+    for i, path in enumerate(files):
+        filter_file({"index": i, "path": path}, stopped, mapping, cfg.rules(), cfg.seed)
+    # The first run planned 2 partitions and finished the first (half the rank space) ...
+    assert _partitions(stopped, 2) == 2
+    dedup_partition({"partition": 0}, stopped, list(range(len(files))), 2, True)
+    # ... the rerun, with other partition sizes (or on more CPUs), must not read it as its partition 0 of many.
+    again = filter_metadata(dataclasses.replace(cfg, partition_rows=3))
+    assert again.total == read_json(join(out, REPORT))["total"]
+    assert output_bytes(stopped) == output_bytes(out)
 
 
 def test_missing_column_names_file_and_column(tmp_path, ray_session):
