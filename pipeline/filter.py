@@ -371,11 +371,18 @@ def _write_scratch(url: str, table: pa.Table, ranked: bool) -> None:
             writer.write_batch(batch)
 
 
-def _read_scratch(url: str, lo: int = 0, hi: int = 1 << 64) -> pa.Table:
-    """The rows of a scratch file, or of a ranked one the rows whose rank is in [lo, hi)."""
+def _read_scratch(url: str, lo: int = 0, hi: int = 1 << 64, rows: int | None = None) -> pa.Table:
+    """The rows of a scratch file (its first `rows` or more, where given), or of a ranked one
+    the rows whose rank is in [lo, hi)."""
     fs, path = url_to_fs(url)
     with fs.open(path, "rb") as fh:
         reader = pa.ipc.open_file(fh)
+        if rows is not None:
+            batches, have = [], 0
+            while have < rows and len(batches) < reader.num_record_batches:
+                batches.append(reader.get_batch(len(batches)))
+                have += batches[-1].num_rows
+            return pa.Table.from_batches(batches, schema=reader.schema)
         if (lo, hi) == (0, 1 << 64):
             return reader.read_all()
         bounds = json.loads(reader.schema.metadata[_RANK_BOUNDS])
@@ -508,8 +515,9 @@ def write_shards(item: dict, output: str, offsets: list[int], rows_per_shard: in
     need_end = min(total, (todo[-1] + 1) * rows_per_shard)
     tables, q = [], p
     while q < len(offsets) - 1 and offsets[q] < need_end:
-        if offsets[q + 1] > offsets[q]:
-            tables.append(_read_scratch(_work(output, "parts", f"{q:05d}{SCRATCH}")))
+        if offsets[q + 1] > offsets[q]:  # a later partition only as far as the last shard reaches
+            tables.append(_read_scratch(_work(output, "parts", f"{q:05d}{SCRATCH}"),
+                                        rows=None if q == p else need_end - offsets[q]))
         q += 1
     rows = pa.concat_tables(tables)
     with ThreadPoolExecutor(threads) as pool:
