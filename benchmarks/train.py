@@ -6,14 +6,16 @@
     (d) engine, text ids: (b) on a text "ids" dataset, the step running a frozen CLIP text
                      tower sized to the U-ViT's text inputs (`bench_text_config`) on each sample's 77 ids
     (e) text tower alone: `TextEncoder.encode_ids` on batches of ids, as the ids step runs it
+    (f) (a) with (e) run before each step and timed apart: tower time / step time per step
 
 Printed: samples/s of each, engine overhead (1 - b/a; goal <= 5%), reader / step
 consumption (c/b; goal >= 10x), and the step time the ids mode adds: measured end to end
-(b/d - 1, median of `--repeats` interleaved (b, d) pairs; this machine's run-to-run noise is
-several points) and from the tower alone (b/e: less noisy, misses the step's other changes),
-both also scaled to aMUSEd-256: x (aMUSEd's text/step FLOP
-ratio / this model's), both ratios counted with torch's FLOP counter (text tower: one
-forward on 77 ids; U-ViT step: forward x 3, backward ~ 2x forward). Steady state: the first
+(b/d - 1, median of `--repeats` interleaved (b, d) pairs; on a shared machine the noise is
+several points), from the tower alone (b/e), and per step in the plain loop (f: the tower
+and the step alternate, so a load change hits both; the figure to trust on a busy machine),
+all scaled to aMUSEd-256: x (aMUSEd's text/step FLOP ratio / this model's), both ratios
+counted with torch's FLOP counter (text tower: one forward on 77 ids; U-ViT step: forward
+x 3, backward ~ 2x forward). Steady state: the first
 `--warmup` steps are not timed. With --gpu-peak-tflops it turns a measured rate into MFU.
 
     python benchmarks/train.py                     # CPU, the bench-train U-ViT (10.3M parameters)
@@ -79,15 +81,23 @@ def text_flops_per_caption(config: CLIPTextConfig) -> float:
     return float(counter.get_total_flops())
 
 
-def plain_loop(model_dir: str, batch: dict, steps: int, warmup: int, seed: int) -> float:
+def plain_loop(model_dir: str, batch: dict, steps: int, warmup: int, seed: int, text_ids: dict | None = None):
+    """samples/s of plain training steps; with `text_ids` (a text encoder and a batch of ids),
+    the median over steps of (text tower time / step time) instead, the tower run just before
+    each step on the batch's ids and timed apart, so that both see the same machine load."""
     torch.manual_seed(seed)
     model = build_model("tiny", model_dir)
     opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4)
     n = batch["image_tokens"].shape[0]
     grid = tuple(batch["image_tokens"].shape[1:])
+    ratios = []
     for step in range(steps + warmup):
         if step == warmup:
             start = time.perf_counter()
+        if text_ids:
+            t0 = time.perf_counter()
+            text_ids["text"].encode_ids(text_ids["ids"])
+            t1 = time.perf_counter()
         masks = draw_masks(seed, step, 1, n, grid, 0.15, 0.1)
         masked, _ = masks.micro(range(0, 1), slice(0, n))
         logits = model(batch["image_tokens"].masked_fill(masked, mask_id(model)), batch["text_hidden_states"].float(),
@@ -96,7 +106,9 @@ def plain_loop(model_dir: str, batch: dict, steps: int, warmup: int, seed: int) 
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return steps * n / (time.perf_counter() - start)
+        if text_ids and step >= warmup:
+            ratios.append((t1 - t0) / (time.perf_counter() - t1))
+    return sorted(ratios)[len(ratios) // 2] if text_ids else steps * n / (time.perf_counter() - start)
 
 
 def engine_run(run_dir: Path, model_dir: str, dataset: str, batch: int, steps: int, warmup: int,
@@ -196,6 +208,12 @@ def main() -> None:
               f"{len(pairs)} same-run pair(s))")
         e = text_rate(str(text_dir), args.batch, max(20, args.steps))
         print(f"(e) text tower alone        {e:8.1f} samples/s   b/e = +{100 * b / e:.1f}% step time")
+        ids = next(ShardReader(TokenDataset(dataset + "-ids"), lanes=1, rank=0, world_size=1, lane_batch=args.batch,
+                               accum=1, window_rows=1024, seed=0))["text_ids"]
+        f = plain_loop(model_dir, sample, args.steps, args.warmup, seed=0,
+                       text_ids={"text": TextEncoder.from_pretrained(str(text_dir), device="cpu"), "ids": ids})
+        print(f"(f) tower / step, alternating in the plain loop: +{100 * f:.1f}% step time (median of {args.steps} "
+              "steps, each pair under the same load)")
 
     flops = training_flops_per_sample("amused-256")
     print(f"aMUSEd-256 U-ViT training FLOPs per 256 px sample (3 x forward, torch FLOP counter): {flops / 1e12:.3f} TFLOP")
@@ -207,8 +225,9 @@ def main() -> None:
               f"{step_flops / 1e9:.1f} GFLOP = {100 * ratios[preset]:.2f}%")
     bench_ratio, amused_ratio = ratios[args.preset], ratios["amused-256"]
     scale = amused_ratio / bench_ratio
-    print(f"text ids step overhead scaled to aMUSEd-256 (x {scale:.2f}): end to end {100 * overhead:.1f}% -> "
-          f"{100 * overhead * scale:.1f}%; tower alone {100 * b / e:.1f}% -> {100 * b / e * scale:.1f}%")
+    print(f"text ids step overhead scaled to aMUSEd-256 (x {scale:.2f}): (d) end to end {100 * overhead:.1f}% -> "
+          f"{100 * overhead * scale:.1f}%; (e) tower alone {100 * b / e:.1f}% -> {100 * b / e * scale:.1f}%; "
+          f"(f) alternating {100 * f:.1f}% -> {100 * f * scale:.1f}%")
     if args.gpu_peak_tflops and args.preset == "amused-256":
         mfu = b * flops / (args.gpu_peak_tflops * 1e12)
         print(f"MFU = {b:.1f} samples/s x {flops / 1e12:.3f} TFLOP / {args.gpu_peak_tflops} TFLOP/s = {100 * mfu:.1f}%")
