@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from amused.pipeline.shards import MANIFEST, ModelIdentity, TokenDataset, read_empty_prompt
+from amused.pipeline.shards import EMPTY_PROMPT, MANIFEST, ModelIdentity, TokenDataset, read_empty_prompt
 from amused.plumbing.storage import VQGAN_SUBFOLDERS
 from amused.tokenizer.text import TextEmbeddings, TextEncoder
 from amused.training.checkpoint import write_config
@@ -141,7 +141,7 @@ def _inspect_run(cfg: TrainConfig) -> dict:
     if empty is None and cfg.objective.cond_drop_prob > 0:
         if cfg.model.text_encoder is None:
             raise ValueError(f"objective.cond_drop_prob > 0 needs the empty prompt's embeddings: {cfg.data.dataset} "
-                             "has no _empty_prompt.safetensors; set model.text_encoder")
+                             f"has no {EMPTY_PROMPT}; set model.text_encoder")
         out = TextEncoder.from_pretrained(cfg.model.text_encoder, device="cpu").encode([""])
         empty = {"hidden_states": out.hidden_states[0].half().numpy(), "pooled": out.pooled[0].half().numpy()}
     return {"dataset": dataset, "empty": empty}
