@@ -470,7 +470,9 @@ def _global_order(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 def dedup_partition(item: dict, output: str, files: list[int], partitions: int, dedup: bool) -> dict:
     p = int(item["partition"])
     done = _done(output, "parts", p)
-    if done is not None:
+    # A partition made under another plan (its pin lost, or two drivers on one output) covers
+    # another rank range: redone, never reused.
+    if done is not None and done.get("partitions") == partitions:
         return done
     lo, hi = rank_bounds(p, partitions)
     table = pa.concat_tables([_read_scratch(_work(output, "files", f"{i:05d}{SCRATCH}"), lo, hi)
@@ -485,7 +487,7 @@ def dedup_partition(item: dict, output: str, files: list[int], partitions: int, 
     words = np.stack([rows.column("_k0").to_numpy(), rows.column("_k1").to_numpy()], axis=1)
     rows = rows.select(list(CANONICAL)).add_column(0, "sample_key", key_text(words)).cast(OUTPUT_SCHEMA)
     _write_scratch(_work(output, "parts", f"{p:05d}{SCRATCH}"), rows, ranked=False)
-    result = {"partition": p, "rows": rows.num_rows, "duplicates": duplicates}
+    result = {"partition": p, "partitions": partitions, "rows": rows.num_rows, "duplicates": duplicates}
     write_json_atomic(_work(output, "parts", f"{p:05d}.json"), result)
     return result
 

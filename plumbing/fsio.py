@@ -68,7 +68,9 @@ def atomic_writer(url: str) -> Iterator[HashingWriter]:
         return
     parent, _, name = path.rpartition("/")
     fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/{name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+    # A leading dot: what a crash leaves behind is a hidden file, which pyarrow, pandas, Ray and
+    # Hugging Face datasets skip when they read the folder as a dataset.
+    tmp = f"{parent}/.{name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
     try:
         with fs.open(tmp, "wb") as fh:
             writer = HashingWriter(fh)

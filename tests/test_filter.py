@@ -4,6 +4,7 @@ workers and file splits, resumable, S3 in and out."""
 import dataclasses
 import math
 import os
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -170,7 +171,7 @@ def test_rerun_after_a_crash_redoes_only_missing_files(reference, nasty_input, t
     _, mapping = resolve_mapping("auto", {}, pq.read_schema(files[0]).names)
     _check_or_start_job(cfg, _job_fingerprint(cfg, files, mapping))
     filter_file({"index": 0, "path": files[0]}, crashed, mapping, cfg.rules(), cfg.seed)
-    with open(join(crashed, WORK, "files", f"00001{SCRATCH}.tmp-dead0000"), "wb") as fh:
+    with open(join(crashed, WORK, "files", f".00001{SCRATCH}.tmp-dead0000"), "wb") as fh:
         fh.write(b"PAR1 half a file")
     # Were file 0 filtered again, these rows would show in the output.
     pq.write_table(laion_table([(f"https://other.net/{i}.jpg", "other", {}, None) for i in range(5)]), files[0])
@@ -196,10 +197,15 @@ def test_a_rerun_keeps_the_partitions_of_the_first_run(reference, nasty_input, t
     # The first run planned 2 partitions and finished the first (half the rank space) ...
     assert _partitions(stopped, 2) == 2
     dedup_partition({"partition": 0}, stopped, list(range(len(files))), 2, True)
-    # ... the rerun, with other partition sizes (or on more CPUs), must not read it as its partition 0 of many.
-    again = filter_metadata(dataclasses.replace(cfg, partition_rows=3))
-    assert again.total == read_json(join(out, REPORT))["total"]
-    assert output_bytes(stopped) == output_bytes(out)
+    # ... the rerun, with other partition sizes (or on more CPUs), must not read it as its partition 0 of many,
+    # whether it finds the pin or the pin is gone (each partition's result names its plan).
+    lost = str(tmp_path / "lost")
+    shutil.copytree(stopped, lost)
+    os.remove(join(lost, WORK, "partitions.json"))
+    for folder in (stopped, lost):
+        again = filter_metadata(dataclasses.replace(cfg, output=folder, partition_rows=3))
+        assert again.total == read_json(join(out, REPORT))["total"]
+        assert output_bytes(folder) == output_bytes(out)
 
 
 def test_missing_column_names_file_and_column(tmp_path, ray_session):

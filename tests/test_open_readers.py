@@ -17,6 +17,7 @@ import pytest
 import ray
 
 from amused.pipeline import shards as fmt
+from amused.plumbing.fsio import TMP_MARK
 from tests.samples import make_columns, make_spec
 
 SIZES = (7, 5)
@@ -50,7 +51,10 @@ def write(url: str, text: str) -> dict[str, dict]:
 @pytest.fixture(scope="module", params=fmt.TEXT_MODES)
 def dataset(request, tmp_path_factory) -> tuple[str, dict[str, dict]]:
     folder = tmp_path_factory.mktemp(f"open-{request.param}") / "tokens"
-    return str(folder), write(str(folder), request.param)
+    rows = write(str(folder), request.param)
+    # What a writer killed mid-shard leaves on a local disk: its temporary file, which readers must skip.
+    (folder / f".00009.parquet{TMP_MARK}dead0000").write_bytes(b"PAR1 half a shard")
+    return str(folder), rows
 
 
 # ----- the reading side: no project code from here on ----------------------------------------

@@ -17,6 +17,7 @@ import yaml
 from amused.orchestration.cli import main
 from amused.orchestration.run import _locked_folders, plan, run
 from amused.orchestration.run_config import load_run_config, parse_run_config
+from amused.pipeline import shards as fmt
 from tests.samples import demo_config, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +94,7 @@ def test_run_resumes_skips_and_reruns_what_changed(tmp_path, capsys):
     assert states["filter"]["counts"]["kept"] == 96
     assert states["download"]["counts"]["downloaded"] == 96
     assert states["pretokenize"]["counts"]["tokenized"] == 96
-    manifest = (tmp_path / "run/data/tokens/_manifest.json").read_bytes()
+    manifest = (tmp_path / "run/data/tokens" / fmt.MANIFEST).read_bytes()
     assert json.loads((tmp_path / "run/samples/result.json").read_text())["prompt_following"]["samples"] == 8
 
     log.clear()
@@ -107,7 +108,7 @@ def test_run_resumes_skips_and_reruns_what_changed(tmp_path, capsys):
     states = run(parse_run_config(cfg), log=log.append)
     assert _ran(log) == {"train", "evaluate", "samples"}
     assert any("optim.lr: 0.002 -> 0.003" in line for line in log)
-    assert (tmp_path / "run/data/tokens/_manifest.json").read_bytes() == manifest
+    assert (tmp_path / "run/data/tokens" / fmt.MANIFEST).read_bytes() == manifest
     results = sorted((tmp_path / "run/eval").glob("step_*.json"))
     assert [p.name for p in results] == ["step_00000003.json", "step_00000006.json"]
     assert all(p.stat().st_mtime < states["train"]["finished"] for p in results)  # written by the train stage
@@ -126,7 +127,7 @@ def test_run_resumes_skips_and_reruns_what_changed(tmp_path, capsys):
 def _outcome(run_dir: Path) -> dict:
     """What must not depend on interruptions: the token shards' checksums, the training
     losses per logged step, the evaluation results and the prompt-following score."""
-    manifest = json.loads((run_dir / "data/tokens/_manifest.json").read_text())
+    manifest = json.loads((run_dir / "data/tokens" / fmt.MANIFEST).read_text())
     shards = sorted((s["name"], s["sha256"], s["rows"]) for s in manifest["shards"])
     losses = [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "train/metrics.jsonl").open())]
     evals = sorted((r["step"], r["fid"], r["clip_score"])

@@ -70,7 +70,7 @@ def test_verify_passes_then_catches_each_kind_of_damage(tmp_path):
     url = str(tmp_path / "ds")
     write_dataset(url)
     assert verify_dataset(url).ok
-    (tmp_path / "ds" / "00002.parquet.tmp-1234").write_bytes(b"junk")
+    (tmp_path / "ds" / ".00002.parquet.tmp-1234").write_bytes(b"junk")
     report = verify_dataset(url)
     assert report.ok and any("temporary" in w for w in report.warnings)
 
