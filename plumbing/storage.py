@@ -110,6 +110,10 @@ def local_folder(url: str) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(f"{root.rstrip('/')}/{rel}", str(target))
         (tmp / marker.name).write_text(json.dumps(listing, sort_keys=True))
+        # Every rank of a node may fetch the same folder at once: a copy another one finished
+        # meanwhile may already be loading there, so only a stale copy is removed.
+        if marker.exists() and json.loads(marker.read_text()) == listing:
+            return dest
         if dest.exists():
             shutil.rmtree(dest, ignore_errors=True)
         try:
