@@ -305,6 +305,8 @@ def key_text(words: np.ndarray) -> pa.Array:
     raw = np.ascontiguousarray(words.astype(">u8")).view(np.uint8)  # n may be 0
     digits = _HEX_PAIRS[raw]  # two digits per byte
     width = 16 * words.shape[1]
+    if width * len(words) >= 2**31:  # a string array's offsets are int32
+        raise ValueError(f"{len(words):,} keys in one array: over 2 GiB of text; use smaller partitions")
     offsets = np.arange(0, width * (len(words) + 1), width, dtype=np.int32)
     return pa.StringArray.from_buffers(len(words), pa.py_buffer(offsets), pa.py_buffer(digits))
 
