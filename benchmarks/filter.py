@@ -77,22 +77,25 @@ def pandas_filter(files: list[str], columns: list[str], out: Path, rows_per_shar
 _HEAD = r"^[^:/?#]*:(?://[^/?#]*)?"
 
 
-def duckdb_filter(files: list[str], out: Path, rows_per_shard: int) -> int:
-    """What a careful user writes in DuckDB: one query, shards by PARTITION_BY."""
+def duckdb_filter(files: list[str], columns: list[str], out: Path, rows_per_shard: int) -> int:
+    """What a careful user writes in DuckDB: the needed columns, one row per key by arg_min (a
+    hash aggregate: ~3x faster here than a window's row_number() or DISTINCT ON), shards by
+    PARTITION_BY."""
     con = duckdb.connect()
     con.execute(f"""
         CREATE TEMP TABLE kept AS
-        WITH src AS (SELECT *, regexp_replace(trim(URL), '#.*$', '') AS nofrag, trim(TEXT) AS caption
-                     FROM read_parquet({files!r})),
-        norm AS (SELECT *, lower(regexp_extract(nofrag, '{_HEAD}', 0))
+        WITH src AS (SELECT * EXCLUDE (URL, TEXT), trim(URL) AS URL, trim(TEXT) AS TEXT,
+                            regexp_replace(trim(URL), '#.*$', '') AS nofrag
+                     FROM (SELECT {", ".join(columns)} FROM read_parquet({files!r}))),
+        norm AS (SELECT * EXCLUDE (nofrag), lower(regexp_extract(nofrag, '{_HEAD}', 0))
                            || substr(nofrag, length(regexp_extract(nofrag, '{_HEAD}', 0)) + 1) AS norm FROM src)
-        SELECT * EXCLUDE (nofrag, TEXT, URL), trim(URL) AS URL, caption AS TEXT FROM norm
+        SELECT norm, arg_min(COLUMNS(* EXCLUDE (norm)), URL) FROM norm
         WHERE (starts_with(norm, 'http://') OR starts_with(norm, 'https://'))
-          AND NOT regexp_matches(norm, '{PRIVATE}') AND length(caption) >= 1
+          AND NOT regexp_matches(norm, '{PRIVATE}') AND length(TEXT) >= 1
           AND WIDTH >= {RULES["min_width"]} AND HEIGHT >= {RULES["min_height"]}
           AND pwatermark <= {RULES["max_watermark"]} AND AESTHETIC_SCORE >= {RULES["min_aesthetic"]}
           AND punsafe <= {RULES["max_nsfw"]}
-        QUALIFY row_number() OVER (PARTITION BY norm ORDER BY URL) = 1""")
+        GROUP BY norm""")
     kept = con.execute("SELECT count(*) FROM kept").fetchone()[0]
     con.execute(f"""
         COPY (SELECT * EXCLUDE (norm, r), printf('%016x', hash(norm)) AS sample_key,
@@ -164,7 +167,7 @@ def main() -> None:
     slow, kept = nan if "pandas" in args.skip else timed(pandas_filter, files, columns, work / "pandas",
                                                          args.rows_per_shard)
     print(f"(c) pandas        {args.rows / slow:12,.0f} rows/s  {slow:6.1f}s  kept {kept:,}")
-    duck, kept = nan if "duckdb" in args.skip else timed(duckdb_filter, files, work / "duckdb", args.rows_per_shard)
+    duck, kept = nan if "duckdb" in args.skip else timed(duckdb_filter, files, columns, work / "duckdb", args.rows_per_shard)
     print(f"(d) DuckDB        {args.rows / duck:12,.0f} rows/s  {duck:6.1f}s  kept {kept:,}")
     polars, kept = nan if "polars" in args.skip else timed(polars_filter, files, columns, work / "polars",
                                                            args.rows_per_shard)
