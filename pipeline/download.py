@@ -77,7 +77,7 @@ from amused.plumbing.fsio import (
     read_json,
     write_json_atomic,
 )
-from amused.plumbing.raysession import ray_session
+from amused.plumbing.raysession import ray_session, ray_tasks
 from amused.plumbing.storage import join, url_to_fs
 
 STATE = "_amused"
@@ -309,7 +309,7 @@ class Tasks:
         if not calls:
             return
         if self.cfg.distributor == "ray":
-            yield from self._ray(fn, calls)
+            yield from ray_tasks(fn, calls, _IN_FLIGHT, scheduling_strategy="SPREAD")
             return
         if self.pool is None:  # spawn, like img2dataset: forking a process that runs threads is unsafe
             self.pool = ProcessPoolExecutor(self.cfg.processes, mp_context=multiprocessing.get_context("spawn"))
@@ -325,29 +325,9 @@ class Tasks:
             for future in pending:
                 future.cancel()
 
-    @staticmethod
-    def _ray(fn: Callable[..., dict], calls: list[dict]) -> Iterator[dict]:
-        import ray  # 1.2-1.7 s to import; only the ray distributor needs it
-
-        task = ray.remote(_call).options(num_cpus=1, scheduling_strategy="SPREAD")
-        todo = iter(calls)
-        pending = [task.remote(fn, kw) for kw in itertools.islice(todo, _IN_FLIGHT)]
-        try:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                pending += [task.remote(fn, kw) for kw in itertools.islice(todo, 1)]
-                yield ray.get(done[0])
-        finally:
-            for ref in pending:
-                ray.cancel(ref)
-
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
-
-
-def _call(fn: Callable[..., dict], kwargs: dict) -> dict:
-    return fn(**kwargs)
 
 
 def _node_name() -> str:

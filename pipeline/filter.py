@@ -49,7 +49,7 @@ from amused.plumbing.fsio import (
     read_json,
     write_json_atomic,
 )
-from amused.plumbing.raysession import ray_session
+from amused.plumbing.raysession import ray_session, ray_tasks
 from amused.plumbing.storage import is_local, join, url_to_fs
 
 REPORT = "_report.json"
@@ -579,22 +579,13 @@ def _ray_map(items: list[dict], fn, kwargs: dict, workers: int | None, desc: str
     """`fn(item, **kwargs)` for each item as Ray tasks, at most `workers` at a time; the
     results, in completion order. Plain tasks, not Ray Data: a pass of a few large tasks
     pays no dataset planning, and the workers no import of Ray Data (5 s cold on 2 CPUs)."""
-    import ray  # +1.2-1.7 s on import; the CLI and the run config import this module for FilterConfig
-
-    task = ray.remote(num_cpus=1)(fn)
-    todo, running, results = list(reversed(items)), [], []
-    with tqdm(total=len(items), desc=desc, disable=not progress) as bar:
-        while todo or running:
-            while todo and len(running) < (workers or len(items)):
-                running.append(task.remote(todo.pop(), **kwargs))
-            done, running = ray.wait(running, num_returns=1)
-            results.extend(ray.get(done))
-            bar.update(len(done))
-    return results
+    calls = [{"item": item, **kwargs} for item in items]
+    results = ray_tasks(fn, calls, workers or len(items))
+    return list(tqdm(results, total=len(items), desc=desc, disable=not progress))
 
 
 def _cpus() -> int:
-    import ray  # see _ray_map
+    import ray  # +1.2-1.7 s on import; the CLI and the run config import this module for FilterConfig
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 

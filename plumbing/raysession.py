@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from amused.plumbing.storage import storage_env
 
@@ -32,3 +33,26 @@ def ray_session(address: str | None) -> Iterator[None]:
     finally:
         if started:
             ray.shutdown()
+
+
+def ray_tasks(fn: Callable[..., dict], calls: list[dict], in_flight: int, **options) -> Iterator[dict]:
+    """`fn(**call)` for each call as a Ray task of one CPU (`options`: more task options), at
+    most `in_flight` at once, results in completion order; if one fails, or the caller stops
+    reading, the tasks not yet done are cancelled."""
+    import ray  # see ray_session
+
+    task = ray.remote(_call).options(num_cpus=1, **options)
+    todo = iter(calls)
+    pending = [task.remote(fn, kw) for kw in itertools.islice(todo, in_flight)]
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            pending += [task.remote(fn, kw) for kw in itertools.islice(todo, 1)]
+            yield ray.get(done[0])
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+
+
+def _call(fn: Callable[..., dict], kwargs: dict) -> dict:
+    return fn(**kwargs)
