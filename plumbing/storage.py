@@ -36,6 +36,9 @@ from pathlib import Path
 import fsspec
 
 CACHE_ENV = "AMUSED_CACHE"
+# Fast node-local disk where work on a remote folder (a run folder on S3) is written before
+# it is uploaded and read after it is downloaded; a cluster points it at its NVMe.
+SCRATCH_ENV = "AMUSED_SCRATCH"
 RETRY_POLICY = {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "8"}
 for _name, _value in RETRY_POLICY.items():
     os.environ.setdefault(_name, _value)
@@ -48,7 +51,8 @@ fsspec.config.conf.setdefault("s3", {}).setdefault("use_listings_cache", False)
 def storage_env() -> dict[str, str]:
     """The storage settings of this process's environment, for processes that do not
     inherit it: Ray workers on other nodes were started by `ray start`, not by us."""
-    return {name: os.environ[name] for name in (*RETRY_POLICY, "FSSPEC_S3")}
+    return {name: os.environ[name] for name in (*RETRY_POLICY, "FSSPEC_S3", CACHE_ENV, SCRATCH_ENV)
+            if name in os.environ}
 
 
 def url_to_fs(url: str):
@@ -73,6 +77,13 @@ def _protocols(fs) -> tuple[str, ...]:
 def protocol(fs) -> str:
     """The main name of a filesystem's protocol ("file", "s3", ...)."""
     return _protocols(fs)[0]
+
+
+def scratch_folder(url: str) -> Path:
+    """This node's local working copy of the remote folder `url`: one per folder and node,
+    shared by the ranks on it (each writes and reads its own files there)."""
+    root = Path(os.environ.get(SCRATCH_ENV) or Path(tempfile.gettempdir()) / "amused-scratch")
+    return root / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:20]
 
 
 def _cache_root() -> Path:

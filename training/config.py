@@ -120,6 +120,8 @@ class EMAConfig:
 class CheckpointConfig:
     every: int = opt(1000, "optimizer steps between checkpoints")
     keep: int = opt(3, "complete checkpoints kept (older ones are deleted)")
+    asynchronous: bool = opt(True, "upload (and hash) a checkpoint in the background: the step after it waits "
+                                   "only for the local write, the next checkpoint for the upload", output=False)
 
     def __post_init__(self):
         _check(self.every >= 1 and self.keep >= 1, "checkpoint.every and checkpoint.keep must be >= 1")
@@ -138,7 +140,8 @@ class LogConfig:
 
 @dataclass
 class TrainConfig:
-    run_dir: str = opt(help="run folder (local or a shared file system): checkpoints, metrics, config")
+    run_dir: str = opt(help="run folder, any fsspec URL (local, shared file system, s3://): checkpoints, metrics, "
+                            "config; on object storage each rank writes to local scratch ($AMUSED_SCRATCH) first")
     steps: int = opt(help="optimizer steps to train to")
     data: DataConfig = opt(help="token shards and the reader")
     seed: int = opt(0, "model initialisation, masking and condition dropout")
@@ -149,12 +152,13 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = section(LogConfig, output=False)
+    max_failures: int = opt(3, "under Ray Train: restarts from the latest complete checkpoint after a worker or "
+                               "node is lost, before the run stops for a person", output=False)
 
     def __post_init__(self):
         _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         _check(bool(self.run_dir.strip()), "run_dir must be a folder path, got ''")
-        if "://" in self.run_dir and not self.run_dir.startswith("file://"):
-            raise ValueError(f"run_dir {self.run_dir!r}: DeepSpeed checkpoints need a local or shared file system path")
+        _check(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -43,7 +43,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from amused.plumbing.fsio import read_json, write_json_atomic
-from amused.plumbing.plots import line_plots
 from amused.training import checkpoint as ckpt
 from amused.training.config import OptimConfig
 from amused.training.distributed import (
@@ -51,6 +50,7 @@ from amused.training.distributed import (
     rank0_decides,
 )
 from amused.training.ema import EMA
+from amused.training.metrics_log import MetricsLog, plot_metrics
 from amused.training.state import TrainState
 
 
@@ -133,6 +133,8 @@ def run_loop(cfg, task: Task, resume: TrainState | None, universal: bool, device
                 ema.update(engine.module)
         interval.count(outcome.bad, events)
         bar.update(1)
+        if log:
+            log.tick(step)
         if interval.due(step):
             dist.all_reduce(interval.stats)
             last_metrics = interval.close(step, task, outcome, cfg.data.global_batch_size)
@@ -324,59 +326,6 @@ class Interval:
                   "nonfinite_skipped": self.skipped, **self.events}
         self._start()
         return record
-
-
-class MetricsLog:
-    """Rank 0's metrics.jsonl (and optional TensorBoard / wandb)."""
-
-    def __init__(self, run_dir: str, cfg, resume_step: int, config: dict):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        if self.path.exists():
-            # Lines past the checkpoint come from steps that are about to be redone.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.path)
-        self.fh = open(self.path, "a")
-        self.tb = self.wandb = None
-        if cfg.tensorboard:
-            try:  # an optional dependency, imported only when asked for
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ValueError("log.tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        if cfg.wandb_project:
-            import wandb  # an optional dependency, imported only when asked for
-
-            self.wandb = wandb.init(project=cfg.wandb_project, dir=run_dir, config=config, resume="allow",
-                                    id=Path(run_dir).resolve().name)
-
-    def write(self, record: dict) -> None:
-        self.fh.write(json.dumps(record) + "\n")
-        self.fh.flush()
-        if self.tb:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
-        if self.wandb:
-            self.wandb.log(record, step=record["step"])
-
-    def close(self) -> None:
-        self.fh.close()
-        if self.tb:
-            self.tb.close()
-        if self.wandb:
-            self.wandb.finish()
-
-
-def plot_metrics(run_dir: str, names: tuple[str, ...]) -> Path:
-    """RUN_DIR/metrics.png: the task's main metrics (`Task.plot`) against step."""
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    series = {name: [(r["step"], r[name]) for r in records if r.get(name) is not None] for name in names}
-    path = Path(run_dir) / "metrics.png"
-    line_plots(series).save(path)
-    return path
 
 
 # ---------------------------------------------------------------- checkpoints

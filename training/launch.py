@@ -9,6 +9,8 @@ of the next run, on the same host, sees that the dead driver is gone and takes o
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 from ray.train import RunConfig, ScalingConfig, WorkerGroupError
@@ -18,10 +20,12 @@ from amused.plumbing.raysession import ray_session
 from amused.training.config import TrainConfig, parse_config
 from amused.training.distributed import Layout, train_lock
 from amused.training.engine import TrainResult
+from amused.training.progress import LAUNCH_ENV, follow_progress
 from amused.training.uvit.task import train
 
 
 def _worker(loop_config: dict) -> None:
+    os.environ[LAUNCH_ENV] = loop_config["launch"]
     train(parse_config(loop_config["config"]), launcher_holds_lock=True)
 
 
@@ -35,14 +39,15 @@ def train_on_ray(cfg: TrainConfig, workers: int, gpus_per_worker: float = 0.0, a
     with train_lock(cfg.run_dir), ray_session(address or None):
         trainer = TorchTrainer(
             _worker,
-            train_loop_config={"config": cfg.to_json()},
+            train_loop_config={"config": cfg.to_json(), "launch": uuid.uuid4().hex},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             # Ray's own storage holds only the run record; checkpoints live in cfg.run_dir.
             run_config=RunConfig(name="amused-train", storage_path=str(_storage(cfg.run_dir))),
         )
         try:
-            trainer.fit()
+            with follow_progress(cfg.run_dir, cfg.steps, "train"):
+                trainer.fit()
         except WorkerGroupError as exc:
             # Ray's own message is a traceback snippet; a rank's own error (a held lock, a
             # damaged checkpoint file, a bad setting) says in one line what went wrong.

@@ -89,7 +89,7 @@ class DiscriminatorConfig:
 
 @dataclass
 class VQGANConfig:
-    run_dir: str = opt(help="run folder (local or a shared file system)")
+    run_dir: str = opt(help="run folder, any fsspec URL (local, shared file system, s3://)")
     steps: int = opt(help="optimizer steps to train to")
     data: VQDataConfig = opt(help="image shards")
     seed: int = opt(0, "initialisation")
