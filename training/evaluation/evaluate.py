@@ -6,10 +6,12 @@ metric measures with (FID Inception, CLIP) loaded and take a disjoint, contiguou
 of the prompt set. Every image is
 drawn from its own generator seeded by (seed, prompt index), so the images, and so the
 metrics, do not depend on how many actors there are or on the batch size. The driver
-gathers features in prompt order and writes `eval/step_N.json` (under a temporary name,
-then renamed: a result exists only when complete), `eval/step_N.png` and
-`eval/metrics.png` (each metric against step). A rerun skips checkpoints that already
-have a result; the watcher evaluates checkpoints as training writes them.
+hands out each actor's slice in batches, so its bar counts images as they are generated,
+gathers features in prompt order and writes `eval/step_N.json` (atomically: a result
+exists only when complete), `eval/step_N.png` and `eval/metrics.png` (each metric
+against step). A rerun skips checkpoints that already have a result; the watcher
+evaluates checkpoints as training writes them. The run folder and the results may be
+on any fsspec URL (s3://...).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import threading
 import time
 from collections import Counter
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -28,12 +29,11 @@ import ray
 import torch
 from tqdm import tqdm
 
-from amused.plumbing.fsio import sha256_of, write_json_atomic
+from amused.plumbing.fsio import exists, file_exists, sha256_of, write_json_atomic
 from amused.plumbing.plots import image_grid, line_plots
 from amused.plumbing.raysession import ray_session
-from amused.plumbing.storage import url_to_fs
+from amused.plumbing.storage import join, url_to_fs
 from amused.tokenizer.image import ImageTokenizer
-from amused.tokenizer.inception import load_inception
 from amused.tokenizer.text import TextEncoder
 from amused.training.checkpoint import Checkpoint, tag
 from amused.training.config import EvalConfig, SampleConfig
@@ -42,10 +42,11 @@ from amused.training.evaluation.metrics import (
     RESIZE_PROTOCOL,
     FeatureStats,
     Metric,
+    fid_network,
     inception_features,
     summarise_all,
 )
-from amused.training.evaluation.results import read_results, results_dir
+from amused.training.evaluation.results import read_results, results_dir, save_png
 from amused.training.inference.sample import Sampler, checkpoint_models, load_trained_model
 from amused.training.vqgan.data import held_out_batches
 
@@ -111,15 +112,27 @@ def start_workers(cfg: EvalConfig, vqgan: str, text_encoder: str) -> list:
     return [actor.remote(cfg, vqgan, text_encoder, cfg.gpus_per_actor > 0) for _ in range(cfg.actors)]
 
 
+def _run_dir_of(checkpoint: Checkpoint) -> str:
+    return str(checkpoint.folder).rstrip("/").rsplit("/", 2)[0]  # RUN_DIR/checkpoints/step_N
+
+
 def evaluate_checkpoint(checkpoint: Checkpoint, cfg: EvalConfig, sample: SampleConfig, workers: list,
                         prompts: list[str], metrics: list[Metric]) -> dict:
     """`metrics` of one checkpoint over all prompts, split across `workers`; writes the result."""
     started = time.monotonic()
     step = checkpoint.step
-    out_dir = results_dir(checkpoint.folder.parent.parent, cfg)  # RUN_DIR/checkpoints/step_N
+    out_dir = results_dir(_run_dir_of(checkpoint), cfg)
     slices = [s for s in np.array_split(np.arange(len(prompts)), len(workers)) if len(s)]
-    parts = ray.get([w.run.remote(str(checkpoint.folder), cfg.ema, [(int(i), prompts[i]) for i in s], sample,
-                                  cfg.seed, cfg.batch_size, cfg.grid) for w, s in zip(workers, slices)])
+    # An actor runs its calls in order: its slice queued as batches keeps it busy and shows progress.
+    calls = {w.run.remote(str(checkpoint.folder), cfg.ema, [(int(i), prompts[i]) for i in s[b:b + cfg.batch_size]],
+                          sample, cfg.seed, cfg.batch_size, cfg.grid): len(s[b:b + cfg.batch_size])
+             for w, s in zip(workers, slices) for b in range(0, len(s), cfg.batch_size)}
+    parts = []
+    with tqdm(total=len(prompts), desc=f"generate {tag(step)}", unit="img") as bar:
+        while calls:
+            ready, _ = ray.wait(list(calls), num_returns=1)
+            parts.append(ray.get(ready[0]))
+            bar.update(calls.pop(ready[0]))
     order = np.argsort(np.concatenate([p["index"] for p in parts]))
     numbers, provenance = summarise_all(metrics, {
         m.name: np.concatenate([rows for p in parts for rows in p["rows"][m.name]])[order] for m in metrics})
@@ -131,26 +144,21 @@ def evaluate_checkpoint(checkpoint: Checkpoint, cfg: EvalConfig, sample: SampleC
         "seed": cfg.seed, "sample": asdict(sample), "actors": len(slices),
         "seconds": round(time.monotonic() - started, 2),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
     if kept:
         shown = sorted(kept)
-        grid = image_grid(np.stack([kept[i] for i in shown]), [prompts[i] for i in shown], columns=4,
-                          cell=max(128, kept[shown[0]].shape[0]))
-        tmp = out_dir / f".{tag(step)}.png.tmp"
-        grid.save(tmp, format="PNG")
-        tmp.rename(out_dir / f"{tag(step)}.png")
-    write_json_atomic(str(out_dir / f"{tag(step)}.json"), result)
+        save_png(image_grid(np.stack([kept[i] for i in shown]), [prompts[i] for i in shown], columns=4,
+                            cell=max(128, kept[shown[0]].shape[0])), join(out_dir, f"{tag(step)}.png"))
+    write_json_atomic(join(out_dir, f"{tag(step)}.json"), result)
     plot_results(out_dir)
     return result
 
 
-def plot_results(out_dir: str | Path) -> Path:
+def plot_results(out_dir: str) -> str:
     """eval/metrics.png: each metric measured so far against training step."""
     results = read_results(out_dir)
     series = {m.title: [(r["step"], r[m.name]) for r in results if r.get(m.name) is not None] for m in METRICS}
-    path = Path(out_dir) / "metrics.png"
-    line_plots({title: points for title, points in series.items() if points}).save(path)
-    return path
+    return save_png(line_plots({title: points for title, points in series.items() if points}),
+                    join(out_dir, "metrics.png"))
 
 
 def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_dir: str = "",
@@ -166,7 +174,7 @@ def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_di
                          f"{poll_seconds}, timeout {timeout_seconds}")
     if checkpoint:
         Checkpoint.at(checkpoint).loadable(cfg.ema)
-    if run_dir and not Path(run_dir).is_dir():
+    if run_dir and not exists(run_dir):
         raise FileNotFoundError(f"run folder {run_dir} not found")
     prompts = read_prompts(cfg.prompts, cfg.max_prompts)
     metrics = [m(cfg) for m in METRICS if m.wanted(cfg)]
@@ -176,7 +184,7 @@ def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_di
     with ray_session(ray_address):
         while True:
             # Before listing: a checkpoint written after this look is seen by the next one.
-            finished = bool(run_dir) and (Path(run_dir) / "result.json").exists() or bool(stop and stop.is_set())
+            finished = bool(run_dir) and file_exists(join(run_dir, "result.json")) or bool(stop and stop.is_set())
             if checkpoint:
                 pending = [Checkpoint.at(checkpoint)]
             else:
@@ -192,7 +200,7 @@ def evaluate(cfg: EvalConfig, sample: SampleConfig, checkpoint: str = "", run_di
                 except Exception as exc:
                     if ckpt.complete:
                         raise
-                    print(f"skipped {ckpt.folder.name}: removed (kept-last pruning) while it was evaluated ({exc})")
+                    print(f"skipped {tag(ckpt.step)}: removed (kept-last pruning) while it was evaluated ({exc})")
             if checkpoint or not cfg.watch or (finished and not pending):
                 return done
             if deadline is not None and time.monotonic() > deadline:
@@ -206,7 +214,7 @@ def fid_reference(images: str, output: str, inception: str, resolution: int = 25
     """FID statistics of real held-out images (webdataset shards): each image's shorter
     side resized to `resolution` and centre-cropped like the generated ones, then the
     FID resize protocol. Undecodable images are counted by reason, not fatal."""
-    net = load_inception(inception)
+    net = fid_network(inception)
     skipped: Counter = Counter()
     features = []
     with tqdm(desc="reference images", unit="img", total=max_images or None) as bar:

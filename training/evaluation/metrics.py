@@ -15,10 +15,11 @@ floored at 0, as torchmetrics' CLIPScore.
 
 from __future__ import annotations
 
+import io
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -27,8 +28,8 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPModel, CLIPTokenizer
 
-from amused.plumbing.fsio import sha256_of
-from amused.plumbing.storage import local_folder, resolve_subfolder
+from amused.plumbing.fsio import atomic_writer, sha256_of
+from amused.plumbing.storage import is_local, local_folder, resolve_subfolder, url_to_fs
 from amused.tokenizer.image import fit_image
 from amused.tokenizer.inception import FIDInception, load_inception
 from amused.training.config import EvalConfig
@@ -96,19 +97,33 @@ class FeatureStats:
                 f"({self.protocol!r}, {self.weights_sha256[:12]}): recompute them with `amused fid-stats`")
         return frechet_distance(self.mu, self.sigma, reference.mu, reference.sigma)
 
-    def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, mu=self.mu, sigma=self.sigma, count=self.count, protocol=self.protocol,
-                     weights_sha256=self.weights_sha256)
-        tmp.rename(path)
+    def save(self, url: str) -> None:
+        # Whole in memory first: numpy's zip writer seeks, an upload stream cannot (2048^2 doubles: 32 MB).
+        buf = io.BytesIO()
+        np.savez(buf, mu=self.mu, sigma=self.sigma, count=self.count, protocol=self.protocol,
+                 weights_sha256=self.weights_sha256)
+        with atomic_writer(str(url)) as fh:
+            fh.write(buf.getvalue())
 
     @classmethod
-    def load(cls, path: str | Path) -> "FeatureStats":
-        with np.load(path, allow_pickle=False) as z:
+    def load(cls, url: str) -> "FeatureStats":
+        fs, path = url_to_fs(str(url))
+        with fs.open(path, "rb") as fh, np.load(io.BytesIO(fh.read()), allow_pickle=False) as z:
             return cls(z["mu"], z["sigma"], int(z["count"]), str(z["protocol"]), str(z["weights_sha256"]))
+
+
+def fid_network(url: str, device: str = "cpu") -> FIDInception:
+    """`load_inception` for a local path or any fsspec URL (a remote file is read from a
+    temporary local copy: the loader takes a local file)."""
+    if is_local(url):
+        return load_inception(url, device)
+    fs, path = url_to_fs(url)
+    if not fs.isfile(path):
+        raise FileNotFoundError(f"FID Inception weights {url} not found")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = f"{tmp}/{path.rsplit('/', 1)[-1]}"
+        fs.get_file(path, local)
+        return load_inception(local, device)
 
 
 class ClipScorer:
@@ -210,7 +225,7 @@ class Fid(Metric):
 
     @staticmethod
     def measurer(cfg: EvalConfig, device: str) -> Measure:
-        net = load_inception(cfg.inception, device)
+        net = fid_network(cfg.inception, device)
         return lambda images, prompts: inception_features(net, images)
 
     def summarise(self, rows: np.ndarray) -> dict:

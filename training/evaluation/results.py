@@ -1,18 +1,28 @@
-"""Where an evaluation's results lie and reading them back: pure JSON, no Ray or torch,
-so `amused status` and the run's evaluate stage read results without paying for them."""
+"""Where an evaluation's results lie, reading them back and writing pictures beside them:
+no Ray or torch, so `amused status` and the run's evaluate stage read results without
+paying for them. Every location is a URL (a local path or any fsspec URL, s3://...)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from PIL import Image
 
-from amused.plumbing.fsio import read_json
+from amused.plumbing.fsio import atomic_writer, list_files, read_json
+from amused.plumbing.storage import join
 from amused.training.config import EvalConfig
 
 
-def results_dir(run_dir: str | Path, cfg: EvalConfig) -> Path:
-    return Path(cfg.output) if cfg.output else Path(run_dir) / "eval"
+def results_dir(run_dir: str, cfg: EvalConfig) -> str:
+    return cfg.output or join(str(run_dir), "eval")
 
 
-def read_results(out_dir: str | Path) -> list[dict]:
+def read_results(out_dir: str) -> list[dict]:
     """Every eval/step_N.json of `out_dir`, oldest step first."""
-    return sorted((read_json(str(p)) for p in Path(out_dir).glob("step_*.json")), key=lambda r: r["step"])
+    found = list_files(join(str(out_dir), "step_*.json"), ".json", required=False)
+    return sorted((read_json(url) for url in found), key=lambda r: r["step"])
+
+
+def save_png(image: Image.Image, url: str) -> str:
+    """`image` as a PNG at `url`, whole or not at all."""
+    with atomic_writer(url) as fh:
+        image.save(fh, format="PNG")
+    return url

@@ -7,7 +7,6 @@ the tokens training will see."""
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,10 +14,11 @@ from tqdm import tqdm
 
 from amused.plumbing.fsio import sha256_of, write_json_atomic
 from amused.plumbing.plots import image_grid
+from amused.plumbing.storage import join
 from amused.tokenizer.image import ImageTokenizer
-from amused.tokenizer.inception import load_inception
 from amused.tokenizer.vq_objective import CodebookHealth, psnr
-from amused.training.evaluation.metrics import FeatureStats, inception_features
+from amused.training.evaluation.metrics import FeatureStats, fid_network, inception_features
+from amused.training.evaluation.results import save_png
 from amused.training.vqgan.data import held_out_batches
 
 
@@ -27,7 +27,7 @@ def evaluate_vqgan(vqgan: str | ImageTokenizer, images: str, output: str, resolu
                    device: str = "cpu") -> dict:
     """Writes OUTPUT/vqgan_eval.json and OUTPUT/reconstructions.png; returns the metrics."""
     tok = vqgan if isinstance(vqgan, ImageTokenizer) else ImageTokenizer.from_pretrained(vqgan, device=device)
-    net = load_inception(inception, device) if inception else None
+    net = fid_network(inception, device) if inception else None
     health = CodebookHealth(tok.codebook_size, window=1 << 30)  # every batch counts
     skipped: Counter = Counter()
     psnrs, real_feats, fake_feats, shown = [], [], [], []
@@ -57,10 +57,9 @@ def evaluate_vqgan(vqgan: str | ImageTokenizer, images: str, output: str, resolu
         real = FeatureStats.of(np.concatenate(real_feats), weights_sha256=sha)
         result["rfid"] = FeatureStats.of(np.concatenate(fake_feats), weights_sha256=sha).fid(real)
         result["fid_protocol"] = real.protocol
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     pictures = np.stack([o for o, _ in shown] + [r for _, r in shown])
     captions = ["original"] * len(shown) + ["reconstruction"] * len(shown)
-    image_grid(pictures, captions, columns=len(shown), cell=max(128, resolution)).save(out / "reconstructions.png")
-    write_json_atomic(str(out / "vqgan_eval.json"), result)
+    save_png(image_grid(pictures, captions, columns=len(shown), cell=max(128, resolution)),
+             join(output, "reconstructions.png"))
+    write_json_atomic(join(output, "vqgan_eval.json"), result)
     return result
