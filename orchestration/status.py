@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import yaml
+from tqdm import tqdm
 
 from amused.orchestration.run import read_state
 from amused.orchestration.run_config import RunConfig, parse_run_config
 from amused.orchestration.stages import STAGES
-from amused.plumbing.fsio import exists, read_json
+from amused.plumbing.fsio import exists, file_exists_in, read_json
 from amused.plumbing.storage import join, url_to_fs
-from amused.training.checkpoint import Checkpoint
+from amused.training.checkpoint import MARKER, tag
 from amused.training.evaluation.metrics import METRICS
 from amused.training.evaluation.results import read_results
+from amused.training.progress import RUNNING, read_progress
 from amused.training.uvit.task import UViTTask
 
 # The training metrics status shows: the task's main ones and what the engine logs for every task.
 _TRAINING_METRICS = ("step", *UViTTask.plot, "samples_per_s")
+_STEP_FOLDER = re.compile(r"step_(\d+)")
 
 
 def _counts(counts: dict | None) -> str:
@@ -49,11 +54,61 @@ def status(run_dir: str) -> str:
     return "\n".join(lines)
 
 
+def _ago(seconds: float) -> str:
+    return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago" if seconds < 7200 \
+        else f"{seconds / 3600:.1f} h ago"
+
+
+def _when(at: float, now: float) -> str:
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(at))} ({_ago(max(0.0, now - at))})"
+
+
+def _checkpoints(run_dir: str) -> tuple[tuple[str, int, float] | None, list[int]]:
+    """(url, step, time) of the newest complete checkpoint, and the steps of newer
+    folders without a marker yet (being written or uploaded, or left by a crash)."""
+    root = join(run_dir, "checkpoints")
+    fs, path = url_to_fs(root)
+    steps = sorted((int(m.group(1)) for p in fs.glob(f"{path.rstrip('/')}/step_*")
+                    if (m := _STEP_FOLDER.fullmatch(p.rstrip("/").rsplit("/", 1)[-1]))), reverse=True)
+    pending = []
+    for step in steps:
+        marker = f"{path.rstrip('/')}/{tag(step)}/{MARKER}"
+        if file_exists_in(fs, marker):
+            return (join(root, tag(step)), step, fs.modified(marker).timestamp()), sorted(pending)
+        pending.append(step)
+    return None, sorted(pending)
+
+
+def training_lines(name: str, run_dir: str, now: float | None = None) -> list[str]:
+    """A training's progress (RUN_DIR/progress.json, written by its rank 0) and its checkpoints."""
+    now = time.time() if now is None else now
+    out = []
+    p = read_progress(run_dir)
+    if p:
+        shown = [p["state"], f"step {p['step']}/{p['total']}"]
+        if p.get("loss") is not None:
+            shown.append(f"loss {p['loss']:.4g}")
+        if p.get("samples_per_s") is not None:
+            shown.append(f"{p['samples_per_s']:.3g} samples/s")
+        if p["state"] == RUNNING and p.get("eta_s") is not None:
+            shown.append(f"ETA {tqdm.format_interval(p['eta_s'])}")
+        shown += [f"restarts {p.get('restarts', 0)}", f"updated {_when(p['updated'], now)}"]
+        out.append(f"{name} progress: " + ", ".join(shown))
+    latest, pending = _checkpoints(run_dir)
+    if latest or pending:
+        line = f"latest checkpoint: {latest[0]} (step {latest[1]}, {_when(latest[2], now)})" if latest \
+            else "latest checkpoint: none complete yet"
+        if pending:
+            line += "; " + ", ".join(f"uploading step {s}" for s in pending)
+        out.append(f"{name} " + line if name != "train" else line)
+    return out
+
+
 def _latest(cfg: RunConfig) -> list[str]:
     out = []
-    latest = Checkpoint.latest(cfg.train.run_dir)
-    if latest:
-        out.append(f"latest checkpoint: {latest.folder}")
+    if cfg.vqgan is not None:
+        out += training_lines("vqgan", cfg.vqgan.run_dir)
+    out += training_lines("train", cfg.train.run_dir)
     metrics = join(cfg.train.run_dir, "metrics.jsonl")
     if exists(metrics):
         fs, path = url_to_fs(metrics)

@@ -1,20 +1,174 @@
 """Progress of a training run that the people and tools watching it read: rank 0 writes
-RUN_DIR/progress.json (step, samples/s, loss, restarts); the driver that launched the
-ranks shows it as a progress bar (`follow_progress`) and `amused status` prints it.
+RUN_DIR/progress.json (`ProgressReport`); the driver that launched the ranks shows it as a
+progress bar (`follow_progress`) and `amused status` prints it (`describe`).
+
+    RUN_DIR/progress.json   {"step", "total", "loss", "samples_per_s", "eta_s", "state",
+                             "launch", "restarts", "started", "updated"}
+
+It is one small object replaced whole (a single PUT on S3), at most every
+`ProgressReport.every` seconds, at every metrics line and at the end, so a reader on any
+host sees a whole record and a run on object storage pays a request every few seconds.
 
 A launch (one `train_on_ray` call, one torchrun) has an id in the ranks' environment
-(LAUNCH_ENV); rank 0 counts its starts under the same id as restarts.
+(LAUNCH_ENV); rank 0 counts its starts under the same id as restarts (Ray Train restarts
+the workers of a launch after a worker loss; torchrun says how often it restarted in
+TORCHELASTIC_RESTART_COUNT).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from tqdm import tqdm
+
+from amused.plumbing.fsio import read_json, write_json_atomic
+from amused.plumbing.storage import join
+
 LAUNCH_ENV = "AMUSED_LAUNCH_ID"
+TORCHRUN_RESTARTS_ENV = "TORCHELASTIC_RESTART_COUNT"
+PROGRESS_FILE = "progress.json"
+RUNNING, FINISHED = "running", "finished"
+
+
+def progress_url(run_dir: str) -> str:
+    return join(run_dir, PROGRESS_FILE)
+
+
+def read_progress(run_dir: str) -> dict | None:
+    """The run's progress record; None before rank 0 wrote one. A read error propagates
+    (the caller decides whether a storage hiccup matters)."""
+    try:
+        return read_json(progress_url(run_dir))
+    except FileNotFoundError:
+        return None
+
+
+class ProgressReport:
+    """Rank 0's RUN_DIR/progress.json. Samples/s (and so the ETA) is the rate over the
+    last ~`every * window` seconds of steps, so the start-up and an old checkpoint stall
+    drop out of it."""
+
+    every = 2.0  # seconds between writes, besides those at metrics lines and at the end
+    window = 16  # rate points kept
+
+    def __init__(self, run_dir: str, total: int, start_step: int, global_batch_size: int,
+                 clock: Callable[[], float] = time.time):
+        self.url, self.total, self.batch, self.clock = progress_url(run_dir), total, global_batch_size, clock
+        launch = os.environ.get(LAUNCH_ENV, "")
+        now = clock()
+        self.record = {"step": start_step, "total": total, "loss": None, "samples_per_s": None, "eta_s": None,
+                       "state": RUNNING, "launch": launch, "restarts": self._restarts(run_dir, launch),
+                       "started": now, "updated": now}
+        self.points: deque[tuple[float, int]] = deque(maxlen=self.window)
+        # Written at once: a start that dies before its first step still counts as a restart.
+        self._write(now)
+
+    @staticmethod
+    def _restarts(run_dir: str, launch: str) -> int:
+        if TORCHRUN_RESTARTS_ENV in os.environ and not launch:
+            return int(os.environ[TORCHRUN_RESTARTS_ENV])
+        try:
+            before = read_progress(run_dir)
+        except (OSError, ValueError):  # a damaged record counts nothing; the run goes on
+            before = None
+        if launch and before and before.get("launch") == launch:
+            return int(before.get("restarts", 0)) + 1
+        return 0
+
+    def tick(self, step: int) -> None:
+        """After every step; writes when `every` seconds passed since the last write."""
+        now = self.clock()
+        self.points.append((now, step))
+        self.record["step"] = step
+        if now - self.record["updated"] >= self.every:
+            self._write(now)
+
+    def metrics(self, record: dict) -> None:
+        """At a metrics line: its loss, written at once."""
+        if isinstance(record.get("loss"), (int, float)):
+            self.record["loss"] = record["loss"]
+        self.record["step"] = record["step"]
+        self._write(self.clock())
+
+    def finish(self) -> None:
+        self.record["state"] = FINISHED if self.record["step"] >= self.total else RUNNING
+        self._write(self.clock())
+
+    def _write(self, now: float) -> None:
+        if len(self.points) > 1:
+            (t0, s0), (t1, s1) = self.points[0], self.points[-1]
+            if t1 > t0 and s1 > s0:
+                steps_per_s = (s1 - s0) / (t1 - t0)
+                self.record.update(samples_per_s=steps_per_s * self.batch,
+                                   eta_s=max(0, self.total - self.record["step"]) / steps_per_s)
+        self.record["updated"] = now
+        write_json_atomic(self.url, self.record)
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    return tqdm.format_interval(seconds)
+
+
+class _Bar:
+    """The driver's tqdm bar over a run's progress records."""
+
+    def __init__(self, run_dir: str, total: int, desc: str, file):
+        self.run_dir = run_dir
+        try:
+            # The record of an earlier launch (this folder's last run) is not this one's progress.
+            self.stale = read_progress(run_dir)
+        except (OSError, ValueError):
+            self.stale = None
+        self.bar = tqdm(total=total, desc=desc, unit="step", file=file, dynamic_ncols=True,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+
+    def poll(self) -> None:
+        try:
+            record = read_progress(self.run_dir)
+        except Exception:  # a storage hiccup or a record read half-way: the next poll sees the next one
+            return
+        if not record or record == self.stale:
+            return
+        self.stale = None
+        self.bar.n = min(int(record.get("step", 0)), self.bar.total)
+        loss, rate = record.get("loss"), record.get("samples_per_s")
+        shown = {}
+        if isinstance(loss, (int, float)):
+            shown["loss"] = f"{loss:.4g}"
+        if isinstance(rate, (int, float)):
+            shown["samples/s"] = f"{rate:.3g}"
+        shown["eta"] = "0:00" if record.get("state") == FINISHED else _eta(record.get("eta_s"))
+        if record.get("restarts"):
+            shown["restarts"] = record["restarts"]
+        self.bar.set_postfix(shown, refresh=False)
+        self.bar.refresh()
 
 
 @contextmanager
-def follow_progress(run_dir: str, total: int, desc: str) -> Iterator[None]:
-    """A progress bar on this (the driver's) process for the block, fed by RUN_DIR/progress.json."""
-    yield
+def follow_progress(run_dir: str, total: int, desc: str, poll_s: float = 1.0, file=None) -> Iterator[None]:
+    """A progress bar on this (the driver's) process for the block, fed by RUN_DIR/progress.json,
+    which a thread reads every `poll_s` seconds; the bar shows the last record when the block ends."""
+    bar = _Bar(run_dir, total, desc, file or sys.stderr)
+    stop = threading.Event()
+
+    def follow() -> None:
+        while not stop.wait(poll_s):
+            bar.poll()
+
+    thread = threading.Thread(target=follow, name=f"{desc}-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.poll()
+        bar.bar.close()
