@@ -22,7 +22,8 @@ from amused.training.checkpoint import (
     checkpoints_dir,
     mark_complete,
     newest_intact,
-    own_checksums,
+    own_files,
+    publish,
     tag,
     write_config,
 )
@@ -40,14 +41,14 @@ def _config(run_dir: Path, steps: int = 8):
 def _checkpoint(run_dir: Path, step: int, complete: bool = True) -> Path:
     """A checkpoint folder as a one-rank training writes one: EMA weights +step, raw
     weights -step, the config, the trainer state; the marker last (unless incomplete)."""
-    folder = checkpoints_dir(run_dir) / tag(step)
+    folder = Path(checkpoints_dir(run_dir)) / tag(step)
     folder.mkdir(parents=True)
     save_file({"w": torch.full((2,), float(step))}, str(folder / EMA_WEIGHTS))
     torch.save({"module": {"w": torch.full((2,), -float(step))}}, folder / MODEL_STATES)
     write_config(folder, _config(run_dir, steps=step))
     (folder / TRAINER).write_text(json.dumps({"step": step}))
     if complete:
-        mark_complete(run_dir, step, keep=10, files=own_checksums(folder, 0))
+        mark_complete(run_dir, step, keep=10, files=publish(folder, str(folder), own_files(folder, 0)))
     return folder
 
 
@@ -63,18 +64,18 @@ def test_latest_is_the_newest_complete_checkpoint(tmp_path):
     for step in (2, 4):
         _checkpoint(run, step)
     crashed = _checkpoint(run, 6, complete=False)
-    aside = checkpoints_dir(run) / DAMAGED / tag(8)  # where a resume sets a damaged one
+    aside = Path(checkpoints_dir(run)) / DAMAGED / tag(8)  # where a resume sets a damaged one
     aside.parent.mkdir()
     _checkpoint(run, 8).rename(aside)
 
     latest = Checkpoint.latest(run)
-    assert (latest.step, latest.folder) == (4, checkpoints_dir(run) / tag(4))
+    assert (latest.step, latest.folder) == (4, str(Path(checkpoints_dir(run)) / tag(4)))
     assert [c.step for c in Checkpoint.every(run)] == [2, 4]
     assert Checkpoint.at(latest.folder) == latest  # the step read from the marker
     with pytest.raises(ValueError, match=f"{crashed} is not a complete training checkpoint \\(no {MARKER} marker\\)"):
         Checkpoint.at(crashed)
 
-    _flip_a_byte(latest.folder / EMA_WEIGHTS)  # damaged, still marked: the latest, refused when read
+    _flip_a_byte(Path(latest.folder) / EMA_WEIGHTS)  # damaged, still marked: the latest, refused when read
     assert Checkpoint.latest(run) == latest
     with pytest.raises(ValueError, match="damaged, sha256"):
         latest.weights(ema=True)
@@ -82,8 +83,8 @@ def test_latest_is_the_newest_complete_checkpoint(tmp_path):
 
 def test_weights_with_or_without_ema(tmp_path):
     trained = Checkpoint.at(_checkpoint(tmp_path / "run", 3))
-    assert trained.weights(ema=True) == trained.folder / EMA_WEIGHTS
-    assert trained.weights(ema=False) == trained.folder / MODEL_STATES
+    assert trained.weights(ema=True) == Path(trained.folder) / EMA_WEIGHTS
+    assert trained.weights(ema=False) == Path(trained.folder) / MODEL_STATES
     assert trained.state_dict(ema=True)["w"].tolist() == [3.0, 3.0]
     assert trained.state_dict(ema=False)["w"].tolist() == [-3.0, -3.0]
 
@@ -92,13 +93,13 @@ def test_the_config_it_was_trained_with_round_trips(tmp_path):
     trained = Checkpoint.at(_checkpoint(tmp_path / "run", 5))
     assert trained.config(parse_config) == _config(tmp_path / "run", steps=5)
     assert trained.file(CONFIG).read_text() == dump_config(_config(tmp_path / "run", steps=5))
-    assert not list(trained.folder.glob(f"{CONFIG}*tmp*"))  # written under a temporary name, then renamed
+    assert not list(Path(trained.folder).glob(f"{CONFIG}*tmp*"))  # written under a temporary name, then renamed
 
 
 def test_a_file_that_does_not_match_its_marker_is_refused_by_name(tmp_path):
     trained = Checkpoint.at(_checkpoint(tmp_path / "run", 4))
     trained.weights(ema=True)  # intact: checked once, then remembered
-    ema, config = trained.folder / EMA_WEIGHTS, trained.folder / CONFIG
+    ema, config = Path(trained.folder) / EMA_WEIGHTS, Path(trained.folder) / CONFIG
     _flip_a_byte(ema)
     with pytest.raises(ValueError, match=f"checkpoint file {ema}: damaged, sha256 .* \\(same size, "):
         trained.weights(ema=True)
@@ -110,7 +111,7 @@ def test_a_file_that_does_not_match_its_marker_is_refused_by_name(tmp_path):
     config.write_text("steps: 1\n")
     with pytest.raises(ValueError, match=f"checkpoint file {config}: damaged, 9 bytes, expected {size}"):
         trained.config(parse_config)
-    (trained.folder / "extra.bin").write_bytes(b"x")
+    (Path(trained.folder) / "extra.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match=f"extra.bin: not part of this checkpoint \\(its {MARKER} marker"):
         trained.checked("extra.bin")
 
@@ -129,7 +130,7 @@ def test_a_resume_takes_the_newest_intact_checkpoint_and_sets_the_damaged_aside(
     for step in (2, 4):
         _checkpoint(run, step)
     crashed = _checkpoint(run, 6, complete=False)
-    _flip_a_byte(checkpoints_dir(run) / tag(4) / MODEL_STATES)
+    _flip_a_byte(Path(checkpoints_dir(run)) / tag(4) / MODEL_STATES)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         state = newest_intact(run, lambda fn, *args: fn(*args))  # one rank decides for itself
@@ -138,7 +139,7 @@ def test_a_resume_takes_the_newest_intact_checkpoint_and_sets_the_damaged_aside(
     assert state == {"step": 2}
     err = capsys.readouterr().err
     assert f"removed checkpoint folders a crash left incomplete: {crashed.name}" in err
-    assert f"{checkpoints_dir(run) / tag(4) / MODEL_STATES}: damaged, sha256 " in err
-    assert not crashed.exists() and (checkpoints_dir(run) / DAMAGED / tag(4) / MODEL_STATES).exists()
+    assert f"{Path(checkpoints_dir(run)) / tag(4) / MODEL_STATES}: damaged, sha256 " in err
+    assert not crashed.exists() and (Path(checkpoints_dir(run)) / DAMAGED / tag(4) / MODEL_STATES).exists()
     assert Checkpoint.latest(run).step == 2
-    assert json.loads((checkpoints_dir(run) / "latest.json").read_text())["step"] == 2
+    assert json.loads((Path(checkpoints_dir(run)) / "latest.json").read_text())["step"] == 2

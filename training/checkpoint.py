@@ -8,38 +8,57 @@
         config.yaml                                    the config it was trained with
         COMPLETE                                       written last: step, every file's size and sha256
     RUN_DIR/checkpoints/latest.json                    the newest complete step (a convenience)
+    RUN_DIR/checkpoints/universal/step_N               DeepSpeed's universal form (a resume on other ranks)
     RUN_DIR/checkpoints/damaged/step_N                 checkpoints a resume found damaged, set aside
 
-A checkpoint counts only when COMPLETE exists: every rank hashes the files it wrote and
-rank 0 gathers the checksums, so it writes the marker only once every rank's files are
-written, and a kill at any moment leaves the previous checkpoint usable (DeepSpeed's own
-`latest` file is not written: rank 0 writes it without waiting for the others).
+RUN_DIR is a local (or shared) folder or any fsspec URL (s3://...). Every process works
+on a local copy of a step folder (`local_copy`): the folder itself when RUN_DIR is local,
+else its place in this node's scratch (plumbing.storage.scratch_folder), shared by the
+ranks of the node. DeepSpeed and the loaders read and write only local files.
 
-Every file is checked against the marker before it is read: a resume takes the newest
-checkpoint whose files all match, naming each damaged file and setting its checkpoint
-aside; sampling, export and evaluation refuse a damaged file by name. Saving and resuming
-split the hashing alike: each rank hashes the files it wrote (a resume on fewer ranks:
-rank r also takes those of ranks r + world, r + 2 world, ...). A process hashes a file
-once: it remembers the size and modification time it verified, and a file that changed
-since is hashed again (a new process always hashes). A marker from
-before checksums were recorded holds only the step: such a checkpoint loads unverified,
-with a note. DeepSpeed's files are pickles; they are loaded only from the run's own
-folder. Weights that come from outside a run are safetensors.
+Saving (`save_checkpoint` in training/engine.py, then `Publisher`): every rank writes its
+files into the local copy; then each rank hashes the files it wrote (`writer(name) ==
+rank`) and uploads them to RUN_DIR (for a local RUN_DIR no upload, only the hashing: one
+path), every rank's checksums or error are gathered, and rank 0 writes COMPLETE with
+every file's size and sha256 LAST, then latest.json, then prunes to `checkpoint.keep`
+(remote objects and local copies). A checkpoint counts only when COMPLETE exists, so a
+kill at any moment, a partial upload included, leaves the previous one usable
+(DeepSpeed's own `latest` file is not written: rank 0 writes it without waiting for the
+others). With `checkpoint.asynchronous` the hashing, upload and marker run in a thread
+per rank: training goes on once the local files are written, and the next checkpoint
+and the end of training wait for it (and raise its error, naming the file).
+
+Every file is checked against the marker before it is read; a remote one is downloaded
+into the local copy first (a local copy that already matches is reused). A resume takes
+the newest checkpoint whose files all match, naming each damaged file and setting its
+checkpoint aside; sampling, export and evaluation refuse a damaged file by name. Each
+rank checks (and on a remote run downloads) its share of the files: those it wrote (a
+resume on fewer ranks: rank r also takes those of ranks r + world, r + 2 world, ...),
+and, remote, the model states every rank's DeepSpeed load reads (ZeRO 1/2 read only
+their own optimizer partition besides). A process hashes a file once: it remembers the
+size and modification time it verified, and a file that changed since is hashed again
+(a new process always hashes). A marker from before checksums were recorded holds only
+the step: such a checkpoint loads unverified, with a note. DeepSpeed's files are
+pickles; they are loaded only from the run's own folder. Weights that come from outside
+a run are safetensors.
 
 Readers open a checkpoint through `Checkpoint` (a run's latest complete one, or a given
-folder): its config and its weights with or without EMA come checked. Every writer of a
-config.yaml (the run folder's and each checkpoint's) uses `write_config`; a resume finds
-its checkpoint with `newest_intact`.
+folder, local path or URL): its config and its weights with or without EMA come checked,
+as local paths. Every writer of a config.yaml (the run folder's and each checkpoint's)
+uses `write_config`; a resume finds its checkpoint with `newest_intact`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
 import subprocess
 import sys
+import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +70,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from amused.plumbing.config import read_yaml
-from amused.plumbing.fsio import TMP_MARK, atomic_writer, read_json, sha256_of, write_json_atomic
+from amused.plumbing.fsio import TMP_MARK, atomic_writer, file_exists, read_json, sha256_of, write_json_atomic
+from amused.plumbing.storage import is_local, join, scratch_folder, url_to_fs
 from amused.training.config import dump_config
 
 MARKER = "COMPLETE"
@@ -64,35 +84,69 @@ TRAINER = "trainer.json"
 # The rank in a per-rank file's name: ours (rng/rank_00003.json) and DeepSpeed's
 # (zero_pp_rank_3_mp_rank_00_optim_states.pt); files without one are rank 0's.
 _RANK_IN_NAME = re.compile(r"(?:^|zero_pp_)rank_(\d+)")
+_DOWNLOAD = ".download-"
 
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def checkpoints_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+def checkpoints_dir(run_dir: str | Path) -> str:
+    return join(str(run_dir), "checkpoints")
 
 
 def tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_folder(run_dir: str | Path, step: int) -> str:
+    return join(checkpoints_dir(run_dir), tag(step))
+
+
+def local_copy(url: str | Path) -> Path:
+    """Where this node reads and writes the checkpoint folder (or file) `url`: the path
+    itself when local, else its place under the scratch folder of its run, the same for
+    the writer of a checkpoint and every later reader on the node."""
+    url = str(url).rstrip("/")
+    if is_local(url):
+        return Path(url_to_fs(url)[1])
+    run, found, inside = (url + "/").rpartition("/checkpoints/")
+    if not found:  # a step folder outside any run's layout
+        return scratch_folder(url)
+    return scratch_folder(run) / "checkpoints" / inside.rstrip("/")
+
+
+def _step_of(name: str) -> int | None:
+    return int(name[5:]) if re.fullmatch(r"step_\d+", name) else None
+
+
+def _step_folders(run_dir: str | Path, sub: str = "") -> dict[int, str]:
+    """The step_* folders of RUN_DIR/checkpoints[/sub] by step, as paths of their filesystem."""
+    fs, root = url_to_fs(join(checkpoints_dir(run_dir), sub) if sub else checkpoints_dir(run_dir))
+    found = {}
+    for path in fs.glob(f"{root.rstrip('/')}/step_*"):
+        step = _step_of(path.rstrip("/").rpartition("/")[2])
+        if step is not None:
+            found[step] = path
+    return found
+
+
 def _complete_steps(run_dir: str | Path) -> list[int]:
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name[5:]) for p in root.glob("step_*") if (p / MARKER).exists())
+    fs, root = url_to_fs(checkpoints_dir(run_dir))
+    # One listing of the checkpoints (per step folder on S3), not one request per folder.
+    markers = fs.glob(f"{root.rstrip('/')}/step_*/{MARKER}")
+    return sorted(s for s in (_step_of(p.rstrip("/").split("/")[-2]) for p in markers) if s is not None)
 
 
 def _remove_incomplete(run_dir: str | Path) -> list[str]:
     """Folders a crash left without a marker (rank 0, before any rank writes)."""
-    root = checkpoints_dir(run_dir)
+    fs, _ = url_to_fs(checkpoints_dir(run_dir))
+    complete = set(_complete_steps(run_dir))
     removed = []
-    for p in sorted(root.glob("step_*")) if root.is_dir() else []:
-        if not (p / MARKER).exists():
-            shutil.rmtree(p)
-            removed.append(p.name)
+    for step, path in sorted(_step_folders(run_dir).items()):
+        if step not in complete:
+            fs.rm(path, recursive=True)
+            removed.append(tag(step))
     return removed
 
 
@@ -138,73 +192,218 @@ def writer(name: str) -> int:
     return int(found.group(1)) if found else 0
 
 
-def own_checksums(folder: Path, rank: int) -> dict[str, dict]:
-    """Size and sha256 of the files of `folder` that `rank` wrote: each rank hashes its
-    own, in parallel. Every rank reads and writes the same folder, and a resume reads
-    every rank's files: the run folder must be on a file system all nodes share
-    (node-local disks are not supported; object storage is not yet)."""
+def own_files(folder: Path, rank: int | None) -> list[str]:
+    """The names of the files in the local `folder` that `rank` wrote (None: all)."""
+    names = (p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return sorted(n for n in names if n.rpartition("/")[2] != MARKER and TMP_MARK not in n and _DOWNLOAD not in n
+                  and (rank is None or writer(n) == rank))
+
+
+def clear_own(folder: Path, rank: int) -> None:
+    """Before `rank` writes a checkpoint into a local copy a former launch may have left:
+    what remains of its own files there would otherwise be published with the new ones."""
+    if folder.is_dir():
+        for name in own_files(folder, rank):
+            (folder / name).unlink(missing_ok=True)
+
+
+def publish(folder: Path, url: str, names: list[str]) -> dict[str, dict]:
+    """Size and sha256 of the files `names` of the local copy `folder` of `url`, each
+    uploaded there when `url` is remote (hashed while it streams; an object appears only
+    once complete, plumbing/fsio.atomic_writer). A failure names the file."""
+    remote = not is_local(url)
     out = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        name = path.relative_to(folder).as_posix()
-        if path.name != MARKER and TMP_MARK not in path.name and writer(name) == rank:
-            out[name] = {"size": path.stat().st_size, "sha256": sha256_of(str(path))}
+    for name in names:
+        path = folder / name
+        try:
+            if remote:
+                with open(path, "rb") as src, atomic_writer(join(url, name)) as dst:
+                    shutil.copyfileobj(src, dst, 8 << 20)
+                out[name] = {"size": dst.size, "sha256": dst.sha256.hexdigest()}
+            else:
+                out[name] = {"size": path.stat().st_size, "sha256": sha256_of(str(path))}
+        except Exception as exc:
+            raise OSError(f"{join(url, name)}: {'upload' if remote else 'hashing'} failed: "
+                          f"{type(exc).__name__}: {exc}") from exc
     return out
 
 
-def mark_complete(run_dir: str | Path, step: int, keep: int, files: dict[str, dict]) -> None:
-    """Rank 0, once every rank's checksums are in: the marker, `latest.json`, then pruning to `keep`."""
-    folder = checkpoints_dir(run_dir) / tag(step)
-    write_json_atomic(str(folder / MARKER), {"step": step, "files": files})
+def mark_complete(run_dir: str | Path, step: int, keep: int, files: dict[str, dict]) -> list[int]:
+    """Rank 0, once every rank's files are in place: the marker, `latest.json`, then
+    pruning to `keep` (the remote objects, and this node's local copies); the steps kept."""
+    write_json_atomic(join(step_folder(run_dir, step), MARKER), {"step": step, "files": files})
     _write_latest(run_dir, step)
-    for old in _complete_steps(run_dir)[:-keep]:
-        shutil.rmtree(checkpoints_dir(run_dir) / tag(old))
-        shutil.rmtree(checkpoints_dir(run_dir) / UNIVERSAL / tag(old), ignore_errors=True)
+    complete = _complete_steps(run_dir)
+    fs, _ = url_to_fs(checkpoints_dir(run_dir))
+    for old in complete[:-keep]:
+        for url in (step_folder(run_dir, old), join(checkpoints_dir(run_dir), UNIVERSAL, tag(old))):
+            path = url_to_fs(url)[1]
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+    kept = complete[-keep:]
+    prune_local(run_dir, kept)
+    return kept
+
+
+def prune_local(run_dir: str | Path, kept: list[int]) -> None:
+    """This node's local copies of checkpoints older than the oldest kept (a no-op for a
+    local run folder, which pruning itself cleans)."""
+    if not kept or is_local(str(run_dir)):
+        return
+    root = local_copy(checkpoints_dir(run_dir))
+    for parent in (root, root / UNIVERSAL):
+        for path in parent.glob("step_*") if parent.is_dir() else []:
+            step = _step_of(path.name)
+            if step is not None and step < min(kept):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _write_latest(run_dir: str | Path, step: int) -> None:
-    write_json_atomic(str(checkpoints_dir(run_dir) / "latest.json"), {"step": step, "tag": tag(step)})
+    write_json_atomic(join(checkpoints_dir(run_dir), "latest.json"), {"step": step, "tag": tag(step)})
 
 
-def damage(folder: Path, names: tuple[str, ...] = (), rank: int = 0, world: int = 1) -> list[str] | None:
+class Publisher:
+    """Every rank, for the whole training: publishes each checkpoint once its local files
+    are written (see the module's docstring), in a thread of its own when `asynchronous`.
+    The ranks' threads meet in a gloo group made here, once, by every rank, so that their
+    gathers never interleave with the training loop's collectives (as
+    torch.distributed.checkpoint's async_save does)."""
+
+    def __init__(self, run_dir: str, keep: int, asynchronous: bool):
+        self.run_dir, self.keep, self.asynchronous = run_dir, keep, asynchronous
+        self.group = dist.new_group(backend="gloo")
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, step: int) -> None:
+        """Publishes checkpoint `step`, whose local files every rank has written."""
+        self.wait()
+        if self.asynchronous:
+            self._thread = threading.Thread(target=self._run, args=(step,), name=f"publish-{tag(step)}", daemon=True)
+            self._thread.start()
+        else:
+            self._run(step)
+            self.wait()
+
+    def wait(self) -> None:
+        """Until the checkpoint being published is complete; raises its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _run(self, step: int) -> None:
+        try:
+            self._publish(step)
+        except BaseException as exc:  # raised in the training thread by the next wait()
+            self._error = exc
+
+    def _publish(self, step: int) -> None:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        url = step_folder(self.run_dir, step)
+        folder = local_copy(url)
+        try:
+            mine = ("ok", publish(folder, url, own_files(folder, rank)))
+        except Exception as exc:  # reported, not raised: the other ranks wait in the gather
+            mine = ("error", f"rank {rank}: {exc}")
+        every: list = [None] * world
+        dist.all_gather_object(every, mine, group=self.group)
+        box: list = [None]
+        if rank == 0:
+            errors = [value for status, value in every if status == "error"]
+            try:
+                if errors:
+                    raise OSError("; ".join(errors))
+                box[0] = ("ok", mark_complete(self.run_dir, step, self.keep,
+                                              {k: v for _, part in every for k, v in part.items()}))
+            except Exception as exc:
+                box[0] = ("error", f"{exc}" if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}")
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        status, value = box[0]
+        if status == "error":
+            raise RuntimeError(f"checkpoint {url} was not saved (it has no {MARKER} marker): {value}")
+        prune_local(self.run_dir, value)
+
+
+def _problem(name: str, path: Path, want: dict) -> str | None:
+    """What is wrong with the local file `path` (named `name` in messages) given its marker entry."""
+    if not path.is_file():
+        return f"{name}: missing (expected {want['size']} bytes)"
+    if path.stat().st_size != want["size"]:
+        return f"{name}: damaged, {path.stat().st_size} bytes, expected {want['size']}"
+    digest = sha256_of(str(path))
+    if digest != want["sha256"]:
+        return (f"{name}: damaged, sha256 {digest[:16]}..., expected {want['sha256'][:16]}... "
+                f"(same size, {want['size']} bytes)")
+    return None
+
+
+def _check_file(url: str, local: Path, want: dict, remote: bool) -> str | None:
+    """The local copy `local` of the checkpoint file `url`, made to match its marker entry
+    `want`: a remote file whose local copy does not is downloaded (under a temporary
+    name, moved into place once it matches). None when it matches, else the problem."""
+    if local.is_file() and _verified.get(local) == _seen(local, want):
+        return None
+    problem = _problem(url, local, want)
+    if problem and remote:
+        fs, path = url_to_fs(url)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}{_DOWNLOAD}{uuid.uuid4().hex[:8]}")
+        try:
+            try:
+                fs.get_file(path, str(tmp))
+            except FileNotFoundError:
+                return f"{url}: missing (expected {want['size']} bytes)"
+            problem = _problem(url, tmp, want)
+            if problem is None:
+                os.replace(tmp, local)  # ranks of a node may fetch the same file: each its own name
+        finally:
+            tmp.unlink(missing_ok=True)
+    if problem is None:
+        _verified[local] = _seen(local, want)
+    return problem
+
+
+def damage(folder: str | Path, names: tuple[str, ...] = (), rank: int = 0, world: int = 1) -> list[str] | None:
     """What is wrong with the files `names` of a complete checkpoint, one line per file
-    ([] = intact); None when its marker has no checksums (an older run). Without `names`:
-    the files of the marker that `rank` of `world` checks (those it wrote; all for one rank)."""
+    ([] = intact; a remote checkpoint's files are downloaded into the local copy); None
+    when its marker has no checksums (an older run). Without `names`: the share of `rank`
+    of `world` (all for one rank)."""
+    folder = str(folder).rstrip("/")
     try:
-        files = read_json(str(folder / MARKER)).get("files")
+        files = read_json(join(folder, MARKER)).get("files")
     except ValueError:
-        return [f"{folder / MARKER}: damaged, not readable JSON"]
+        return [f"{join(folder, MARKER)}: damaged, not readable JSON"]
     if files is None:
         return None
+    remote, local = not is_local(folder), local_copy(folder)
+    # DeepSpeed's load reads the model states on every rank (ZeRO 1/2: besides its own
+    # optimizer partition; zero_pp_rank_N files, in the rank's share).
+    share = sorted(n for n in files if writer(n) % world == rank or (remote and n == MODEL_STATES))
     problems = []
-    for name in names or sorted(n for n in files if writer(n) % world == rank):
-        path, want = folder / name, files.get(name)
+    for name in names or share:
+        want = files.get(name)
         if want is None:
-            problems.append(f"{path}: not part of this checkpoint (its {MARKER} marker does not list it)")
-        elif not path.is_file():
-            problems.append(f"{path}: missing (expected {want['size']} bytes)")
-        elif _verified.get(path) == (seen := _seen(path, folder)):
-            continue
-        elif path.stat().st_size != want["size"]:
-            problems.append(f"{path}: damaged, {path.stat().st_size} bytes, expected {want['size']}")
-        elif (digest := sha256_of(str(path))) != want["sha256"]:
-            problems.append(f"{path}: damaged, sha256 {digest[:16]}..., expected {want['sha256'][:16]}... "
-                            f"(same size, {want['size']} bytes)")
-        else:
-            _verified[path] = seen
+            problems.append(f"{join(folder, name)}: not part of this checkpoint (its {MARKER} marker does not list it)")
+        elif (problem := _check_file(join(folder, name), local / name, want, remote)) is not None:
+            problems.append(problem)
     return problems
 
 
-# Files this process found matching their marker, with what a stat said of the file and of
-# the marker then: checking them again costs a stat, not a hash. Any write or replacement
+# Local files this process found matching their marker entries, with what a stat said of
+# the file then: checking them again costs a stat, not a hash. Any write or replacement
 # changes the inode, the modification or the change time, and the file is hashed again.
 _verified: dict[Path, tuple] = {}
 
 
-def _seen(path: Path, folder: Path) -> tuple:
-    return tuple((s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for s in (path.stat(), (folder / MARKER).stat()))
+def _seen(path: Path, want: dict) -> tuple:
+    s = path.stat()
+    return s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns, want["sha256"]
 
 
-_noted_unverified: set[Path] = set()
+_noted_unverified: set[str] = set()
 
 
 Parse = TypeVar("Parse")
@@ -212,29 +411,30 @@ Parse = TypeVar("Parse")
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A complete checkpoint folder and its step. Every file is checked against the
-    marker before it is handed out (a ValueError names the damaged file; each file is
-    hashed once per process while it stays unchanged); a marker without checksums is
-    noted once."""
+    """A complete checkpoint folder (a local path or a URL, as a str) and its step. Every
+    file is checked against the marker before it is handed out, as a local path (a remote
+    one downloaded once into this node's local copy; a ValueError names the damaged
+    file; each file is hashed once per process while it stays unchanged); a marker
+    without checksums is noted once."""
 
-    folder: Path
+    folder: str
     step: int
 
     @classmethod
     def at(cls, folder: str | Path) -> Checkpoint:
-        folder = Path(folder)
-        if not (folder / MARKER).exists():
+        folder = str(folder).rstrip("/")
+        if not file_exists(join(folder, MARKER)):
             raise _not_complete(folder)
         try:
-            step = read_json(str(folder / MARKER))["step"]
+            step = read_json(join(folder, MARKER))["step"]
         except (ValueError, TypeError, KeyError):
-            raise ValueError(f"checkpoint file {folder / MARKER}: damaged, not a JSON object with a step") from None
+            raise ValueError(f"checkpoint file {join(folder, MARKER)}: damaged, not a JSON object with a step") from None
         return cls(folder, step)
 
     @classmethod
     def every(cls, run_dir: str | Path) -> list[Checkpoint]:
         """The run's complete checkpoints, oldest first."""
-        return [cls(checkpoints_dir(run_dir) / tag(step), step) for step in _complete_steps(run_dir)]
+        return [cls(step_folder(run_dir, step), step) for step in _complete_steps(run_dir)]
 
     @classmethod
     def latest(cls, run_dir: str | Path) -> Checkpoint | None:
@@ -244,12 +444,21 @@ class Checkpoint:
         return found[-1] if found else None
 
     @property
+    def name(self) -> str:
+        return self.folder.rpartition("/")[2]
+
+    @property
+    def run_dir(self) -> str:
+        """The run folder it belongs to (RUN_DIR/checkpoints/step_N)."""
+        return self.folder.rpartition("/checkpoints/")[0]
+
+    @property
     def complete(self) -> bool:
         """Still complete: pruning to `checkpoint.keep` removes old ones while others read them."""
-        return (self.folder / MARKER).exists()
+        return file_exists(join(self.folder, MARKER))
 
     def checked(self, *names: str) -> Checkpoint:
-        """This checkpoint once `names` are found matching the marker."""
+        """This checkpoint once `names` (none: all its files) are found matching the marker."""
         if not self.complete:
             raise _not_complete(self.folder)
         problems = damage(self.folder, names)
@@ -261,8 +470,8 @@ class Checkpoint:
         return self
 
     def file(self, name: str) -> Path:
-        """The path of the file `name`, checked."""
-        return self.checked(name).folder / name
+        """The local path of the file `name`, checked."""
+        return local_copy(self.checked(name).folder) / name
 
     def config(self, parse: Callable[[Any], Parse]) -> Parse:
         """The config it was trained with, read by `parse` (e.g. training.config.parse_config)."""
@@ -290,27 +499,27 @@ def _weights_name(ema: bool) -> str:
     return EMA_WEIGHTS if ema else MODEL_STATES
 
 
-def _not_complete(folder: Path) -> ValueError:
+def _not_complete(folder: str) -> ValueError:
     return ValueError(f"{folder} is not a complete training checkpoint (no {MARKER} marker)")
 
 
 def write_config(folder: str | Path, cfg) -> None:
     """FOLDER/config.yaml: the config (any with `to_json()`) a run or checkpoint is trained with."""
-    with atomic_writer(str(Path(folder) / CONFIG)) as fh:
+    with atomic_writer(join(str(folder), CONFIG)) as fh:
         fh.write(dump_config(cfg).encode())
 
 
 def newest_intact(run_dir: str | Path, decide: Callable) -> dict | None:
     """Every rank: the trainer.json (as written) of the newest complete checkpoint whose
-    files all match its marker, None when there is none. Each rank hashes its own share
-    of a candidate's files, the verdicts are gathered, and the newest step every rank
-    found intact is taken; rank 0 names what is damaged and sets it aside.
-    `decide(fn, *args)` runs `fn` on rank 0 and gives every rank its result or its error
-    (the training's rank0_decides)."""
+    files all match its marker, None when there is none. Each rank checks (remote:
+    downloads) its own share of a candidate's files, the verdicts are gathered, and the
+    newest step every rank found intact is taken; rank 0 names what is damaged and sets
+    it aside. `decide(fn, *args)` runs `fn` on rank 0 and gives every rank its result or
+    its error (the training's rank0_decides)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     verdicts: dict[int, list[str] | None] = {}
     for step in decide(_resume_candidates, run_dir):
-        folder = checkpoints_dir(run_dir) / tag(step)
+        folder = step_folder(run_dir, step)
         try:
             mine = damage(folder, rank=rank, world=world)
         except Exception as exc:  # reported, not raised: the other ranks wait in the gather
@@ -356,27 +565,37 @@ def _resume_from(run_dir: str | Path, verdicts: dict[int, list[str] | None], log
             _set_aside(run_dir, bad)
         _write_latest(run_dir, chosen)
         log(f"resuming from the previous complete checkpoint {tag(chosen)} instead; moved "
-            f"{', '.join(tag(s) for s in damaged)} to {checkpoints_dir(run_dir) / DAMAGED}")
-    return json.loads((checkpoints_dir(run_dir) / tag(chosen) / TRAINER).read_text())
+            f"{', '.join(tag(s) for s in damaged)} to {join(checkpoints_dir(run_dir), DAMAGED)}")
+    # Rank 0 checked (and fetched) trainer.json: it is in its share.
+    return json.loads((local_copy(step_folder(run_dir, chosen)) / TRAINER).read_text())
 
 
 def _set_aside(run_dir: str | Path, step: int) -> None:
-    root = checkpoints_dir(run_dir)
-    target = root / DAMAGED / tag(step)
-    shutil.rmtree(target, ignore_errors=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    (root / tag(step)).rename(target)
-    shutil.rmtree(root / UNIVERSAL / tag(step), ignore_errors=True)
+    """A damaged checkpoint to checkpoints/damaged/ (on object storage: copied, then removed)."""
+    fs, _ = url_to_fs(checkpoints_dir(run_dir))
+    src = url_to_fs(step_folder(run_dir, step))[1]
+    target = url_to_fs(join(checkpoints_dir(run_dir), DAMAGED, tag(step)))[1]
+    universal = url_to_fs(join(checkpoints_dir(run_dir), UNIVERSAL, tag(step)))[1]
+    for gone in (target, universal):
+        if fs.exists(gone):
+            fs.rm(gone, recursive=True)
+    fs.makedirs(target.rpartition("/")[0], exist_ok=True)
+    fs.mv(src, target, recursive=True)
+    if fs.exists(src):  # object stores leave the "folder" of a moved prefix behind on some
+        fs.rm(src, recursive=True)
 
 
-def to_universal(run_dir: str | Path, step: int) -> Path:
-    """DeepSpeed's universal form of a checkpoint (for loading on another number of
-    ranks), converted once into checkpoints/universal/ via a temporary folder."""
-    src = checkpoints_dir(run_dir) / tag(step)
-    dst = checkpoints_dir(run_dir) / UNIVERSAL / tag(step)
-    if (dst / MARKER).exists():
-        return dst.parent
-    tmp = dst.with_name(dst.name + ".tmp")
+def to_universal(run_dir: str | Path, step: int) -> str:
+    """Rank 0: DeepSpeed's universal form of a checkpoint (for loading on another number
+    of ranks), converted once into checkpoints/universal/step_N, its files published
+    (uploaded) as a checkpoint's are, with a marker of their own: its URL. The
+    conversion reads every file of the checkpoint (downloaded, checked)."""
+    dst_url = join(checkpoints_dir(run_dir), UNIVERSAL, tag(step))
+    if file_exists(join(dst_url, MARKER)):
+        return dst_url
+    src = local_copy(Checkpoint.at(step_folder(run_dir, step)).checked().folder)
+    work = local_copy(dst_url)
+    tmp = work.with_name(work.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
@@ -386,7 +605,8 @@ def to_universal(run_dir: str | Path, step: int) -> Path:
     )
     if proc.returncode:
         raise RuntimeError(f"universal conversion of {src} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    write_json_atomic(str(tmp / MARKER), {"step": step})
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
-    return dst.parent
+    shutil.rmtree(work, ignore_errors=True)
+    tmp.rename(work)
+    files = publish(work, dst_url, own_files(work, None))
+    write_json_atomic(join(dst_url, MARKER), {"step": step, "files": files})
+    return dst_url

@@ -14,13 +14,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
 
 from amused.plumbing.runlock import FolderLock, FolderLocked
+from amused.plumbing.storage import join
 
 
 @dataclass
@@ -129,7 +129,7 @@ def rank0_decides(fn, *args):
 
 
 def train_lock(run_dir: str) -> FolderLock:
-    return FolderLock(str(Path(run_dir) / "train.lock"))
+    return FolderLock(join(run_dir, "train.lock"))
 
 
 def locked(run_dir: str, fn, *args):

@@ -29,12 +29,10 @@ update themselves).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import deepspeed
@@ -43,6 +41,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from amused.plumbing.fsio import read_json, write_json_atomic
+from amused.plumbing.storage import join
 from amused.training import checkpoint as ckpt
 from amused.training.config import OptimConfig
 from amused.training.distributed import (
@@ -69,11 +68,11 @@ class TrainResult:
     FILE = "result.json"
 
     def write(self) -> None:
-        write_json_atomic(str(Path(self.run_dir) / self.FILE), dataclasses.asdict(self))
+        write_json_atomic(join(self.run_dir, self.FILE), dataclasses.asdict(self))
 
     @classmethod
     def read(cls, run_dir: str) -> "TrainResult":
-        return cls(**read_json(str(Path(run_dir) / cls.FILE)))
+        return cls(**read_json(join(run_dir, cls.FILE)))
 
 
 class Task(Protocol):
@@ -120,6 +119,7 @@ def run_loop(cfg, task: Task, resume: TrainState | None, universal: bool, device
                disable=rank != 0 or not cfg.log.progress)
     last_metrics: dict = {}
     saved_at = start_step if resume else None
+    publisher = ckpt.Publisher(cfg.run_dir, cfg.checkpoint.keep, cfg.checkpoint.asynchronous)
 
     step = start_step
     while step < cfg.steps:
@@ -142,14 +142,15 @@ def run_loop(cfg, task: Task, resume: TrainState | None, universal: bool, device
                 log.write(last_metrics)
                 bar.set_postfix({k: last_metrics[k] for k in task.plot[:2]}, refresh=False)
         if due(step, cfg.checkpoint.every, cfg.steps):
-            save_checkpoint(engine, cfg, step, task, ema, policy.in_row)
+            save_checkpoint(engine, cfg, step, task, ema, policy.in_row, publisher)
             saved_at = step
+    publisher.wait()
     bar.close()
     if log:
         log.close()
         plot_metrics(cfg.run_dir, task.plot)
     task.close()
-    path = str(ckpt.checkpoints_dir(cfg.run_dir) / ckpt.tag(saved_at)) if saved_at is not None else None
+    path = ckpt.step_folder(cfg.run_dir, saved_at) if saved_at is not None else None
     result = TrainResult(run_dir=cfg.run_dir, step=step, resumed_from=start_step if resume else None,
                          checkpoint=path, last_metrics=last_metrics)
     if rank == 0:
@@ -204,14 +205,18 @@ def _deepspeed_engine(cfg, task: Task, bf16: bool, universal: bool):
 
 def _restore(engine, cfg, task: Task, ema: EMA | None, resume: TrainState, universal: bool) -> None:
     """Every rank: DeepSpeed's state, the task's, the EMA and this rank's RNG from the
-    checkpoint (a rank the checkpoint did not have, or any rank after a universal
-    conversion, gets a seed of its own instead)."""
+    local copy of the checkpoint (each rank's share fetched by `resume_state`; the
+    universal form converted by rank 0 and fetched whole by every rank). A rank the
+    checkpoint did not have, or any rank after a universal conversion, gets a seed of
+    its own instead of its RNG state."""
     rank = dist.get_rank()
-    root = ckpt.checkpoints_dir(cfg.run_dir)
-    load_dir = rank0_decides(ckpt.to_universal, cfg.run_dir, resume.step) if universal else root
-    engine.load_checkpoint(str(load_dir), tag=ckpt.tag(resume.step), load_module_strict=True)
+    folder = ckpt.local_copy(ckpt.step_folder(cfg.run_dir, resume.step))
+    load_from = folder
+    if universal:
+        converted = rank0_decides(ckpt.to_universal, cfg.run_dir, resume.step)
+        load_from = ckpt.local_copy(ckpt.Checkpoint.at(converted).checked().folder)
+    engine.load_checkpoint(str(load_from.parent), tag=ckpt.tag(resume.step), load_module_strict=True)
     task.load_state_dict(resume.task)
-    folder = root / ckpt.tag(resume.step)
     if ema is not None:
         ema.load(str(folder / ckpt.EMA_WEIGHTS))
     if universal or not ckpt.restore_rank_rng(folder, rank):
@@ -289,7 +294,7 @@ class NonFinitePolicy:
             raise NonFiniteError(
                 f"stopping at step {step}: {self.in_row} steps in a row had a non-finite loss or gradient "
                 f"(engine.max_nonfinite_in_row={self.limit}); the last good checkpoint is "
-                f"{last.folder.name if last else 'none'}. Check the data (NaN embeddings?) and the learning rate.")
+                f"{last.name if last else 'none'}. Check the data (NaN embeddings?) and the learning rate.")
 
 
 # ---------------------------------------------------------------- metrics
@@ -330,11 +335,16 @@ class Interval:
 
 # ---------------------------------------------------------------- checkpoints
 
-def save_checkpoint(engine, cfg, step: int, task: Task, ema: EMA | None, in_row: int) -> None:
+def save_checkpoint(engine, cfg, step: int, task: Task, ema: EMA | None, in_row: int,
+                    publisher: ckpt.Publisher) -> None:
+    """Every rank writes its files into the checkpoint's local copy, then hands it to
+    `publisher` (hashing, upload, the marker): in the background when asynchronous, once
+    the previous checkpoint's publishing is done."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    root = ckpt.checkpoints_dir(cfg.run_dir)
-    folder = root / ckpt.tag(step)
-    engine.save_checkpoint(str(root), tag=ckpt.tag(step), save_latest=False)
+    publisher.wait()
+    folder = ckpt.local_copy(ckpt.step_folder(cfg.run_dir, step))
+    ckpt.clear_own(folder, rank)
+    engine.save_checkpoint(str(folder.parent), tag=ckpt.tag(step), save_latest=False)
     ckpt.write_rank_files(folder, rank)
     task_state = task.state_dict()
     if rank == 0:
@@ -343,9 +353,5 @@ def save_checkpoint(engine, cfg, step: int, task: Task, ema: EMA | None, in_row:
         ckpt.write_config(folder, cfg)
         state = TrainState(step=step, world_size=world, global_batch_size=cfg.data.global_batch_size,
                            nonfinite_in_row=in_row, task=task_state)
-        (folder / ckpt.TRAINER).write_text(json.dumps(state.to_dict()))
-    # The gather is the barrier: rank 0 has every rank's checksums only once all files are written.
-    every: list = [None] * world
-    dist.all_gather_object(every, ckpt.own_checksums(folder, rank))
-    if rank == 0:
-        ckpt.mark_complete(cfg.run_dir, step, cfg.checkpoint.keep, {k: v for part in every for k, v in part.items()})
+        write_json_atomic(str(folder / ckpt.TRAINER), state.to_dict())
+    publisher.submit(step)
