@@ -4,6 +4,7 @@ orchestration/status.py)."""
 
 import io
 import json
+import re
 import time
 from pathlib import Path
 
@@ -109,31 +110,45 @@ def write_progress(run_dir: Path, **fields) -> None:
     (run_dir / PROGRESS_FILE).write_text(json.dumps(base | fields))
 
 
-def test_the_bar_follows_the_record_and_ignores_an_earlier_launchs(tmp_path):
-    write_progress(tmp_path, step=60, state="finished", loss=9.0)  # the folder's last run
+def follow_fabricated_run(run_dir: Path, lines: bool) -> str:
+    write_progress(run_dir, step=60, state="finished", loss=9.0)  # the folder's last run
     out = io.StringIO()
-    with follow_progress(str(tmp_path), 60, "train", poll_s=0.01, file=out):
+    with follow_progress(str(run_dir), 60, "train", poll_s=0.01, file=out, lines=lines):
         time.sleep(0.1)
         assert "60/60" not in out.getvalue()
-        write_progress(tmp_path, step=25, loss=2.345678, samples_per_s=123.4, eta_s=75, restarts=1)
+        write_progress(run_dir, step=25, loss=2.345678, samples_per_s=123.4, eta_s=75, restarts=1)
         deadline = time.monotonic() + 5
         while "25/60" not in out.getvalue() and time.monotonic() < deadline:
             time.sleep(0.01)
-        (tmp_path / PROGRESS_FILE).write_text("{half writ")  # a bad read is skipped, never raised
+        (run_dir / PROGRESS_FILE).write_text("{half writ")  # a bad read is skipped, never raised
         time.sleep(0.05)
-        write_progress(tmp_path, step=60, loss=1.5, samples_per_s=130.0, eta_s=0, state="finished")
-    shown = out.getvalue()
-    assert "25/60" in shown and "loss=2.346" in shown and "samples/s=123" in shown and "eta=01:15" in shown
-    assert "restarts=1" in shown
-    last = shown.rstrip("\n").split("\r")[-1]  # what stays on the screen
-    assert "60/60" in last and "loss=1.5" in last and "eta=0:00" in last
+        write_progress(run_dir, step=59, loss=1.6, samples_per_s=130.0, eta_s=1)
+        time.sleep(0.05)
+        write_progress(run_dir, step=60, loss=1.5, samples_per_s=130.0, eta_s=0, state="finished")
+    return out.getvalue()
+
+
+def test_on_a_terminal_the_bar_is_redrawn_in_place_and_ends_at_the_last_record(tmp_path):
+    shown = follow_fabricated_run(tmp_path, lines=False)
+    assert "\n" not in shown.rstrip("\n")
+    draws = shown.rstrip("\n").split("\r")
+    assert any("25/60" in d and "loss=2.346, samples/s=123, eta=01:15, restarts=1]" in d for d in draws)
+    assert "59/60" in shown
+    assert re.fullmatch(r"train: 100%\|[#█]+\| 60/60 \[\d\d:\d\d, loss=1.5, samples/s=130, eta=0:00\]", draws[-1])
+
+
+def test_in_a_log_the_bar_is_a_line_at_most_every_30_seconds_and_at_the_end(tmp_path):
+    shown = follow_fabricated_run(tmp_path, lines=None)  # a StringIO is no terminal
+    assert re.sub(r"\[\d\d:\d\d", "[T", shown).splitlines() == [
+        "train:  42% 25/60 [T, loss=2.346, samples/s=123, eta=01:15, restarts=1]",  # 59/60 came too soon
+        "train: 100% 60/60 [T, loss=1.5, samples/s=130, eta=0:00]"]
 
 
 def test_the_bar_ends_with_the_block_even_without_a_record(tmp_path):
     out = io.StringIO()
     with follow_progress(str(tmp_path / "nothing-yet"), 8, "vqgan", poll_s=0.01, file=out):
         time.sleep(0.05)
-    assert "0/8" in out.getvalue()
+    assert re.fullmatch(r"vqgan:   0% 0/8 \[\d\d:\d\d\]\n", out.getvalue())
 
 
 def test_status_of_a_running_training_with_a_checkpoint_being_uploaded(tmp_path):

@@ -34,6 +34,7 @@ LAUNCH_ENV = "AMUSED_LAUNCH_ID"
 TORCHRUN_RESTARTS_ENV = "TORCHELASTIC_RESTART_COUNT"
 PROGRESS_FILE = "progress.json"
 RUNNING, FINISHED = "running", "finished"
+POLL_S = 1.0  # how often the driver reads progress.json
 
 
 def progress_url(run_dir: str) -> str:
@@ -117,18 +118,29 @@ def _eta(seconds: float | None) -> str:
     return tqdm.format_interval(seconds)
 
 
-class _Bar:
-    """The driver's tqdm bar over a run's progress records."""
+_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 
-    def __init__(self, run_dir: str, total: int, desc: str, file):
-        self.run_dir = run_dir
+
+class _Bar:
+    """The driver's view of a run's progress records. On a terminal a tqdm bar redrawn in
+    place; anywhere else (a pipe, a file, CI or Ray job logs, which show whole lines) the
+    same text as one line at most every `line_every` seconds and at the end: tqdm's
+    redraws never end a line, so a log would show nothing until the bar closed."""
+
+    line_every = 30.0
+
+    def __init__(self, run_dir: str, total: int, desc: str, file, lines: bool | None):
+        self.run_dir, self.total, self.desc, self.file = run_dir, total, desc, file
+        self.lines = not (getattr(file, "isatty", None) and file.isatty()) if lines is None else lines
         try:
             # The record of an earlier launch (this folder's last run) is not this one's progress.
             self.stale = read_progress(run_dir)
-        except (OSError, ValueError):
+        except Exception:  # the stale record only hides itself; the bar works without it
             self.stale = None
-        self.bar = tqdm(total=total, desc=desc, unit="step", file=file, dynamic_ncols=True,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+        self.started = time.monotonic()
+        self.step, self.postfix, self.printed = 0, "", (None, "", float("-inf"))
+        self.bar = None if self.lines else tqdm(total=total, desc=desc, unit="step", file=file, dynamic_ncols=True,
+                                                bar_format=_FORMAT)
 
     def poll(self) -> None:
         try:
@@ -138,29 +150,48 @@ class _Bar:
         if not record or record == self.stale:
             return
         self.stale = None
-        self.bar.n = min(int(record.get("step", 0)), self.bar.total)
+        self.step = min(int(record.get("step", 0)), self.total)
         loss, rate = record.get("loss"), record.get("samples_per_s")
-        shown = {}
+        shown = []
         if isinstance(loss, (int, float)):
-            shown["loss"] = f"{loss:.4g}"
+            shown.append(f"loss={loss:.4g}")
         if isinstance(rate, (int, float)):
-            shown["samples/s"] = f"{rate:.3g}"
-        shown["eta"] = "0:00" if record.get("state") == FINISHED else _eta(record.get("eta_s"))
+            shown.append(f"samples/s={rate:.3g}")
+        shown.append("eta=" + ("0:00" if record.get("state") == FINISHED else _eta(record.get("eta_s"))))
         if record.get("restarts"):
-            shown["restarts"] = record["restarts"]
-        self.bar.set_postfix(shown, refresh=False)
-        self.bar.refresh()
+            shown.append(f"restarts={record['restarts']}")
+        self.postfix = ", ".join(shown)
+        self.show(final=False)
+
+    def show(self, final: bool) -> None:
+        if self.bar is not None:
+            self.bar.n = self.step
+            self.bar.set_postfix_str(self.postfix, refresh=False)
+            self.bar.refresh()
+            if final:
+                self.bar.close()
+            return
+        now = time.monotonic()
+        changed = (self.step, self.postfix) != self.printed[:2]
+        if changed and (final or (self.step != self.printed[0] and now - self.printed[2] >= self.line_every)):
+            line = tqdm.format_meter(self.step, self.total, now - self.started, prefix=self.desc, postfix=self.postfix,
+                                     bar_format=_FORMAT.replace("|{bar}|", ""))
+            print(line, file=self.file, flush=True)
+            self.printed = (self.step, self.postfix, now)
 
 
 @contextmanager
-def follow_progress(run_dir: str, total: int, desc: str, poll_s: float = 1.0, file=None) -> Iterator[None]:
-    """A progress bar on this (the driver's) process for the block, fed by RUN_DIR/progress.json,
-    which a thread reads every `poll_s` seconds; the bar shows the last record when the block ends."""
-    bar = _Bar(run_dir, total, desc, file or sys.stderr)
+def follow_progress(run_dir: str, total: int, desc: str, poll_s: float | None = None, file=None,
+                    lines: bool | None = None) -> Iterator[None]:
+    """Shows the progress of the training this (the driver's) process waits on in the block,
+    from RUN_DIR/progress.json, which a thread reads every `poll_s` (POLL_S) seconds; the last record
+    is shown when the block ends. `lines`: whole lines instead of a bar (default: when `file`,
+    stderr, is not a terminal)."""
+    bar = _Bar(run_dir, total, desc, file or sys.stderr, lines)
     stop = threading.Event()
 
     def follow() -> None:
-        while not stop.wait(poll_s):
+        while not stop.wait(poll_s or POLL_S):
             bar.poll()
 
     thread = threading.Thread(target=follow, name=f"{desc}-progress", daemon=True)
@@ -171,4 +202,4 @@ def follow_progress(run_dir: str, total: int, desc: str, poll_s: float = 1.0, fi
         stop.set()
         thread.join()
         bar.poll()
-        bar.bar.close()
+        bar.show(final=True)
