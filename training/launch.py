@@ -5,7 +5,13 @@ deepspeed launcher, `amused train CONFIG` calls `train(cfg)` directly.
 Here the driver, on the user's host, holds RUN_DIR/train.lock from before Ray is asked
 for workers until they are done: rank 0 may land on any node, and a lock it left there
 when killed would refuse every later run whose rank 0 lands elsewhere, while the driver
-of the next run, on the same host, sees that the dead driver is gone and takes over."""
+of the next run, on the same host, sees that the dead driver is gone and takes over.
+
+A lost worker process or node is Ray Train's to handle (FailureConfig.max_failures =
+`train.max_failures`): it replaces the whole worker group, and `train` on the new ranks
+resumes from the newest complete checkpoint as any rerun does. A rank's ValueError (a bad
+setting, a damaged checkpoint with nothing to resume, bad data) would fail the same way
+on every restart, so the run stops at the first one."""
 
 from __future__ import annotations
 
@@ -13,10 +19,17 @@ import os
 import uuid
 from pathlib import Path
 
-from ray.train import RunConfig, ScalingConfig, WorkerGroupError
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+from ray.exceptions import RayError
+from ray.train import ControllerError, FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.exceptions import RayTrainError
+from ray.train.v2._internal.execution.callback import ControllerCallback
+from ray.train.v2._internal.execution.controller.state import RestartingState
 
 from amused.plumbing.raysession import ray_session
+from amused.plumbing.storage import is_local, join, url_to_fs
+from amused.training.checkpoint import Checkpoint
 from amused.training.config import TrainConfig, parse_config
 from amused.training.distributed import Layout, train_lock
 from amused.training.engine import TrainResult
@@ -27,6 +40,28 @@ from amused.training.uvit.task import train
 def _worker(loop_config: dict) -> None:
     os.environ[LAUNCH_ENV] = loop_config["launch"]
     train(parse_config(loop_config["config"]), launcher_holds_lock=True)
+
+
+class _NotRetried(Exception):
+    """Carries a rank's deterministic error out of Ray Train's controller."""
+
+    def __init__(self, rank: int, error: BaseException):
+        super().__init__(rank, error)
+        self.rank, self.error = rank, error
+
+
+class _StopOnDeterministicError(ControllerCallback):
+    """Runs in Ray Train's controller. Ray's failure policy retries every worker-group
+    error alike (it cannot be given another policy); this callback turns the restart of a
+    group whose rank raised a ValueError into a controller error, which is never retried."""
+
+    def after_controller_state_update(self, previous_state, current_state) -> None:
+        if not isinstance(current_state, RestartingState):
+            return
+        error = current_state.training_failed_error
+        for rank, failure in sorted(getattr(error, "worker_failures", {}).items()):
+            if isinstance(failure, ValueError):
+                raise _NotRetried(rank, failure)
 
 
 def train_on_ray(cfg: TrainConfig, workers: int, gpus_per_worker: float = 0.0, address: str = "",
@@ -42,23 +77,50 @@ def train_on_ray(cfg: TrainConfig, workers: int, gpus_per_worker: float = 0.0, a
             train_loop_config={"config": cfg.to_json(), "launch": uuid.uuid4().hex},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            # Ray's own storage holds only the run record; checkpoints live in cfg.run_dir.
-            run_config=RunConfig(name="amused-train", storage_path=str(_storage(cfg.run_dir))),
+            run_config=ray_run_config(cfg.run_dir, cfg.max_failures),
         )
         try:
             with follow_progress(cfg.run_dir, cfg.steps, "train"):
                 trainer.fit()
-        except WorkerGroupError as exc:
-            # Ray's own message is a traceback snippet; a rank's own error (a held lock, a
-            # damaged checkpoint file, a bad setting) says in one line what went wrong.
-            if not exc.worker_failures:
+        except ControllerError as exc:
+            if not isinstance(exc.controller_failure, _NotRetried):
                 raise
-            raise exc.worker_failures[min(exc.worker_failures)] from exc
+            raise exc.controller_failure.error from exc
+        except WorkerGroupError as exc:
+            raise _gave_up(cfg, exc) from exc
     # Ray Train 2 returns metrics only with Ray checkpoints; rank 0 wrote the outcome.
     return TrainResult.read(cfg.run_dir)
 
 
-def _storage(run_dir: str) -> Path:
-    path = Path(run_dir).resolve() / "ray"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def ray_run_config(run_dir: str, max_failures: int) -> RunConfig:
+    """Ray Train's run settings: restarts up to `max_failures`; its own storage (the run
+    record only, checkpoints live in the run folder) is RUN_DIR/ray, on object storage
+    through our filesystem, so Ray uses the same endpoint, credentials and retries."""
+    failure = FailureConfig(max_failures=max_failures)
+    callbacks = [_StopOnDeterministicError()]
+    if is_local(run_dir):
+        path = Path(url_to_fs(run_dir)[1]).resolve() / "ray"
+        path.mkdir(parents=True, exist_ok=True)
+        return RunConfig(name="amused-train", storage_path=str(path), failure_config=failure, callbacks=callbacks)
+    fs, path = url_to_fs(join(run_dir, "ray"))
+    return RunConfig(name="amused-train", storage_path=path, storage_filesystem=PyFileSystem(FSSpecHandler(fs)),
+                     failure_config=failure, callbacks=callbacks)
+
+
+def _gave_up(cfg: TrainConfig, exc: WorkerGroupError) -> BaseException:
+    """The error to stop with once Ray Train has restarted the group `max_failures` times
+    (its policy raises the group's error after that many restarts, never sooner)."""
+    failures = exc.worker_failures
+    if not failures:
+        return exc
+    # A lost worker (Ray's error) names the cause; the others' collective errors follow from it.
+    rank = min(failures, key=lambda r: (not isinstance(failures[r], (RayTrainError, RayError)), r))
+    if isinstance(failures[rank], ValueError):
+        # Never retried (see _StopOnDeterministicError): the rank's own one-line error.
+        return failures[rank]
+    cause = f"{type(failures[rank]).__name__}: {failures[rank]}".splitlines()[0]
+    last = Checkpoint.latest(cfg.run_dir)
+    where = (f"the last good checkpoint is {last.folder} (step {last.step}); rerun to resume from it" if last
+             else "no checkpoint was complete yet; a rerun starts over")
+    return RuntimeError(f"training stopped after {cfg.max_failures} restart(s) (train.max_failures), "
+                        f"rank {rank} failed: {cause}; {where}")
