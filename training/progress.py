@@ -1,6 +1,7 @@
 """Progress of a training run that the people and tools watching it read: rank 0 writes
-RUN_DIR/progress.json (`ProgressReport`); the driver that launched the ranks shows it as a
-progress bar (`follow_progress`) and `amused status` prints it (`describe`).
+RUN_DIR/progress.json (`ProgressReport`); the driver that launched the ranks shows it
+(`follow_progress`: a bar on a terminal, lines in a log; `ProgressView`) and `amused status`
+prints it (orchestration/status.py).
 
     RUN_DIR/progress.json   {"step", "total", "loss", "samples_per_s", "eta_s", "state",
                              "launch", "restarts", "started", "updated"}
@@ -121,35 +122,24 @@ def _eta(seconds: float | None) -> str:
 _FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 
 
-class _Bar:
-    """The driver's view of a run's progress records. On a terminal a tqdm bar redrawn in
-    place; anywhere else (a pipe, a file, CI or Ray job logs, which show whole lines) the
-    same text as one line at most every `line_every` seconds and at the end: tqdm's
-    redraws never end a line, so a log would show nothing until the bar closed."""
+class ProgressView:
+    """A progress record shown to a person: step of total, loss, samples/s, ETA, restarts.
+    On a terminal a tqdm bar redrawn in place; anywhere else (a pipe, a file, CI or Ray job
+    logs, which show whole lines) the same text as one line at most every `line_every`
+    seconds and at the end: tqdm's redraws end no line, so a log would show nothing until
+    the bar closed."""
 
     line_every = 30.0
 
-    def __init__(self, run_dir: str, total: int, desc: str, file, lines: bool | None):
-        self.run_dir, self.total, self.desc, self.file = run_dir, total, desc, file
-        self.lines = not (getattr(file, "isatty", None) and file.isatty()) if lines is None else lines
-        try:
-            # The record of an earlier launch (this folder's last run) is not this one's progress.
-            self.stale = read_progress(run_dir)
-        except Exception:  # the stale record only hides itself; the bar works without it
-            self.stale = None
+    def __init__(self, total: int, desc: str, file=None, lines: bool | None = None):
+        self.total, self.desc, self.file = total, desc, file or sys.stderr
+        self.lines = not (getattr(self.file, "isatty", None) and self.file.isatty()) if lines is None else lines
         self.started = time.monotonic()
         self.step, self.postfix, self.printed = 0, "", (None, "", float("-inf"))
-        self.bar = None if self.lines else tqdm(total=total, desc=desc, unit="step", file=file, dynamic_ncols=True,
-                                                bar_format=_FORMAT)
+        self.bar = None if self.lines else tqdm(total=total, desc=desc, unit="step", file=self.file,
+                                                dynamic_ncols=True, bar_format=_FORMAT)
 
-    def poll(self) -> None:
-        try:
-            record = read_progress(self.run_dir)
-        except Exception:  # a storage hiccup or a record read half-way: the next poll sees the next one
-            return
-        if not record or record == self.stale:
-            return
-        self.stale = None
+    def show(self, record: dict) -> None:
         self.step = min(int(record.get("step", 0)), self.total)
         loss, rate = record.get("loss"), record.get("samples_per_s")
         shown = []
@@ -161,9 +151,12 @@ class _Bar:
         if record.get("restarts"):
             shown.append(f"restarts={record['restarts']}")
         self.postfix = ", ".join(shown)
-        self.show(final=False)
+        self._draw(final=False)
 
-    def show(self, final: bool) -> None:
+    def close(self) -> None:
+        self._draw(final=True)
+
+    def _draw(self, final: bool) -> None:
         if self.bar is not None:
             self.bar.n = self.step
             self.bar.set_postfix_str(self.postfix, refresh=False)
@@ -184,15 +177,29 @@ class _Bar:
 def follow_progress(run_dir: str, total: int, desc: str, poll_s: float | None = None, file=None,
                     lines: bool | None = None) -> Iterator[None]:
     """Shows the progress of the training this (the driver's) process waits on in the block,
-    from RUN_DIR/progress.json, which a thread reads every `poll_s` (POLL_S) seconds; the last record
-    is shown when the block ends. `lines`: whole lines instead of a bar (default: when `file`,
-    stderr, is not a terminal)."""
-    bar = _Bar(run_dir, total, desc, file or sys.stderr, lines)
+    from RUN_DIR/progress.json, which a thread reads every `poll_s` (POLL_S) seconds; the last
+    record is shown when the block ends. `file`, `lines`: ProgressView's."""
+    view = ProgressView(total, desc, file, lines)
+    try:
+        # The record of an earlier launch (this folder's last run) is not this one's progress.
+        stale = [read_progress(run_dir)]
+    except Exception:  # the stale record only hides itself; the view works without it
+        stale = [None]
+
+    def poll() -> None:
+        try:
+            record = read_progress(run_dir)
+        except Exception:  # a storage hiccup or a record read half-way: the next poll sees the next one
+            return
+        if record and record != stale[0]:
+            stale[0] = None
+            view.show(record)
+
     stop = threading.Event()
 
     def follow() -> None:
         while not stop.wait(poll_s or POLL_S):
-            bar.poll()
+            poll()
 
     thread = threading.Thread(target=follow, name=f"{desc}-progress", daemon=True)
     thread.start()
@@ -201,5 +208,5 @@ def follow_progress(run_dir: str, total: int, desc: str, poll_s: float | None = 
     finally:
         stop.set()
         thread.join()
-        bar.poll()
-        bar.show(final=True)
+        poll()
+        view.close()
