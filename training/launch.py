@@ -113,11 +113,12 @@ def _gave_up(cfg: TrainConfig, exc: WorkerGroupError) -> BaseException:
     failures = exc.worker_failures
     if not failures:
         return exc
+    deterministic = [failures[r] for r in sorted(failures) if isinstance(failures[r], ValueError)]
+    if deterministic:
+        # Never retried (see _StopOnDeterministicError; here with max_failures 0): the rank's own line.
+        return deterministic[0]
     # A lost worker (Ray's error) names the cause; the others' collective errors follow from it.
     rank = min(failures, key=lambda r: (not isinstance(failures[r], (RayTrainError, RayError)), r))
-    if isinstance(failures[rank], ValueError):
-        # Never retried (see _StopOnDeterministicError): the rank's own one-line error.
-        return failures[rank]
     cause = f"{type(failures[rank]).__name__}: {failures[rank]}".splitlines()[0]
     last = Checkpoint.latest(cfg.run_dir)
     where = (f"the last good checkpoint is {last.folder} (step {last.step}); rerun to resume from it" if last
