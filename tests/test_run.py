@@ -9,9 +9,11 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
+import s3fs
 import yaml
 
 from amused.orchestration.cli import main
@@ -196,3 +198,28 @@ def test_runs_sharing_a_data_folder_share_a_lock(tmp_path):
     assert set(_locked_folders(first)) & set(_locked_folders(second)) == {first.data_dir}
     same = parse_run_config({**demo_config(tmp_path / "z"), "data_dir": str(tmp_path / "z")})
     assert _locked_folders(same) == [same.run_dir]
+
+
+def test_status_of_a_running_run_on_s3(s3_bucket, capsys):
+    """`amused status s3://...` of a run whose train stage is running: the stage table, then the
+    training's progress and its checkpoints (the last complete one, one still uploading), all read
+    through fsspec from files as the stages and rank 0 write them."""
+    fs = s3fs.S3FileSystem()
+    run_dir = f"{s3_bucket}/{uuid.uuid4().hex[:8]}/run"
+    cfg = demo_config(run_dir)
+    fs.pipe(f"{run_dir}/config.yaml", yaml.safe_dump(cfg).encode())
+    now = time.time()
+    for stage in ("source", "models", "filter", "download", "vqgan", "pretokenize"):
+        fs.pipe(f"{run_dir}/stages/{stage}.json", json.dumps({"status": "done", "seconds": 1.0, "counts": {}}).encode())
+    fs.pipe(f"{run_dir}/stages/train.json", json.dumps({"status": "running", "started": now - 30}).encode())
+    fs.pipe(f"{run_dir}/train/progress.json", json.dumps(
+        {"step": 5, "total": 6, "loss": 4.5, "samples_per_s": 16.0, "eta_s": 0.5, "state": "running", "launch": "l",
+         "restarts": 1, "started": now - 20, "updated": now - 2}).encode())
+    fs.pipe(f"{run_dir}/train/checkpoints/step_00000003/COMPLETE", b'{"step": 3, "files": {}}')
+    fs.pipe(f"{run_dir}/train/checkpoints/step_00000006/zero_pp_rank_1_mp_rank_00_optim_states.pt", b"partial")
+    assert main(["status", run_dir]) == 0
+    out = capsys.readouterr().out
+    assert "train        running" in out
+    assert "train progress: running, step 5/6, loss 4.5, 16 samples/s, ETA 00:00, restarts 1, updated " in out
+    assert f"latest checkpoint: {run_dir}/train/checkpoints/step_00000003 (step 3, " in out
+    assert "; uploading step 6" in out
