@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import s3fs
 import torch
@@ -222,10 +223,17 @@ def _kill_during_upload_then_resume_on_one_rank(tmp_path, s3_proxy, s3_bucket, s
     cut_folder = step_folder(run_dir, 2 * every).removeprefix("s3://")
     try:
         deadline = time.monotonic() + 400
-        while not (proxy.held and fs.find(cut_folder)) and killed.poll() is None and time.monotonic() < deadline:
+        # Rank 0 uploads its files in name order, its ZeRO partition last: all of them, then.
+        while not (proxy.held and any("zero_pp_rank_0" in p for p in fs.find(cut_folder))) \
+                and killed.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         running = killed.poll() is None
+        # torchrun starts each rank in a session of its own: the ranks are killed by pid.
+        ranks = psutil.Process(killed.pid).children(recursive=True)
         os.killpg(killed.pid, signal.SIGKILL)
+        for rank in ranks:
+            rank.kill()
+        psutil.wait_procs(ranks, timeout=30)
         killed.wait()
     finally:
         proxy.released.set()
@@ -233,6 +241,7 @@ def _kill_during_upload_then_resume_on_one_rank(tmp_path, s3_proxy, s3_bucket, s
     assert running and proxy.held, "the run did not reach the upload to interrupt"
     stored = {p.rpartition(f"{cut}/")[2] for p in fs.find(cut_folder)}
     assert MARKER not in stored and "mp_rank_00_model_states.pt" in stored  # rank 0's part only
+    assert not any("rank_1_" in name or "rank_00001" in name for name in stored)
     shutil.rmtree(tmp_path / "scratch-killed")  # a fresh cluster: no local copies anywhere
 
     resume = subprocess.run(torchrun(1, write_config(tmp_path, "killed", dataset, run_dir=run_dir,
