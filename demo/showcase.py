@@ -5,16 +5,16 @@ prompt)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from PIL import Image
 
 from amused.demo.shapes import caption_parts, classify_shape_image
-from amused.plumbing.fsio import read_json, write_json_atomic
+from amused.plumbing.fsio import file_exists, read_json, write_json_atomic
 from amused.plumbing.plots import image_grid
+from amused.plumbing.storage import join
 from amused.training.checkpoint import Checkpoint
 from amused.training.config import SampleConfig
+from amused.training.evaluation.results import save_png
 from amused.training.inference.sample import Sampler, checkpoint_models, load_trained_model
 
 
@@ -31,22 +31,21 @@ def sample_grid(run_dir: str, prompts: list[str], out: str, cfg: SampleConfig, s
                 per_prompt: int = 4, seed: int = 0) -> dict:
     """Samples of the run's latest checkpoint (EMA weights): `per_prompt` per prompt, image
     i of prompt p drawn from its own generator (seed, p, i). Writes grid.png and
-    result.json under `out`; a rerun for the same checkpoint is a no-op."""
+    result.json under `out` (local or any fsspec URL); a rerun for the same checkpoint is a no-op."""
     latest = Checkpoint.latest(run_dir)
     if latest is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to sample from")
     checkpoint = str(latest.folder)
-    result_url = str(Path(out) / "result.json")
-    if Path(result_url).exists() and read_json(result_url).get("checkpoint") == checkpoint:
+    result_url = join(out, "result.json")
+    if file_exists(result_url) and read_json(result_url).get("checkpoint") == checkpoint:
         return read_json(result_url)
     sampler = Sampler.from_folders(load_trained_model(checkpoint), *checkpoint_models(checkpoint))
     expanded = [p for p in prompts for _ in range(per_prompt)]
     generators = [torch.Generator().manual_seed(seed * 1_000_003 + p * 1009 + i)
                   for p in range(len(prompts)) for i in range(per_prompt)]
     images = sampler.decode(sampler.generate(expanded, cfg, generators))
-    Path(out).mkdir(parents=True, exist_ok=True)
-    grid = str(Path(out) / "grid.png")
-    image_grid(images, expanded, columns=per_prompt * 2, cell=max(96, images.shape[1])).save(grid)
+    grid = save_png(image_grid(images, expanded, columns=per_prompt * 2, cell=max(96, images.shape[1])),
+                    join(out, "grid.png"))
     result = {"checkpoint": checkpoint, "step": latest.step, "grid": grid, "images": len(images)}
     if score_shapes:
         result["prompt_following"] = prompt_following(images, expanded)

@@ -1,13 +1,16 @@
-"""The demo's stand-in for the internet: shape images served over HTTP from a local
-folder with LAION-schema metadata pointing at them, and LAION-like metadata at scale for
-the filter benchmark."""
+"""The demo's stand-in for the internet: shape images served over HTTP from a folder
+(local or any fsspec URL: a run whose data lives on S3 keeps its site there too) with
+LAION-schema metadata pointing at them, and LAION-like metadata at scale for the filter
+benchmark."""
 
 from __future__ import annotations
 
 import functools
+import mimetypes
+import posixpath
 import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -21,27 +24,28 @@ from amused.plumbing.storage import join, url_to_fs
 
 def write_shape_site(www: str, metadata: str, images: int, base_url: str, min_size: int = 48, max_size: int = 96,
                      seed: int = 0, per_part: int = 500) -> dict:
-    """Shape images as files under `www` (local) and LAION-schema metadata Parquet under
+    """Shape images as files under `www` and LAION-schema metadata Parquet under
     `metadata` whose URLs point at `base_url`. Written in parts of `per_part` images; a
     part counts once its Parquet file exists (written last, atomically), so a rerun
     writes only the missing parts and the same bytes."""
     fs, root = url_to_fs(metadata)
     fs.makedirs(root, exist_ok=True)
+    site, site_root = url_to_fs(www)
     parts = (images + per_part - 1) // per_part
     written = 0
     for part in range(parts):
         url = join(metadata, f"part-{part:05d}.parquet")
         if fs.exists(url_to_fs(url)[1]):
             continue
-        folder = Path(www) / f"{part:05d}"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = f"{site_root.rstrip('/')}/{part:05d}"
+        site.makedirs(folder, exist_ok=True)
         rows: dict[str, list] = {k: [] for k in ("SAMPLE_ID", "URL", "TEXT", "WIDTH", "HEIGHT", "similarity",
                                                  "punsafe", "pwatermark", "AESTHETIC_SCORE")}
         for i in range(part * per_part, min(images, (part + 1) * per_part)):
             rng = np.random.default_rng([seed, i])
             w, h = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
             img, caption = shape_image(rng, w, h)
-            (folder / f"{i}.jpg").write_bytes(encode_image(img))
+            site.pipe_file(f"{folder}/{i}.jpg", encode_image(img))
             for key, value in (("SAMPLE_ID", i), ("URL", f"{base_url}/{part:05d}/{i}.jpg"), ("TEXT", caption),
                                ("WIDTH", float(w)), ("HEIGHT", float(h)), ("similarity", 0.35), ("punsafe", 0.01),
                                ("pwatermark", 0.05), ("AESTHETIC_SCORE", round(float(rng.uniform(5, 7)), 3))):
@@ -52,16 +56,47 @@ def write_shape_site(www: str, metadata: str, images: int, base_url: str, min_si
     return {"images": images, "parts": parts, "parts_written": written}
 
 
-class _QuietHandler(SimpleHTTPRequestHandler):
+class _FolderHandler(BaseHTTPRequestHandler):
+    """GET/HEAD of the files under one folder of a filesystem; anything else is a 404."""
+
+    def __init__(self, *args, fs, root: str, **kwargs):
+        self.fs, self.root = fs, root.rstrip("/")
+        super().__init__(*args, **kwargs)
+
+    def _body(self) -> bytes | None:
+        rel = posixpath.normpath(unquote(urlsplit(self.path).path)).lstrip("/")
+        if rel in ("", ".") or rel.startswith(".."):
+            return None
+        try:
+            return self.fs.cat_file(f"{self.root}/{rel}")
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+
+    def do_HEAD(self, send_body: bool = False) -> None:
+        body = self._body()
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", mimetypes.guess_type(self.path)[0] or "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self.do_HEAD(send_body=True)
+
     def log_message(self, *args):
         pass
 
 
 class ImageServer:
-    """Serves a local folder on 127.0.0.1:`port` from a thread (the demo's internet)."""
+    """Serves a folder (local or any fsspec URL) on 127.0.0.1:`port` from a thread (the demo's internet)."""
 
     def __init__(self, folder: str, port: int):
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), functools.partial(_QuietHandler, directory=folder))
+        fs, root = url_to_fs(folder)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), functools.partial(_FolderHandler, fs=fs, root=root))
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def __enter__(self) -> "ImageServer":

@@ -21,6 +21,7 @@ from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
 from amused.plumbing.config import add_config_args, config_from_args, read_yaml
 from amused.plumbing.plots import image_grid
 from amused.training.config import EvalConfig, SampleConfig, dump_config, load_config
+from amused.training.evaluation.results import save_png
 
 
 class LazyModule:
@@ -133,7 +134,7 @@ def _sample(args) -> int:
     else:
         tokens = sampler.generate(args.prompt, cfg, generator)
     images = sampler.decode(tokens)
-    image_grid(images, args.prompt, columns=min(4, len(images)), cell=max(128, images.shape[1])).save(args.output)
+    save_png(image_grid(images, args.prompt, columns=min(4, len(images)), cell=max(128, images.shape[1])), args.output)
     print(f"{len(images)} image(s) of {images.shape[2]}x{images.shape[1]} written to {args.output}")
     return 0
 
@@ -248,9 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     sample = sub.add_parser("sample", help="images from a training checkpoint (MaskGIT decoding, EMA weights)")
-    sample.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_N")
+    sample.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_N (local or s3://)")
     sample.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    sample.add_argument("--output", required=True, help="PNG grid, prompts under images")
+    sample.add_argument("--output", required=True, help="PNG grid, prompts under images (local or s3://)")
     sample.add_argument("--vqgan", help="default: the checkpoint config's model.vqgan")
     sample.add_argument("--text-encoder", help="default: the checkpoint config's model.text_encoder")
     sample.add_argument("--seed", type=int, default=0)
@@ -264,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(func=_sample)
 
     export = sub.add_parser("export", help="a checkpoint as a folder diffusers.AmusedPipeline.from_pretrained opens")
-    export.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_N")
+    export.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_N (local or s3://)")
     export.add_argument("--output", required=True, help="new folder (local or s3://)")
     export.add_argument("--vqgan", help="default: the checkpoint config's model.vqgan")
     export.add_argument("--text-encoder", help="default: the checkpoint config's model.text_encoder")
@@ -273,8 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="FID, CLIP score and a sample grid of a checkpoint or a run (Ray actors)")
     which = ev.add_mutually_exclusive_group(required=True)
-    which.add_argument("--checkpoint", help="RUN_DIR/checkpoints/step_N")
-    which.add_argument("--run", help="RUN_DIR: every complete checkpoint without a result")
+    which.add_argument("--checkpoint", help="RUN_DIR/checkpoints/step_N (local or s3://)")
+    which.add_argument("--run", help="RUN_DIR (local or s3://): every complete checkpoint without a result")
     ev.add_argument("--poll", type=float, default=30.0, help="watcher: seconds between looks")
     ev.add_argument("--timeout", type=float, default=0.0, help="watcher: give up after this many seconds (0 = never)")
     ev.add_argument("--ray-address", default=None, help="Ray cluster (default: a local one)")
@@ -297,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     vq_train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     vq_train.set_defaults(func=_vqgan_train)
     vq_export = vq.add_parser("export", help="a VQ-GAN checkpoint as a VQModel folder")
-    vq_export.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_N")
+    vq_export.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_N (local or s3://)")
     vq_export.add_argument("--output", required=True)
     vq_export.set_defaults(func=_vqgan_export)
     vq_eval = vq.add_parser("evaluate", help="PSNR, codebook usage, rFID and a reconstruction PNG on held-out images")

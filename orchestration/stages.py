@@ -17,6 +17,7 @@ A stage is one entry of STAGES, which declares all there is to it:
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -32,15 +33,15 @@ from amused.pipeline.download import DownloadConfig, download
 from amused.pipeline.filter import FilterConfig, filter_metadata
 from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
 from amused.plumbing.config import output_settings
-from amused.plumbing.fsio import exists, list_files
-from amused.plumbing.storage import join
+from amused.plumbing.fsio import exists, file_exists, list_files
+from amused.plumbing.storage import is_local, join, url_to_fs
 from amused.tokenizer.image import build_vqgan
 from amused.tokenizer.inception import write_random_inception
 from amused.training.checkpoint import Checkpoint
 from amused.training.config import EvalConfig, TrainConfig
 from amused.training.evaluation.metrics import METRICS
 from amused.training.evaluation.results import read_results, results_dir
-from amused.training.vqgan.task import VQGANConfig, export_vqgan, train_vqgan
+from amused.training.vqgan.task import VQ_COMPLETE, VQGANConfig, export_vqgan, train_vqgan
 
 if TYPE_CHECKING:  # run_config reads STAGES to parse the stage sections
     from amused.orchestration.run_config import RunBase, RunConfig
@@ -107,18 +108,34 @@ def _tiny_models(cfg: RunConfig) -> dict[str, bool]:
             "inception": m.inception == "tiny", "clip": m.clip == "tiny"}
 
 
+# The file whose presence says a tiny model is written (uploaded last to a remote run folder).
+_TINY_MARKERS = {"vqgan": "vqgan/config.json", "text_encoder": "text_encoder/config.json",
+                 "inception": "inception.pth", "clip": "clip/config.json"}
+
+
 def run_models(cfg: RunConfig) -> dict:
-    """Small random models for what the config marks 'tiny' (the demo); real runs name folders."""
-    out, wanted = Path(cfg.run_dir) / "models", _tiny_models(cfg)
-    torch.manual_seed(0)
-    if wanted["vqgan"] and not (out / "vqgan/config.json").exists():
-        build_vqgan("tiny").save_pretrained(out / "vqgan")
-    if wanted["text_encoder"] and not (out / "text_encoder/config.json").exists():
-        write_tiny_text_encoder(out)
-    if wanted["inception"] and not (out / "inception.pth").exists():
-        write_random_inception(out / "inception.pth")
-    if wanted["clip"] and not (out / "clip/config.json").exists():
-        write_tiny_clip(out / "clip")
+    """Small random models for what the config marks 'tiny' (the demo); real runs name folders.
+    A remote run folder gets them written locally and uploaded, each model's marker file last."""
+    out, wanted = join(cfg.run_dir, "models"), _tiny_models(cfg)
+    missing = {k for k, v in wanted.items() if v and not file_exists(join(out, _TINY_MARKERS[k]))}
+    remote = not is_local(out)
+    with tempfile.TemporaryDirectory() if remote else nullcontext(out) as where:
+        local = Path(where)
+        torch.manual_seed(0)
+        if "vqgan" in missing:
+            build_vqgan("tiny").save_pretrained(local / "vqgan")
+        if "text_encoder" in missing:
+            write_tiny_text_encoder(local)
+        if "inception" in missing:
+            write_random_inception(local / "inception.pth")
+        if "clip" in missing:
+            write_tiny_clip(local / "clip")
+        if remote:
+            fs, root = url_to_fs(out)
+            markers = {_TINY_MARKERS[k] for k in missing}
+            names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+            for name in sorted(names, key=lambda n: n in markers):
+                fs.put_file(str(local / name), f"{root.rstrip('/')}/{name}")
     return {"written": sorted(k for k, v in wanted.items() if v)}
 
 
@@ -145,7 +162,7 @@ def run_download(cfg: RunConfig) -> dict:
 def run_vqgan(cfg: RunConfig) -> dict:
     result = train_vqgan(cfg.vqgan)
     target = cfg.pretokenize.vqgan
-    if not exists(join(target, "config.json")):
+    if not file_exists(join(target, VQ_COMPLETE)):
         export_vqgan(result.checkpoint, target)
     return {"step": result.step, "checkpoint": result.checkpoint, "exported": target,
             "metrics": result.last_metrics}

@@ -112,19 +112,15 @@ def start_workers(cfg: EvalConfig, vqgan: str, text_encoder: str) -> list:
     return [actor.remote(cfg, vqgan, text_encoder, cfg.gpus_per_actor > 0) for _ in range(cfg.actors)]
 
 
-def _run_dir_of(checkpoint: Checkpoint) -> str:
-    return str(checkpoint.folder).rstrip("/").rsplit("/", 2)[0]  # RUN_DIR/checkpoints/step_N
-
-
 def evaluate_checkpoint(checkpoint: Checkpoint, cfg: EvalConfig, sample: SampleConfig, workers: list,
                         prompts: list[str], metrics: list[Metric]) -> dict:
     """`metrics` of one checkpoint over all prompts, split across `workers`; writes the result."""
     started = time.monotonic()
     step = checkpoint.step
-    out_dir = results_dir(_run_dir_of(checkpoint), cfg)
+    out_dir = results_dir(checkpoint.run_dir, cfg)
     slices = [s for s in np.array_split(np.arange(len(prompts)), len(workers)) if len(s)]
     # An actor runs its calls in order: its slice queued as batches keeps it busy and shows progress.
-    calls = {w.run.remote(str(checkpoint.folder), cfg.ema, [(int(i), prompts[i]) for i in s[b:b + cfg.batch_size]],
+    calls = {w.run.remote(checkpoint.folder, cfg.ema, [(int(i), prompts[i]) for i in s[b:b + cfg.batch_size]],
                           sample, cfg.seed, cfg.batch_size, cfg.grid): len(s[b:b + cfg.batch_size])
              for w, s in zip(workers, slices) for b in range(0, len(s), cfg.batch_size)}
     parts = []
@@ -138,7 +134,7 @@ def evaluate_checkpoint(checkpoint: Checkpoint, cfg: EvalConfig, sample: SampleC
         m.name: np.concatenate([rows for p in parts for rows in p["rows"][m.name]])[order] for m in metrics})
     kept = {i: im for p in parts for i, im in p["kept"].items()}
     result = {
-        "step": step, "checkpoint": str(checkpoint.folder), "weights": "ema" if cfg.ema else "raw", **numbers,
+        "step": step, "checkpoint": checkpoint.folder, "weights": "ema" if cfg.ema else "raw", **numbers,
         "images": len(prompts), **provenance,
         "prompts": cfg.prompts, "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
         "seed": cfg.seed, "sample": asdict(sample), "actors": len(slices),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from diffusers import AmusedPipeline, AmusedScheduler, VQModel
@@ -30,7 +31,8 @@ EXPORT_COMPLETE = "model_index.json"
 def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str, ema: bool = True) -> str:
     """Writes the pipeline folder for `checkpoint` (EMA weights unless `ema=False`) to `output`."""
     fs, root = url_to_fs(output)
-    source = {"checkpoint": str(Path(checkpoint).resolve()), "weights": "ema" if ema else "raw",
+    source = {"checkpoint": str(Path(checkpoint).resolve()) if is_local(checkpoint) else checkpoint,
+              "weights": "ema" if ema else "raw",
               "vqgan": vqgan, "text_encoder": text_encoder}
     if fs.exists(f"{root.rstrip('/')}/{EXPORT_COMPLETE}"):
         recorded = f"{root.rstrip('/')}/{SOURCE}"
@@ -43,32 +45,41 @@ def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str,
         vqvae=VQModel.from_pretrained(local_folder(resolve_subfolder(vqgan, VQGAN_SUBFOLDERS))),
         tokenizer=text.tokenizer, text_encoder=text.model, transformer=transformer,
         scheduler=AmusedScheduler(mask_token_id=transformer.config.vocab_size - 1, masking_schedule="cosine"))
-    if is_local(output):
-        def write(staging: Path) -> None:
-            pipe.save_pretrained(staging, safe_serialization=True)
-            (staging / SOURCE).write_text(json.dumps(source, indent=2))
 
-        return publish_folder(Path(root), write)
-    with tempfile.TemporaryDirectory() as staging:
+    def write(staging: Path) -> None:
         pipe.save_pretrained(staging, safe_serialization=True)
-        (Path(staging) / SOURCE).write_text(json.dumps(source, indent=2))
-        index = Path(staging) / EXPORT_COMPLETE
-        for file in sorted(p for p in Path(staging).rglob("*") if p.is_file() and p != index):
-            fs.put_file(str(file), f"{root.rstrip('/')}/{file.relative_to(staging)}")
-        fs.put_file(str(index), f"{root.rstrip('/')}/{EXPORT_COMPLETE}")
-    return output
+        (staging / SOURCE).write_text(json.dumps(source, indent=2))
+
+    return publish_folder(output, write, EXPORT_COMPLETE)
 
 
-def publish_folder(final: Path, write) -> str:
-    """`write(staging)` fills a temporary sibling folder, which then replaces `final`
-    (a leftover without the completion file of an earlier attempt) by one rename."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+def publish_folder(url: str, write: Callable[[Path], None], complete: str) -> str:
+    """`write(staging)` fills a temporary folder, which then replaces the folder at `url`
+    (a leftover of an earlier attempt, which lacks the file `complete`). Local: a sibling
+    folder and one rename. Remote (an object-store prefix cannot be renamed): a local
+    folder whose files are uploaded, `complete` last, so the folder counts only whole."""
+    fs, root = url_to_fs(url)
+    if is_local(url):
+        final = Path(root)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            write(staging)
+            if final.exists():
+                shutil.rmtree(final)
+            staging.rename(final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return str(final)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        staging = Path(tmp)
         write(staging)
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return str(final)
+        last = staging / complete
+        if not last.is_file():
+            raise FileNotFoundError(f"{url}: the export wrote no {complete}")
+        for file in sorted(p for p in staging.rglob("*") if p.is_file() and p != last):
+            fs.put_file(str(file), f"{root.rstrip('/')}/{file.relative_to(staging).as_posix()}")
+        fs.put_file(str(last), f"{root.rstrip('/')}/{complete}")
+    return url

@@ -13,7 +13,6 @@ same on every rank. A codebook that collapses is reported in the metrics, not hi
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -21,8 +20,8 @@ from diffusers import VQModel
 from torch import nn
 
 from amused.plumbing.config import from_mapping, opt, section
-from amused.plumbing.fsio import list_files
-from amused.plumbing.storage import VQGAN_SUBFOLDERS, local_folder, resolve_subfolder
+from amused.plumbing.fsio import file_exists, list_files
+from amused.plumbing.storage import VQGAN_SUBFOLDERS, join, local_folder, resolve_subfolder
 from amused.tokenizer.image import build_vqgan
 from amused.tokenizer.presets import VQGAN_CONFIGS, downsample_of
 from amused.tokenizer.vq_objective import (
@@ -139,6 +138,8 @@ def build_vq(model: VQModelConfig) -> VQModel:
     return build_vqgan(model.preset)
 
 
+# Written last into an exported VQModel folder (what "already exported" means).
+VQ_COMPLETE = "config.json"
 _TERMS = ("l1", "l2", "codebook", "commitment", "adversarial", "discriminator")
 
 
@@ -259,8 +260,7 @@ def vq_from_checkpoint(checkpoint: str) -> VQModel:
 
 def export_vqgan(checkpoint: str, output: str) -> str:
     """A VQModel folder (safetensors) that `amused pretokenize --vqgan` and diffusers load."""
-    final = Path(output)
-    if (final / "config.json").exists():
+    if file_exists(join(output, VQ_COMPLETE)):
         raise FileExistsError(f"{output} already holds a model; choose another --output")
-    return publish_folder(final, lambda staging: vq_from_checkpoint(checkpoint).save_pretrained(
-        staging, safe_serialization=True))
+    return publish_folder(output, lambda staging: vq_from_checkpoint(checkpoint).save_pretrained(
+        staging, safe_serialization=True), VQ_COMPLETE)
