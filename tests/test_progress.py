@@ -100,13 +100,16 @@ def test_a_run_folder_on_s3_gets_whole_metrics_events_and_progress(s3_bucket, tm
 
     clock = Clock()
     log = MetricsLog(run_dir, log_config(tensorboard=True), 4, TRAIN_JSON, clock=clock)
+    log.uploads.wait()  # uploads run in the background: a step never waits on them
     assert remote_steps() == [1, 2, 3, 4]  # cut back at once: a reader never sees the redone steps twice
     for step in (5, 6):
         log.write({"step": step, "loss": 1.0 / step})
         log.tick(step)
+    log.uploads.wait()
     assert remote_steps() == [1, 2, 3, 4]  # not due yet
     clock.now += log.publish_every
     log.tick(6)
+    log.uploads.wait()
     assert remote_steps() == [1, 2, 3, 4, 5, 6]
     assert fs.glob(f"{run_dir}/tensorboard/events.out.tfevents.*")
     for step in (7, 8):

@@ -5,12 +5,14 @@ orchestration/status.py)."""
 import io
 import json
 import re
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from amused.orchestration.status import training_lines
+from amused.training.metrics_log import Uploads
 from amused.training.progress import (
     LAUNCH_ENV,
     PROGRESS_FILE,
@@ -167,3 +169,27 @@ def test_status_of_a_running_training_with_a_checkpoint_being_uploaded(tmp_path)
     assert lines[1].startswith(f"latest checkpoint: {run_dir}/checkpoints/step_00000020 (step 20, ")
     assert lines[1].endswith("; uploading step 30")
     assert training_lines("vqgan", str(tmp_path / "empty")) == []
+
+
+def test_uploads_run_in_order_newest_per_kind_and_a_last_failure_is_raised_at_close(capsys):
+    uploads = Uploads()
+    gate, ran = threading.Event(), []
+    uploads.submit("metrics", gate.wait)  # holds the thread while the next ones queue
+    for n in range(3):
+        uploads.submit("progress", lambda n=n: ran.append(("progress", n)))
+    uploads.submit("files", lambda: ran.append(("files", 0)))
+    gate.set()
+    uploads.wait()
+    assert ran == [("progress", 2), ("files", 0)]  # progress 0 and 1 were superseded before they ran
+
+    def fail():
+        raise OSError("503 SlowDown")
+
+    uploads.submit("progress", fail)
+    uploads.wait()
+    assert "progress upload failed, retried with the next one: OSError: 503 SlowDown" in capsys.readouterr().err
+    uploads.submit("progress", lambda: ran.append(("progress", 3)))  # the next one succeeds: nothing to raise
+    uploads.submit("metrics", fail)
+    with pytest.raises(OSError, match="503 SlowDown"):
+        uploads.close()
+    assert ran[-1] == ("progress", 3) and not uploads.thread.is_alive()

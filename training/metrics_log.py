@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import io
 import json
+import sys
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
-from amused.plumbing.fsio import atomic_writer, file_exists
+from amused.plumbing.fsio import atomic_writer, file_exists, write_json_atomic
 from amused.plumbing.plots import line_plots
 from amused.plumbing.storage import is_local, join, scratch_folder, url_to_fs
 from amused.training.progress import ProgressReport
@@ -62,6 +65,61 @@ def wandb_run_id(run_dir: str) -> str:
     return fs.cat_file(path).decode().strip()
 
 
+class Uploads:
+    """Rank 0's writes to the run folder, in one background thread: a step never waits on
+    object storage (rank 0 waiting holds every rank at the next collective). Each job
+    writes a whole current state, so of the jobs of one kind not started yet only the
+    newest runs. A failed job is reported on stderr and its kind's next job tries again;
+    `close` raises a failure of the last job of a kind."""
+
+    def __init__(self):
+        self.pending: dict[str, Callable[[], None]] = {}
+        self.errors: dict[str, BaseException] = {}
+        self.busy = self.closed = False
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="metrics-uploads", daemon=True)
+        self.thread.start()
+
+    def submit(self, kind: str, job: Callable[[], None]) -> None:
+        with self.cond:
+            self.pending[kind] = job
+            self.cond.notify_all()
+
+    def wait(self) -> None:
+        """Until every job submitted so far has run."""
+        with self.cond:
+            self.cond.wait_for(lambda: not self.pending and not self.busy)
+
+    def close(self) -> None:
+        self.wait()
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        self.thread.join()
+        for error in self.errors.values():
+            raise error
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.pending or self.closed)
+                if not self.pending:
+                    return
+                kind = next(iter(self.pending))
+                job = self.pending.pop(kind)
+                self.busy = True
+            try:
+                job()
+                self.errors.pop(kind, None)
+            except Exception as exc:  # the next job of its kind tries again; close() raises a last failure
+                self.errors[kind] = exc
+                print(f"{kind} upload failed, retried with the next one: {type(exc).__name__}: {exc}",
+                      file=sys.stderr)
+            with self.cond:
+                self.busy = False
+                self.cond.notify_all()
+
+
 class MetricsLog:
     """Rank 0's metrics.jsonl, TensorBoard events, wandb run and progress.json."""
 
@@ -91,10 +149,15 @@ class MetricsLog:
 
             self.wandb = wandb.init(project=cfg.wandb_project, dir=str(self.local), config=config, resume="allow",
                                     id=wandb_run_id(run_dir))
-        self.published: dict[str, int] = {}
+        self.uploads = Uploads()
+        self.published: dict[str, int] = {}  # sizes read for upload
+        self.unsent: dict[str, bytes] = {}
+        self.lock = threading.Lock()
         self.last_publish = clock()
         self._publish()
-        self.progress = ProgressReport(run_dir, config["steps"], resume_step, config["data"]["global_batch_size"])
+        self.progress = ProgressReport(
+            run_dir, config["steps"], resume_step, config["data"]["global_batch_size"],
+            put=lambda url, record: self.uploads.submit("progress", lambda: write_json_atomic(url, record)))
 
     def tick(self, step: int) -> None:
         """After every step: the progress record and the uploads, when they are due."""
@@ -121,23 +184,39 @@ class MetricsLog:
             self.wandb.finish()
         self._publish()
         self.progress.finish()
+        self.uploads.close()
 
     def _publish(self) -> None:
-        """Uploads what changed since the last upload (nothing to do for a local run folder)."""
+        """Uploads the files that changed since the last upload (for a local run folder the
+        write was the publishing). Read here, between two writes, so an upload is never
+        of a line half-written."""
         self.last_publish = self.clock()
         if not self.remote:
             return
         if self.tb:
             self.tb.flush()
-        files = [self.path, *(sorted((self.local / TENSORBOARD).rglob("*")) if self.tb else [])]
-        for file in files:
-            size = file.stat().st_size if file.is_file() else None
-            name = file.relative_to(self.local).as_posix()
-            if size is None or self.published.get(name) == size:
-                continue
-            with atomic_writer(join(self.run_dir, name)) as out:
-                out.write(file.read_bytes())
-            self.published[name] = size
+        with self.lock:
+            for file in [self.path, *(sorted((self.local / TENSORBOARD).rglob("*")) if self.tb else [])]:
+                name = file.relative_to(self.local).as_posix()
+                if file.is_file() and self.published.get(name) != file.stat().st_size:
+                    self.unsent[name] = file.read_bytes()
+                    self.published[name] = len(self.unsent[name])
+            if self.unsent:
+                self.uploads.submit("metrics", self._upload)
+
+    def _upload(self) -> None:
+        """The files read and not uploaded yet; one that fails stays for the next upload."""
+        with self.lock:
+            files, self.unsent = self.unsent, {}
+        for name, data in files.items():
+            try:
+                with atomic_writer(join(self.run_dir, name)) as out:
+                    out.write(data)
+            except BaseException:
+                with self.lock:
+                    for rest in list(files)[list(files).index(name):]:
+                        self.unsent.setdefault(rest, files[rest])
+                raise
 
 
 def plot_metrics(run_dir: str, names: tuple[str, ...]) -> str:

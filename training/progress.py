@@ -52,16 +52,17 @@ def read_progress(run_dir: str) -> dict | None:
 
 
 class ProgressReport:
-    """Rank 0's RUN_DIR/progress.json. Samples/s (and so the ETA) is the rate over the
-    last ~`every * window` seconds of steps, so the start-up and an old checkpoint stall
-    drop out of it."""
+    """Rank 0's RUN_DIR/progress.json, written by `put` (training/metrics_log.py: in the
+    background). Samples/s (and so the ETA) is the rate over the last ~`every * window`
+    seconds of steps, so the start-up and an old checkpoint stall drop out of it."""
 
     every = 2.0  # seconds between writes, besides those at metrics lines and at the end
     window = 16  # rate points kept
 
     def __init__(self, run_dir: str, total: int, start_step: int, global_batch_size: int,
-                 clock: Callable[[], float] = time.time):
-        self.url, self.total, self.batch, self.clock = progress_url(run_dir), total, global_batch_size, clock
+                 clock: Callable[[], float] = time.time, put: Callable[[str, dict], None] = write_json_atomic):
+        self.url, self.total, self.batch, self.clock, self.put = (progress_url(run_dir), total, global_batch_size,
+                                                                 clock, put)
         launch = os.environ.get(LAUNCH_ENV, "")
         now = clock()
         self.record = {"step": start_step, "total": total, "loss": None, "samples_per_s": None, "eta_s": None,
@@ -110,7 +111,7 @@ class ProgressReport:
                 self.record.update(samples_per_s=steps_per_s * self.batch,
                                    eta_s=max(0, self.total - self.record["step"]) / steps_per_s)
         self.record["updated"] = now
-        write_json_atomic(self.url, self.record)
+        self.put(self.url, dict(self.record))
 
 
 def _eta(seconds: float | None) -> str:
