@@ -13,7 +13,8 @@ Everything is written to a local folder and published to the run folder: for a l
 folder the two are one and publishing is the write itself; for a run folder on object
 storage (which cannot append) the local folder is this node's scratch copy
 (plumbing.storage.scratch_folder) and each file is uploaded whole, replacing the old
-object, at most every `publish_every` seconds and at the end. A node lost between two
+object, at most every `publish_every` seconds and at the end. Uploads and progress.json
+run in a background thread (`Uploads`); `close` waits for them. A node lost between two
 uploads loses those seconds of lines; the steps after the resume checkpoint are redone
 and logged again anyway.
 """
