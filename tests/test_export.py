@@ -77,9 +77,11 @@ def test_training_starts_from_an_exported_folder(exported, tmp_path, trained_che
 
 def test_export_to_s3(s3_bucket, tiny_models, trained_checkpoint):
     url = f"{s3_bucket}/exports/pipe"
+    fs = s3fs.S3FileSystem()
+    fs.pipe_file(f"{url}/transformer/leftover.safetensors", b"an earlier attempt, cut before its model_index.json")
     assert main(["export", "--checkpoint", trained_checkpoint, "--output", url,
                  "--vqgan", str(tiny_models / "vqgan"), "--text-encoder", str(tiny_models)]) == 0
-    fs = s3fs.S3FileSystem()
     assert fs.exists(f"{url}/model_index.json") and fs.exists(f"{url}/transformer/config.json")
+    assert not fs.exists(f"{url}/transformer/leftover.safetensors")  # the folder replaced whole
     weights = Sampler.from_folders(load_trained_model(trained_checkpoint), url, url)
     assert weights.side == 64
