@@ -25,14 +25,12 @@ import pytest
 import s3fs
 import torch
 from ray._private import state as ray_state
-from ray.train import ScalingConfig
-from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file
 
 from amused.demo.datasets import write_token_dataset
 from amused.training.checkpoint import MARKER, Checkpoint, tag
 from amused.training.config import TrainConfig, parse_config
-from amused.training.launch import ray_run_config, train_on_ray
+from amused.training.launch import train_on_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +39,7 @@ EVERY = 8
 WORKERS = 2
 
 
-def config(run_dir: Path, dataset: str, **over) -> TrainConfig:
+def config(run_dir: Path | str, dataset: str, **over) -> TrainConfig:
     cfg = {
         "run_dir": str(run_dir), "steps": STEPS, "seed": 1,
         "data": {"dataset": dataset, "global_batch_size": 16, "micro_batch_size": 8, "workers": 0,
@@ -198,17 +196,17 @@ def test_a_deterministic_error_is_not_retried(tmp_path, dataset, ray_session):
     assert workers_started() - started == WORKERS  # one group, no restart
 
 
-def test_ray_train_keeps_its_run_record_beside_a_run_folder_on_object_storage(s3_bucket, ray_session):
-    """RUN_DIR/ray on S3 through our s3fs (the moto server's endpoint, from the environment)."""
-    run_dir = f"{s3_bucket}/ray-storage"
-
-    def loop() -> None:
-        pass
-
-    TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1),
-                 run_config=ray_run_config(run_dir, max_failures=0)).fit()
-    written = s3fs.S3FileSystem().find(f"{run_dir}/ray/amused-train")
-    assert written, "Ray Train wrote nothing under RUN_DIR/ray"
+def test_a_run_folder_on_object_storage_holds_ray_trains_record_too(s3_bucket, dataset, ray_session):
+    """RUN_DIR on S3 (the moto server the environment names): the checkpoints, the lock and
+    Ray Train's own record (RUN_DIR/ray, through our s3fs) all live there."""
+    run_dir = f"{s3_bucket}/ray-train-run"
+    cfg = config(run_dir, dataset, steps=EVERY, checkpoint={"every": EVERY // 2, "keep": 2})
+    result = train_on_ray(cfg, WORKERS)
+    assert result.step == EVERY and result.resumed_from is None
+    assert Checkpoint.latest(run_dir).step == EVERY
+    fs = s3fs.S3FileSystem()
+    assert fs.find(f"{run_dir}/ray/amused-train"), "Ray Train wrote nothing under RUN_DIR/ray"
+    assert not fs.exists(f"{run_dir}/train.lock")
 
 
 @pytest.mark.slow
