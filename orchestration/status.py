@@ -14,7 +14,7 @@ from amused.orchestration.run_config import RunConfig, parse_run_config
 from amused.orchestration.stages import STAGES
 from amused.plumbing.fsio import exists, file_exists_in, read_json
 from amused.plumbing.storage import join, url_to_fs
-from amused.training.checkpoint import MARKER, tag
+from amused.training.checkpoint import MARKER, checkpoints_dir, tag
 from amused.training.evaluation.metrics import METRICS
 from amused.training.evaluation.results import read_results
 from amused.training.progress import RUNNING, read_progress
@@ -66,7 +66,7 @@ def _when(at: float, now: float) -> str:
 def _checkpoints(run_dir: str) -> tuple[tuple[str, int, float] | None, list[int]]:
     """(url, step, time) of the newest complete checkpoint, and the steps of newer
     folders without a marker yet (being written or uploaded, or left by a crash)."""
-    root = join(run_dir, "checkpoints")
+    root = checkpoints_dir(run_dir)
     fs, path = url_to_fs(root)
     steps = sorted((int(m.group(1)) for p in fs.glob(f"{path.rstrip('/')}/step_*")
                     if (m := _STEP_FOLDER.fullmatch(p.rstrip("/").rsplit("/", 1)[-1]))), reverse=True)
