@@ -135,7 +135,7 @@ def test_amused_run_on_s3_reaches_the_samples_and_status_reads_it(s3_bucket, ray
     run(parse_run_config(cfg), log=log.append)
     assert sum("skipped" in line for line in log) == len(states), log
 
-    checkpoint = states["train"]["checkpoint"]
+    checkpoint = states["train"]["counts"]["checkpoint"]
     assert checkpoint.startswith(f"{run_url}/train/checkpoints/")
     local = tmp_path / "copy" / Path(checkpoint).name
     local.parent.mkdir()
