@@ -6,11 +6,14 @@ fetched. Its measurements (resize protocol, features, Fréchet distance) are in
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from amused.plumbing.storage import url_to_fs
 
 
 class _Conv(nn.Module):
@@ -143,11 +146,15 @@ class FIDInception(nn.Module):
 
 
 def load_inception(path: str | Path, device: str = "cpu") -> FIDInception:
-    """The FID network from a local state-dict file (never fetched)."""
-    if not Path(path).is_file():
+    """The FID network from a state-dict file at a local path or any fsspec URL (never
+    from a hub)."""
+    fs, where = url_to_fs(str(path))
+    if not fs.isfile(where):
         raise FileNotFoundError(f"FID Inception weights {path} not found (pt_inception-2015-12-05-6726825d.pth)")
+    with fs.open(where, "rb") as fh:
+        state = torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)
     net = FIDInception()
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    net.load_state_dict(state, strict=True)
     return net.to(device).eval().requires_grad_(False)
 
 

@@ -34,6 +34,7 @@ from amused.plumbing.plots import image_grid, line_plots
 from amused.plumbing.raysession import ray_session
 from amused.plumbing.storage import join, url_to_fs
 from amused.tokenizer.image import ImageTokenizer
+from amused.tokenizer.inception import load_inception
 from amused.tokenizer.text import TextEncoder
 from amused.training.checkpoint import Checkpoint, tag
 from amused.training.config import EvalConfig, SampleConfig
@@ -42,7 +43,6 @@ from amused.training.evaluation.metrics import (
     RESIZE_PROTOCOL,
     FeatureStats,
     Metric,
-    fid_network,
     inception_features,
     summarise_all,
 )
@@ -210,7 +210,7 @@ def fid_reference(images: str, output: str, inception: str, resolution: int = 25
     """FID statistics of real held-out images (webdataset shards): each image's shorter
     side resized to `resolution` and centre-cropped like the generated ones, then the
     FID resize protocol. Undecodable images are counted by reason, not fatal."""
-    net = fid_network(inception)
+    net = load_inception(inception)
     skipped: Counter = Counter()
     features = []
     with tqdm(desc="reference images", unit="img", total=max_images or None) as bar:

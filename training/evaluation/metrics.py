@@ -16,7 +16,6 @@ floored at 0, as torchmetrics' CLIPScore.
 from __future__ import annotations
 
 import io
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from PIL import Image
 from transformers import CLIPModel, CLIPTokenizer
 
 from amused.plumbing.fsio import atomic_writer, sha256_of
-from amused.plumbing.storage import is_local, local_folder, resolve_subfolder, url_to_fs
+from amused.plumbing.storage import local_folder, resolve_subfolder, url_to_fs
 from amused.tokenizer.image import fit_image
 from amused.tokenizer.inception import FIDInception, load_inception
 from amused.training.config import EvalConfig
@@ -110,20 +109,6 @@ class FeatureStats:
         fs, path = url_to_fs(str(url))
         with fs.open(path, "rb") as fh, np.load(io.BytesIO(fh.read()), allow_pickle=False) as z:
             return cls(z["mu"], z["sigma"], int(z["count"]), str(z["protocol"]), str(z["weights_sha256"]))
-
-
-def fid_network(url: str, device: str = "cpu") -> FIDInception:
-    """`load_inception` for a local path or any fsspec URL (a remote file is read from a
-    temporary local copy: the loader takes a local file)."""
-    if is_local(url):
-        return load_inception(url, device)
-    fs, path = url_to_fs(url)
-    if not fs.isfile(path):
-        raise FileNotFoundError(f"FID Inception weights {url} not found")
-    with tempfile.TemporaryDirectory() as tmp:
-        local = f"{tmp}/{path.rsplit('/', 1)[-1]}"
-        fs.get_file(path, local)
-        return load_inception(local, device)
 
 
 class ClipScorer:
@@ -225,7 +210,7 @@ class Fid(Metric):
 
     @staticmethod
     def measurer(cfg: EvalConfig, device: str) -> Measure:
-        net = fid_network(cfg.inception, device)
+        net = load_inception(cfg.inception, device)
         return lambda images, prompts: inception_features(net, images)
 
     def summarise(self, rows: np.ndarray) -> dict:

@@ -16,8 +16,9 @@ from amused.plumbing.fsio import sha256_of, write_json_atomic
 from amused.plumbing.plots import image_grid
 from amused.plumbing.storage import join
 from amused.tokenizer.image import ImageTokenizer
+from amused.tokenizer.inception import load_inception
 from amused.tokenizer.vq_objective import CodebookHealth, psnr
-from amused.training.evaluation.metrics import FeatureStats, fid_network, inception_features
+from amused.training.evaluation.metrics import FeatureStats, inception_features
 from amused.training.evaluation.results import save_png
 from amused.training.vqgan.data import held_out_batches
 
@@ -27,7 +28,7 @@ def evaluate_vqgan(vqgan: str | ImageTokenizer, images: str, output: str, resolu
                    device: str = "cpu") -> dict:
     """Writes OUTPUT/vqgan_eval.json and OUTPUT/reconstructions.png; returns the metrics."""
     tok = vqgan if isinstance(vqgan, ImageTokenizer) else ImageTokenizer.from_pretrained(vqgan, device=device)
-    net = fid_network(inception, device) if inception else None
+    net = load_inception(inception, device) if inception else None
     health = CodebookHealth(tok.codebook_size, window=1 << 30)  # every batch counts
     skipped: Counter = Counter()
     psnrs, real_feats, fake_feats, shown = [], [], [], []
