@@ -7,9 +7,11 @@ The benchmark U-ViT of benchmarks/train.py, one rank, ZeRO-2, a metrics line eve
 and a checkpoint every `--every` steps. A checkpoint's time falls into the step after it
 (its metrics interval starts before the checkpoint is written), so the stall of
 checkpoint k is the time of step k+1 beyond the median step away from checkpoints;
-printed per mode: the median stall, the slowdown of the other steps (the background
-upload shares the CPU) and the run's wall time, then sync/async stall ratios. The last
-checkpoint (at the end of training, which waits for its upload) is not counted.
+printed per mode: the median stall, the median time save_checkpoint blocked the loop
+(`checkpoint_s`, in the metrics line after it), the normal step and the run's wall time,
+then the sync/async ratios of both. The stall also holds what the background upload
+takes from the step's CPU (on a 2-core machine moto itself competes with training). The
+last checkpoint (at the end of training, which waits for its upload) is not counted.
 
     python benchmarks/checkpoint_stall.py
     python benchmarks/checkpoint_stall.py --steps 40 --every 10 --where s3
@@ -74,13 +76,15 @@ def run(run_dir: str, model_dir: str, dataset: str, batch: int, steps: int, ever
     fs, path = fsspec.core.url_to_fs(join(run_dir, "metrics.jsonl"))
     lines = [json.loads(line) for line in fs.cat_file(path).decode().splitlines() if line.strip()]
     seconds = {r["step"]: batch / r["samples_per_s"] for r in lines}
+    blocked = [r["checkpoint_s"] for r in lines if "checkpoint_s" in r]
     after = [k + 1 for k in range(every, steps - 1, every)]
     # Away from checkpoints: neither the first steps (warm-up) nor a step right after one.
     normal = [t for s, t in seconds.items() if s > 3 and s not in after]
     base = statistics.median(normal)
     ckpt_bytes = sum(f["size"] for f in json.loads(fs.cat_file(
         fsspec.core.url_to_fs(join(run_dir, "checkpoints", f"step_{steps:08d}", "COMPLETE"))[1]))["files"].values())
-    return {"stall": statistics.median(seconds[s] - base for s in after), "step": base,
+    return {"stall": statistics.median(seconds[s] - base for s in after), "blocked": statistics.median(blocked),
+            "step": base,
             "wall": wall, "bytes": ckpt_bytes, "checkpoints": len(after)}
 
 
@@ -118,12 +122,14 @@ def main() -> None:
                     r = run(join(root, f"{where}-{'async' if mode else 'sync'}"), model_dir, dataset, args.batch,
                             args.steps, args.every, mode)
                     results[where, mode] = r
-                    print(f"{where:5s} {'async' if mode else 'sync ':5s}: stall {r['stall']:6.2f} s per checkpoint "
+                    print(f"{where:5s} {'async' if mode else 'sync ':5s}: stall {r['stall']:6.2f} s per checkpoint, "
+                          f"save_checkpoint blocked {r['blocked']:5.2f} s "
                           f"({r['bytes'] / 1e6:.0f} MB), normal step {r['step']:.3f} s, wall {r['wall']:.1f} s, "
                           f"load {os.getloadavg()[0]:.1f}")
             for where in args.where.split(","):
-                sync, asyn = results[where, False]["stall"], results[where, True]["stall"]
-                print(f"{where}: stall sync / async = {sync:.2f} / {asyn:.2f} s = {sync / max(asyn, 1e-3):.1f}x")
+                for what in ("stall", "blocked"):
+                    sync, asyn = results[where, False][what], results[where, True][what]
+                    print(f"{where}: {what} sync / async = {sync:.2f} / {asyn:.2f} s = {sync / max(asyn, 1e-3):.1f}x")
     finally:
         moto.terminate()
         moto.wait(timeout=10)

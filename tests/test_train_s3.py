@@ -195,11 +195,11 @@ class _HoldUploads(S3Proxy):
         return super()._decide(line, op)
 
 
-def _remote_losses(run_dir: str) -> dict[int, float]:
+def _remote_metrics(run_dir: str) -> dict[int, dict]:
     text = s3fs.S3FileSystem().cat_file(join(run_dir, "metrics.jsonl").removeprefix("s3://")).decode()
     lines = [json.loads(line) for line in text.splitlines() if line.strip()]
     assert len({r["step"] for r in lines}) == len(lines), "a step was logged twice"
-    return {r["step"]: r["loss"] for r in lines}
+    return {r["step"]: r for r in lines}
 
 
 def _kill_during_upload_then_resume_on_one_rank(tmp_path, s3_proxy, s3_bucket, steps: int, every: int):
@@ -250,11 +250,14 @@ def _kill_during_upload_then_resume_on_one_rank(tmp_path, s3_proxy, s3_bucket, s
                             capture_output=True, text=True, timeout=600)
     assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
     assert straight.wait(timeout=600) == 0
-    return _remote_losses(run_dir), losses(tmp_path / "straight"), resume.stdout + resume.stderr, run_dir
+    return _remote_metrics(run_dir), losses(tmp_path / "straight"), resume.stdout + resume.stderr, run_dir
 
 
 def _check_exact_resume(steps: int, every: int, result) -> None:
-    got, want, output, run_dir = result
+    metrics, want, output, run_dir = result
+    got = {step: r["loss"] for step, r in metrics.items()}
+    # The line after a checkpoint says how long the loop stood still for it; the others have no such key.
+    assert metrics[2 * every + 1]["checkpoint_s"] > 0 and "checkpoint_s" not in metrics[2 * every + 2]
     assert f"removed checkpoint folders a crash left incomplete: {tag(2 * every)}" in output
     assert f"resumed from step {every}" in output
     fs = s3fs.S3FileSystem()

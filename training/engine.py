@@ -142,7 +142,11 @@ def run_loop(cfg, task: Task, resume: TrainState | None, universal: bool, device
                 log.write(last_metrics)
                 bar.set_postfix({k: last_metrics[k] for k in task.plot[:2]}, refresh=False)
         if due(step, cfg.checkpoint.every, cfg.steps):
+            started = time.monotonic()
             save_checkpoint(engine, cfg, step, task, ema, policy.in_row, publisher)
+            # How long training stood still for it, in the next metrics line (asynchronous:
+            # the local write, plus any wait for the previous checkpoint's upload).
+            interval.add({"checkpoint_s": time.monotonic() - started})
             saved_at = step
     publisher.wait()
     bar.close()
@@ -316,6 +320,10 @@ class Interval:
     def count(self, bad: bool, events: dict) -> None:
         self.steps += 1
         self.skipped += int(bad)
+        self.add(events)
+
+    def add(self, events: dict) -> None:
+        """Counts summed over the interval, reported under their names in its metrics line."""
         for key, value in events.items():
             self.events[key] = self.events.get(key, 0) + value
 
