@@ -38,7 +38,6 @@ from typing import Protocol
 import deepspeed
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from amused.plumbing.fsio import read_json, write_json_atomic
 from amused.plumbing.storage import join
@@ -50,6 +49,7 @@ from amused.training.distributed import (
 )
 from amused.training.ema import EMA
 from amused.training.metrics_log import MetricsLog, plot_metrics
+from amused.training.progress import ProgressView
 from amused.training.state import TrainState
 
 
@@ -80,6 +80,7 @@ class Task(Protocol):
     VQ-GAN: training/vqgan/task.py); the loop owns DeepSpeed, the schedule, the
     non-finite policy, EMA, metrics, checkpoints and resume."""
 
+    name: str  # what its progress is shown as ("train", "vqgan")
     model: torch.nn.Module
     layout: Layout
     stats_size: int  # length of the per-micro-step statistics vector
@@ -115,8 +116,10 @@ def run_loop(cfg, task: Task, resume: TrainState | None, universal: bool, device
     interval = Interval(cfg.log.every, cfg.steps, task.stats_size, device)
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
     log = MetricsLog(cfg.run_dir, cfg.log, start_step, cfg.to_json()) if rank == 0 else None
-    bar = tqdm(total=cfg.steps, initial=start_step, unit="step", desc="train",
-               disable=rank != 0 or not cfg.log.progress)
+    # The same display the launching driver shows (a bar on a terminal, lines in a log).
+    view = ProgressView(cfg.steps, task.name) if log and cfg.log.progress else None
+    if view:
+        view.show(log.progress.record)
     last_metrics: dict = {}
     saved_at = start_step if resume else None
     publisher = ckpt.Publisher(cfg.run_dir, cfg.checkpoint.keep, cfg.checkpoint.asynchronous)
@@ -132,7 +135,6 @@ def run_loop(cfg, task: Task, resume: TrainState | None, universal: bool, device
             if ema is not None:
                 ema.update(engine.module)
         interval.count(outcome.bad, events)
-        bar.update(1)
         if log:
             log.tick(step)
         if interval.due(step):
@@ -140,7 +142,6 @@ def run_loop(cfg, task: Task, resume: TrainState | None, universal: bool, device
             last_metrics = interval.close(step, task, outcome, cfg.data.global_batch_size)
             if log:
                 log.write(last_metrics)
-                bar.set_postfix({k: last_metrics[k] for k in task.plot[:2]}, refresh=False)
         if due(step, cfg.checkpoint.every, cfg.steps):
             started = time.monotonic()
             save_checkpoint(engine, cfg, step, task, ema, policy.in_row, publisher)
@@ -148,8 +149,11 @@ def run_loop(cfg, task: Task, resume: TrainState | None, universal: bool, device
             # the local write, plus any wait for the previous checkpoint's upload).
             interval.add({"checkpoint_s": time.monotonic() - started})
             saved_at = step
+        if view:
+            view.show(log.progress.record)
     publisher.wait()
-    bar.close()
+    if view:
+        view.close()
     if log:
         log.close()
         plot_metrics(cfg.run_dir, task.plot)

@@ -29,6 +29,7 @@ from amused.training.uvit.objective import LossParts, draw_masks, masked_loss
 class UViTTask:
     """Masked-token training of the U-ViT on token shards."""
 
+    name = "train"
     plot = ("loss", "masked_accuracy", "lr")
     stats_size = 3  # cross-entropy sum, correct, masked count (this rank)
 

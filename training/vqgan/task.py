@@ -144,6 +144,7 @@ _TERMS = ("l1", "l2", "codebook", "commitment", "adversarial", "discriminator")
 
 
 class VQGANTask:
+    name = "vqgan"
     plot = ("psnr_db", "codebook_usage", "l1", "lr")
     stats_size = len(_TERMS) + 2  # the terms' sums, PSNR sum, images
 
