@@ -120,9 +120,10 @@ def _step_of(name: str) -> int | None:
     return int(name[5:]) if re.fullmatch(r"step_\d+", name) else None
 
 
-def _step_folders(run_dir: str | Path, sub: str = "") -> dict[int, str]:
-    """The step_* folders of RUN_DIR/checkpoints[/sub] by step, as paths of their filesystem."""
-    fs, root = url_to_fs(join(checkpoints_dir(run_dir), sub) if sub else checkpoints_dir(run_dir))
+def step_folders(run_dir: str | Path) -> dict[int, str]:
+    """The step_* folders of RUN_DIR/checkpoints by step (with or without a marker), as
+    paths of their filesystem."""
+    fs, root = url_to_fs(checkpoints_dir(run_dir))
     found = {}
     for path in fs.glob(f"{root.rstrip('/')}/step_*"):
         step = _step_of(path.rstrip("/").rpartition("/")[2])
@@ -131,7 +132,8 @@ def _step_folders(run_dir: str | Path, sub: str = "") -> dict[int, str]:
     return found
 
 
-def _complete_steps(run_dir: str | Path) -> list[int]:
+def complete_steps(run_dir: str | Path) -> list[int]:
+    """The steps of RUN_DIR's checkpoints that have their marker, oldest first."""
     fs, root = url_to_fs(checkpoints_dir(run_dir))
     # One listing of the checkpoints (per step folder on S3), not one request per folder.
     markers = fs.glob(f"{root.rstrip('/')}/step_*/{MARKER}")
@@ -141,9 +143,9 @@ def _complete_steps(run_dir: str | Path) -> list[int]:
 def _remove_incomplete(run_dir: str | Path) -> list[str]:
     """Folders a crash left without a marker (rank 0, before any rank writes)."""
     fs, _ = url_to_fs(checkpoints_dir(run_dir))
-    complete = set(_complete_steps(run_dir))
+    complete = set(complete_steps(run_dir))
     removed = []
-    for step, path in sorted(_step_folders(run_dir).items()):
+    for step, path in sorted(step_folders(run_dir).items()):
         if step not in complete:
             fs.rm(path, recursive=True)
             removed.append(tag(step))
@@ -233,7 +235,7 @@ def mark_complete(run_dir: str | Path, step: int, keep: int, files: dict[str, di
     pruning to `keep` (the remote objects, and this node's local copies); the steps kept."""
     write_json_atomic(join(step_folder(run_dir, step), MARKER), {"step": step, "files": files})
     _write_latest(run_dir, step)
-    complete = _complete_steps(run_dir)
+    complete = complete_steps(run_dir)
     fs, _ = url_to_fs(checkpoints_dir(run_dir))
     for old in complete[:-keep]:
         for url in (step_folder(run_dir, old), join(checkpoints_dir(run_dir), UNIVERSAL, tag(old))):
@@ -434,7 +436,7 @@ class Checkpoint:
     @classmethod
     def every(cls, run_dir: str | Path) -> list[Checkpoint]:
         """The run's complete checkpoints, oldest first."""
-        return [cls(step_folder(run_dir, step), step) for step in _complete_steps(run_dir)]
+        return [cls(step_folder(run_dir, step), step) for step in complete_steps(run_dir)]
 
     @classmethod
     def latest(cls, run_dir: str | Path) -> Checkpoint | None:
@@ -540,7 +542,7 @@ def _resume_candidates(run_dir: str | Path, log=_stderr) -> list[int]:
     removed = _remove_incomplete(run_dir)
     if removed:
         log(f"removed checkpoint folders a crash left incomplete: {', '.join(removed)}")
-    return _complete_steps(run_dir)[::-1]
+    return complete_steps(run_dir)[::-1]
 
 
 def _resume_from(run_dir: str | Path, verdicts: dict[int, list[str] | None], log=_stderr) -> dict | None:
