@@ -9,12 +9,12 @@ of the next run, on the same host, sees that the dead driver is gone and takes o
 
 A lost worker process or node is Ray Train's to handle (FailureConfig.max_failures =
 `train.max_failures`): it replaces the whole worker group, and `train` on the new ranks
-resumes from the newest complete checkpoint as any rerun does. A rank's ValueError (a bad
-setting, a damaged checkpoint with nothing to resume, bad data) would fail the same way
-on every restart, so the run stops at the first one."""
+resumes from the newest complete checkpoint as any rerun does. Which rank errors are not
+worth a restart is one rule, `deterministic` below."""
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -32,7 +32,7 @@ from amused.plumbing.storage import is_local, join, url_to_fs
 from amused.training.checkpoint import Checkpoint
 from amused.training.config import TrainConfig, parse_config
 from amused.training.distributed import Layout, train_lock
-from amused.training.engine import TrainResult
+from amused.training.engine import NonFiniteError, TrainResult
 from amused.training.progress import LAUNCH_ENV, follow_progress
 from amused.training.uvit.task import train
 
@@ -40,6 +40,21 @@ from amused.training.uvit.task import train
 def _worker(loop_config: dict) -> None:
     os.environ[LAUNCH_ENV] = loop_config["launch"]
     train(parse_config(loop_config["config"]), launcher_holds_lock=True)
+
+
+def deterministic(error: BaseException) -> bool:
+    """Whether a rank's error would come back on every restart, so that the run stops at
+    the first one instead of restarting `max_failures` times:
+      - a ValueError: the rank's start-up check (a bad setting, data or model identity, a
+        damaged checkpoint with nothing to resume);
+      - NonFiniteError: a resume is exact, so the same steps diverge again;
+    except a ValueError that only says a file could not be decoded (json.JSONDecodeError,
+    UnicodeDecodeError: a run file such as metrics.jsonl cut off when a process was
+    killed), which a restart rewrites. Anything else (OSError, a lost worker, a collective
+    that timed out, ...) is retried."""
+    if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError)):
+        return False
+    return isinstance(error, (ValueError, NonFiniteError))
 
 
 class _NotRetried(Exception):
@@ -53,14 +68,15 @@ class _NotRetried(Exception):
 class _StopOnDeterministicError(ControllerCallback):
     """Runs in Ray Train's controller. Ray's failure policy retries every worker-group
     error alike (it cannot be given another policy); this callback turns the restart of a
-    group whose rank raised a ValueError into a controller error, which is never retried."""
+    group whose rank raised a `deterministic` error into a controller error, which is
+    never retried."""
 
     def after_controller_state_update(self, previous_state, current_state) -> None:
         if not isinstance(current_state, RestartingState):
             return
         error = current_state.training_failed_error
         for rank, failure in sorted(getattr(error, "worker_failures", {}).items()):
-            if isinstance(failure, ValueError):
+            if deterministic(failure):
                 raise _NotRetried(rank, failure)
 
 
@@ -113,10 +129,11 @@ def _gave_up(cfg: TrainConfig, exc: WorkerGroupError) -> BaseException:
     failures = exc.worker_failures
     if not failures:
         return exc
-    deterministic = [failures[r] for r in sorted(failures) if isinstance(failures[r], ValueError)]
-    if deterministic:
-        # Never retried (see _StopOnDeterministicError; here with max_failures 0): the rank's own line.
-        return deterministic[0]
+    stops = [failures[r] for r in sorted(failures) if deterministic(failures[r])]
+    if stops:
+        # Never retried (see _StopOnDeterministicError; here with max_failures 0): the rank's own
+        # line, and no "rerun to resume": a rerun would stop the same way.
+        return stops[0]
     # A lost worker (Ray's error) names the cause; the others' collective errors follow from it.
     rank = min(failures, key=lambda r: (not isinstance(failures[r], (RayTrainError, RayError)), r))
     cause = f"{type(failures[rank]).__name__}: {failures[rank]}".splitlines()[0]
