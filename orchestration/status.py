@@ -15,6 +15,7 @@ from amused.orchestration.stages import STAGES
 from amused.plumbing.fsio import exists, file_exists_in, read_json
 from amused.plumbing.storage import join, url_to_fs
 from amused.training.checkpoint import MARKER, checkpoints_dir, tag
+from amused.training.distributed import train_lock
 from amused.training.evaluation.metrics import METRICS
 from amused.training.evaluation.results import read_results
 from amused.training.progress import RUNNING, read_progress
@@ -99,7 +100,12 @@ def training_lines(name: str, run_dir: str, now: float | None = None) -> list[st
         line = f"latest checkpoint: {latest[0]} (step {latest[1]}, {_when(latest[2], now)})" if latest \
             else "latest checkpoint: none complete yet"
         if pending:
-            line += "; " + ", ".join(f"uploading step {s}" for s in pending)
+            # A folder without its marker is being written only while a training works in the folder:
+            # progress says running (a killed run's says so too) and the training's lock is held (a
+            # stopped run released it; one killed with SIGKILL left it: the next start takes it over).
+            writing = bool(p) and p["state"] == RUNNING and exists(train_lock(run_dir).url)
+            line += "; " + ", ".join(f"uploading step {s}" if writing else
+                                     f"step {s} incomplete (left by a stopped run)" for s in pending)
         out.append(f"{name} " + line if name != "train" else line)
     return out
 

@@ -138,6 +138,7 @@ def test_status_of_a_run_folder_on_s3(s3_bucket):
     fs.pipe(f"{run_dir}/checkpoints/step_00000010/COMPLETE", b'{"step": 10, "files": {}}')
     fs.pipe(f"{run_dir}/checkpoints/step_00000010/trainer.json", b"{}")
     fs.pipe(f"{run_dir}/checkpoints/step_00000012/mp_rank_00_model_states.pt", b"partial")
+    fs.pipe(f"{run_dir}/train.lock", b"{}")  # held while the training works
     lines = training_lines("train", run_dir, now=now)
     assert lines[0].startswith("train progress: running, step 13/20, loss 3.25, 8 samples/s, ETA 00:07, restarts 1, ")
     assert lines[1].startswith(f"latest checkpoint: {run_dir}/checkpoints/step_00000010 (step 10, ")

@@ -163,12 +163,19 @@ def test_status_of_a_running_training_with_a_checkpoint_being_uploaded(tmp_path)
         (folder / "mp_rank_00_model_states.pt").write_bytes(b"x")
         if complete:
             (folder / "COMPLETE").write_text(json.dumps({"step": step, "files": {}}))
+    (run_dir / "train.lock").write_text("{}")  # the training holds its lock while it works
     lines = training_lines("train", str(run_dir), now=now)
     assert lines[0] == ("train progress: running, step 27/60, loss 2.5, 51.2 samples/s, ETA 01:06, restarts 2, "
                         f"updated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(now - 3))} (3s ago)")
     assert lines[1].startswith(f"latest checkpoint: {run_dir}/checkpoints/step_00000020 (step 20, ")
     assert lines[1].endswith("; uploading step 30")
     assert training_lines("vqgan", str(tmp_path / "empty")) == []
+
+    # Stopped: it released its lock (progress.json still says running: the run never got to the end).
+    (run_dir / "train.lock").unlink()
+    assert training_lines("train", str(run_dir), now=now)[1].endswith("; step 30 incomplete (left by a stopped run)")
+    write_progress(run_dir, step=60, state="finished")  # a folder a finished run left behind
+    assert training_lines("train", str(run_dir), now=now)[1].endswith("; step 30 incomplete (left by a stopped run)")
 
 
 def test_uploads_run_in_order_newest_per_kind_and_a_last_failure_is_raised_at_close(capsys):

@@ -217,6 +217,7 @@ def test_status_of_a_running_run_on_s3(s3_bucket, capsys):
          "restarts": 1, "started": now - 20, "updated": now - 2}).encode())
     fs.pipe(f"{run_dir}/train/checkpoints/step_00000003/COMPLETE", b'{"step": 3, "files": {}}')
     fs.pipe(f"{run_dir}/train/checkpoints/step_00000006/zero_pp_rank_1_mp_rank_00_optim_states.pt", b"partial")
+    fs.pipe(f"{run_dir}/train/train.lock", b"{}")  # held while the training works
     assert main(["status", run_dir]) == 0
     out = capsys.readouterr().out
     assert "train        running" in out
