@@ -33,7 +33,7 @@ from amused.pipeline.download import DownloadConfig, download
 from amused.pipeline.filter import FilterConfig, filter_metadata
 from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
 from amused.plumbing.config import output_settings
-from amused.plumbing.fsio import exists, file_exists, list_files
+from amused.plumbing.fsio import exists, file_exists, list_files, upload_tree
 from amused.plumbing.storage import is_local, join, url_to_fs
 from amused.tokenizer.image import build_vqgan
 from amused.tokenizer.inception import write_random_inception
@@ -119,7 +119,7 @@ def run_models(cfg: RunConfig) -> dict:
     out, wanted = join(cfg.run_dir, "models"), _tiny_models(cfg)
     missing = {k for k, v in wanted.items() if v and not file_exists(join(out, _TINY_MARKERS[k]))}
     remote = not is_local(out)
-    with tempfile.TemporaryDirectory() if remote else nullcontext(out) as where:
+    with tempfile.TemporaryDirectory() if remote else nullcontext(url_to_fs(out)[1]) as where:
         local = Path(where)
         torch.manual_seed(0)
         if "vqgan" in missing:
@@ -131,11 +131,7 @@ def run_models(cfg: RunConfig) -> dict:
         if "clip" in missing:
             write_tiny_clip(local / "clip")
         if remote:
-            fs, root = url_to_fs(out)
-            markers = {_TINY_MARKERS[k] for k in missing}
-            names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
-            for name in sorted(names, key=lambda n: n in markers):
-                fs.put_file(str(local / name), f"{root.rstrip('/')}/{name}")
+            upload_tree(local, out, last=frozenset(_TINY_MARKERS[k] for k in missing))
     return {"written": sorted(k for k, v in wanted.items() if v)}
 
 

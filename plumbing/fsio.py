@@ -14,6 +14,7 @@ import hashlib
 import json
 import uuid
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import pyarrow.parquet as pq
@@ -80,6 +81,16 @@ def atomic_writer(url: str) -> Iterator[HashingWriter]:
         if fs.exists(tmp):
             fs.rm(tmp)
         raise
+
+
+def upload_tree(local: Path, url: str, last: frozenset[str] = frozenset()) -> None:
+    """Every file under the local folder `local` to the same names under `url`, the names
+    in `last` (completion markers) after all others, so a reader that sees a marker sees
+    the files it vouches for."""
+    fs, root = url_to_fs(url)
+    names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    for name in sorted(names, key=lambda n: n in last):
+        fs.put_file(str(local / name), f"{root.rstrip('/')}/{name}")
 
 
 def write_json_atomic(url: str, obj) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from diffusers import AmusedPipeline, AmusedScheduler, VQModel
 
+from amused.plumbing.fsio import upload_tree
 from amused.plumbing.storage import VQGAN_SUBFOLDERS, is_local, local_folder, resolve_subfolder, url_to_fs
 from amused.tokenizer.text import TextEncoder
 from amused.training.inference.sample import load_trained_model
@@ -31,7 +32,7 @@ EXPORT_COMPLETE = "model_index.json"
 def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str, ema: bool = True) -> str:
     """Writes the pipeline folder for `checkpoint` (EMA weights unless `ema=False`) to `output`."""
     fs, root = url_to_fs(output)
-    source = {"checkpoint": str(Path(checkpoint).resolve()) if is_local(checkpoint) else checkpoint,
+    source = {"checkpoint": str(Path(url_to_fs(checkpoint)[1]).resolve()) if is_local(checkpoint) else checkpoint,
               "weights": "ema" if ema else "raw",
               "vqgan": vqgan, "text_encoder": text_encoder}
     if fs.exists(f"{root.rstrip('/')}/{EXPORT_COMPLETE}"):
@@ -79,7 +80,5 @@ def publish_folder(url: str, write: Callable[[Path], None], complete: str) -> st
         last = staging / complete
         if not last.is_file():
             raise FileNotFoundError(f"{url}: the export wrote no {complete}")
-        for file in sorted(p for p in staging.rglob("*") if p.is_file() and p != last):
-            fs.put_file(str(file), f"{root.rstrip('/')}/{file.relative_to(staging).as_posix()}")
-        fs.put_file(str(last), f"{root.rstrip('/')}/{complete}")
+        upload_tree(staging, url, last=frozenset({complete}))
     return url
