@@ -1,5 +1,6 @@
-"""A run you can watch: the driver's progress bar over a 2-worker Ray Train run, rank 0's
-progress.json, TensorBoard events and `amused status` lines from that run's own files; the
+"""A run you can watch: the driver's progress bar over a 2-worker Ray Train run on an S3 run
+folder, rank 0's progress.json, TensorBoard events and `amused status` lines from that run's
+own files, and Ray Train's record kept in the run folder too; the
 metrics log of a run folder on S3 (complete on every upload, cut back on resume); wandb
 run ids (unique per run folder, kept by a resume)."""
 
@@ -30,19 +31,23 @@ def tensorboard_scalars(folder: str, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in events.Scalars(tag)}
 
 
-def test_ray_training_shows_its_progress_on_the_driver_and_in_status(tmp_path, ray_session, capfd, monkeypatch):
+def test_ray_training_shows_its_progress_on_the_driver_and_in_status(s3_bucket, tmp_path, ray_session, capfd,
+                                                                     monkeypatch):
+    """On a run folder on S3 (moto), as at LAION scale: besides the progress, the checkpoints,
+    the lock and Ray Train's own record (RUN_DIR/ray, through our s3fs) all live there."""
     monkeypatch.setattr(progress_module, "POLL_S", 0.05)  # a tiny run's steps can come faster than one a second
     tokens = str(tmp_path / "tokens")
     write_token_dataset(tokens, [64])
-    run_dir = tmp_path / "run"
+    run_dir = f"{s3_bucket}/{uuid.uuid4().hex[:8]}/run"
     cfg = parse_config({
-        "run_dir": str(run_dir), "steps": STEPS,
+        "run_dir": run_dir, "steps": STEPS,
         "data": {"dataset": tokens, "global_batch_size": 8, "micro_batch_size": 4, "workers": 0},
         "model": {"preset": "tiny"}, "optim": {"lr": 1e-2, "warmup_steps": 1},
         "checkpoint": {"every": 4}, "log": {"every": 2, "progress": False, "tensorboard": True}})
     capfd.readouterr()
     started = time.time()
-    assert train_on_ray(cfg, workers=2).step == STEPS
+    result = train_on_ray(cfg, workers=2)
+    assert result.step == STEPS and result.resumed_from is None
 
     # The driver's bar (the workers' own output does not reach the driver in the tests), as
     # lines: captured output is no terminal. One at the first record, one at the end.
@@ -53,8 +58,9 @@ def test_ray_training_shows_its_progress_on_the_driver_and_in_status(tmp_path, r
     assert shown[-1][0] == str(STEPS) and re.fullmatch(r", loss=[0-9.e+-]+, samples/s=[0-9.e+-]+, eta=0:00",
                                                        shown[-1][2]), err
 
-    progress = json.loads((run_dir / "progress.json").read_text())
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    fs = s3fs.S3FileSystem()
+    progress = json.loads(fs.cat(f"{run_dir}/progress.json"))
+    metrics = [json.loads(line) for line in fs.cat(f"{run_dir}/metrics.jsonl").decode().splitlines()]
     assert [m["step"] for m in metrics] == [2, 4, 6, 8]
     assert progress["step"] == progress["total"] == STEPS and progress["state"] == "finished"
     assert progress["loss"] == metrics[-1]["loss"] and progress["samples_per_s"] > 0
@@ -62,14 +68,18 @@ def test_ray_training_shows_its_progress_on_the_driver_and_in_status(tmp_path, r
     assert started < progress["started"] <= progress["updated"] < time.time()
 
     # TensorBoard's own reader finds rank 0's events, one per metrics line.
-    assert tensorboard_scalars(str(run_dir / "tensorboard"), "loss") == pytest.approx(
+    fs.get(f"{run_dir}/tensorboard/", str(tmp_path / "tensorboard"), recursive=True)
+    assert tensorboard_scalars(str(tmp_path / "tensorboard"), "loss") == pytest.approx(
         {m["step"]: m["loss"] for m in metrics})
 
-    lines = training_lines("train", str(run_dir))
+    lines = training_lines("train", run_dir)
     assert lines[0].startswith(f"train progress: finished, step {STEPS}/{STEPS}, loss {progress['loss']:.4g}, ")
     assert "restarts 0, updated " in lines[0]
     assert lines[1].startswith(f"latest checkpoint: {run_dir}/checkpoints/step_{STEPS:08d} (step {STEPS}, ")
-    assert "uploading" not in lines[1]
+    assert "uploading" not in lines[1] and "incomplete" not in lines[1]
+
+    assert fs.find(f"{run_dir}/ray/amused-train"), "Ray Train wrote nothing under RUN_DIR/ray"
+    assert not fs.exists(f"{run_dir}/train.lock")
 
 
 def log_config(**kw) -> LogConfig:
