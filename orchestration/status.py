@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 
 import yaml
@@ -12,9 +11,9 @@ from tqdm import tqdm
 from amused.orchestration.run import read_state
 from amused.orchestration.run_config import RunConfig, parse_run_config
 from amused.orchestration.stages import STAGES
-from amused.plumbing.fsio import exists, file_exists_in, read_json
+from amused.plumbing.fsio import exists, read_json
 from amused.plumbing.storage import join, url_to_fs
-from amused.training.checkpoint import MARKER, checkpoints_dir, tag
+from amused.training.checkpoint import MARKER, complete_steps, step_folder, step_folders
 from amused.training.distributed import train_lock
 from amused.training.evaluation.metrics import METRICS
 from amused.training.evaluation.results import read_results
@@ -23,7 +22,6 @@ from amused.training.uvit.task import UViTTask
 
 # The training metrics status shows: the task's main ones and what the engine logs for every task.
 _TRAINING_METRICS = ("step", *UViTTask.plot, "samples_per_s")
-_STEP_FOLDER = re.compile(r"step_(\d+)")
 
 
 def _counts(counts: dict | None) -> str:
@@ -67,17 +65,13 @@ def _when(at: float, now: float) -> str:
 def _checkpoints(run_dir: str) -> tuple[tuple[str, int, float] | None, list[int]]:
     """(url, step, time) of the newest complete checkpoint, and the steps of newer
     folders without a marker yet (being written or uploaded, or left by a crash)."""
-    root = checkpoints_dir(run_dir)
-    fs, path = url_to_fs(root)
-    steps = sorted((int(m.group(1)) for p in fs.glob(f"{path.rstrip('/')}/step_*")
-                    if (m := _STEP_FOLDER.fullmatch(p.rstrip("/").rsplit("/", 1)[-1]))), reverse=True)
-    pending = []
-    for step in steps:
-        marker = f"{path.rstrip('/')}/{tag(step)}/{MARKER}"
-        if file_exists_in(fs, marker):
-            return (join(root, tag(step)), step, fs.modified(marker).timestamp()), sorted(pending)
-        pending.append(step)
-    return None, sorted(pending)
+    complete = complete_steps(run_dir)
+    newest = complete[-1] if complete else -1
+    pending = sorted(s for s in step_folders(run_dir) if s > newest)
+    if not complete:
+        return None, pending
+    fs, marker = url_to_fs(join(step_folder(run_dir, newest), MARKER))
+    return (step_folder(run_dir, newest), newest, fs.modified(marker).timestamp()), pending
 
 
 def training_lines(name: str, run_dir: str, now: float | None = None) -> list[str]:
