@@ -201,7 +201,8 @@ def test_a_deterministic_error_is_not_retried(tmp_path, dataset, ray_session):
 @pytest.mark.slow
 def test_a_lost_node_is_replaced_and_the_run_finishes(tmp_path, dataset):
     run_dir = tmp_path / "run"
-    (tmp_path / "config.json").write_text(json.dumps(config(run_dir, dataset).to_json()))
+    steps = 48  # more than the in-process tests: removing a node takes longer than killing a process
+    (tmp_path / "config.json").write_text(json.dumps(config(run_dir, dataset, steps=steps).to_json()))
     (tmp_path / "out").mkdir()
     done = subprocess.run([sys.executable, str(ROOT / "tests/worker_loss_cluster_job.py"), str(tmp_path / "config.json"),
                            str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=840)
@@ -209,5 +210,5 @@ def test_a_lost_node_is_replaced_and_the_run_finishes(tmp_path, dataset):
     out = json.loads((tmp_path / "out" / "result.json").read_text())
     assert out["while_running"], "the node must go mid-run"
     result = out["result"]
-    assert result["step"] == STEPS and result["resumed_from"] >= max(out["complete_before"])
-    assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
+    assert result["step"] == steps and result["resumed_from"] >= max(out["complete_before"])
+    assert sorted(losses(run_dir)) == list(range(1, steps + 1))
