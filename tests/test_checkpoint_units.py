@@ -116,6 +116,14 @@ def test_a_file_that_does_not_match_its_marker_is_refused_by_name(tmp_path):
         trained.checked("extra.bin")
 
 
+def test_a_checkpoint_opened_by_a_relative_path_knows_its_run_folder(tmp_path, monkeypatch):
+    _checkpoint(tmp_path / "run", 4)
+    monkeypatch.chdir(tmp_path / "run")
+    opened = Checkpoint.at(f"checkpoints/{tag(4)}")
+    assert (opened.folder, opened.run_dir) == (str(tmp_path / "run" / "checkpoints" / tag(4)), str(tmp_path / "run"))
+    assert Checkpoint(str(tmp_path / "elsewhere" / "kept" / tag(4)), 4).run_dir == str(tmp_path / "elsewhere")
+
+
 def test_a_marker_without_checksums_loads_unverified_with_one_note(tmp_path, capsys):
     folder = _checkpoint(tmp_path / "run", 4)
     (folder / MARKER).write_text(json.dumps({"step": 4}))

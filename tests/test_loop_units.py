@@ -122,6 +122,15 @@ def test_an_interval_sums_its_steps_and_starts_afresh():
     assert interval.close(4, _Task(), StepOutcome(False, 0.5, None), 8)["samples_per_s"] == 8.0
 
 
+
+def test_an_interval_reports_the_longest_checkpoint_stall_not_their_sum():
+    interval = Interval(every=10, last_step=10, stats_size=2, device=torch.device("cpu"), clock=lambda: 1.0)
+    for stall in (0.5, 2.0, 1.0):  # three checkpoints within one metrics line
+        interval.count(False, {})
+        interval.longest({"checkpoint_s": stall})
+    interval.count(False, {})
+    assert interval.events == {"checkpoint_s": 2.0}
+
 # ---------------------------------------------------------------- trainer state
 
 def test_train_state_round_trips_with_the_task_state_beside_its_keys():

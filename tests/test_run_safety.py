@@ -24,7 +24,7 @@ from amused.demo.datasets import write_token_dataset
 from amused.orchestration.cli import main
 from amused.plumbing.runlock import FolderLock, FolderLocked
 from amused.training import checkpoint as ckpt
-from amused.training.checkpoint import MARKER, Checkpoint, damage, newest_intact, own_checksums
+from amused.training.checkpoint import MARKER, Checkpoint, damage, newest_intact, own_files, publish
 from amused.training.config import load_config, parse_config
 from amused.training.distributed import rank0_decides
 from amused.training.inference.sample import load_trained_model
@@ -349,7 +349,7 @@ def _checkpoint_of_ranks(folder: Path, ranks: int) -> list[str]:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(name.encode() * 50)
     (folder / "trainer.json").write_text(json.dumps({"step": int(folder.name[5:])}))
-    marker = {k: v for rank in range(ranks) for k, v in own_checksums(folder, rank).items()}
+    marker = publish(folder, str(folder), own_files(folder, None))
     (folder / MARKER).write_text(json.dumps({"step": int(folder.name[5:]), "files": marker}))
     return sorted(names)
 

@@ -19,6 +19,7 @@ import pytest
 import s3fs
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
 from amused.demo.datasets import write_token_dataset
@@ -28,6 +29,7 @@ from amused.training.checkpoint import (
     MARKER,
     MODEL_STATES,
     TRAINER,
+    CheckFailed,
     Checkpoint,
     Publisher,
     local_copy,
@@ -123,6 +125,38 @@ def test_a_remote_checkpoint_reads_through_a_checked_local_copy(s3_faults, scrat
     assert not local_copy(latest.folder).joinpath(MODEL_STATES).exists()  # nothing damaged is kept
 
 
+def test_a_resume_that_cannot_fetch_a_checkpoint_sets_nothing_aside_and_can_retry(
+        s3_bucket, scratch, one_rank, monkeypatch, tmp_path):
+    run = f"{s3_bucket}/unfetchable"
+    for step in (2, 4):
+        _write_step(run, step)
+        Publisher(run, keep=3, asynchronous=False).submit(step)
+    shutil.rmtree(scratch)
+    (tmp_path / "full").write_text("")
+    monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "full" / "scratch"))  # no local copy can be written
+    with pytest.raises(CheckFailed, match=f"could not check checkpoint {step_folder(run, 4)} .*nothing was set aside"):
+        newest_intact(run, lambda fn, *args: fn(*args))  # one rank decides for itself
+    assert Checkpoint.latest(run).step == 4 and not s3fs.S3FileSystem().exists(f"{run}/checkpoints/damaged")
+    monkeypatch.setenv(SCRATCH_ENV, str(scratch))
+    assert newest_intact(run, lambda fn, *args: fn(*args)) == {"step": 4}  # the retry
+
+
+def _read_model_states(rank: int, url: str, barrier) -> None:
+    barrier.wait()
+    Checkpoint.at(url).weights(ema=False)
+
+
+def test_the_ranks_of_a_node_download_a_file_they_all_read_once(s3_faults, scratch, one_rank):
+    run = "s3://amused-test/shared-read"
+    _write_step(run, 2, size=4 << 20)
+    Publisher(run, keep=3, asynchronous=False).submit(2)
+    shutil.rmtree(scratch)
+    s3_faults.reset_counts()
+    mp.spawn(_read_model_states, args=(step_folder(run, 2), mp.get_context("spawn").Barrier(2)), nprocs=2)
+    assert _gets(s3_faults, MODEL_STATES) == 1
+    assert (local_copy(step_folder(run, 2)) / MODEL_STATES).stat().st_size > 16 << 20
+
+
 def test_a_partial_upload_never_counts_and_a_resume_removes_it(s3_bucket, scratch, one_rank, capsys):
     run = f"{s3_bucket}/partial"
     _write_step(run, 2)
@@ -149,17 +183,35 @@ def test_a_failed_upload_names_the_file_and_leaves_no_marker(s3_server, scratch,
     publisher.wait()  # raised once
 
 
-def test_pruning_removes_remote_objects_and_local_copies(s3_bucket, scratch, one_rank):
+def test_pruning_removes_remote_objects_and_local_copies(s3_bucket, s3_faults, scratch, one_rank):
     run = f"{s3_bucket}/prune"
     publisher = Publisher(run, keep=2, asynchronous=True)
     for step in (2, 4, 6):
         _write_step(run, step)
         publisher.submit(step)
     publisher.wait()
+    # The marker goes first: a pruning cut short leaves an incomplete folder, not a "complete" one missing files.
+    removals = [line for line in s3_faults.lines if line.startswith(("DELETE", "DELETE_MANY"))]
+    assert removals[0].startswith("DELETE ") and removals[0].endswith(f"{tag(2)}/{MARKER}"), removals
     assert sorted(_objects(f"{run}/checkpoints")) == sorted(
         [f"{tag(s)}/{n}" for s in (4, 6) for n in (EMA_WEIGHTS, MODEL_STATES, TRAINER, "rng/rank_00000.json", MARKER)]
         + ["latest.json"])
     assert sorted(p.name for p in local_copy(f"{run}/checkpoints").iterdir()) == [tag(4), tag(6)]
+
+
+def test_after_an_error_the_checkpoint_in_flight_still_gets_its_marker(s3_bucket, scratch, one_rank, capsys):
+    run = f"{s3_bucket}/settle"
+    _write_step(run, 2, size=1 << 20)
+    publisher = Publisher(run, keep=3, asynchronous=True)
+    publisher.submit(2)
+    publisher.settle()  # what the loop does on its way out with an error
+    assert Checkpoint.latest(run).step == 2
+    missing = f"{s3_bucket}-missing/settle"  # no such bucket
+    _write_step(missing, 4)
+    publisher = Publisher(missing, keep=3, asynchronous=True)
+    publisher.submit(4)
+    publisher.settle()  # its failure is noted; the loop's error is the one raised
+    assert f"note: checkpoint {step_folder(missing, 4)} was not saved" in capsys.readouterr().err
 
 
 def test_async_and_sync_publish_the_same_files(s3_bucket, scratch, one_rank):
@@ -243,6 +295,13 @@ def _kill_during_upload_then_resume_on_one_rank(tmp_path, s3_proxy, s3_bucket, s
     assert MARKER not in stored and "mp_rank_00_model_states.pt" in stored  # rank 0's part only
     assert not any("rank_1_" in name or "rank_00001" in name for name in stored)
     shutil.rmtree(tmp_path / "scratch-killed")  # a fresh cluster: no local copies anywhere
+    with pytest.MonkeyPatch.context() as env:
+        # What a launch on 3 ranks would have left in the resuming node's local copy, listed by no
+        # marker: the universal conversion must not see it (it counts the ZeRO partitions it finds).
+        env.setenv(SCRATCH_ENV, str(tmp_path / "scratch-resume"))
+        stale = local_copy(step_folder(run_dir, every)) / "zero_pp_rank_2_mp_rank_00_optim_states.pt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left by another launch")
 
     resume = subprocess.run(torchrun(1, write_config(tmp_path, "killed", dataset, run_dir=run_dir,
                                                      data__micro_batch_size=16, **over)),

@@ -50,6 +50,7 @@ uses `write_config`; a resume finds its checkpoint with `newest_intact`.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -60,6 +61,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -241,6 +243,11 @@ def mark_complete(run_dir: str | Path, step: int, keep: int, files: dict[str, di
         for url in (step_folder(run_dir, old), join(checkpoints_dir(run_dir), UNIVERSAL, tag(old))):
             path = url_to_fs(url)[1]
             if fs.exists(path):
+                # The marker first: a removal cut short leaves an incomplete folder (removed
+                # at the next resume), never a "complete" one with files missing.
+                marker = url_to_fs(join(url, MARKER))[1]
+                if fs.exists(marker):
+                    fs.rm_file(marker)
                 fs.rm(path, recursive=True)
     kept = complete[-keep:]
     prune_local(run_dir, kept)
@@ -258,6 +265,7 @@ def prune_local(run_dir: str | Path, kept: list[int]) -> None:
             step = _step_of(path.name)
             if step is not None and step < min(kept):
                 shutil.rmtree(path, ignore_errors=True)
+                shutil.rmtree(_locks(path), ignore_errors=True)
 
 
 def _write_latest(run_dir: str | Path, step: int) -> None:
@@ -295,6 +303,21 @@ class Publisher:
         error, self._error = self._error, None
         if error is not None:
             raise error
+
+    def settle(self, timeout: float = 600.0) -> None:
+        """After an error in the training loop: the checkpoint being published (its local
+        files written whole) is let finish, for up to `timeout` seconds, so that a restart
+        resumes from it; its own failure is only noted, the loop's error is what counts.
+        Every rank's thread gathers in a group of its own, so it finishes while the other
+        ranks train on or stop (a dead rank's socket fails the gather)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                _stderr(f"note: {thread.name} still running after {timeout:.0f} s: left unfinished")
+        error, self._error = self._error, None
+        if error is not None:
+            _stderr(f"note: {error}")
 
     def _run(self, step: int) -> None:
         try:
@@ -342,29 +365,61 @@ def _problem(name: str, path: Path, want: dict) -> str | None:
     return None
 
 
-def _check_file(url: str, local: Path, want: dict, remote: bool) -> str | None:
-    """The local copy `local` of the checkpoint file `url`, made to match its marker entry
-    `want`: a remote file whose local copy does not is downloaded (under a temporary
-    name, moved into place once it matches). None when it matches, else the problem."""
+def _check_file(url: str, root: Path, name: str, want: dict, remote: bool) -> str | None:
+    """The local copy (`name` in the local folder `root`) of the checkpoint file `url`,
+    made to match its marker entry `want`: a remote file whose local copy does not is
+    downloaded (under a temporary name, moved into place once it matches). None when it
+    matches, else the problem. Raises when it could not be checked (a download, a read or
+    a write failed)."""
+    local = root / name
     if local.is_file() and _verified.get(local) == _seen(local, want):
         return None
-    problem = _problem(url, local, want)
-    if problem and remote:
-        fs, path = url_to_fs(url)
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}{_DOWNLOAD}{uuid.uuid4().hex[:8]}")
-        try:
-            try:
-                fs.get_file(path, str(tmp))
-            except FileNotFoundError:
-                return f"{url}: missing (expected {want['size']} bytes)"
-            problem = _problem(url, tmp, want)
-            if problem is None:
-                os.replace(tmp, local)  # ranks of a node may fetch the same file: each its own name
-        finally:
-            tmp.unlink(missing_ok=True)
+    if remote:
+        with _node_lock(root, name):  # the ranks of a node that all read a file download it once
+            problem = _fetch(url, root, name, want)
+    else:
+        problem = _problem(url, local, want)
     if problem is None:
         _verified[local] = _seen(local, want)
+    return problem
+
+
+@contextmanager
+def _node_lock(root: Path, name: str):
+    """The lock of the file `name` of the local folder `root` among the processes of this
+    node (the scratch is node-local): the second rank to take it finds the first one's
+    verified copy. Lock files (and downloads under way) live beside the folder, not in it:
+    DeepSpeed takes any file of a universal checkpoint's folder whose name has ".pt" in it
+    for its own, and a killed download would stay there."""
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    _locks(root).mkdir(parents=True, exist_ok=True)
+    with open(_locks(root) / name.replace("/", "%"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def _locks(root: Path) -> Path:
+    return root.with_name(f".{root.name}.locks")
+
+
+def _fetch(url: str, root: Path, name: str, want: dict) -> str | None:
+    """`name` in `root` made a verified copy of the remote file `url` unless it already matches `want`."""
+    local = root / name
+    problem = _problem(url, local, want)
+    if problem is None:
+        return None
+    fs, path = url_to_fs(url)
+    tmp = _locks(root) / f"{name.replace('/', '%')}{_DOWNLOAD}{uuid.uuid4().hex[:8]}"
+    try:
+        try:
+            fs.get_file(path, str(tmp))
+        except FileNotFoundError:
+            return f"{url}: missing (expected {want['size']} bytes)"
+        problem = _problem(url, tmp, want)
+        if problem is None:
+            os.replace(tmp, local)
+    finally:
+        tmp.unlink(missing_ok=True)
     return problem
 
 
@@ -389,7 +444,7 @@ def damage(folder: str | Path, names: tuple[str, ...] = (), rank: int = 0, world
         want = files.get(name)
         if want is None:
             problems.append(f"{join(folder, name)}: not part of this checkpoint (its {MARKER} marker does not list it)")
-        elif (problem := _check_file(join(folder, name), local / name, want, remote)) is not None:
+        elif (problem := _check_file(join(folder, name), local, name, want, remote)) is not None:
             problems.append(problem)
     return problems
 
@@ -425,6 +480,8 @@ class Checkpoint:
     @classmethod
     def at(cls, folder: str | Path) -> Checkpoint:
         folder = str(folder).rstrip("/")
+        if is_local(folder):  # absolute, so that its run folder is known (`run_dir`)
+            folder = url_to_fs(folder)[1]
         if not file_exists(join(folder, MARKER)):
             raise _not_complete(folder)
         try:
@@ -451,8 +508,10 @@ class Checkpoint:
 
     @property
     def run_dir(self) -> str:
-        """The run folder it belongs to (RUN_DIR/checkpoints/step_N)."""
-        return self.folder.rpartition("/checkpoints/")[0]
+        """The run folder it belongs to (RUN_DIR/checkpoints/[universal/]step_N; a folder
+        outside that layout: two levels up)."""
+        run, found, _ = self.folder.rpartition("/checkpoints/")
+        return run if found else self.folder.rpartition("/")[0].rpartition("/")[0]
 
     @property
     def complete(self) -> bool:
@@ -511,23 +570,35 @@ def write_config(folder: str | Path, cfg) -> None:
         fh.write(dump_config(cfg).encode())
 
 
+class CheckFailed(OSError):
+    """A checkpoint's files could not be checked (a download, a read or a write of the
+    local copy failed): nothing is known to be wrong with them, a later try may succeed."""
+
+
 def newest_intact(run_dir: str | Path, decide: Callable) -> dict | None:
     """Every rank: the trainer.json (as written) of the newest complete checkpoint whose
     files all match its marker, None when there is none. Each rank checks (remote:
     downloads) its own share of a candidate's files, the verdicts are gathered, and the
     newest step every rank found intact is taken; rank 0 names what is damaged and sets
-    it aside. `decide(fn, *args)` runs `fn` on rank 0 and gives every rank its result or
+    it aside. A file found missing or not matching is damage; when any rank could not
+    check its share at all, every rank raises CheckFailed (an OSError: a restart tries
+    again) and nothing is set aside. `decide(fn, *args)` runs `fn` on rank 0 and gives every rank its result or
     its error (the training's rank0_decides)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     verdicts: dict[int, list[str] | None] = {}
     for step in decide(_resume_candidates, run_dir):
         folder = step_folder(run_dir, step)
         try:
-            mine = damage(folder, rank=rank, world=world)
+            mine = ("checked", damage(folder, rank=rank, world=world))
         except Exception as exc:  # reported, not raised: the other ranks wait in the gather
-            mine = [f"{folder}: rank {rank} could not check its files: {type(exc).__name__}: {exc}"]
-        every: list = [None] * world
-        dist.all_gather_object(every, mine)
+            mine = ("unchecked", f"rank {rank}: {type(exc).__name__}: {exc}")
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, mine)
+        unchecked = [value for kind, value in gathered if kind == "unchecked"]
+        if unchecked:  # the same on every rank
+            raise CheckFailed(f"could not check checkpoint {folder} (nothing was set aside; "
+                              f"a restart checks it again): {'; '.join(unchecked)}")
+        every = [value for _, value in gathered]
         lines = [line for part in every if part for line in part]
         # No checksums is a fact of the marker, the same on every rank.
         verdicts[step] = None if all(part is None for part in every) else list(dict.fromkeys(lines))
@@ -595,16 +666,26 @@ def to_universal(run_dir: str | Path, step: int) -> str:
     dst_url = join(checkpoints_dir(run_dir), UNIVERSAL, tag(step))
     if file_exists(join(dst_url, MARKER)):
         return dst_url
-    src = local_copy(Checkpoint.at(step_folder(run_dir, step)).checked().folder)
+    source = Checkpoint.at(step_folder(run_dir, step)).checked()
+    src = local_copy(source.folder)
     work = local_copy(dst_url)
-    tmp = work.with_name(work.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, staged = work.with_name(work.name + ".tmp"), work.with_name(work.name + ".input")
+    for old in (tmp, staged):
+        shutil.rmtree(old, ignore_errors=True)
+    # DeepSpeed's conversion globs its input folder (the ZeRO degree is the number of
+    # *_optim_states.pt there): it gets the checkpoint's own files only, not what a launch
+    # on another number of ranks may have left in this node's local copy.
+    names = read_json(join(source.folder, MARKER)).get("files") or own_files(src, None)
+    for name in names:
+        (staged / name).parent.mkdir(parents=True, exist_ok=True)
+        os.link(src / name, staged / name)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
-        [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+        [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(staged),
          "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"],
         capture_output=True, text=True,
     )
+    shutil.rmtree(staged, ignore_errors=True)
     if proc.returncode:
         raise RuntimeError(f"universal conversion of {src} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     shutil.rmtree(work, ignore_errors=True)

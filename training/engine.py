@@ -125,32 +125,36 @@ def run_loop(cfg, task: Task, resume: TrainState | None, universal: bool, device
     publisher = ckpt.Publisher(cfg.run_dir, cfg.checkpoint.keep, cfg.checkpoint.asynchronous)
 
     step = start_step
-    while step < cfg.steps:
-        outcome = train_step(engine, task, step, trainable, interval.stats)
-        step += 1
-        policy.record(outcome.bad, step, cfg.run_dir)
-        events = {}
-        if not outcome.bad:
-            events = task.after_update(engine, step)
-            if ema is not None:
-                ema.update(engine.module)
-        interval.count(outcome.bad, events)
-        if log:
-            log.tick(step)
-        if interval.due(step):
-            dist.all_reduce(interval.stats)
-            last_metrics = interval.close(step, task, outcome, cfg.data.global_batch_size)
+    try:
+        while step < cfg.steps:
+            outcome = train_step(engine, task, step, trainable, interval.stats)
+            step += 1
+            policy.record(outcome.bad, step, cfg.run_dir)
+            events = {}
+            if not outcome.bad:
+                events = task.after_update(engine, step)
+                if ema is not None:
+                    ema.update(engine.module)
+            interval.count(outcome.bad, events)
             if log:
-                log.write(last_metrics)
-        if due(step, cfg.checkpoint.every, cfg.steps):
-            started = time.monotonic()
-            save_checkpoint(engine, cfg, step, task, ema, policy.in_row, publisher)
-            # How long training stood still for it, in the next metrics line (asynchronous:
-            # the local write, plus any wait for the previous checkpoint's upload).
-            interval.add({"checkpoint_s": time.monotonic() - started})
-            saved_at = step
-        if view:
-            view.show(log.progress.record)
+                log.tick(step)
+            if interval.due(step):
+                dist.all_reduce(interval.stats)
+                last_metrics = interval.close(step, task, outcome, cfg.data.global_batch_size)
+                if log:
+                    log.write(last_metrics)
+            if due(step, cfg.checkpoint.every, cfg.steps):
+                started = time.monotonic()
+                save_checkpoint(engine, cfg, step, task, ema, policy.in_row, publisher)
+                # How long training stood still for it (the longest one of the interval), in the next
+                # metrics line (asynchronous: the local write, plus any wait for the previous upload).
+                interval.longest({"checkpoint_s": time.monotonic() - started})
+                saved_at = step
+            if view:
+                view.show(log.progress.record)
+    except Exception:
+        publisher.settle()  # the checkpoint in flight gets its marker: a restart resumes from it
+        raise
     publisher.wait()
     if view:
         view.close()
@@ -330,6 +334,11 @@ class Interval:
         """Counts summed over the interval, reported under their names in its metrics line."""
         for key, value in events.items():
             self.events[key] = self.events.get(key, 0) + value
+
+    def longest(self, durations: dict) -> None:
+        """Durations reported as the longest over the interval, under their names."""
+        for key, value in durations.items():
+            self.events[key] = max(self.events.get(key, value), value)
 
     def due(self, step: int) -> bool:
         return due(step, self.every, self.last_step)
