@@ -29,9 +29,11 @@ per rank: training goes on once the local files are written, and the next checkp
 and the end of training wait for it (and raise its error, naming the file).
 
 Every file is checked against the marker before it is read; a remote one is downloaded
-into the local copy first (a local copy that already matches is reused). A resume takes
-the newest checkpoint whose files all match, naming each damaged file and setting its
-checkpoint aside; sampling, export and evaluation refuse a damaged file by name. Each
+into the local copy first (a local copy that already matches is reused; the ranks of a
+node take turns per file, so it is downloaded once per node). A resume takes the newest
+checkpoint whose files all match, naming each damaged (missing or not matching) file
+and setting its checkpoint aside; one that some rank could not check at all (a download
+or the scratch failed) is left in place and every rank raises CheckFailed, retried; sampling, export and evaluation refuse a damaged file by name. Each
 rank checks (and on a remote run downloads) its share of the files: those it wrote (a
 resume on fewer ranks: rank r also takes those of ranks r + world, r + 2 world, ...),
 and, remote, the model states every rank's DeepSpeed load reads (ZeRO 1/2 read only
@@ -662,7 +664,8 @@ def to_universal(run_dir: str | Path, step: int) -> str:
     """Rank 0: DeepSpeed's universal form of a checkpoint (for loading on another number
     of ranks), converted once into checkpoints/universal/step_N, its files published
     (uploaded) as a checkpoint's are, with a marker of their own: its URL. The
-    conversion reads every file of the checkpoint (downloaded, checked)."""
+    conversion reads every file of the checkpoint (downloaded, checked), from a staging
+    folder holding those files only (hard links)."""
     dst_url = join(checkpoints_dir(run_dir), UNIVERSAL, tag(step))
     if file_exists(join(dst_url, MARKER)):
         return dst_url
