@@ -1,7 +1,8 @@
 """Checkpoints on object storage (the S3 test server on 127.0.0.1, tests/conftest.py):
 published from a local copy with the marker last, read back through a node's local copy,
 pruned remotely, and a 2-rank training killed during an upload, every local copy
-deleted, resumed on 1 rank with the losses of an uninterrupted run."""
+deleted, resumed on 1 rank with the losses of an uninterrupted run; a 2-rank resume
+whose ranks have a scratch each (a node each) fetches each rank's share only."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -343,3 +345,34 @@ def test_killed_during_an_upload_resumes_exactly_the_full_length_run(tmp_path, s
     steps, every = STEPS, 20
     _check_exact_resume(steps, every, _kill_during_upload_then_resume_on_one_rank(tmp_path, s3_proxy, s3_bucket,
                                                                                    steps, every))
+
+
+def _torchrun_scratch_per_rank(nproc: int, config: Path, scratch_base: Path) -> list[str]:
+    """`torchrun` whose every rank has a scratch of its own (as on one GPU per node)."""
+    cmd = torchrun(nproc, config)
+    module = cmd.index("-m", cmd.index("torch.distributed.run"))
+    script = f'AMUSED_SCRATCH="{scratch_base}/rank$LOCAL_RANK" exec "$0" "$@"'
+    return [*cmd[:module], "--no-python", "sh", "-c", script, sys.executable, *cmd[module:]]
+
+
+def test_a_resume_on_as_many_ranks_downloads_each_ranks_share_only(tmp_path, s3_bucket):
+    dataset = str(tmp_path / "tokens")
+    write_token_dataset(dataset, [300, 200, 150])
+    run_dir = f"{s3_bucket}/share-{tmp_path.name}"
+    over = {"checkpoint": {"every": 4, "keep": 5}}
+    for steps, scratch in ((4, "scratch-first"), (8, "scratch-resume")):
+        done = subprocess.run(
+            _torchrun_scratch_per_rank(2, write_config(tmp_path, "run", dataset, run_dir=run_dir, steps=steps, **over),
+                                       tmp_path / scratch), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resumed from step 4" in done.stdout + done.stderr
+    with pytest.MonkeyPatch.context() as env:
+        held = {}
+        for rank in (0, 1):
+            env.setenv(SCRATCH_ENV, str(tmp_path / "scratch-resume" / f"rank{rank}"))
+            folder = local_copy(step_folder(run_dir, 4))
+            held[rank] = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    # Every rank's DeepSpeed load reads the model states; the rest is each rank's own.
+    assert held[1] == {MODEL_STATES, "zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng/rank_00001.json",
+                       "rng/rank_00001.safetensors"}
+    assert MODEL_STATES in held[0] and EMA_WEIGHTS in held[0] and not any("rank_1" in n or "00001" in n for n in held[0])
