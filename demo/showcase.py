@@ -10,11 +10,10 @@ from PIL import Image
 
 from amused.demo.shapes import caption_parts, classify_shape_image
 from amused.plumbing.fsio import file_exists, read_json, write_json_atomic
-from amused.plumbing.plots import image_grid
+from amused.plumbing.plots import image_grid, save_png
 from amused.plumbing.storage import join
 from amused.training.checkpoint import Checkpoint
 from amused.training.config import SampleConfig
-from amused.training.evaluation.results import save_png
 from amused.training.inference.sample import Sampler, checkpoint_models, load_trained_model
 
 

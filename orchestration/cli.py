@@ -19,9 +19,8 @@ from amused.pipeline.filter import FilterConfig, filter_metadata
 from amused.pipeline.inspect import format_inspect, inspect_dataset, reconstruction_grid, verify_dataset
 from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
 from amused.plumbing.config import add_config_args, config_from_args, read_yaml
-from amused.plumbing.plots import image_grid
+from amused.plumbing.plots import image_grid, save_png
 from amused.training.config import EvalConfig, SampleConfig, dump_config, load_config
-from amused.training.evaluation.results import save_png
 
 
 class LazyModule:

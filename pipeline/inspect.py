@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from amused.pipeline import shards as fmt
-from amused.plumbing.fsio import TMP_MARK, atomic_writer, sha256_of
-from amused.plumbing.plots import image_grid
+from amused.plumbing.fsio import TMP_MARK, sha256_of
+from amused.plumbing.plots import image_grid, save_png
 from amused.plumbing.storage import join, url_to_fs
 
 
@@ -226,6 +226,4 @@ def reconstruction_grid(url: str, out_png: str, n: int = 16, vqgan: str | None =
     batch = next(dataset.iter_batches(batch_size=n, columns=["caption", "image_tokens"]))
     tokenizer = ImageTokenizer.from_pretrained(vqgan or dataset.spec.image_tokenizer.path)
     images = tokenizer.decode(batch["image_tokens"])
-    with atomic_writer(out_png) as fh:
-        image_grid(images, batch["caption"]).save(fh, format="PNG")
-    return out_png
+    return save_png(image_grid(images, batch["caption"]), out_png)

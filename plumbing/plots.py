@@ -8,6 +8,8 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from amused.plumbing.fsio import atomic_writer
+
 
 def image_grid(images: np.ndarray, captions: list[str] | None = None, columns: int = 8, cell: int = 128
                ) -> Image.Image:
@@ -56,3 +58,10 @@ def line_plots(series: dict[str, list[tuple[float, float]]], x_label: str = "ste
         draw.text((x0, y1 + 4), f"{x_label} {xl:g}", fill="black", font=font)
         draw.text((x1 - 60, y1 + 4), f"{xh:g}", fill="black", font=font)
     return img
+
+
+def save_png(image: Image.Image, url: str) -> str:
+    """`image` as a PNG at `url` (a local path or any fsspec URL), whole or not at all."""
+    with atomic_writer(url) as fh:
+        image.save(fh, format="PNG")
+    return url

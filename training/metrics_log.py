@@ -21,7 +21,6 @@ and logged again anyway.
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 import threading
@@ -31,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from amused.plumbing.fsio import atomic_writer, file_exists, write_json_atomic
-from amused.plumbing.plots import line_plots
+from amused.plumbing.plots import line_plots, save_png
 from amused.plumbing.storage import is_local, join, scratch_folder, url_to_fs
 from amused.training.progress import ProgressReport
 
@@ -224,9 +223,4 @@ def plot_metrics(run_dir: str, names: tuple[str, ...]) -> str:
     """RUN_DIR/metrics.png: the task's main metrics (`Task.plot`) against step."""
     records = read_metrics(run_dir)
     series = {name: [(r["step"], r[name]) for r in records if r.get(name) is not None] for name in names}
-    url = join(run_dir, "metrics.png")
-    png = io.BytesIO()
-    line_plots(series).save(png, format="PNG")
-    with atomic_writer(url) as fh:
-        fh.write(png.getvalue())
-    return url
+    return save_png(line_plots(series), join(run_dir, "metrics.png"))

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from amused.plumbing.fsio import exists, file_exists, sha256_of, write_json_atomic
-from amused.plumbing.plots import image_grid, line_plots
+from amused.plumbing.plots import image_grid, line_plots, save_png
 from amused.plumbing.raysession import ray_session
 from amused.plumbing.storage import join, url_to_fs
 from amused.tokenizer.image import ImageTokenizer
@@ -46,7 +46,7 @@ from amused.training.evaluation.metrics import (
     inception_features,
     summarise_all,
 )
-from amused.training.evaluation.results import read_results, results_dir, save_png
+from amused.training.evaluation.results import read_results, results_dir
 from amused.training.inference.sample import Sampler, checkpoint_models, load_trained_model
 from amused.training.vqgan.data import held_out_batches
 

@@ -4,9 +4,7 @@ paying for them. Every location is a URL (a local path or any fsspec URL, s3://.
 
 from __future__ import annotations
 
-from PIL import Image
-
-from amused.plumbing.fsio import atomic_writer, list_files, read_json
+from amused.plumbing.fsio import list_files, read_json
 from amused.plumbing.storage import join
 from amused.training.config import EvalConfig
 
@@ -19,10 +17,3 @@ def read_results(out_dir: str) -> list[dict]:
     """Every eval/step_N.json of `out_dir`, oldest step first."""
     found = list_files(join(str(out_dir), "step_*.json"), ".json", required=False)
     return sorted((read_json(url) for url in found), key=lambda r: r["step"])
-
-
-def save_png(image: Image.Image, url: str) -> str:
-    """`image` as a PNG at `url`, whole or not at all."""
-    with atomic_writer(url) as fh:
-        image.save(fh, format="PNG")
-    return url

@@ -13,13 +13,12 @@ import torch
 from tqdm import tqdm
 
 from amused.plumbing.fsio import sha256_of, write_json_atomic
-from amused.plumbing.plots import image_grid
+from amused.plumbing.plots import image_grid, save_png
 from amused.plumbing.storage import join
 from amused.tokenizer.image import ImageTokenizer
 from amused.tokenizer.inception import load_inception
 from amused.tokenizer.vq_objective import CodebookHealth, psnr
 from amused.training.evaluation.metrics import FeatureStats, inception_features
-from amused.training.evaluation.results import save_png
 from amused.training.vqgan.data import held_out_batches
 
 
