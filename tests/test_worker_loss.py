@@ -31,6 +31,7 @@ from amused.demo.datasets import write_token_dataset
 from amused.training.checkpoint import MARKER, Checkpoint, tag
 from amused.training.config import TrainConfig, parse_config
 from amused.training.launch import train_on_ray
+from tests.test_train_dist import losses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,13 +98,6 @@ def kill_one_worker(run: Future, spare: frozenset[int] = frozenset()) -> set[int
     pids = wait_for(group, run=run)
     os.kill(min(pids), signal.SIGKILL)
     return pids
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in lines]
-    assert len(steps) == len(set(steps)), "a step was logged twice"
-    return {r["step"]: r["loss"] for r in lines}
 
 
 @pytest.fixture(scope="module")
