@@ -17,6 +17,7 @@ from amused.training.checkpoint import MARKER, complete_steps, step_folder, step
 from amused.training.distributed import train_lock
 from amused.training.evaluation.metrics import METRICS
 from amused.training.evaluation.results import read_results
+from amused.training.metrics_log import read_metrics
 from amused.training.progress import RUNNING, read_progress
 from amused.training.uvit.task import UViTTask
 
@@ -109,16 +110,11 @@ def _latest(cfg: RunConfig) -> list[str]:
     if cfg.vqgan is not None:
         out += training_lines("vqgan", cfg.vqgan.run_dir)
     out += training_lines("train", cfg.train.run_dir)
-    metrics = join(cfg.train.run_dir, "metrics.jsonl")
-    if exists(metrics):
-        fs, path = url_to_fs(metrics)
-        with fs.open(path, "r") as fh:
-            lines = [line for line in fh.read().splitlines() if line.strip()]
-        if lines:
-            last = json.loads(lines[-1])
-            out.append("latest training metrics: " + ", ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()
-                if k in _TRAINING_METRICS))
+    records = read_metrics(cfg.train.run_dir)
+    if records:
+        out.append("latest training metrics: " + ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in records[-1].items()
+            if k in _TRAINING_METRICS))
     if cfg.evaluate is not None and exists(cfg.evaluate.output):
         results = read_results(cfg.evaluate.output)
         if results:
