@@ -73,6 +73,8 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
+    name: Literal["adamw", "adamw8bit"] = opt("adamw", "adamw, or adamw8bit: 8-bit optimizer states (bitsandbytes "
+                                                        "on CUDA), for full fine-tuning in less memory")
     lr: float = opt(1e-4, "peak learning rate")
     betas: tuple[float, ...] = opt((0.9, 0.999), "AdamW betas")
     eps: float = opt(1e-8, "AdamW epsilon")
@@ -90,6 +92,25 @@ class OptimConfig:
         _check(self.warmup_steps >= 0 and self.grad_clip >= 0 and self.weight_decay >= 0,
                "optim.warmup_steps, grad_clip and weight_decay must be >= 0")
         _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (peft) on the U-ViT: only they train, only they are checkpointed."""
+
+    enabled: bool = opt(False, "train LoRA adapters instead of every weight (start from model.pretrained)")
+    rank: int = opt(16, "adapter rank r")
+    alpha: float = opt(32.0, "the adapters' output is scaled by alpha / rank")
+    dropout: float = opt(0.0, "dropout on the adapters' input")
+    target_modules: tuple[str, ...] = opt(("to_q", "to_k", "to_v", "to_out.0"),
+                                          "module names (suffixes) that get adapters: the attention projections")
+    text_encoder: bool = opt(False, "also adapt the CLIP text tower's attention (needs a text: ids dataset)")
+
+    def __post_init__(self):
+        _check(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
+        _check(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
+        _check(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        _check(len(self.target_modules) >= 1, "lora.target_modules must name at least one module")
 
 
 @dataclass
@@ -148,6 +169,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

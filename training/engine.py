@@ -49,6 +49,7 @@ from amused.training.distributed import (
 )
 from amused.training.ema import EMA
 from amused.training.metrics_log import MetricsLog, plot_metrics
+from amused.training.optim import build_optimizer
 from amused.training.progress import ProgressView
 from amused.training.state import TrainState
 
@@ -194,7 +195,7 @@ def deepspeed_config(cfg, layout: Layout, bf16: bool, universal: bool) -> dict:
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
         "gradient_accumulation_steps": layout.accum,
         "zero_optimization": {"stage": cfg.engine.zero_stage},
-        # A torch AdamW: DeepSpeed's own needs a C++ build and behaves the same.
+        # Our own optimizer (training/optim.py): DeepSpeed's fused Adam needs a C++ build.
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": cfg.optim.grad_clip,
         "bf16": {"enabled": bf16},
@@ -207,8 +208,7 @@ def _deepspeed_engine(cfg, task: Task, bf16: bool, universal: bool):
     """The task's model under DeepSpeed with AdamW and the lr schedule."""
     # Lets DeepSpeed's universal conversion read checkpoints of this model.
     task.model.universal_checkpoint_info = {"universal_checkpoint_version": 0.4}
-    optimizer = torch.optim.AdamW(task.param_groups(cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    optimizer = build_optimizer(cfg.optim, task.param_groups(cfg.optim.weight_decay))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, cfg.steps))
     engine, _, _, _ = deepspeed.initialize(model=task.model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, task.layout, bf16, universal))
