@@ -119,10 +119,21 @@ def _train(args) -> int:
 def _sample(args) -> int:
     if args.mask and not args.image:
         raise ValueError("--mask needs --image (the picture to inpaint)")
+    if args.pretrained and args.no_ema:
+        raise ValueError("--no-ema picks a training checkpoint's raw weights; --pretrained has one set of weights")
     cfg, generator = config_from_args(SampleConfig, args), torch.Generator().manual_seed(args.seed)
-    model = inference.load_trained_model(args.checkpoint, ema=not args.no_ema)
-    vqgan, text_encoder = inference.checkpoint_models(args.checkpoint, args.vqgan, args.text_encoder)
-    sampler = inference.Sampler.from_folders(model, vqgan, text_encoder, device=args.device)
+    if args.checkpoint:
+        model = inference.load_trained_model(args.checkpoint, ema=not args.no_ema)
+        vqgan, text_encoder = inference.checkpoint_models(args.checkpoint, args.vqgan, args.text_encoder)
+    else:
+        model = inference.load_pretrained_model(args.pretrained)
+        vqgan, text_encoder = args.vqgan or args.pretrained, args.text_encoder or args.pretrained
+    if args.lora:
+        inference.load_exported_adapters(model, args.lora)
+    if args.lora_scale is not None and not inference.has_adapters(model):
+        raise ValueError("--lora-scale weighs adapters: add --lora DIR (or sample a LoRA checkpoint)")
+    scale = 1.0 if args.lora_scale is None else args.lora_scale
+    sampler = inference.Sampler.from_folders(model, vqgan, text_encoder, device=args.device, lora_scale=scale)
     if args.image:
         image = tokenizer_image.fit_image(Image.open(args.image).convert("RGB"), sampler.side)
     if args.mask:
@@ -139,9 +150,19 @@ def _sample(args) -> int:
 
 
 def _export(args) -> int:
+    weights = "raw" if args.no_ema else "EMA"
+    if args.lora:
+        if args.vqgan or args.text_encoder:
+            raise ValueError("--vqgan/--text-encoder do not apply to --lora: the folder holds the U-ViT's adapters only")
+        out = export.export_adapters(args.checkpoint, args.output, ema=not args.no_ema)
+        print(f"exported the {weights} LoRA adapters of {args.checkpoint} to {out} (diffusers' "
+              "AmusedLoraLoaderMixin reads them; amused sample --lora DIR samples with them)")
+        return 0
     vqgan, text_encoder = inference.checkpoint_models(args.checkpoint, args.vqgan, args.text_encoder)
-    out = export.export_pipeline(args.checkpoint, args.output, vqgan, text_encoder, ema=not args.no_ema)
-    print(f"exported {'EMA' if not args.no_ema else 'raw'} weights of {args.checkpoint} to {out} "
+    out = export.export_pipeline(args.checkpoint, args.output, vqgan, text_encoder, ema=not args.no_ema,
+                                 merge_lora=args.merge_lora)
+    merged = " with its LoRA adapters merged" if args.merge_lora else ""
+    print(f"exported {weights} weights of {args.checkpoint}{merged} to {out} "
           "(diffusers.AmusedPipeline.from_pretrained opens it)")
     return 0
 
@@ -247,15 +268,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     train.set_defaults(func=_train)
 
-    sample = sub.add_parser("sample", help="images from a training checkpoint (MaskGIT decoding, EMA weights)")
-    sample.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_N (local or s3://)")
+    sample = sub.add_parser("sample", help="images from a training checkpoint or a pipeline folder (MaskGIT decoding)")
+    model = sample.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="RUN_DIR/checkpoints/step_N (local or s3://), full or LoRA")
+    model.add_argument("--pretrained", help="an exported or released aMUSEd pipeline folder (local or s3://)")
     sample.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     sample.add_argument("--output", required=True, help="PNG grid, prompts under images (local or s3://)")
-    sample.add_argument("--vqgan", help="default: the checkpoint config's model.vqgan")
-    sample.add_argument("--text-encoder", help="default: the checkpoint config's model.text_encoder")
+    sample.add_argument("--vqgan", help="default: the checkpoint config's model.vqgan, or the --pretrained folder")
+    sample.add_argument("--text-encoder", help="default: the checkpoint config's model.text_encoder, or --pretrained")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default="cpu")
     sample.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
+    sample.add_argument("--lora", help="LoRA adapters to add (a folder amused export --lora wrote; local or s3://)")
+    sample.add_argument("--lora-scale", type=float,
+                        help="the adapters' weight, as diffusers' lora scale (default 1; 0 = the base alone)")
     sample.add_argument("--image", help="start from this picture: a variation, or inpainting with --mask")
     sample.add_argument("--mask", help="inpainting: white = regenerate, black = keep (resized like --image)")
     sample.add_argument("--strength", type=float, default=0.5,
@@ -269,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--vqgan", help="default: the checkpoint config's model.vqgan")
     export.add_argument("--text-encoder", help="default: the checkpoint config's model.text_encoder")
     export.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
+    lora = export.add_mutually_exclusive_group()
+    lora.add_argument("--lora", action="store_true",
+                      help="a LoRA checkpoint's adapters alone (pytorch_lora_weights.safetensors, diffusers' layout)")
+    lora.add_argument("--merge-lora", action="store_true",
+                      help="a LoRA checkpoint as a whole pipeline, its adapters merged into the base's weights")
     export.set_defaults(func=_export)
 
     ev = sub.add_parser("evaluate", help="FID, CLIP score and a sample grid of a checkpoint or a run (Ray actors)")

@@ -6,6 +6,12 @@ model_index.json) is what `diffusers.AmusedPipeline.from_pretrained` opens and w
 like the released aMUSEd folders. It is written under a temporary name, safetensors
 only, and renamed (local) or uploaded then marked (remote) when complete, so a crash
 never leaves a folder that looks exported.
+
+A LoRA run's checkpoint exports either as its adapters alone (`export_adapters`: the
+folder diffusers' `AmusedLoraLoaderMixin` reads, `pytorch_lora_weights.safetensors`,
+keys `transformer.<module>.lora_A.weight`, rank and alpha in the file's LoRA metadata
+as diffusers writes them) or merged into its base as a whole pipeline folder
+(`export_pipeline(..., merge_lora=True)`).
 """
 
 from __future__ import annotations
@@ -16,12 +22,16 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from diffusers import AmusedPipeline, AmusedScheduler, VQModel
+from diffusers import AmusedPipeline, AmusedScheduler, UVit2DModel, VQModel
+from diffusers.loaders import AmusedLoraLoaderMixin
 
 from amused.plumbing.fsio import upload_tree
 from amused.plumbing.storage import VQGAN_SUBFOLDERS, is_local, local_folder, resolve_subfolder, url_to_fs
 from amused.tokenizer.text import TextEncoder
-from amused.training.inference.sample import load_trained_model
+from amused.training.checkpoint import Checkpoint
+from amused.training.config import parse_config
+from amused.training.inference.sample import LORA_PREFIX, LORA_WEIGHTS, load_trained_model
+from amused.training.lora import ADAPTER, adapter_state_dict
 
 # What the folder was exported from: a rerun of the same export is a no-op.
 SOURCE = "amused_export.json"
@@ -29,18 +39,24 @@ SOURCE = "amused_export.json"
 EXPORT_COMPLETE = "model_index.json"
 
 
-def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str, ema: bool = True) -> str:
-    """Writes the pipeline folder for `checkpoint` (EMA weights unless `ema=False`) to `output`."""
-    fs, root = url_to_fs(output)
-    source = {"checkpoint": str(Path(url_to_fs(checkpoint)[1]).resolve()) if is_local(checkpoint) else checkpoint,
-              "weights": "ema" if ema else "raw",
-              "vqgan": vqgan, "text_encoder": text_encoder}
-    if fs.exists(f"{root.rstrip('/')}/{EXPORT_COMPLETE}"):
-        recorded = f"{root.rstrip('/')}/{SOURCE}"
-        if fs.exists(recorded) and json.loads(fs.cat_file(recorded)) == source:
-            return output  # a rerun: this very export is already complete
-        raise FileExistsError(f"{output} already holds another exported pipeline; choose another --output")
+def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str, ema: bool = True,
+                    merge_lora: bool = False) -> str:
+    """Writes the pipeline folder for `checkpoint` (EMA weights unless `ema=False`) to `output`;
+    a LoRA checkpoint only with `merge_lora` (its adapters merged into its base)."""
+    lora = _lora_of(checkpoint)
+    if lora and not merge_lora:
+        raise ValueError(f"{checkpoint} is a LoRA checkpoint: export --lora writes its adapters, "
+                         "--merge-lora a whole pipeline with them merged into the base")
+    if merge_lora and not lora:
+        raise ValueError(f"--merge-lora: {checkpoint} is not a LoRA checkpoint (its config has lora.enabled false)")
+    source = _source(checkpoint, ema) | {"vqgan": vqgan, "text_encoder": text_encoder}
+    if merge_lora:
+        source["lora"] = "merged"
+    if _already_exported(output, source, EXPORT_COMPLETE):
+        return output
     transformer = load_trained_model(checkpoint, ema=ema)
+    if merge_lora:
+        transformer = merge_adapters(transformer)
     text = TextEncoder.from_pretrained(text_encoder, device="cpu")
     pipe = AmusedPipeline(
         vqvae=VQModel.from_pretrained(local_folder(resolve_subfolder(vqgan, VQGAN_SUBFOLDERS))),
@@ -52,6 +68,67 @@ def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str,
         (staging / SOURCE).write_text(json.dumps(source, indent=2))
 
     return publish_folder(output, write, EXPORT_COMPLETE)
+
+
+def export_adapters(checkpoint: str, output: str, ema: bool = True) -> str:
+    """Writes the adapters of a LoRA checkpoint (EMA unless `ema=False`) to the folder `output`."""
+    lora = _lora_of(checkpoint)
+    if not lora:
+        raise ValueError(f"--lora: {checkpoint} is not a LoRA checkpoint (its config has lora.enabled false); "
+                         "export it whole without --lora")
+    source = _source(checkpoint, ema) | lora
+    if _already_exported(output, source, LORA_WEIGHTS):
+        return output
+    model = load_trained_model(checkpoint, ema=ema)
+
+    def write(staging: Path) -> None:
+        write_adapters(model, staging)
+        (staging / SOURCE).write_text(json.dumps(source, indent=2))
+
+    return publish_folder(output, write, LORA_WEIGHTS)
+
+
+def write_adapters(model: UVit2DModel, folder: Path) -> None:
+    """FOLDER/pytorch_lora_weights.safetensors: the model's adapters as diffusers' own LoRA
+    writer lays them out, with their peft config (rank, alpha, targets) as its metadata, so
+    a reader keeps alpha (without metadata diffusers would take alpha = rank)."""
+    AmusedLoraLoaderMixin._save_lora_weights(  # the writer behind diffusers' save_lora_weights (0.42.1)
+        folder, lora_layers={LORA_PREFIX: adapter_state_dict(model)},
+        lora_metadata={LORA_PREFIX: model.peft_config[ADAPTER].to_dict()})
+
+
+def merge_adapters(model: UVit2DModel, scale: float = 1.0) -> UVit2DModel:
+    """The model with its adapters (at `scale`) added into the weights they adapt and
+    removed: a plain UVit2DModel, the same state dict names as its base."""
+    model.fuse_lora(lora_scale=scale)
+    model.unload_lora()
+    return model
+
+
+def _lora_of(checkpoint: str) -> dict | None:
+    """The adapter settings of a LoRA checkpoint, None for a full one."""
+    cfg = Checkpoint.at(checkpoint).config(parse_config)
+    if not cfg.lora.enabled:
+        return None
+    return {"base": cfg.model.pretrained, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
+            "target_modules": list(cfg.lora.target_modules)}
+
+
+def _source(checkpoint: str, ema: bool) -> dict:
+    return {"checkpoint": str(Path(url_to_fs(checkpoint)[1]).resolve()) if is_local(checkpoint) else checkpoint,
+            "weights": "ema" if ema else "raw"}
+
+
+def _already_exported(output: str, source: dict, complete: str) -> bool:
+    """True when `output` holds this very export (a rerun is a no-op); refuses a folder
+    holding another one."""
+    fs, root = url_to_fs(output)
+    if not fs.exists(f"{root.rstrip('/')}/{complete}"):
+        return False
+    recorded = f"{root.rstrip('/')}/{SOURCE}"
+    if fs.exists(recorded) and json.loads(fs.cat_file(recorded)) == source:
+        return True
+    raise FileExistsError(f"{output} already holds another export; choose another --output")
 
 
 def publish_folder(url: str, write: Callable[[Path], None], complete: str) -> str:

@@ -10,6 +10,11 @@ shapes as diffusers' AmusedScheduler, so for the same weights, prompt and seed t
 tokens are the same (tests/test_sample.py pins this against diffusers 0.42.1). With a
 list of generators, one per image, every image's draws come from its own stream, so an
 image does not depend on which batch it was generated in (evaluation relies on this).
+
+LoRA: a model may carry adapters, those of a LoRA training checkpoint or exported ones
+put on a base (`load_exported_adapters`, the folder `amused export --lora` writes and
+diffusers' `AmusedLoraLoaderMixin` reads); `lora_scale` weighs them on every forward the
+way diffusers' pipeline does with `cross_attention_kwargs={"scale": s}` (0 = the base).
 """
 
 from __future__ import annotations
@@ -22,13 +27,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import UVit2DModel
+from diffusers.loaders import AmusedLoraLoaderMixin
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from PIL import Image
 
+from amused.plumbing.storage import local_folder
 from amused.tokenizer.image import ImageTokenizer
 from amused.tokenizer.text import TextEncoder
 from amused.training.checkpoint import Checkpoint
 from amused.training.config import SampleConfig, parse_config
+from amused.training.lora import ADAPTER, adapter_state_dict, load_trained
 from amused.training.uvit.model import build_model
+
+# The adapters file of an exported LoRA folder and the prefix of its U-ViT keys: diffusers' names.
+LORA_WEIGHTS = LORA_WEIGHT_NAME_SAFE
+LORA_PREFIX = AmusedLoraLoaderMixin.transformer_name
 
 Generators = torch.Generator | list[torch.Generator] | None
 
@@ -72,12 +85,13 @@ def _multinomial(generator: Generators, probs: torch.Tensor) -> torch.Tensor:
 def decode_tokens(model: UVit2DModel, hidden: torch.Tensor, pooled: torch.Tensor, neg_hidden: torch.Tensor,
                   neg_pooled: torch.Tensor, size: tuple[int, int], cfg: SampleConfig, generator: Generators = None,
                   tokens: torch.Tensor | None = None, starting_mask_ratio: float | torch.Tensor = 1.0,
-                  first_step: int = 0) -> torch.Tensor:
+                  first_step: int = 0, lora_scale: float = 1.0) -> torch.Tensor:
     """Token ids (B, h, w) for text embeddings (B, L, D) / (B, P).
 
     `tokens` (B, h, w) starts the decoding from partly known ids (mask id where unknown),
     as inpainting and variations do; known ids are never resampled. `first_step` skips
     the schedule's first steps (a variation starts where its mask ratio is reached).
+    `lora_scale` weighs the model's adapters, if it has any, as diffusers' pipeline does.
     """
     mask_id = model.config.vocab_size - 1
     side = model.config.sample_size
@@ -96,7 +110,7 @@ def decode_tokens(model: UVit2DModel, hidden: torch.Tensor, pooled: torch.Tensor
     seq = side * side
     for i in range(first_step, cfg.steps):
         logits = model(torch.cat([latents] * 2) if guided else latents, micro_conds=micro, pooled_text_emb=pooled,
-                       encoder_hidden_states=hidden)
+                       encoder_hidden_states=hidden, cross_attention_kwargs={"scale": lora_scale})
         if guided:
             uncond, cond = logits.chunk(2)
             logits = uncond + cfg.guidance_scale * (cond - uncond)
@@ -129,22 +143,24 @@ class Sampler:
     """The U-ViT with the VQ-GAN and text encoder it was trained with, loaded once (an
     evaluation actor keeps one for all its prompts)."""
 
-    def __init__(self, model: UVit2DModel, image: ImageTokenizer, text: TextEncoder):
+    def __init__(self, model: UVit2DModel, image: ImageTokenizer, text: TextEncoder, lora_scale: float = 1.0):
         self.device = image.device
+        self.lora_scale = lora_scale
         self.model = model.to(self.device).eval()
         self.image, self.text = image, text
         self.grid = (model.config.sample_size, model.config.sample_size)
         self.side = model.config.sample_size * image.downsample
 
     @classmethod
-    def from_folders(cls, model: UVit2DModel, vqgan: str, text_encoder: str, device: str = "cpu") -> "Sampler":
+    def from_folders(cls, model: UVit2DModel, vqgan: str, text_encoder: str, device: str = "cpu",
+                     lora_scale: float = 1.0) -> "Sampler":
         return cls(model, ImageTokenizer.from_pretrained(vqgan, device=device),
-                   TextEncoder.from_pretrained(text_encoder, device=device))
+                   TextEncoder.from_pretrained(text_encoder, device=device), lora_scale=lora_scale)
 
     def _decode(self, prompts: list[str], cfg: SampleConfig, generator: Generators, **start) -> torch.Tensor:
         cond, neg = self.text.encode(prompts), self.text.encode([cfg.negative_prompt] * len(prompts))
         return decode_tokens(self.model, cond.hidden_states, cond.pooled, neg.hidden_states, neg.pooled,
-                             (self.side, self.side), cfg, generator=generator, **start)
+                             (self.side, self.side), cfg, generator=generator, lora_scale=self.lora_scale, **start)
 
     def _tokens_of(self, image: np.ndarray, n: int) -> torch.Tensor:
         pixels = np.asarray(image)
@@ -191,12 +207,66 @@ class Sampler:
 
 def load_trained_model(checkpoint: str | Path, ema: bool = True) -> UVit2DModel:
     """The U-ViT of a training checkpoint folder: the architecture from its config, the
-    weights from `ema.safetensors` (default) or DeepSpeed's model states (weights only)."""
+    weights from `ema.safetensors` (default) or DeepSpeed's model states (weights only).
+    A LoRA run's checkpoint: its base (model.pretrained) with its adapters."""
     trained = Checkpoint.at(checkpoint)
     cfg = trained.config(parse_config)
+    if cfg.lora.enabled:
+        return load_trained(trained, ema)
     model = build_model(cfg.model.preset, cfg.model.pretrained)
     model.load_state_dict(trained.state_dict(ema), strict=True)
     return model.eval()
+
+
+def load_pretrained_model(folder: str) -> UVit2DModel:
+    """The U-ViT of an exported or released aMUSEd pipeline folder (or a bare transformer folder)."""
+    return build_model("pretrained", folder).eval()  # the preset name picks random weights only
+
+
+def has_adapters(model: UVit2DModel) -> bool:
+    return bool(getattr(model, "peft_config", None))
+
+
+def load_exported_adapters(model: UVit2DModel, url: str) -> UVit2DModel:
+    """Puts the adapters of the folder `url` (`amused export --lora`, or any diffusers aMUSEd
+    LoRA of the U-ViT) on `model`, through diffusers' own loader, so they act as they do in
+    diffusers (rank and alpha from the file's LoRA metadata; without it diffusers' guess,
+    alpha = rank). Every adapter must fit a module of the model and all must load."""
+    folder = local_folder(url)
+    if not (folder / LORA_WEIGHTS).is_file():
+        raise ValueError(f"{url} holds no LoRA adapters (no {LORA_WEIGHTS}; amused export --lora writes one)")
+    if has_adapters(model):
+        raise ValueError(f"--lora {url}: the model already carries adapters (a LoRA checkpoint): merge those first "
+                         "(amused export --merge-lora) and sample the merged folder with --pretrained")
+    state, alphas, metadata = AmusedLoraLoaderMixin.lora_state_dict(str(folder), return_lora_metadata=True)
+    others = sorted({k.partition(".")[0] for k in state if not k.startswith(f"{LORA_PREFIX}.")})
+    if others:
+        raise ValueError(f"{url}: adapters for {others} besides the U-ViT's ({LORA_PREFIX}.*): not supported")
+    given = {k.removeprefix(f"{LORA_PREFIX}."): tuple(v.shape) for k, v in state.items()}
+    for key, shape in given.items():
+        _check_fits(model, key, shape, url)
+    AmusedLoraLoaderMixin.load_lora_into_transformer(state, alphas, model, adapter_name=ADAPTER, metadata=metadata)
+    loaded = set(adapter_state_dict(model))
+    if loaded != set(given):
+        raise ValueError(f"{url}: {len(set(given) - loaded)} adapter(s) of the file did not load "
+                         f"(e.g. {sorted(set(given) - loaded)[:1]}) and {len(loaded - set(given))} made are not in it")
+    return model.eval()
+
+
+def _check_fits(model: UVit2DModel, key: str, shape: tuple[int, ...], where: str) -> None:
+    """One adapter matrix of `where` against the linear layer of `model` it adapts."""
+    name, _, part = key.rpartition(".lora_")
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{where}: adapter {key} adapts {name}, which the base model lacks: adapters of another "
+                         "architecture") from None
+    if not isinstance(layer, torch.nn.Linear) or part not in ("A.weight", "B.weight"):
+        raise ValueError(f"{where}: adapter {key} is not a LoRA matrix of a linear layer")
+    fits = shape[1] == layer.in_features if part == "A.weight" else shape[0] == layer.out_features
+    if len(shape) != 2 or not fits:
+        raise ValueError(f"{where}: adapter {key} has shape {shape}; the base's {name} maps {layer.in_features} -> "
+                         f"{layer.out_features}: adapters of another base model")
 
 
 def checkpoint_models(checkpoint: str | Path, vqgan: str | None = None, text_encoder: str | None = None
