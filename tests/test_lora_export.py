@@ -93,6 +93,14 @@ def diffusers_with_lora(base, lora_dir) -> AmusedPipeline:
     return pipe
 
 
+def logits(model) -> torch.Tensor:
+    """One forward of `model` on fixed inputs: a cheap fingerprint of what it computes."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return model(torch.randint(0, 65, (2, 8, 8), generator=gen), torch.randn(2, 77, 32, generator=gen),
+                     torch.randn(2, 32, generator=gen), torch.tensor([[64.0, 64, 0, 0, 6]] * 2))
+
+
 @pytest.fixture(scope="module")
 def plain(base, encoders) -> torch.Tensor:
     """The base's own tokens for PROMPTS at the tests' seed."""
@@ -144,20 +152,15 @@ def test_scale_zero_is_exactly_the_base(base, lora_dir, encoders, plain):
     assert torch.equal(tokens(adapted, encoders, 0.0), plain)  # the adapters' effect at 1: the test above
 
 
-def test_merged_adapters_sample_as_the_unmerged_ones(base, lora_dir, encoders):
+def test_merged_adapters_sample_as_the_unmerged_ones(base, lora_dir, encoders, plain):
     adapted = load_exported_adapters(load_pretrained_model(str(base)), str(lora_dir))
-    unmerged = tokens(adapted, encoders)
-    inputs = dict(input_ids=torch.full((1, 8, 8), 64), encoder_hidden_states=torch.randn(1, 77, 32),
-                  pooled_text_emb=torch.randn(1, 32), micro_conds=torch.tensor([[64.0, 64, 0, 0, 6]]))
-    with torch.no_grad():
-        before = adapted(**inputs)
+    unmerged, before = tokens(adapted, encoders), logits(adapted)
     merged = merge_adapters(adapted)
     assert not has_adapters(merged)
     assert set(merged.state_dict()) == set(load_pretrained_model(str(base)).state_dict())  # a plain U-ViT
-    with torch.no_grad():
-        gap = (merged(**inputs) - before).abs().max().item()
+    gap = (logits(merged) - before).abs().max().item()
     assert gap < 1e-3, gap  # (W + s·BA)x against Wx + s·B(Ax): float rounding only
-    assert torch.equal(tokens(merged, encoders), unmerged)
+    assert torch.equal(tokens(merged, encoders), unmerged) and not torch.equal(unmerged, plain)
 
 
 def test_adapters_that_do_not_fit_are_refused(tmp_path, base, lora_dir):
@@ -215,7 +218,7 @@ def lora_checkpoint(tmp_path_factory, base) -> str:
         "checkpoint": {"every": 3}, "log": {"every": 3, "progress": False}})).checkpoint
 
 
-def test_export_lora_of_a_checkpoint_samples_as_the_checkpoint(tmp_path, base, encoders, lora_checkpoint):
+def test_export_lora_of_a_checkpoint_computes_as_the_checkpoint(tmp_path, base, lora_checkpoint):
     trained = load_trained_model(lora_checkpoint)
     assert has_adapters(trained)
     raw = adapter_state_dict(load_trained_model(lora_checkpoint, ema=False))
@@ -231,9 +234,8 @@ def test_export_lora_of_a_checkpoint_samples_as_the_checkpoint(tmp_path, base, e
     assert all(torch.equal(written[f"transformer.{k}"], v) for k, v in ema.items())  # the EMA ones by default
     assert json.loads((out / "amused_export.json").read_text())["alpha"] == ALPHA
 
-    # the exported adapters on the base sample as the checkpoint itself does
-    assert torch.equal(tokens(load_exported_adapters(load_pretrained_model(str(base)), str(out)), encoders),
-                       tokens(trained, encoders))
+    # the exported adapters on the base compute what the checkpoint itself does, bit for bit
+    assert torch.equal(logits(load_exported_adapters(load_pretrained_model(str(base)), str(out))), logits(trained))
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     assert main(["export", "--lora", "--checkpoint", lora_checkpoint, "--output", str(out)]) == 0  # a rerun
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
@@ -244,7 +246,7 @@ def test_export_lora_of_a_checkpoint_samples_as_the_checkpoint(tmp_path, base, e
                for k, v in raw.items())
 
 
-def test_merge_lora_export_opens_as_a_plain_pipeline(tmp_path, base, encoders, lora_checkpoint):
+def test_merge_lora_export_opens_as_a_plain_pipeline(tmp_path, base, lora_checkpoint):
     out = tmp_path / "merged"
     models = ["--vqgan", str(base), "--text-encoder", str(base)]
     assert main(["export", "--merge-lora", "--checkpoint", lora_checkpoint, "--output", str(out), *models]) == 0
@@ -253,7 +255,8 @@ def test_merge_lora_export_opens_as_a_plain_pipeline(tmp_path, base, encoders, l
     assert not has_adapters(pipe.transformer) and set(merged.state_dict()) == set(pipe.transformer.state_dict())
     base_weights = load_pretrained_model(str(base)).state_dict()
     assert any(not torch.equal(v, base_weights[k]) for k, v in merged.state_dict().items())  # adapters went in
-    assert torch.equal(tokens(merged, encoders), tokens(load_trained_model(lora_checkpoint), encoders))
+    gap = (logits(merged) - logits(load_trained_model(lora_checkpoint))).abs().max().item()
+    assert gap < 1e-4, gap  # merged: float rounding only (the token equality is test_merged_adapters_...)
 
 
 def test_lora_checkpoint_refusals(capsys, tmp_path, base, lora_dir, lora_checkpoint, trained_checkpoint):
