@@ -104,13 +104,16 @@ class LoraConfig:
     dropout: float = opt(0.0, "dropout on the adapters' input")
     target_modules: tuple[str, ...] = opt(("to_q", "to_k", "to_v", "to_out.0"),
                                           "module names (suffixes) that get adapters: the attention projections")
-    text_encoder: bool = opt(False, "also adapt the CLIP text tower's attention (needs a text: ids dataset)")
+    text_encoder: bool = opt(False, "also adapt the CLIP text tower's attention: not supported yet (refused)")
 
     def __post_init__(self):
         _check(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
         _check(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
         _check(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
         _check(len(self.target_modules) >= 1, "lora.target_modules must name at least one module")
+        # The tower runs outside the engine (frozen, text "ids" only): adapters there would not train.
+        _check(not self.text_encoder, "lora.text_encoder: adapting the CLIP text tower is not supported; "
+                                      "LoRA trains the U-ViT's adapters only (lora.target_modules)")
 
 
 @dataclass
@@ -181,6 +184,8 @@ class TrainConfig:
         _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         _check(bool(self.run_dir.strip()), "run_dir must be a folder path, got ''")
         _check(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
+        _check(not self.lora.enabled or self.model.pretrained is not None,
+               "lora.enabled needs model.pretrained: adapters on random weights learn nothing worth keeping")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

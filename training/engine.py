@@ -227,12 +227,26 @@ def _restore(engine, cfg, task: Task, ema: EMA | None, resume: TrainState, unive
     if universal:
         converted = rank0_decides(ckpt.to_universal, cfg.run_dir, resume.step)
         load_from = ckpt.local_copy(ckpt.Checkpoint.at(converted).checked().folder)
-    engine.load_checkpoint(str(load_from.parent), tag=ckpt.tag(resume.step), load_module_strict=True)
+    engine.load_checkpoint(str(load_from.parent), tag=ckpt.tag(resume.step), custom_load_fn=_load_trained)
     task.load_state_dict(resume.task)
     if ema is not None:
         ema.load(str(folder / ckpt.EMA_WEIGHTS))
     if universal or not ckpt.restore_rank_rng(folder, rank):
         torch.manual_seed(cfg.seed * 7919 + resume.step * 104729 + rank)
+
+
+def _load_trained(src: dict, dst: torch.nn.Module) -> None:
+    """DeepSpeed's module load (not in the universal form, which restores the optimizer's
+    parameters only): a checkpoint holds the trained parameters only (`save_checkpoint`),
+    so frozen ones (a LoRA run's base, from model.pretrained) may be missing; a trained
+    one missing or a name the model lacks is an error."""
+    frozen = {name for name, p in dst.named_parameters() if not p.requires_grad}
+    loaded = dst.load_state_dict(src, strict=False)
+    missing = sorted(set(loaded.missing_keys) - frozen)
+    if missing or loaded.unexpected_keys:
+        raise ValueError(f"the checkpoint's weights do not fit the model: {len(missing)} trained parameter(s) missing "
+                         f"(e.g. {missing[:2]}), {len(loaded.unexpected_keys)} unexpected "
+                         f"(e.g. {loaded.unexpected_keys[:2]})")
 
 
 # ---------------------------------------------------------------- one step
@@ -365,7 +379,8 @@ def save_checkpoint(engine, cfg, step: int, task: Task, ema: EMA | None, in_row:
     publisher.wait()
     folder = ckpt.local_copy(ckpt.step_folder(cfg.run_dir, step))
     ckpt.clear_own(folder, rank)
-    engine.save_checkpoint(str(folder.parent), tag=ckpt.tag(step), save_latest=False)
+    # Frozen parameters (a LoRA run's base) come from model.pretrained, not the checkpoint.
+    engine.save_checkpoint(str(folder.parent), tag=ckpt.tag(step), save_latest=False, exclude_frozen_parameters=True)
     ckpt.write_rank_files(folder, rank)
     task_state = task.state_dict()
     if rank == 0:

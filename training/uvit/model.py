@@ -62,4 +62,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             if not param.requires_grad:
                 continue
             (no_decay if is_norm or name == "bias" or param.ndim < 2 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # DeepSpeed's ZeRO drops an empty group (LoRA's adapters are all matrices), which the lr schedule would miss.
+    return [group for group in groups if group["params"]]

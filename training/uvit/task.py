@@ -20,6 +20,7 @@ from amused.training.checkpoint import write_config
 from amused.training.config import TrainConfig
 from amused.training.distributed import Layout, current_device, in_process_group, locked, rank0_decides, wants_bf16
 from amused.training.engine import TrainResult, run_loop
+from amused.training.lora import apply_lora, base_identity, check_same, record
 from amused.training.state import TrainState, resume_state
 from amused.training.uvit.data import ShardReader
 from amused.training.uvit.model import build_model, enable_activation_checkpointing, mask_id, param_groups, token_grid
@@ -34,9 +35,11 @@ class UViTTask:
     stats_size = 3  # cross-entropy sum, correct, masked count (this rank)
 
     def __init__(self, cfg: TrainConfig, model, dataset: TokenDataset, layout: Layout, rank: int, world: int,
-                 device: torch.device, empty: dict | None, dtype: torch.dtype, text: TextEncoder | None = None):
+                 device: torch.device, empty: dict | None, dtype: torch.dtype, text: TextEncoder | None = None,
+                 lora: dict | None = None):
         self.cfg, self.model, self.layout, self.device, self.dtype = cfg, model, layout, device, dtype
         self.text = text  # text "ids": the frozen tower the captions' ids go through
+        self.lora = lora  # a LoRA run: its base's identity and adapter settings (training/lora.py `record`)
         self.world = world
         self.reader = ShardReader(dataset, lanes=layout.lanes, rank=rank, world_size=world,
                                   lane_batch=layout.lane_batch, accum=layout.accum, window_rows=cfg.data.window_rows,
@@ -75,7 +78,8 @@ class UViTTask:
         return {}
 
     def state_dict(self) -> dict:
-        return {"reader": self.reader.state_dict(), "lanes": self.layout.lanes}
+        return {"reader": self.reader.state_dict(), "lanes": self.layout.lanes,
+                **({"lora": self.lora} if self.lora else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.reader.load_state_dict(state["reader"])
@@ -96,11 +100,15 @@ def start(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> tuple[U
     lanes = resume.task["lanes"] if resume else (cfg.data.lanes or world)
     if resume and cfg.data.lanes and cfg.data.lanes != lanes:
         raise ValueError(f"data.lanes={cfg.data.lanes} but the run was started with {lanes} lanes")
+    if resume:
+        check_same(resume.task.get("lora"), info["lora"], f"the run in {cfg.run_dir}")
     layout = Layout.plan(cfg.data.global_batch_size, cfg.data.micro_batch_size, world, lanes)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.preset, cfg.model.pretrained)
     _check_model(model, dataset.spec)
+    if cfg.lora.enabled:  # before the text tower, as the U-ViT: the same draws in both text modes
+        apply_lora(model, cfg.lora)
     text, empty = None, info["empty"]
     if dataset.spec.text == "ids":
         # After the U-ViT is built, so that its initialisation draws the same numbers in both modes.
@@ -110,7 +118,7 @@ def start(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> tuple[U
         write_config(cfg.run_dir, cfg)
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model)
-    return UViTTask(cfg, model, dataset, layout, rank, world, device, empty, dtype, text), resume
+    return UViTTask(cfg, model, dataset, layout, rank, world, device, empty, dtype, text, info["lora"]), resume
 
 
 def _check_identity(what: str, configured: str | None, subfolders: tuple[str, ...], recorded) -> None:
@@ -125,7 +133,7 @@ def _check_identity(what: str, configured: str | None, subfolders: tuple[str, ..
 
 def _inspect_run(cfg: TrainConfig) -> dict:
     """Rank 0: the dataset (its manifest read once, for every rank), the tokenizer
-    identities and the empty prompt."""
+    identities, the empty prompt and, for a LoRA run, its base's identity (hashed once)."""
     try:
         dataset = TokenDataset(cfg.data.dataset)
     except FileNotFoundError:
@@ -136,8 +144,9 @@ def _inspect_run(cfg: TrainConfig) -> dict:
                          "which training runs through the CLIP text tower the dataset was made with")
     _check_identity("vqgan", cfg.model.vqgan, VQGAN_SUBFOLDERS, spec.image_tokenizer)
     _check_identity("text_encoder", cfg.model.text_encoder, (), spec.text_encoder)
+    lora = record(cfg.lora, base_identity(cfg.model.pretrained)) if cfg.lora.enabled else None
     if spec.text == "ids":  # every rank computes the empty prompt with the tower it loads
-        return {"dataset": dataset, "empty": None}
+        return {"dataset": dataset, "empty": None, "lora": lora}
     empty = read_empty_prompt(cfg.data.dataset)
     if empty is None and cfg.objective.cond_drop_prob > 0:
         if cfg.model.text_encoder is None:
@@ -145,7 +154,7 @@ def _inspect_run(cfg: TrainConfig) -> dict:
                              f"has no {EMPTY_PROMPT}; set model.text_encoder")
         out = TextEncoder.from_pretrained(cfg.model.text_encoder, device="cpu").encode([""])
         empty = {"hidden_states": out.hidden_states[0].half().numpy(), "pooled": out.pooled[0].half().numpy()}
-    return {"dataset": dataset, "empty": empty}
+    return {"dataset": dataset, "empty": empty, "lora": lora}
 
 
 def _check_model(model, spec) -> None:
