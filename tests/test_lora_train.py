@@ -106,16 +106,33 @@ def test_only_the_adapters_train_and_only_they_are_checkpointed(tmp_path, tokens
     assert all(".default." not in n and n.endswith(("lora_A.weight", "lora_B.weight")) for n in ours)
 
 
-def test_resume_is_exact(tmp_path, tokens, base):
-    straight = train(config(tmp_path / "straight", tokens, base))
-    train(config(tmp_path / "split", tokens, base, steps=3))
-    resumed = train(config(tmp_path / "split", tokens, base))
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_resume_is_exact(tmp_path, tokens, base, zero_stage):
+    engine = {"zero_stage": zero_stage}
+    straight = train(config(tmp_path / "straight", tokens, base, engine=engine))
+    train(config(tmp_path / "split", tokens, base, steps=3, engine=engine))
+    resumed = train(config(tmp_path / "split", tokens, base, engine=engine))
     assert resumed.resumed_from == 3 and resumed.step == 6
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")
     a, b = Checkpoint.at(straight.checkpoint), Checkpoint.at(resumed.checkpoint)
     for ema in (False, True):
         sa, sb = a.state_dict(ema), b.state_dict(ema)
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    states = model_states(b.folder)
+    assert states["module"] and all(is_adapter(n) for n in states["module"])
+    if zero_stage == 0:  # the optimizer's state lives in the model states: the adapters' only
+        assert len(states["optimizer"]["state"]) == len(states["module"])
+
+
+def test_nonfinite_steps_are_skipped_with_adapters(tmp_path, base):
+    url = str(tmp_path / "nan-tokens")
+    write_token_dataset(url, [64], classes=1, nan_rows=(5,))
+    result = train(config(tmp_path / "run", url, base, steps=8, checkpoint={"every": 8}))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["nonfinite_skipped"] for r in lines) == 2  # row 5 once per epoch of 4 steps
+    for ema in (False, True):
+        state = Checkpoint.at(result.checkpoint).state_dict(ema)
+        assert state and all(is_adapter(n) and torch.isfinite(t).all() for n, t in state.items())
 
 
 def test_universal_form_resumes_without_the_base(tmp_path, tokens, base):
