@@ -19,6 +19,8 @@ from amused.training.lora import adapter_state_dict, apply_lora, is_adapter, loa
 from amused.training.uvit import task as uvit_task
 from amused.training.uvit.model import build_model
 from amused.training.uvit.task import train
+from tests.test_train_dist import LOSS_RTOL, run, torchrun, write_config
+from tests.test_train_dist import losses as dist_losses
 
 LORA = {"enabled": True, "rank": 4, "alpha": 8.0}
 
@@ -197,3 +199,25 @@ def test_load_adapters_refuses_what_does_not_fit():
         load_adapters(other, {**state, "transformer_layers.0.attention.to_q.base_layer.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="another lora.rank"):
         load_adapters(apply_lora(build_model("tiny"), LoraConfig(rank=2)), state)
+
+
+@pytest.mark.slow
+def test_resume_on_fewer_ranks_through_the_universal_form(tmp_path, tokens, base):
+    """A 2-rank LoRA run's step-3 checkpoint resumed on 1 rank (torchrun, as a user launches it)."""
+    lora = {"model": {"preset": "tiny", "pretrained": str(base)}, "lora": LORA, "steps": 6,
+            "checkpoint": {"every": 3, "keep": 5}, "data__workers": 0}
+    run(torchrun(2, write_config(tmp_path, "straight", tokens, **lora)))
+    shutil.copytree(tmp_path / "straight", tmp_path / "fewer")
+    shutil.rmtree(tmp_path / "fewer" / "checkpoints" / "step_00000006")
+    stdout, = run(torchrun(1, write_config(tmp_path, "fewer", tokens, data__micro_batch_size=16, **lora)))
+    assert "resumed from step 3" in stdout
+    assert (tmp_path / "fewer" / "checkpoints" / ckpt.UNIVERSAL / ckpt.tag(3) / ckpt.MARKER).exists()
+    a, b = dist_losses(tmp_path / "straight"), dist_losses(tmp_path / "fewer")
+    assert sorted(b) == list(range(1, 7))
+    for step in range(4, 7):
+        assert b[step] == pytest.approx(a[step], rel=LOSS_RTOL), step
+    sa, sb = (Checkpoint.at(tmp_path / name / "checkpoints" / ckpt.tag(6)).state_dict(ema=False)
+              for name in ("straight", "fewer"))
+    assert sa.keys() == sb.keys() and all(is_adapter(n) for n in sa)
+    for name in sa:
+        torch.testing.assert_close(sb[name], sa[name], rtol=1e-4, atol=1e-6)

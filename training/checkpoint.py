@@ -1,8 +1,10 @@
 """Checkpoints of a run: DeepSpeed's own files plus what DeepSpeed does not keep.
 
     RUN_DIR/checkpoints/step_00001000/
-        mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed (model, optimizer, scheduler)
-        ema.safetensors                                EMA weights (rank 0)
+        mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed (model, optimizer, scheduler): the
+                                                       trained parameters only (a LoRA run's frozen
+                                                       base is not saved; training/lora.py)
+        ema.safetensors                                EMA of the trained parameters (rank 0)
         trainer.json                                   step, data position, world size, counters
         rng/rank_00000.json, rank_00000.safetensors    every rank's RNG states
         config.yaml                                    the config it was trained with
