@@ -126,6 +126,15 @@ def test_resume_is_exact(tmp_path, tokens, base, zero_stage):
         assert len(states["optimizer"]["state"]) == len(states["module"])
 
 
+def test_activation_checkpointing_keeps_the_adapters_losses(tmp_path, tokens, base):
+    plain = train(config(tmp_path / "plain", tokens, base, steps=4, checkpoint={"every": 4}))
+    model = {"preset": "tiny", "pretrained": str(base), "activation_checkpointing": True}
+    recomputed = train(config(tmp_path / "ckpt", tokens, base, steps=4, checkpoint={"every": 4}, model=model))
+    assert losses(tmp_path / "ckpt") == losses(tmp_path / "plain")
+    a, b = (Checkpoint.at(r.checkpoint).state_dict(ema=False) for r in (plain, recomputed))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
 def test_nonfinite_steps_are_skipped_with_adapters(tmp_path, base):
     url = str(tmp_path / "nan-tokens")
     write_token_dataset(url, [64], classes=1, nan_rows=(5,))
