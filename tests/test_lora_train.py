@@ -135,6 +135,15 @@ def test_activation_checkpointing_keeps_the_adapters_losses(tmp_path, tokens, ba
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
 
 
+def test_a_text_ids_dataset_feeds_the_adapters_through_the_frozen_tower(tmp_path, base, tiny_models):
+    url = str(tmp_path / "ids")
+    write_token_dataset(url, [32], classes=1, text_seq_len=77, text_encoder=str(tiny_models))
+    model = {"preset": "tiny", "pretrained": str(base), "text_encoder": str(tiny_models)}
+    result = train(config(tmp_path / "run", url, base, steps=3, model=model))
+    state = Checkpoint.at(result.checkpoint).state_dict(ema=False)
+    assert state and all(is_adapter(n) for n in state)  # the tower is neither trained nor saved
+
+
 def test_nonfinite_steps_are_skipped_with_adapters(tmp_path, base):
     url = str(tmp_path / "nan-tokens")
     write_token_dataset(url, [64], classes=1, nan_rows=(5,))
