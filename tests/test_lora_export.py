@@ -283,7 +283,10 @@ def test_lora_export_to_s3_and_sample_from_it(s3_bucket, tmp_path, base, lora_ch
     fs.pipe_file(f"{url}/amused_export.json", b"an earlier attempt, cut before its weights")
     assert main(["export", "--lora", "--checkpoint", lora_checkpoint, "--output", url]) == 0
     assert sorted(p.rpartition("/")[2] for p in fs.ls(url)) == ["amused_export.json", "pytorch_lora_weights.safetensors"]
-    png = tmp_path / "s3.png"
-    assert main(["sample", "--pretrained", str(base), "--lora", url, "--lora-scale", "0.5", "--prompt", "x",
-                 "--output", str(png), "--steps", "2"]) == 0
+    assert torch.equal(logits(load_exported_adapters(load_pretrained_model(str(base)), url)),
+                       logits(load_trained_model(lora_checkpoint)))
+    # a LoRA checkpoint samples directly, its adapters at a scale too
+    png = tmp_path / "grid.png"
+    assert main(["sample", "--checkpoint", lora_checkpoint, "--lora-scale", "0.5", "--prompt", "x", "--output",
+                 str(png), "--steps", "2", "--vqgan", str(base), "--text-encoder", str(base)]) == 0
     assert Image.open(png).size == (128, 128 + 36)
