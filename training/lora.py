@@ -116,7 +116,8 @@ def load_trained(checkpoint: Checkpoint, ema: bool = True) -> UVit2DModel:
     cfg: TrainConfig = checkpoint.config(parse_config)
     recorded = json.loads(checkpoint.file(TRAINER).read_text()).get("lora")
     if not cfg.lora.enabled or recorded is None:
-        raise ValueError(f"{checkpoint.folder} is not a LoRA run's checkpoint (its config has lora.enabled false)")
+        raise ValueError(f"{checkpoint.folder} is not a LoRA run's checkpoint (lora.enabled false in its config, "
+                         f"or no \"lora\" entry in its {TRAINER})")
     check_same(recorded, record(cfg.lora, base_identity(cfg.model.pretrained)), checkpoint.folder)
     model = apply_lora(build_model(cfg.model.preset, cfg.model.pretrained), cfg.lora)
     load_adapters(model, checkpoint.state_dict(ema))
