@@ -33,6 +33,6 @@ def build_optimizer(optim: OptimConfig, param_groups: list[dict]) -> torch.optim
 def check_resume(optim: OptimConfig, universal: bool) -> None:
     """Refuses, before any work, a resume its optimizer states cannot survive."""
     if universal and optim.name == "adamw8bit":
-        raise ValueError("optim.name=adamw8bit checkpoints resume only on the number of ranks that wrote them: "
-                         "DeepSpeed's universal conversion (another number of ranks) knows only AdamW's fp32 "
-                         "moments, not 8-bit states")
+        raise ValueError("optim.name=adamw8bit checkpoints resume only on the number of ranks that wrote them "
+                         "(their trainer.json world_size): DeepSpeed's universal conversion for another number "
+                         "of ranks reads AdamW's fp32 moments only, not 8-bit states")
