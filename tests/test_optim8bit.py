@@ -5,6 +5,7 @@ universal conversion (a resume on another number of ranks) cannot read its state
 is why `check_resume` refuses that resume."""
 
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from amused.training.checkpoint import Checkpoint
 from amused.training.config import parse_config
 from amused.training.uvit.task import train
 from tests.test_train import config, metrics
+from tests.test_train_dist import run as dist_run
+from tests.test_train_dist import torchrun, write_config
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +115,20 @@ def test_adamw8bit_on_a_gpu_in_bf16(tmp_path, tokens):
     state = Checkpoint.at(straight.checkpoint).state_dict(ema=False)
     assert next(iter(state.values())).dtype == torch.bfloat16  # precision "auto" = bf16 on a GPU
     assert state_bytes(Path(straight.checkpoint))[1] == {torch.uint8}
+
+
+@pytest.mark.slow
+def test_adamw8bit_refuses_a_resume_on_another_number_of_ranks(tmp_path):
+    """Two ranks write an 8-bit checkpoint; one rank refuses to resume it, before any
+    universal conversion is attempted."""
+    dataset = str(tmp_path / "tokens")
+    write_token_dataset(dataset, [300, 200, 150])
+    optim = {"name": "adamw8bit", "lr": 3e-3, "warmup_steps": 2}
+    every = {"every": 3, "keep": 5}
+    dist_run(torchrun(2, write_config(tmp_path, "run", dataset, steps=3, optim=optim, checkpoint=every)))
+    proc = subprocess.run(torchrun(1, write_config(tmp_path, "run", dataset, steps=6, optim=optim, checkpoint=every,
+                                                   data__micro_batch_size=16)),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "optim.name=adamw8bit checkpoints resume only on the number of ranks" in proc.stdout + proc.stderr
+    assert not (tmp_path / "run" / "checkpoints" / "universal").exists()

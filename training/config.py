@@ -73,8 +73,8 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "adamw8bit"] = opt("adamw", "adamw, or adamw8bit: 8-bit optimizer states (bitsandbytes "
-                                                        "on CUDA), for full fine-tuning in less memory")
+    name: Literal["adamw", "adamw8bit"] = opt("adamw", "adamw, or adamw8bit: 8-bit optimizer states (bitsandbytes, "
+                                                        "CUDA and CPU), for full fine-tuning in less memory")
     lr: float = opt(1e-4, "peak learning rate")
     betas: tuple[float, ...] = opt((0.9, 0.999), "AdamW betas")
     eps: float = opt(1e-8, "AdamW epsilon")

@@ -49,7 +49,7 @@ from amused.training.distributed import (
 )
 from amused.training.ema import EMA
 from amused.training.metrics_log import MetricsLog, plot_metrics
-from amused.training.optim import build_optimizer
+from amused.training.optim import build_optimizer, check_resume
 from amused.training.progress import ProgressView
 from amused.training.state import TrainState
 
@@ -108,6 +108,7 @@ def run_loop(cfg, task: Task, resume: TrainState | None, universal: bool, device
     if resume and resume.global_batch_size != cfg.data.global_batch_size:
         raise ValueError(f"data.global_batch_size={cfg.data.global_batch_size} but the run's checkpoints were made "
                          f"with {resume.global_batch_size}: a resumed run must keep its batch")
+    check_resume(cfg.optim, universal)
     engine = _deepspeed_engine(cfg, task, bf16, universal)
     ema = EMA(engine.module, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled and rank == 0 else None
     if resume:
