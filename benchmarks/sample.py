@@ -1,19 +1,25 @@
-"""Sampling throughput: `amused sample`'s sampler vs diffusers' AmusedPipeline.
+"""Sampling throughput: `amused sample`'s sampler (fp32, and with `--quantize int8`) vs
+diffusers' AmusedPipeline.
 
-Both run the whole text-to-image path (text encoder for prompt and negative prompt,
+All run the whole text-to-image path (text encoder for prompt and negative prompt,
 `--steps` MaskGIT steps with classifier-free guidance, VQ-GAN decode) on the same
-weights, settings and seed; the tokens are checked equal first, so the two do the same
-work. Printed: images/s of each per batch size and the ratio ours / diffusers
-(goal >= 1.0x on CPU, >= 1.5x on a GPU). Steady state: one untimed run first, then the
-median of `--repeats` runs, the two alternated.
+weights, settings and seed; fp32 tokens are checked equal to diffusers' first, so the
+two do the same work (int8's share of equal tokens is printed). Printed: images/s of
+each per batch size and the ratio to diffusers (goal >= 1.0x fp32 on CPU, >= 1.5x on a
+GPU; int8 >= 1.5x). Steady state: one untimed run first, then the median of `--repeats`
+runs, the variants interleaved (A B C A B C). aMUSEd presets without `--models` run on
+random aMUSEd-size VQ-GAN and CLIP ViT-L/14 text tower.
 
     python benchmarks/sample.py                          # CPU, the bench-sample U-ViT (9.6M parameters), 128 px
-    python benchmarks/sample.py --device cuda --preset amused-256 --batches 1 8
+    python benchmarks/sample.py --batches 1 4 --quantize int8 --compile --repeats 3
+    python benchmarks/sample.py --device cuda --preset amused-256 --batches 1 8 --quantize int8
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import statistics
 import tempfile
 import time
@@ -22,11 +28,12 @@ from pathlib import Path
 import torch
 from diffusers import AmusedPipeline, AmusedScheduler
 
-from amused.demo.tiny_models import write_tiny_models
-from amused.tokenizer.image import ImageTokenizer
+from amused.demo.tiny_models import clip_bpe_tokenizer, write_tiny_models
+from amused.tokenizer.image import ImageTokenizer, build_vqgan
 from amused.tokenizer.presets import UVIT_CONFIGS
-from amused.tokenizer.text import TextEncoder
+from amused.tokenizer.text import TextEncoder, build_clip_text
 from amused.training.config import SampleConfig
+from amused.training.inference.quantize import MODES, quantize_uvit
 from amused.training.inference.sample import Sampler
 from amused.training.uvit.model import build_model
 
@@ -44,55 +51,87 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def _compare(theirs, ours, repeats: int) -> tuple[float, float]:
-    """Median seconds of each, the runs alternated so that drift in the machine's speed
-    (2 shared cores here) falls on both alike; one untimed run of each first."""
-    theirs(), ours()
-    times = [(_seconds(theirs), _seconds(ours)) for _ in range(repeats)]
-    return statistics.median(t for t, _ in times), statistics.median(o for _, o in times)
+def _medians(runs: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each run, interleaved so that drift in the machine's speed (2
+    shared cores here) falls on all alike; one untimed run of each first."""
+    for run in runs.values():
+        run()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name].append(_seconds(run))
+            print(f"  {name}: {times[name][-1]:.1f} s, load {os.getloadavg()[0]:.1f}", flush=True)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _random_amused_models(out: Path) -> str:
+    """Random aMUSEd VQ-GAN and CLIP ViT-L/14 text tower: the aMUSEd presets' partners."""
+    build_vqgan("amused").save_pretrained(out / "vqgan")
+    clip_bpe_tokenizer(out / "tokenizer")
+    build_clip_text("amused").save_pretrained(out / "text_encoder")
+    return str(out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="bench-sample", choices=list(UVIT_CONFIGS))
-    parser.add_argument("--models", help="a pipeline folder with vqvae/ text_encoder/ tokenizer/ (default: tiny)")
+    parser.add_argument("--models", help="a pipeline folder with vqvae/ text_encoder/ tokenizer/ (default: tiny, "
+                                         "or random aMUSEd-size for the amused presets)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--guidance", type=float, default=10.0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quantize", choices=MODES, help="also time `amused sample --quantize`")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time fp32 under torch.compile (Inductor, freezing), and compile the quantized "
+                             "model on a GPU too")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        models = args.models or str(write_tiny_models(Path(tmp) / "tiny"))
+        models = args.models or (_random_amused_models(Path(tmp)) if args.preset.startswith("amused")
+                                 else str(write_tiny_models(Path(tmp) / "tiny")))
         transformer = build_model(args.preset).eval()
         image = ImageTokenizer.from_pretrained(models, device=args.device)
         text = TextEncoder.from_pretrained(models, device=args.device)
-        sampler = Sampler(transformer, image, text)
+        samplers = {"amused sample": Sampler(transformer, image, text)}
+        if args.compile:
+            compiled = torch.compile(copy.deepcopy(transformer), options={"freezing": True})
+            samplers["amused sample, compiled"] = Sampler(compiled, image, text)
+        if args.quantize:
+            # quantize_uvit's default compiles on CPU, where torchao's int8 matmul needs it.
+            model = quantize_uvit(copy.deepcopy(transformer), args.quantize, args.device, compile=args.compile or None)
+            samplers[f"--quantize {args.quantize}"] = Sampler(model, image, text)
         pipe = AmusedPipeline(vqvae=image.model, tokenizer=text.tokenizer, text_encoder=text.model,
-                              transformer=sampler.model,
+                              transformer=samplers["amused sample"].model,
                               scheduler=AmusedScheduler(mask_token_id=transformer.config.vocab_size - 1))
         pipe.set_progress_bar_config(disable=True)
         cfg = SampleConfig(steps=args.steps, guidance_scale=args.guidance)
         params = sum(p.numel() for p in transformer.parameters()) / 1e6
-        print(f"U-ViT {args.preset} ({params:.1f}M parameters), {sampler.side} px, {args.steps} steps, "
-              f"CFG {args.guidance}, {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-        print("| batch | diffusers AmusedPipeline | amused sample | ratio |")
-        print("| ---: | ---: | ---: | ---: |")
+        print(f"U-ViT {args.preset} ({params:.1f}M parameters), {samplers['amused sample'].side} px, {args.steps} "
+              f"steps, CFG {args.guidance}, {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
         for batch in args.batches:
             prompts = (PROMPTS * batch)[:batch]
             theirs_tokens = pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                                 output_type="latent", generator=torch.Generator().manual_seed(1)).images
-            ours_tokens = sampler.generate(prompts, cfg, torch.Generator().manual_seed(1))
-            if not torch.equal(theirs_tokens.cpu(), ours_tokens.cpu()):
-                raise SystemExit("tokens differ: the two samplers do not do the same work")
-            theirs, ours = _compare(
-                lambda: pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="np",
-                             generator=torch.Generator().manual_seed(1)),
-                lambda: sampler.decode(sampler.generate(prompts, cfg, torch.Generator().manual_seed(1))), args.repeats)
-            print(f"| {batch} | {batch / theirs:.2f} images/s ({theirs * 1000:.0f} ms) | "
-                  f"{batch / ours:.2f} images/s ({ours * 1000:.0f} ms) | {theirs / ours:.2f}x |")
+                                 output_type="latent", generator=torch.Generator().manual_seed(1)).images.cpu()
+            for name, sampler in samplers.items():
+                tokens = sampler.generate(prompts, cfg, torch.Generator().manual_seed(1)).cpu()
+                if name == "amused sample" and not torch.equal(theirs_tokens, tokens):
+                    raise SystemExit("tokens differ: the two samplers do not do the same work")
+                print(f"batch {batch}, {name}: tokens equal to diffusers' fp32: "
+                      f"{(tokens == theirs_tokens).float().mean():.3f}", flush=True)
+            runs = {"diffusers AmusedPipeline": lambda: pipe(
+                prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="np",
+                generator=torch.Generator().manual_seed(1))}
+            runs |= {name: (lambda s=sampler: s.decode(s.generate(prompts, cfg, torch.Generator().manual_seed(1))))
+                     for name, sampler in samplers.items()}
+            seconds = _medians(runs, args.repeats)
+            theirs = seconds["diffusers AmusedPipeline"]
+            print(f"| batch | {' | '.join(seconds)} |")
+            print(f"| ---: |{' ---: |' * len(seconds)}")
+            print(f"| {batch} | " + " | ".join(f"{batch / s:.3f} images/s ({s:.1f} s, {theirs / s:.2f}x)"
+                                                for s in seconds.values()) + " |")
 
 
 if __name__ == "__main__":
