@@ -12,7 +12,9 @@ torchao's int8 x int8 matmul on CPU is written for Inductor: eager it falls back
 int32 matmul (16x slower than fp32 on an AVX2 CPU); `torch.compile` with Inductor's
 freezing lowers it to oneDNN's int8 GEMM. So on CPU `quantize_uvit` compiles the model
 by default. On a CPU without VNNI the activations take the reduced 7-bit range that
-torchao asks for there (`should_reduce_range`: the u8s8 products would overflow).
+torchao asks for there (`should_reduce_range`: the u8s8 products would overflow), and
+the compiled int8 model is slower than fp32 (2.6x on this project's AVX2 CPU): there it
+buys weight memory (0.46x of fp32's bytes for aMUSEd-256), not speed.
 
 Export: diffusers 0.42.1 quantizes a `UVit2DModel` at load time
 (`from_pretrained(folder, quantization_config=diffusers_config(...))`, the same modules
