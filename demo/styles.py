@@ -110,5 +110,6 @@ def measure_style(tuned: Sampler, base: Sampler, style_prompts: list[str], plain
             figures[name]["colour_shape"] = sum(
                 classify_shape_image(Image.fromarray(img))[:2] == tuple(p.split()[1:3])
                 for img, p in zip(images[name], expanded)) / len(expanded)
+        print(f"style proof: {name}: {figures[name]}", flush=True)  # each set takes CPU minutes
     tuned.lora_scale = 1.0
     return figures, images

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from amused.demo.styles import held_out_prompts, measure_style, outline_image, seeded_samples
@@ -114,6 +115,17 @@ def with_keys(data: dict, keys: dict) -> dict:
     return out
 
 
+def parse_keys(pairs: list[str]) -> dict:
+    """Command-line KEY=VALUE pairs (`--set train.optim.lr=1e-3`) as dotted keys, each value read as YAML."""
+    keys = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE, e.g. train.checkpoint.every=100")
+        keys[key.strip()] = yaml.safe_load(value)
+    return keys
+
+
 def finetune_style(image: str, pretrained: str, output: str, subjects: list[str], prompt: str | None = None,
                    steps: int | None = None, lr: float | None = None, config: str = DEFAULT_CONFIG,
                    keys: dict | None = None, progress: bool = True) -> dict:
@@ -168,14 +180,19 @@ PROOF_IMAGE = ("red", "circle", "white")
 
 
 def style_proof(pretrained: str, output: str, sample: SampleConfig, plain_prompts: list[str],
-                subjects: tuple[str, ...] = ("red circle", "red circle on a white background"),
-                prompt: str = "a {} in [V] style", steps: int = 200, lr: float = 4e-4, per_prompt: int = 4,
+                subjects: tuple[str, ...] = ("red circle", "circle", "red shape", "shape",
+                                             "red circle on a white background"),
+                prompt: str = "a {} in [V] style", steps: int = 100, lr: float = 1e-3, per_prompt: int = 2,
                 keys: dict | None = None) -> dict:
     """The learning proof on the demo's model (`pretrained`, its exported pipeline): one
     outline image, `finetune_style` on it, then `measure_style`: outlines in samples of every
     held-out "a [colour] [shape] in [V] style", prompt following of `plain_prompts` (no [V]) with
     the adapters at scale 0 and 1 and with the base. Writes OUTPUT/proof.json and OUTPUT/proof.png
-    (the style image, then [V] samples, then no-[V] samples at scale 0)."""
+    (the style image, then [V] samples, then no-[V] samples at scale 0 and 1).
+
+    The defaults are the best of the CPU attempts (/tmp/results/styledrop.md): more steps, a
+    larger guidance or fewer generic subjects found fewer outlines; a CPU proof overrides the
+    recipe's steps and lr (configs/styledrop.yaml) with these keys."""
     image = join(output, "style.png")
     if not file_exists(image):
         save_png(outline_image(*PROOF_IMAGE), image)
