@@ -50,6 +50,7 @@ def main() -> None:
         tokens[name] = torch.cat(parts)
         seconds[name] = time.perf_counter() - start
         images[name] = sampler.decode(tokens[name])
+        print(f"{name}: sampled in {seconds[name]:.1f} s", flush=True)
     expanded = [p for p, _ in jobs]
     equal = (tokens["int8"] == tokens["fp32"]).float()
     print(f"{len(prompts)} prompts x {args.seeds} seeds, {cfg}")
