@@ -41,6 +41,7 @@ tiny_models = LazyModule("amused.demo.tiny_models")
 run_graph = LazyModule("amused.orchestration.run")
 run_config = LazyModule("amused.orchestration.run_config")
 run_status = LazyModule("amused.orchestration.status")
+styledrop = LazyModule("amused.orchestration.styledrop")
 tokenizer_image = LazyModule("amused.tokenizer.image")
 uvit_task = LazyModule("amused.training.uvit.task")
 evaluation = LazyModule("amused.training.evaluation.evaluate")
@@ -48,6 +49,7 @@ metrics = LazyModule("amused.training.evaluation.metrics")
 vq_evaluation = LazyModule("amused.training.evaluation.vqgan")
 export = LazyModule("amused.training.inference.export")
 inference = LazyModule("amused.training.inference.sample")
+quantize = LazyModule("amused.training.inference.quantize")
 launch = LazyModule("amused.training.launch")
 vqgan_task = LazyModule("amused.training.vqgan.task")
 
@@ -133,6 +135,11 @@ def _sample(args) -> int:
     if args.lora_scale is not None and not inference.has_adapters(model):
         raise ValueError("--lora-scale weighs adapters: add --lora DIR (or sample a LoRA checkpoint)")
     scale = 1.0 if args.lora_scale is None else args.lora_scale
+    if args.quantize:
+        if inference.has_adapters(model):
+            raise ValueError("--quantize with LoRA adapters: export them merged (amused export --merge-lora) and "
+                             "sample that folder with --pretrained")
+        model = quantize.quantize_uvit(model, args.quantize, args.device)
     sampler = inference.Sampler.from_folders(model, vqgan, text_encoder, device=args.device, lora_scale=scale)
     if args.image:
         image = tokenizer_image.fit_image(Image.open(args.image).convert("RGB"), sampler.side)
@@ -160,10 +167,20 @@ def _export(args) -> int:
         return 0
     vqgan, text_encoder = inference.checkpoint_models(args.checkpoint, args.vqgan, args.text_encoder)
     out = export.export_pipeline(args.checkpoint, args.output, vqgan, text_encoder, ema=not args.no_ema,
-                                 merge_lora=args.merge_lora)
+                                 merge_lora=args.merge_lora, quantize=args.quantize)
     merged = " with its LoRA adapters merged" if args.merge_lora else ""
-    print(f"exported {weights} weights of {args.checkpoint}{merged} to {out} "
-          "(diffusers.AmusedPipeline.from_pretrained opens it)")
+    opens = ("diffusers.AmusedPipeline.from_pretrained(folder, torch_dtype=torch.float32) opens it with the U-ViT "
+             f"{args.quantize}-quantized; for inference only" if args.quantize
+             else "diffusers.AmusedPipeline.from_pretrained opens it")
+    print(f"exported {weights} weights of {args.checkpoint}{merged} to {out} ({opens})")
+    return 0
+
+
+def _finetune_style(args) -> int:
+    result = styledrop.finetune_style(args.image, args.pretrained, args.output, args.subjects, prompt=args.prompt,
+                                      steps=args.steps, lr=args.lr, config=args.config or styledrop.DEFAULT_CONFIG,
+                                      keys=styledrop.parse_keys(args.keys))
+    print(f"style adapters: {result['checkpoint']} (step {result['step']}); samples: {result['grid']}")
     return 0
 
 
@@ -282,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--lora", help="LoRA adapters to add (a folder amused export --lora wrote; local or s3://)")
     sample.add_argument("--lora-scale", type=float,
                         help="the adapters' weight, as diffusers' lora scale (default 1; 0 = the base alone)")
+    sample.add_argument("--quantize", choices=("int8",),
+                        help="int8 U-ViT linears with torchao (CPU: dynamic int8 activations, compiled; GPU: "
+                             "int8 weights); the VQ-GAN and text encoder stay float")
     sample.add_argument("--image", help="start from this picture: a variation, or inpainting with --mask")
     sample.add_argument("--mask", help="inpainting: white = regenerate, black = keep (resized like --image)")
     sample.add_argument("--strength", type=float, default=0.5,
@@ -300,7 +320,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a LoRA checkpoint's adapters alone (pytorch_lora_weights.safetensors, diffusers' layout)")
     lora.add_argument("--merge-lora", action="store_true",
                       help="a LoRA checkpoint as a whole pipeline, its adapters merged into the base's weights")
+    export.add_argument("--quantize", choices=("int8",),
+                        help="write the U-ViT int8-quantized (torchao, as sample --quantize on CPU): for inference")
     export.set_defaults(func=_export)
+
+    style = sub.add_parser("finetune-style", help="StyleDrop: LoRA adapters that learn the style of one image "
+                                                   "(configs/styledrop.yaml); a rerun continues")
+    style.add_argument("--image", required=True, help="the style image (local or s3://)")
+    style.add_argument("--subject", dest="subjects", action="append", required=True,
+                       help="what the image shows; repeat for more wordings (one caption each)")
+    style.add_argument("--prompt", help='caption template, {} = the subject (default "A {} in [V] style")')
+    style.add_argument("--pretrained", required=True, help="the base: an exported or released aMUSEd pipeline folder")
+    style.add_argument("--output", required=True, help="the fine-tune's folder: data/, train/, samples/")
+    style.add_argument("--steps", type=int, help="default: the config's train.steps")
+    style.add_argument("--lr", type=float, help="default: the config's train.optim.lr")
+    style.add_argument("--config", help="default: configs/styledrop.yaml")
+    style.add_argument("--set", dest="keys", action="append", default=[], metavar="KEY=VALUE",
+                       help="any config key, dotted (train.checkpoint.every=50); the value is YAML")
+    style.set_defaults(func=_finetune_style)
 
     ev = sub.add_parser("evaluate", help="FID, CLIP score and a sample grid of a checkpoint or a run (Ray actors)")
     which = ev.add_mutually_exclusive_group(required=True)

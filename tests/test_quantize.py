@@ -2,18 +2,21 @@
 that it samples, how close its tokens stay to fp32's, and the folder diffusers opens."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
 import torch
-from diffusers import UVit2DModel
+from diffusers import AmusedPipeline, UVit2DModel
 from torchao.quantization import Int8Tensor
 
+from amused.orchestration.cli import main
 from amused.tokenizer.image import ImageTokenizer
 from amused.tokenizer.text import TextEncoder
 from amused.training.config import SampleConfig
 from amused.training.inference.quantize import KEEP_FLOAT, quantize_folder, quantize_uvit, weight_bytes
 from amused.training.inference.sample import Sampler, load_trained_model
+from amused.training.uvit.model import build_model
 
 PROMPTS = ["a red circle on a grey background", "a blue square", "a green triangle", "a yellow star"]
 
@@ -77,3 +80,27 @@ def test_quantized_folder_opens_in_diffusers_with_our_outputs(tiny_models, tmp_p
                 encoder_hidden_states=torch.randn(2, 77, 32))
     with torch.no_grad():
         assert torch.equal(loaded(ids, **args), ours(ids, **args))
+
+
+@pytest.mark.slow
+def test_the_command_line_samples_int8_compiled(trained_checkpoint, tiny_models, tmp_path):
+    """`amused sample --quantize int8` on CPU: quantized and compiled (about a minute here)."""
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--checkpoint", trained_checkpoint, "--prompt", PROMPTS[0], "--output", str(grid),
+                 "--steps", "2", "--quantize", "int8", "--vqgan", str(tiny_models / "vqgan"),
+                 "--text-encoder", str(tiny_models)]) == 0
+    assert grid.is_file()
+
+
+def test_the_command_line_exports_int8(trained_checkpoint, tiny_models, tmp_path):
+    """`amused export --quantize int8` writes a pipeline diffusers reopens with an int8 U-ViT
+    (torch_dtype=float32 keeps the layers left float in fp32) and a float VQ-GAN."""
+    out = tmp_path / "int8-pipe"
+    assert main(["export", "--checkpoint", trained_checkpoint, "--output", str(out), "--quantize", "int8",
+                 "--vqgan", str(tiny_models / "vqgan"), "--text-encoder", str(tiny_models)]) == 0
+    pipe = AmusedPipeline.from_pretrained(out, torch_dtype=torch.float32)
+    assert isinstance(pipe.transformer.transformer_layers[0].attn1.to_q.weight, Int8Tensor)
+    assert not isinstance(pipe.vqvae.decoder.conv_in.weight, Int8Tensor)
+    assert json.loads((out / "amused_export.json").read_text())["quantize"] == "int8"
+    with pytest.raises(ValueError, match="quantized U-ViT"):  # not a base to train or sample float from
+        build_model("small", str(out))

@@ -30,6 +30,7 @@ from amused.plumbing.storage import VQGAN_SUBFOLDERS, is_local, local_folder, re
 from amused.tokenizer.text import TextEncoder
 from amused.training.checkpoint import Checkpoint
 from amused.training.config import parse_config
+from amused.training.inference.quantize import ao_config, quantize_folder
 from amused.training.inference.sample import LORA_PREFIX, LORA_WEIGHTS, load_trained_model
 from amused.training.lora import ADAPTER, adapter_state_dict
 
@@ -40,9 +41,11 @@ EXPORT_COMPLETE = "model_index.json"
 
 
 def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str, ema: bool = True,
-                    merge_lora: bool = False) -> str:
+                    merge_lora: bool = False, quantize: str | None = None) -> str:
     """Writes the pipeline folder for `checkpoint` (EMA weights unless `ema=False`) to `output`;
-    a LoRA checkpoint only with `merge_lora` (its adapters merged into its base)."""
+    a LoRA checkpoint only with `merge_lora` (its adapters merged into its base). `quantize`
+    ("int8"): the transformer saved torchao-quantized for CPU, which diffusers reopens
+    quantized (training/inference/quantize.py `quantize_folder`): an inference folder."""
     lora = _lora_of(checkpoint)
     if lora and not merge_lora:
         raise ValueError(f"{checkpoint} is a LoRA checkpoint: export --lora writes its adapters, "
@@ -52,6 +55,9 @@ def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str,
     source = _source(checkpoint, ema) | {"vqgan": vqgan, "text_encoder": text_encoder}
     if merge_lora:
         source["lora"] = "merged"
+    if quantize:
+        ao_config(quantize, "cpu")  # an unknown mode fails before any work
+        source["quantize"] = quantize
     if _already_exported(output, source, EXPORT_COMPLETE):
         return output
     transformer = load_trained_model(checkpoint, ema=ema)
@@ -65,6 +71,8 @@ def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str,
 
     def write(staging: Path) -> None:
         pipe.save_pretrained(staging, safe_serialization=True)
+        if quantize:
+            quantize_folder(staging / "transformer", quantize, "cpu")
         (staging / SOURCE).write_text(json.dumps(source, indent=2))
 
     return publish_folder(output, write, EXPORT_COMPLETE)

@@ -22,6 +22,9 @@ def build_model(name: str, pretrained: str | None = None) -> UVit2DModel:
     if pretrained is None:
         return UVit2DModel(**preset(UVIT_CONFIGS, "U-ViT", name))
     folder = local_folder(resolve_subfolder(pretrained, ("transformer",)))
+    if "quantization_config" in UVit2DModel.load_config(folder):
+        raise ValueError(f"{pretrained} holds a quantized U-ViT (amused export --quantize), an inference folder: "
+                         "train and sample from the float export instead")
     return UVit2DModel.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
 
 
