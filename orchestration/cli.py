@@ -50,6 +50,7 @@ vq_evaluation = LazyModule("amused.training.evaluation.vqgan")
 export = LazyModule("amused.training.inference.export")
 inference = LazyModule("amused.training.inference.sample")
 quantize = LazyModule("amused.training.inference.quantize")
+lora = LazyModule("amused.training.lora")
 launch = LazyModule("amused.training.launch")
 vqgan_task = LazyModule("amused.training.vqgan.task")
 
@@ -132,13 +133,12 @@ def _sample(args) -> int:
         vqgan, text_encoder = args.vqgan or args.pretrained, args.text_encoder or args.pretrained
     if args.lora:
         inference.load_exported_adapters(model, args.lora)
-    if args.lora_scale is not None and not inference.has_adapters(model):
+    if args.lora_scale is not None and not lora.has_adapters(model):
         raise ValueError("--lora-scale weighs adapters: add --lora DIR (or sample a LoRA checkpoint)")
     scale = 1.0 if args.lora_scale is None else args.lora_scale
     if args.quantize:
-        if inference.has_adapters(model):
-            raise ValueError("--quantize with LoRA adapters: export them merged (amused export --merge-lora) and "
-                             "sample that folder with --pretrained")
+        if lora.has_adapters(model):  # quantized adapters would lose the scale: fold them in at it first
+            model, scale = export.merge_adapters(model, scale), 1.0
         model = quantize.quantize_uvit(model, args.quantize, args.device)
     sampler = inference.Sampler.from_folders(model, vqgan, text_encoder, device=args.device, lora_scale=scale)
     if args.image:
@@ -158,6 +158,8 @@ def _sample(args) -> int:
 
 def _export(args) -> int:
     weights = "raw" if args.no_ema else "EMA"
+    if args.lora and args.quantize:
+        raise ValueError("--quantize applies to a whole pipeline (and --merge-lora), not to --lora adapters")
     if args.lora:
         if args.vqgan or args.text_encoder:
             raise ValueError("--vqgan/--text-encoder do not apply to --lora: the folder holds the U-ViT's adapters only")

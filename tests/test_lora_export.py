@@ -24,12 +24,11 @@ from amused.training.config import LoraConfig, SampleConfig, parse_config
 from amused.training.inference.export import merge_adapters, write_adapters
 from amused.training.inference.sample import (
     Sampler,
-    has_adapters,
     load_exported_adapters,
     load_pretrained_model,
     load_trained_model,
 )
-from amused.training.lora import adapter_state_dict, apply_lora
+from amused.training.lora import adapter_state_dict, apply_lora, has_adapters
 from amused.training.uvit.model import build_model
 from amused.training.uvit.task import train
 
@@ -290,3 +289,22 @@ def test_lora_export_to_s3_and_sample_from_it(s3_bucket, tmp_path, base, lora_ch
     assert main(["sample", "--checkpoint", lora_checkpoint, "--lora-scale", "0.5", "--prompt", "x", "--output",
                  str(png), "--steps", "2", "--vqgan", str(base), "--text-encoder", str(base)]) == 0
     assert Image.open(png).size == (128, 128 + 36)
+
+
+def test_a_run_without_ema_samples_and_exports_its_raw_adapters(tmp_path, base):
+    """A StyleDrop-like run keeps no EMA: the readers' default (EMA) falls back to the only
+    weights it has instead of failing on a missing ema.safetensors."""
+    write_token_dataset(str(tmp_path / "tokens"), [16])
+    checkpoint = train(parse_config({
+        "run_dir": str(tmp_path / "run"), "steps": 2,
+        "data": {"dataset": str(tmp_path / "tokens"), "global_batch_size": 8, "micro_batch_size": 8, "workers": 0},
+        "model": {"preset": "tiny", "pretrained": str(base)}, "lora": {"enabled": True, "rank": RANK, "alpha": ALPHA},
+        "optim": {"lr": 5e-2, "warmup_steps": 1}, "ema": {"enabled": False},
+        "checkpoint": {"every": 2}, "log": {"every": 2, "progress": False}})).checkpoint
+    raw = adapter_state_dict(load_trained_model(checkpoint, ema=False))
+    assert adapter_state_dict(load_trained_model(checkpoint)).keys() == raw.keys()
+    out = tmp_path / "adapters"
+    assert main(["export", "--lora", "--checkpoint", checkpoint, "--output", str(out)]) == 0
+    assert json.loads((out / "amused_export.json").read_text())["weights"] == "raw"
+    written = load_file(out / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(written[f"transformer.{k}"], v) for k, v in raw.items())

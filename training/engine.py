@@ -206,7 +206,7 @@ def deepspeed_config(cfg, layout: Layout, bf16: bool, universal: bool) -> dict:
 
 
 def _deepspeed_engine(cfg, task: Task, bf16: bool, universal: bool):
-    """The task's model under DeepSpeed with AdamW and the lr schedule."""
+    """The task's model under DeepSpeed with the `optim.name` optimizer and the lr schedule."""
     # Lets DeepSpeed's universal conversion read checkpoints of this model.
     task.model.universal_checkpoint_info = {"universal_checkpoint_version": 0.4}
     optimizer = build_optimizer(cfg.optim, task.param_groups(cfg.optim.weight_decay))
@@ -228,7 +228,7 @@ def _restore(engine, cfg, task: Task, ema: EMA | None, resume: TrainState, unive
     if universal:
         converted = rank0_decides(ckpt.to_universal, cfg.run_dir, resume.step)
         load_from = ckpt.local_copy(ckpt.Checkpoint.at(converted).checked().folder)
-    engine.load_checkpoint(str(load_from.parent), tag=ckpt.tag(resume.step), custom_load_fn=_load_trained)
+    engine.load_checkpoint(str(load_from.parent), tag=ckpt.tag(resume.step), custom_load_fn=_load_module)
     task.load_state_dict(resume.task)
     if ema is not None:
         ema.load(str(folder / ckpt.EMA_WEIGHTS))
@@ -236,7 +236,7 @@ def _restore(engine, cfg, task: Task, ema: EMA | None, resume: TrainState, unive
         torch.manual_seed(cfg.seed * 7919 + resume.step * 104729 + rank)
 
 
-def _load_trained(src: dict, dst: torch.nn.Module) -> None:
+def _load_module(src: dict, dst: torch.nn.Module) -> None:
     """DeepSpeed's module load (not in the universal form, which restores the optimizer's
     parameters only): a checkpoint holds the trained parameters only (`save_checkpoint`),
     so frozen ones (a LoRA run's base, from model.pretrained) may be missing; a trained

@@ -53,6 +53,11 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     return model
 
 
+def has_adapters(model: torch.nn.Module) -> bool:
+    """Whether `model` carries adapters (peft's, added by `apply_lora` or diffusers' loader)."""
+    return bool(getattr(model, "peft_config", None))
+
+
 def is_adapter(name: str) -> bool:
     return any(layer in name for layer in _LAYERS)
 

@@ -31,7 +31,7 @@ from amused.tokenizer.text import TextEncoder
 from amused.training.checkpoint import Checkpoint
 from amused.training.config import parse_config
 from amused.training.inference.quantize import ao_config, quantize_folder
-from amused.training.inference.sample import LORA_PREFIX, LORA_WEIGHTS, load_trained_model
+from amused.training.inference.sample import LORA_PREFIX, LORA_WEIGHTS, load_trained_model, uses_ema
 from amused.training.lora import ADAPTER, adapter_state_dict
 
 # What the folder was exported from: a rerun of the same export is a no-op.
@@ -123,6 +123,7 @@ def _lora_of(checkpoint: str) -> dict | None:
 
 
 def _source(checkpoint: str, ema: bool) -> dict:
+    ema = uses_ema(Checkpoint.at(checkpoint).config(parse_config), ema)
     return {"checkpoint": str(Path(url_to_fs(checkpoint)[1]).resolve()) if is_local(checkpoint) else checkpoint,
             "weights": "ema" if ema else "raw"}
 

@@ -41,13 +41,15 @@ MODES = ("int8",)
 KEEP_FLOAT = re.compile(r"(^|\.)(norm\d*\.linear|cond_embed\.linear_\d+|cond_embeds_mapper)$")
 
 
-def ao_config(mode: str, device: str | torch.device):
-    """The torchao config of `mode` on `device`."""
+def ao_config(mode: str, device: str | torch.device, portable: bool = False):
+    """The torchao config of `mode` on `device`. `portable` (a saved folder): the reduced
+    7-bit range whatever this CPU has, since the folder may run on a CPU without VNNI,
+    where the full range overflows, and the same export must give the same bytes anywhere."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; one of: {', '.join(MODES)}")
     device = torch.device(device)
     if device.type == "cpu":
-        return Int8DynamicActivationInt8WeightConfig(reduce_range=should_reduce_range(device))
+        return Int8DynamicActivationInt8WeightConfig(reduce_range=portable or should_reduce_range(device))
     return Int8WeightOnlyConfig()
 
 
@@ -66,7 +68,9 @@ def quantize_uvit(model: UVit2DModel, mode: str, device: str | torch.device, com
     config = ao_config(mode, device)
     model = model.to(device).eval()
     quantize_(model, config, filter_fn=quantized_linear)
-    if torch.device(device).type == "cpu" if compile is None else compile:
+    if compile is None:
+        compile = torch.device(device).type == "cpu"
+    if compile:
         # Freezing folds the int8 weights in as constants, the form oneDNN's int8 GEMM takes.
         return torch.compile(model, options={"freezing": True})
     return model
@@ -78,12 +82,13 @@ def float_linears(model: UVit2DModel) -> list[str]:
             if isinstance(module, torch.nn.Linear) and not quantized_linear(module, name)]
 
 
-def diffusers_config(mode: str, device: str | torch.device, folder: str | Path) -> TorchAoConfig:
+def diffusers_config(mode: str, device: str | torch.device, folder: str | Path, portable: bool = False
+                     ) -> TorchAoConfig:
     """diffusers' load-time `quantization_config` doing what `quantize_uvit` does to the
     U-ViT saved in `folder`."""
     with torch.device("meta"):
         skeleton = UVit2DModel.from_config(UVit2DModel.load_config(folder))
-    return TorchAoConfig(ao_config(mode, device), modules_to_not_convert=float_linears(skeleton))
+    return TorchAoConfig(ao_config(mode, device, portable), modules_to_not_convert=float_linears(skeleton))
 
 
 def quantize_folder(folder: str | Path, mode: str, device: str | torch.device = "cpu") -> Path:
@@ -92,7 +97,8 @@ def quantize_folder(folder: str | Path, mode: str, device: str | torch.device = 
     torch_dtype=torch.float32)` opens quantized. Written beside it, then swapped in."""
     folder = Path(folder)
     # fp32 for the layers kept float: diffusers would load them in bf16 otherwise.
-    model = UVit2DModel.from_pretrained(folder, quantization_config=diffusers_config(mode, device, folder),
+    model = UVit2DModel.from_pretrained(folder, quantization_config=diffusers_config(mode, device, folder,
+                                                                                     portable=True),
                                         torch_dtype=torch.float32)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     model.save_pretrained(staging, safe_serialization=True)

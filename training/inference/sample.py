@@ -35,8 +35,8 @@ from amused.plumbing.storage import local_folder
 from amused.tokenizer.image import ImageTokenizer
 from amused.tokenizer.text import TextEncoder
 from amused.training.checkpoint import Checkpoint
-from amused.training.config import SampleConfig, parse_config
-from amused.training.lora import ADAPTER, adapter_state_dict, load_trained
+from amused.training.config import SampleConfig, TrainConfig, parse_config
+from amused.training.lora import ADAPTER, adapter_state_dict, has_adapters, load_trained
 from amused.training.uvit.model import build_model
 
 # The adapters file of an exported LoRA folder and the prefix of its U-ViT keys: diffusers' names.
@@ -211,6 +211,7 @@ def load_trained_model(checkpoint: str | Path, ema: bool = True) -> UVit2DModel:
     A LoRA run's checkpoint: its base (model.pretrained) with its adapters."""
     trained = Checkpoint.at(checkpoint)
     cfg = trained.config(parse_config)
+    ema = uses_ema(cfg, ema)
     if cfg.lora.enabled:
         return load_trained(trained, ema)
     model = build_model(cfg.model.preset, cfg.model.pretrained)
@@ -218,13 +219,15 @@ def load_trained_model(checkpoint: str | Path, ema: bool = True) -> UVit2DModel:
     return model.eval()
 
 
+def uses_ema(cfg: TrainConfig, ema: bool) -> bool:
+    """Whether the EMA weights are read: asked for, and kept by the run (a StyleDrop run
+    keeps none; its raw weights are then the only ones)."""
+    return ema and cfg.ema.enabled
+
+
 def load_pretrained_model(folder: str) -> UVit2DModel:
     """The U-ViT of an exported or released aMUSEd pipeline folder (or a bare transformer folder)."""
     return build_model("pretrained", folder).eval()  # the preset name picks random weights only
-
-
-def has_adapters(model: UVit2DModel) -> bool:
-    return bool(getattr(model, "peft_config", None))
 
 
 def load_exported_adapters(model: UVit2DModel, url: str) -> UVit2DModel:
@@ -263,8 +266,9 @@ def _check_fits(model: UVit2DModel, key: str, shape: tuple[int, ...], where: str
                          "architecture") from None
     if not isinstance(layer, torch.nn.Linear) or part not in ("A.weight", "B.weight"):
         raise ValueError(f"{where}: adapter {key} is not a LoRA matrix of a linear layer")
-    fits = shape[1] == layer.in_features if part == "A.weight" else shape[0] == layer.out_features
-    if len(shape) != 2 or not fits:
+    fits = len(shape) == 2 and (shape[1] == layer.in_features if part == "A.weight" else
+                                shape[0] == layer.out_features)
+    if not fits:
         raise ValueError(f"{where}: adapter {key} has shape {shape}; the base's {name} maps {layer.in_features} -> "
                          f"{layer.out_features}: adapters of another base model")
 
