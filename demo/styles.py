@@ -69,18 +69,44 @@ def is_outline(img: Image.Image, hollow: float = 0.2) -> bool:
     return bool(holes.sum() >= hollow * filled.sum())
 
 
-def seeded_samples(sampler: Sampler, prompts: list[str], cfg: SampleConfig, per_prompt: int, seed: int = 0
-                   ) -> tuple[np.ndarray, list[str]]:
-    """`per_prompt` images of each prompt, image i of prompt p from its own generator (seed, p,
-    i) as demo/showcase.py draws them, so an image does not depend on the others; (uint8
-    images, the prompt of each)."""
+def seeded_tokens(sampler: Sampler, prompts: list[str], cfg: SampleConfig, per_prompt: int, seed: int = 0
+                  ) -> tuple[torch.Tensor, list[str]]:
+    """`per_prompt` token grids of each prompt, grid i of prompt p from its own generator (seed,
+    p, i) as demo/showcase.py draws them, so a sample does not depend on the others; (tokens,
+    the prompt of each)."""
     expanded = [p for p in prompts for _ in range(per_prompt)]
     generators = [torch.Generator().manual_seed(seed * 1_000_003 + p * 1009 + i)
                   for p in range(len(prompts)) for i in range(per_prompt)]
-    return sampler.decode(sampler.generate(expanded, cfg, generators)), expanded
+    return sampler.generate(expanded, cfg, generators), expanded
 
 
-def held_out_prompts(template: str, seen: set[tuple[str, str]]) -> list[str]:
+def seeded_samples(sampler: Sampler, prompts: list[str], cfg: SampleConfig, per_prompt: int, seed: int = 0
+                   ) -> tuple[np.ndarray, list[str]]:
+    """`seeded_tokens` decoded: (uint8 images, the prompt of each)."""
+    tokens, expanded = seeded_tokens(sampler, prompts, cfg, per_prompt, seed)
+    return sampler.decode(tokens), expanded
+
+
+def shows_style(img: Image.Image, colour: str, shape: str) -> bool:
+    """The feedback signal: an outline of the prompt's own colour and shape (a styled sample
+    that kept its content)."""
+    return is_outline(img) and classify_shape_image(img)[:2] == (colour, shape)
+
+
+def select_feedback(sampler: Sampler, template: str, pairs: list[tuple[str, str]], cfg: SampleConfig,
+                    per_prompt: int, seed: int) -> tuple[np.ndarray, list[str], int]:
+    """StyleDrop's feedback round: `per_prompt` samples of `template` for each (colour, shape)
+    of `pairs`, kept where `shows_style` accepts them; (their token grids, their prompts, the
+    number drawn)."""
+    prompts = [template.replace("{}", f"{c} {s}") for c, s in pairs]
+    tokens, expanded = seeded_tokens(sampler, prompts, cfg, per_prompt, seed)
+    images = sampler.decode(tokens)
+    keep = [i for i, p in enumerate(expanded)
+            if shows_style(Image.fromarray(images[i]), *pairs[i // per_prompt])]
+    return tokens[keep].cpu().numpy(), [expanded[i] for i in keep], len(expanded)
+
+
+def held_out_prompts(template: str, seen: set[tuple[str, str]] | list[tuple[str, str]]) -> list[str]:
     """`template` ("a {} in [V] style") for every (colour, shape) pair of the demo except `seen`."""
     return [template.replace("{}", f"{c} {s}") for c in COLOURS for s in SHAPES if (c, s) not in seen]
 
@@ -107,9 +133,12 @@ def measure_style(tuned: Sampler, base: Sampler, style_prompts: list[str], plain
         if name.startswith("plain"):
             figures[name]["prompt_following"] = prompt_following(images[name], expanded)["score"]
         else:  # which colour and shape the styled samples show, beside their style
+            pairs = [tuple(p.split()[1:3]) for p in expanded]
             figures[name]["colour_shape"] = sum(
-                classify_shape_image(Image.fromarray(img))[:2] == tuple(p.split()[1:3])
-                for img, p in zip(images[name], expanded)) / len(expanded)
+                classify_shape_image(Image.fromarray(img))[:2] == pair
+                for img, pair in zip(images[name], pairs)) / len(expanded)
+            figures[name]["outline_colour_shape"] = sum(
+                shows_style(Image.fromarray(img), *pair) for img, pair in zip(images[name], pairs)) / len(expanded)
         print(f"style proof: {name}: {figures[name]}", flush=True)  # each set takes CPU minutes
     tuned.lora_scale = 1.0
     return figures, images

@@ -4,7 +4,8 @@
 
     OUTPUT/styledrop.yaml   the resolved config (configs/styledrop.yaml + the call's keys)
     OUTPUT/data/            the image's token dataset (pipeline/style_data.py): the image
-                            tokenized once, each caption embedded once
+                            tokenized once, each caption embedded once; plus the rows of
+                            `style.feedback` (a feedback round's accepted samples), if given
     OUTPUT/train/           the LoRA run (training/uvit/task.py `train`): adapters-only checkpoints
     OUTPUT/samples/         grid.png (the style image, then the prompts' samples) and result.json
 
@@ -17,6 +18,7 @@ resumes from its newest complete checkpoint.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from amused.demo.styles import held_out_prompts, measure_style, outline_image, seeded_samples
+from amused.demo.styles import held_out_prompts, measure_style, outline_image, seeded_samples, select_feedback
 from amused.orchestration.run_config import _section
 from amused.pipeline.style_data import build_style_dataset, fill_template, read_image
 from amused.plumbing.config import from_mapping, opt, read_yaml
@@ -52,6 +54,8 @@ class StyleConfig:
     per_prompt: int = opt(4, "sample grid: images per prompt")
     lora_scale: float = opt(1.0, "the adapters' weight in the sample grid (0 = the base alone)")
     seed: int = opt(0, "sample grid: image i of prompt p is drawn from the generator (seed, p, i)")
+    feedback: str = opt("", "StyleDrop's iterative training: an .npz (write_feedback) of an earlier round's "
+                            "samples a feedback signal accepted, trained on beside the image")
 
     def __post_init__(self):
         fill_template(self.prompt, list(self.subjects))  # raises on a bad template or subjects
@@ -145,9 +149,23 @@ def run_styledrop(cfg: StyleDropConfig) -> dict:
     with atomic_writer(join(cfg.output, "styledrop.yaml")) as fh:
         fh.write(dump_config(cfg).encode())
     build_style_dataset(cfg.style.image, cfg.style.captions, cfg.pretrained, cfg.pretrained, cfg.dataset,
-                        cfg.style.resolution)
+                        cfg.style.resolution, feedback=read_feedback(cfg.style.feedback) if cfg.style.feedback else None)
     result = train(cfg.train)
     return sample_style(cfg, result.checkpoint)
+
+
+def write_feedback(url: str, tokens: np.ndarray, captions: list[str]) -> str:
+    """A feedback round's accepted samples: their token grids and the caption each was drawn from."""
+    buf = io.BytesIO()
+    np.savez(buf, tokens=np.asarray(tokens, dtype="<u2"), captions=np.asarray(captions, dtype=str))
+    with atomic_writer(url) as fh:
+        fh.write(buf.getvalue())
+    return url
+
+
+def read_feedback(url: str) -> tuple[np.ndarray, list[str]]:
+    data = np.load(io.BytesIO(read_image(url)))
+    return data["tokens"], [str(c) for c in data["captions"]]
 
 
 def sample_style(cfg: StyleDropConfig, checkpoint: str) -> dict:
@@ -177,37 +195,61 @@ def style_pixels(image: str, side: int) -> np.ndarray:
 
 # The proof's style image: a shape the demo data has, in a style it never had (demo/styles.py).
 PROOF_IMAGE = ("red", "circle", "white")
+# The proof's feedback prompts: each colour once, each shape about as often; the figures are
+# measured on the pairs in neither these nor the style image.
+FEEDBACK_PAIRS = (("red", "square"), ("green", "triangle"), ("blue", "circle"), ("yellow", "square"),
+                  ("purple", "triangle"), ("orange", "circle"), ("white", "square"), ("black", "triangle"))
 
 
 def style_proof(pretrained: str, output: str, sample: SampleConfig, plain_prompts: list[str],
                 subjects: tuple[str, ...] = ("red circle", "circle", "red shape", "shape",
                                              "red circle on a white background"),
                 prompt: str = "a {} in [V] style", steps: int = 100, lr: float = 1e-3, per_prompt: int = 2,
-                keys: dict | None = None) -> dict:
+                feedback_pairs: tuple[tuple[str, str], ...] = FEEDBACK_PAIRS, feedback_per_prompt: int = 16,
+                feedback_guidance: float = 1.0, keys: dict | None = None) -> dict:
     """The learning proof on the demo's model (`pretrained`, its exported pipeline): one
-    outline image, `finetune_style` on it, then `measure_style`: outlines in samples of every
-    held-out "a [colour] [shape] in [V] style", prompt following of `plain_prompts` (no [V]) with
-    the adapters at scale 0 and 1 and with the base. Writes OUTPUT/proof.json and OUTPUT/proof.png
-    (the style image, then [V] samples, then no-[V] samples at scale 0 and 1).
+    outline image, `finetune_style` on it; with `feedback_pairs`, StyleDrop's second round:
+    `feedback_per_prompt` samples of each pair's [V] prompt by round 1's adapters (at
+    `feedback_guidance`), those `shows_style` accepts (an outline of the prompt's colour and
+    shape) added to the image's rows, and a fresh fine-tune on them. Then `measure_style`:
+    outlines in samples of every "a [colour] [shape] in [V] style" whose pair is in neither the
+    image nor the feedback set, prompt following of `plain_prompts` (no [V]) with the adapters
+    at scale 0 and 1 and with the base. Writes OUTPUT/proof.json and OUTPUT/proof.png (the
+    style image, then [V] samples, then no-[V] samples at scale 0 and 1).
 
-    The defaults are the best of the CPU attempts (/tmp/results/styledrop.md): more steps, a
-    larger guidance or fewer generic subjects found fewer outlines; a CPU proof overrides the
-    recipe's steps and lr (configs/styledrop.yaml) with these keys."""
+    The defaults are the best of the CPU attempts (/tmp/results/styledrop*.md); a CPU proof
+    overrides the recipe's steps and lr (configs/styledrop.yaml) with these keys."""
     image = join(output, "style.png")
     if not file_exists(image):
         save_png(outline_image(*PROOF_IMAGE), image)
+    keys = {"style.resolution": 32, "sample": vars(sample), **(keys or {})}
     tuned_result = finetune_style(image, pretrained, join(output, "styledrop"), list(subjects), prompt=prompt,
-                                  steps=steps, lr=lr, progress=False,
-                                  keys={"style.resolution": 32, "sample": vars(sample), **(keys or {})})
+                                  steps=steps, lr=lr, progress=False, keys=keys)
+    feedback = {}
+    if feedback_pairs:
+        rows = join(output, "feedback.npz")
+        if not file_exists(rows):  # the round's samples are drawn once; a rerun trains on the same rows
+            round1 = Sampler.from_folders(load_trained_model(tuned_result["checkpoint"], ema=False), pretrained,
+                                          pretrained)
+            tokens, captions, drawn = select_feedback(
+                round1, prompt, list(feedback_pairs), dataclasses.replace(sample, guidance_scale=feedback_guidance),
+                feedback_per_prompt, seed=1)
+            write_feedback(rows, tokens, captions)
+            write_json_atomic(join(output, "feedback.json"), {"accepted": len(captions), "drawn": drawn})
+        feedback = read_json(join(output, "feedback.json"))
+        print(f"style proof: feedback round: {feedback['accepted']}/{feedback['drawn']} samples accepted", flush=True)
+        tuned_result = finetune_style(image, pretrained, join(output, "round2"), list(subjects), prompt=prompt,
+                                      steps=steps, lr=lr, progress=False, keys={**keys, "style.feedback": rows})
     checkpoint = tuned_result["checkpoint"]
     tuned = Sampler.from_folders(load_trained_model(checkpoint, ema=False), pretrained, pretrained)
     base = Sampler.from_folders(load_pretrained_model(pretrained), pretrained, pretrained)
-    style_prompts = held_out_prompts(prompt, {PROOF_IMAGE[:2]})
+    style_prompts = held_out_prompts(prompt, {PROOF_IMAGE[:2], *feedback_pairs})
     figures, images = measure_style(tuned, base, style_prompts, plain_prompts, sample, per_prompt)
     grid = save_png(proof_grid(style_pixels(image, tuned.side), images, style_prompts, plain_prompts, per_prompt),
                     join(output, "proof.png"))
     proof = {"checkpoint": checkpoint, "steps": steps, "lr": lr, "subjects": list(subjects), "prompt": prompt,
-             "style_image": "outline: " + " ".join(PROOF_IMAGE), "figures": figures, "grid": grid,
+             "style_image": "outline: " + " ".join(PROOF_IMAGE), "feedback": feedback,
+             "feedback_pairs": [list(p) for p in feedback_pairs], "figures": figures, "grid": grid,
              "style_prompts": style_prompts, "per_prompt": per_prompt}
     write_json_atomic(join(output, "proof.json"), proof)
     return proof

@@ -7,6 +7,10 @@ hold as for any other. The rows share the image's tokens and differ in their cap
 text embeddings; nothing is encoded again while training (the public recipe's loop, in
 single-image mode, overwrote its own pre-computed embeddings with one caption's).
 
+Feedback rows (StyleDrop's iterative training): token grids of the model's own samples that a
+feedback signal accepted, each with the caption it was sampled from, appended after the
+image's rows; their digest is part of the shard's source.
+
 The shard counts only once its marker exists. A rerun into the same folder with the same
 image (by content), captions and models is a no-op; with anything else it refuses.
 """
@@ -47,12 +51,15 @@ def read_image(url: str) -> bytes:
 
 
 def build_style_dataset(image: str, captions: list[str], vqgan: str, text_encoder: str, output: str,
-                        resolution: int, device: str = "cpu") -> fmt.Manifest:
+                        resolution: int, device: str = "cpu",
+                        feedback: tuple[np.ndarray, list[str]] | None = None) -> fmt.Manifest:
     """Writes (or finds complete) the dataset of `image` (any fsspec URL) under `output`:
     centre-cropped to `resolution`, tokenized by `vqgan`, one row per caption with the
-    caption's `text_encoder` outputs (float16, as pretokenize stores them)."""
+    caption's `text_encoder` outputs (float16, as pretokenize stores them); then one row per
+    `feedback` sample (its token grid, its caption)."""
     data = read_image(image)
     digest = hashlib.sha256(data).hexdigest()
+    feedback_tokens, feedback_captions = feedback if feedback is not None else (None, [])
     tokenizer = ImageTokenizer.from_pretrained(vqgan, device=device)
     text = TextEncoder.from_pretrained(text_encoder, device=device)
     spec = fmt.DatasetSpec(
@@ -62,10 +69,18 @@ def build_style_dataset(image: str, captions: list[str], vqgan: str, text_encode
         text_encoder=fmt.ModelIdentity.of(text_encoder), crop="center", views=1, min_side=MIN_SIDE,
         encoder_device=tokenizer.device.type, encoder_dtype="fp32")
     source = f"{image}#sha256={digest}"
+    if feedback_tokens is not None:
+        feedback_tokens = np.asarray(feedback_tokens)
+        if feedback_tokens.shape[1:] != tuple(spec.token_grid) or len(feedback_tokens) != len(feedback_captions):
+            raise ValueError(f"feedback rows: expected one {spec.token_grid} token grid per caption, got "
+                             f"{feedback_tokens.shape} for {len(feedback_captions)} captions")
+        feedback_tokens = feedback_tokens.astype("<u2")
+        source += f"+feedback#sha256={hashlib.sha256(feedback_tokens.tobytes()).hexdigest()}"
     done = fmt.completed_shards(output, spec).get(fmt.shard_name(SHARD_SOURCE))
     if done is None:
-        done = _write(data, digest, source, captions, tokenizer, text, spec, output)
-    elif done.source != source or _captions(output, done) != captions:
+        done = _write(data, digest, source, captions, tokenizer, text, spec, output, feedback_tokens,
+                      feedback_captions)
+    elif done.source != source or _captions(output, done) != captions + feedback_captions:
         raise ValueError(f"{output} holds the style dataset of another image or captions ({done.source}); "
                          "use another output folder")
     manifest = fmt.Manifest(spec, [done])
@@ -74,13 +89,18 @@ def build_style_dataset(image: str, captions: list[str], vqgan: str, text_encode
 
 
 def _write(data: bytes, digest: str, source: str, captions: list[str], tokenizer: ImageTokenizer,
-           text: TextEncoder, spec: fmt.DatasetSpec, output: str) -> fmt.ShardRecord:
+           text: TextEncoder, spec: fmt.DatasetSpec, output: str, feedback_tokens: np.ndarray | None,
+           feedback_captions: list[str]) -> fmt.ShardRecord:
     try:
         orig, offsets, pixels = decode_views(data, spec.resolution, "center", 1, 0, "style", MIN_SIDE,
                                              spec.max_pixels)
     except BadSample as exc:
         raise ValueError(f"style image {source}: {exc.reason}: {exc.detail}") from None
     tokens, finite = tokenizer.encode_with_mask(pixels)
+    n_image, captions = len(captions), captions + feedback_captions
+    tokens = np.repeat(tokens, n_image, axis=0)
+    if feedback_tokens is not None:
+        tokens = np.concatenate([tokens.astype(feedback_tokens.dtype), feedback_tokens])
     emb = text.encode(captions)
     hidden = emb.hidden_states.float().cpu().numpy().astype("<f2")
     pooled = emb.pooled.float().cpu().numpy().astype("<f2")
@@ -92,10 +112,12 @@ def _write(data: bytes, digest: str, source: str, captions: list[str], tokenizer
                                empty.pooled[0].float().cpu().numpy())
     n, content_id = len(captions), digest[:32]
     (top, left), = offsets
-    columns = {"key": [f"style/{i}/{content_id}" for i in range(n)], "content_id": [content_id] * n,
+    # A feedback row is its own content: its key and content id say which row and of what.
+    ids = [content_id] * n_image + [f"{content_id}-feedback{i}" for i in range(n - n_image)]
+    columns = {"key": [f"style/{i}/{cid}" for i, cid in enumerate(ids)], "content_id": ids,
                "caption": list(captions), "view": [0] * n, "orig_width": [orig[0]] * n,
                "orig_height": [orig[1]] * n, "crop_top": [top] * n, "crop_left": [left] * n,
-               "aesthetic_score": [None] * n, "image_tokens": np.repeat(tokens, n, axis=0),
+               "aesthetic_score": [None] * n, "image_tokens": tokens,
                "text_hidden_states": hidden, "text_pooled": pooled}
     record = fmt.write_shard(output, SHARD_SOURCE, fmt.build_table(spec, columns))
     record.source = source

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from amused.demo.shapes import COLOURS, SHAPES, shape_image
-from amused.demo.styles import is_outline, outline_image
+from amused.demo.styles import is_outline, outline_image, shows_style
 from amused.orchestration.cli import main
-from amused.orchestration.styledrop import finetune_style, style_proof
+from amused.orchestration.styledrop import finetune_style, read_feedback, style_proof, write_feedback
 from amused.pipeline.shards import TokenDataset, read_manifest
 from amused.pipeline.style_data import build_style_dataset, fill_template
 from amused.plumbing.config import from_mapping, read_yaml
@@ -83,6 +83,43 @@ def test_the_dataset_holds_the_image_once_tokenized_and_each_captions_own_embedd
         build_style_dataset(style_png, CAPTIONS[:2], base, base, out, resolution=64)
 
 
+def test_feedback_rows_follow_the_image_rows_and_a_run_trains_on_them(tmp_path, base, style_png):
+    """StyleDrop's second round: accepted samples (token grids + the prompt each was drawn
+    from, written by write_feedback) become rows after the image's, and finetune_style trains on them."""
+    tokenizer = ImageTokenizer.from_pretrained(base, device="cpu")
+    tokens = np.random.default_rng(0).integers(0, tokenizer.codebook_size, size=(2, *tokenizer.grid(64)))
+    captions = ["a blue square in [V] style", "a green triangle in [V] style"]
+    rows_url = write_feedback(str(tmp_path / "feedback.npz"), tokens, captions)
+    back_tokens, back_captions = read_feedback(rows_url)
+    assert back_captions == captions and (back_tokens == tokens).all()
+
+    out = tmp_path / "style"
+    keys = {"style.resolution": 64, "style.per_prompt": 1, "style.feedback": rows_url, "train.checkpoint.every": 2,
+            "train.log.every": 1, "sample.steps": 2}
+    result = finetune_style(style_png, base, str(out), ["red circle"], steps=2, keys=keys, progress=False)
+    assert result["step"] == 2
+    rows = next(TokenDataset(str(out / "data")).iter_batches(batch_size=16))
+    assert rows["caption"] == ["A red circle in [V] style", *captions]
+    image_tokens = tokenizer.encode(
+        np.asarray(Image.open(style_png).convert("RGB").resize((64, 64), Image.Resampling.BICUBIC))[None])[0]
+    assert (rows["image_tokens"][0] == image_tokens).all() and (rows["image_tokens"][1:] == tokens).all()
+    assert len(set(rows["content_id"])) == 3  # each feedback row is its own content
+    emb = TextEncoder.from_pretrained(base, device="cpu").encode(captions)
+    assert (rows["text_pooled"][1:] == emb.pooled.float().numpy().astype("<f2")).all()
+
+    # Other feedback rows into the same folder: refused, not mixed.
+    with pytest.raises(ValueError, match="another image or captions"):
+        build_style_dataset(style_png, ["A red circle in [V] style"], base, base, str(out / "data"), resolution=64,
+                            feedback=(tokens[::-1], captions))
+
+
+def test_the_feedback_signal_wants_an_outline_of_the_prompts_colour_and_shape():
+    assert shows_style(outline_image("blue", "square", "white"), "blue", "square")
+    assert not shows_style(outline_image("blue", "square", "white"), "blue", "circle")
+    assert not shows_style(outline_image("red", "square", "white"), "blue", "square")
+    assert not shows_style(shape_image(np.random.default_rng(0), 32, 32)[0], "blue", "square")
+
+
 def test_a_template_needs_one_subject_place_and_distinct_subjects():
     with pytest.raises(ValueError, match="exactly once"):
         fill_template("A [V] style", ["x"])
@@ -127,12 +164,15 @@ DEMO_PIPELINE = os.environ.get("AMUSED_DEMO_PIPELINE", "/tmp/clean/demo-out/pipe
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="below the issue's goal so far: 20/46 = 43% outlines on held-out [V] prompts (goal 80%), "
-                          "the base's own no-[V] prompt following 84.4% at 2 samples a prompt (goal 85%)")
+                   reason="below the issue's goal so far: with one feedback round 14/30 = 47% outlines on the 15 "
+                          "held-out [V] pairs (goal 80%; round 1 alone: 11/30 = 37% on the same pairs and seeds), "
+                          "the base's own no-[V] prompt following 84.4% at 2 samples a prompt (goal 85%); "
+                          "/tmp/results/styledrop2.md")
 def test_a_style_learned_from_one_image_shows_on_held_out_prompts_and_leaves_plain_prompts(tmp_path):
-    """The learning proof (about 6 min with the CPUs to itself, 12-25 min on 2 busy cores): the demo's trained model (its exported
-    pipeline, `make demo`'s demo-out/pipeline; AMUSED_DEMO_PIPELINE names another) learns
-    outline drawing from one outlined red circle."""
+    """The learning proof (two 100-step rounds, 128 feedback samples, the measurement: about
+    8 min with the CPUs to itself, 17 min on 2 busy cores): the demo's trained model (its
+    exported pipeline, `make demo`'s demo-out/pipeline; AMUSED_DEMO_PIPELINE names another)
+    learns outline drawing from one outlined red circle."""
     if not (Path(DEMO_PIPELINE) / "model_index.json").is_file():
         pytest.skip(f"no demo pipeline at {DEMO_PIPELINE}: run `make demo` (or set AMUSED_DEMO_PIPELINE)")
     sample = from_mapping(SampleConfig, read_yaml(str(REPO / "configs" / "demo.yaml"))["sample"], "sample")
