@@ -5,6 +5,7 @@ prompt)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -26,6 +27,24 @@ def prompt_following(images, prompts: list[str]) -> dict:
     return {"score": sum(hits) / len(hits), "matches": sum(hits), "samples": len(hits)}
 
 
+def seeded_tokens(sampler: Sampler, prompts: list[str], cfg: SampleConfig, per_prompt: int, seed: int = 0
+                  ) -> tuple[torch.Tensor, list[str]]:
+    """`per_prompt` token grids of each prompt, grid i of prompt p from its own generator (seed,
+    p, i), so a sample does not depend on the others; (tokens,
+    the prompt of each)."""
+    expanded = [p for p in prompts for _ in range(per_prompt)]
+    generators = [torch.Generator().manual_seed(seed * 1_000_003 + p * 1009 + i)
+                  for p in range(len(prompts)) for i in range(per_prompt)]
+    return sampler.generate(expanded, cfg, generators), expanded
+
+
+def seeded_samples(sampler: Sampler, prompts: list[str], cfg: SampleConfig, per_prompt: int, seed: int = 0
+                   ) -> tuple[np.ndarray, list[str]]:
+    """`seeded_tokens` decoded: (uint8 images, the prompt of each)."""
+    tokens, expanded = seeded_tokens(sampler, prompts, cfg, per_prompt, seed)
+    return sampler.decode(tokens), expanded
+
+
 def sample_grid(run_dir: str, prompts: list[str], out: str, cfg: SampleConfig, score_shapes: bool,
                 per_prompt: int = 4, seed: int = 0) -> dict:
     """Samples of the run's latest checkpoint (EMA weights): `per_prompt` per prompt, image
@@ -39,10 +58,7 @@ def sample_grid(run_dir: str, prompts: list[str], out: str, cfg: SampleConfig, s
     if file_exists(result_url) and read_json(result_url).get("checkpoint") == checkpoint:
         return read_json(result_url)
     sampler = Sampler.from_folders(load_trained_model(checkpoint), *checkpoint_models(checkpoint))
-    expanded = [p for p in prompts for _ in range(per_prompt)]
-    generators = [torch.Generator().manual_seed(seed * 1_000_003 + p * 1009 + i)
-                  for p in range(len(prompts)) for i in range(per_prompt)]
-    images = sampler.decode(sampler.generate(expanded, cfg, generators))
+    images, expanded = seeded_samples(sampler, prompts, cfg, per_prompt, seed)
     grid = save_png(image_grid(images, expanded, columns=per_prompt * 2, cell=max(96, images.shape[1])),
                     join(out, "grid.png"))
     result = {"checkpoint": checkpoint, "step": latest.step, "grid": grid, "images": len(images)}

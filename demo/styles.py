@@ -4,18 +4,17 @@ The style is "outline": the shape drawn as a ring of its colour around backgroun
 inside, where every demo image fills it. `outline_image` draws one like `shapes.shape_image`
 (same palette, centring and sizes); `is_outline` reads it back from the pixels: the shape's
 region (as `classify_shape_image` finds it) with its holes filled must be much larger than
-the region itself, and the middle of the filled region must be background-coloured.
+the region itself.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from amused.demo.shapes import COLOURS, SHAPES, classify_shape_image
-from amused.demo.showcase import prompt_following
+from amused.demo.showcase import prompt_following, seeded_samples, seeded_tokens
 from amused.training.config import SampleConfig
 from amused.training.inference.sample import Sampler
 
@@ -46,8 +45,7 @@ def outline_image(colour: str, shape: str, background: str, side: int = 32, widt
 
 def is_outline(img: Image.Image, hollow: float = 0.2) -> bool:
     """Whether the largest region that differs from the background is a ring: its filled
-    area is at least 1 / (1 - `hollow`) times its own, and the filled area's eroded core
-    is background-coloured. A filled shape (every demo image) has no hole; a decoder's
+    area is at least 1 / (1 - `hollow`) times its own. A filled shape (every demo image) has no hole; a decoder's
     stray pixels do not make one."""
     px = np.asarray(img.convert("RGB"), np.float32)
     border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
@@ -67,24 +65,6 @@ def is_outline(img: Image.Image, hollow: float = 0.2) -> bool:
         return False
     holes = filled & ~region
     return bool(holes.sum() >= hollow * filled.sum())
-
-
-def seeded_tokens(sampler: Sampler, prompts: list[str], cfg: SampleConfig, per_prompt: int, seed: int = 0
-                  ) -> tuple[torch.Tensor, list[str]]:
-    """`per_prompt` token grids of each prompt, grid i of prompt p from its own generator (seed,
-    p, i) as demo/showcase.py draws them, so a sample does not depend on the others; (tokens,
-    the prompt of each)."""
-    expanded = [p for p in prompts for _ in range(per_prompt)]
-    generators = [torch.Generator().manual_seed(seed * 1_000_003 + p * 1009 + i)
-                  for p in range(len(prompts)) for i in range(per_prompt)]
-    return sampler.generate(expanded, cfg, generators), expanded
-
-
-def seeded_samples(sampler: Sampler, prompts: list[str], cfg: SampleConfig, per_prompt: int, seed: int = 0
-                   ) -> tuple[np.ndarray, list[str]]:
-    """`seeded_tokens` decoded: (uint8 images, the prompt of each)."""
-    tokens, expanded = seeded_tokens(sampler, prompts, cfg, per_prompt, seed)
-    return sampler.decode(tokens), expanded
 
 
 def shows_style(img: Image.Image, colour: str, shape: str) -> bool:

@@ -19,7 +19,7 @@ from amused.orchestration.stages import STAGES, Stage
 from amused.pipeline.download import DownloadConfig
 from amused.pipeline.filter import FilterConfig
 from amused.pipeline.pretokenize import PretokenizeConfig
-from amused.plumbing.config import from_mapping, opt, read_yaml
+from amused.plumbing.config import dotted_parent, from_mapping, opt, read_yaml
 from amused.plumbing.storage import join
 from amused.tokenizer.presets import UVIT_CONFIGS, VQGAN_CONFIGS, downsample_of
 from amused.training.config import EvalConfig, SampleConfig, TrainConfig
@@ -110,16 +110,11 @@ class RunConfig(RunBase):
         return out
 
 
-def _section(cls: type, name: str, data: dict, derived: dict[str, Any]):
+def derive_section(cls: type, name: str, data: dict, derived: dict[str, Any]):
     """`cls` from the user's section plus the derived keys, refusing a derived key set by hand."""
     merged = _copy(data)
     for dotted, value in derived.items():
-        *parents, leaf = dotted.split(".")
-        node = merged
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"{name}.{p}: expected a mapping, got {node!r}")
+        node, leaf = dotted_parent(merged, dotted, name)
         if leaf in node:
             raise ValueError(f"{name}.{dotted} is set by the run (to {value!r}); remove it from the config")
         node[leaf] = value
@@ -164,7 +159,7 @@ def _stage_section(stage: Stage, run: RunBase, data: dict, parsed: dict[str, Any
     given = _given(data, stage.section)
     if stage.absent == "off" and not given:
         return None
-    return _section(stage.config, stage.section, {**stage.defaults(run), **_copy(given or {})},
+    return derive_section(stage.config, stage.section, {**stage.defaults(run), **_copy(given or {})},
                     stage.derived(run, parsed))
 
 

@@ -28,9 +28,9 @@ import yaml
 from PIL import Image
 
 from amused.demo.styles import held_out_prompts, measure_style, outline_image, seeded_samples, select_feedback
-from amused.orchestration.run_config import _section
+from amused.orchestration.run_config import derive_section
 from amused.pipeline.style_data import build_style_dataset, fill_template, read_image
-from amused.plumbing.config import from_mapping, opt, read_yaml
+from amused.plumbing.config import dotted_parent, from_mapping, opt, read_yaml
 from amused.plumbing.fsio import atomic_writer, file_exists, read_json, write_json_atomic
 from amused.plumbing.plots import image_grid, save_png
 from amused.plumbing.storage import join
@@ -97,9 +97,12 @@ def parse_styledrop_config(data: dict) -> StyleDropConfig:
         if not isinstance(data.get(key), str) or not data[key].strip():
             raise ValueError(f"{key}: expected a folder path, got {data.get(key)!r}")
     output, pretrained = data["output"], data["pretrained"]
-    train_cfg = _section(TrainConfig, "train", data.get("train") or {}, {
+    train_cfg = derive_section(TrainConfig, "train", data.get("train") or {}, {
         "run_dir": join(output, "train"), "data.dataset": join(output, "data"), "model.pretrained": pretrained,
         "model.vqgan": pretrained, "model.text_encoder": pretrained})
+    if not train_cfg.lora.enabled:
+        raise ValueError("train.lora.enabled: false would fine-tune every weight of the base on one image; a style "
+                         "fine-tune trains LoRA adapters")
     return StyleDropConfig(output=output, pretrained=pretrained,
                            style=from_mapping(StyleConfig, data.get("style") or {}, "style"), train=train_cfg,
                            sample=from_mapping(SampleConfig, data.get("sample") or {}, "sample"))
@@ -109,12 +112,7 @@ def with_keys(data: dict, keys: dict) -> dict:
     """`data` with each dotted key of `keys` ("train.optim.lr": 0.001) set (a copy)."""
     out = copy.deepcopy(data)
     for dotted, value in keys.items():
-        *parents, leaf = dotted.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"{dotted}: {p} is not a section")
+        node, leaf = dotted_parent(out, dotted, "styledrop config")
         node[leaf] = value
     return out
 
@@ -146,10 +144,11 @@ def finetune_style(image: str, pretrained: str, output: str, subjects: list[str]
 
 
 def run_styledrop(cfg: StyleDropConfig) -> dict:
-    with atomic_writer(join(cfg.output, "styledrop.yaml")) as fh:
-        fh.write(dump_config(cfg).encode())
+    # The dataset first: it refuses another image or other captions before the record is replaced.
     build_style_dataset(cfg.style.image, cfg.style.captions, cfg.pretrained, cfg.pretrained, cfg.dataset,
                         cfg.style.resolution, feedback=read_feedback(cfg.style.feedback) if cfg.style.feedback else None)
+    with atomic_writer(join(cfg.output, "styledrop.yaml")) as fh:
+        fh.write(dump_config(cfg).encode())
     result = train(cfg.train)
     return sample_style(cfg, result.checkpoint)
 
@@ -176,7 +175,7 @@ def sample_style(cfg: StyleDropConfig, checkpoint: str) -> dict:
     if file_exists(result_url) and read_json(result_url).get("checkpoint") == checkpoint:
         return read_json(result_url)
     prompts = list(cfg.style.prompts) or cfg.style.captions
-    sampler = Sampler.from_folders(load_trained_model(checkpoint, ema=cfg.train.ema.enabled), cfg.pretrained,
+    sampler = Sampler.from_folders(load_trained_model(checkpoint), cfg.pretrained,
                                    cfg.pretrained, lora_scale=cfg.style.lora_scale)
     images, expanded = seeded_samples(sampler, prompts, cfg.sample, cfg.style.per_prompt, cfg.style.seed)
     style = style_pixels(cfg.style.image, sampler.side)
@@ -229,7 +228,7 @@ def style_proof(pretrained: str, output: str, sample: SampleConfig, plain_prompt
     if feedback_pairs:
         rows = join(output, "feedback.npz")
         if not file_exists(rows):  # the round's samples are drawn once; a rerun trains on the same rows
-            round1 = Sampler.from_folders(load_trained_model(tuned_result["checkpoint"], ema=False), pretrained,
+            round1 = Sampler.from_folders(load_trained_model(tuned_result["checkpoint"]), pretrained,
                                           pretrained)
             tokens, captions, drawn = select_feedback(
                 round1, prompt, list(feedback_pairs), dataclasses.replace(sample, guidance_scale=feedback_guidance),
@@ -241,7 +240,7 @@ def style_proof(pretrained: str, output: str, sample: SampleConfig, plain_prompt
         tuned_result = finetune_style(image, pretrained, join(output, "round2"), list(subjects), prompt=prompt,
                                       steps=steps, lr=lr, progress=False, keys={**keys, "style.feedback": rows})
     checkpoint = tuned_result["checkpoint"]
-    tuned = Sampler.from_folders(load_trained_model(checkpoint, ema=False), pretrained, pretrained)
+    tuned = Sampler.from_folders(load_trained_model(checkpoint), pretrained, pretrained)
     base = Sampler.from_folders(load_pretrained_model(pretrained), pretrained, pretrained)
     style_prompts = held_out_prompts(prompt, {PROOF_IMAGE[:2], *feedback_pairs})
     figures, images = measure_style(tuned, base, style_prompts, plain_prompts, sample, per_prompt)

@@ -28,6 +28,18 @@ def opt(default: Any = REQUIRED, help: str = "", output: bool = True) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, "output": output})
 
 
+def dotted_parent(data: dict, dotted: str, where: str) -> tuple[dict, str]:
+    """The mapping in `data` that holds the dotted key's last part (made on the way as
+    needed), and that part: where "train.optim.lr" is set."""
+    *parents, leaf = dotted.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"{where}.{p}: expected a mapping, got {node!r}")
+    return node, leaf
+
+
 def section(factory: Callable[[], Any], output: bool = True, help: str = "") -> Any:
     """A nested config section (`factory` builds its default) with the same declaration."""
     return dataclasses.field(default_factory=factory, metadata={"help": help, "output": output})

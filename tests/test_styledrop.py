@@ -159,26 +159,44 @@ def test_the_outline_classifier_finds_outlines_and_not_filled_shapes():
     assert all(is_outline(img) for img in outlines)
 
 
-DEMO_PIPELINE = os.environ.get("AMUSED_DEMO_PIPELINE", "/tmp/clean/demo-out/pipeline")
+# The demo's exported pipeline (`make demo`); AMUSED_DEMO_PIPELINE names another.
+DEMO_PIPELINE = os.environ.get("AMUSED_DEMO_PIPELINE", str(REPO / "demo-out" / "pipeline"))
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="below the issue's goal so far: with one feedback round 14/30 = 47% outlines on the 15 "
-                          "held-out [V] pairs (goal 80%; round 1 alone: 11/30 = 37% on the same pairs and seeds), "
-                          "the base's own no-[V] prompt following 84.4% at 2 samples a prompt (goal 85%); "
-                          "/tmp/results/styledrop2.md")
-def test_a_style_learned_from_one_image_shows_on_held_out_prompts_and_leaves_plain_prompts(tmp_path):
-    """The learning proof (two 100-step rounds, 128 feedback samples, the measurement: about
-    8 min with the CPUs to itself, 17 min on 2 busy cores): the demo's trained model (its
-    exported pipeline, `make demo`'s demo-out/pipeline; AMUSED_DEMO_PIPELINE names another)
-    learns outline drawing from one outlined red circle."""
+@pytest.fixture(scope="module")
+def proof(tmp_path_factory) -> dict:
+    """The learning proof's figures (two 100-step rounds, 128 feedback samples, the
+    measurement: about 8 min with the CPUs to itself, 17 min on 2 busy cores): the demo's
+    trained model learns outline drawing from one outlined red circle."""
     if not (Path(DEMO_PIPELINE) / "model_index.json").is_file():
         pytest.skip(f"no demo pipeline at {DEMO_PIPELINE}: run `make demo` (or set AMUSED_DEMO_PIPELINE)")
     sample = from_mapping(SampleConfig, read_yaml(str(REPO / "configs" / "demo.yaml"))["sample"], "sample")
     plain = (REPO / "configs" / "demo-prompts.txt").read_text().splitlines()[:32]
-    figures = style_proof(DEMO_PIPELINE, str(tmp_path), sample, plain)["figures"]
-    assert figures["style_tuned"]["outline"] >= 0.8
-    assert figures["style_base"]["outline"] <= 0.1  # the classifier does not say yes to everything
-    assert figures["plain_scale0"]["prompt_following"] >= 0.85
-    assert figures["plain_base"]["prompt_following"] >= 0.85
+    return style_proof(DEMO_PIPELINE, str(tmp_path_factory.mktemp("proof")), sample, plain)["figures"]
+
+
+@pytest.mark.slow
+def test_a_style_learned_from_one_image_shows_on_held_out_prompts(proof):
+    """What the proof reaches today (measured: 47% outlines on held-out [V] prompts, 0% on
+    the base's samples of them): the style is learned, well above the classifier's false
+    positives, and the adapters at scale 0 are exactly the base."""
+    assert proof["style_base"]["outline"] <= 0.1  # the classifier does not say yes to everything
+    assert proof["style_tuned"]["outline"] >= proof["style_base"]["outline"] + 0.25
+    assert proof["plain_scale0"]["prompt_following"] == proof["plain_base"]["prompt_following"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="below the issue's goals so far (benchmarks/RESULTS.md, StyleDrop): 47% outlines on held-out "
+                          "[V] prompts (goal 80%), the base's own no-[V] prompt following 84.4% (goal 85%)")
+def test_the_style_reaches_the_issues_goals(proof):
+    assert proof["style_tuned"]["outline"] >= 0.8
+    assert proof["plain_scale0"]["prompt_following"] >= 0.85
+
+
+def test_a_style_fine_tune_without_adapters_is_refused_before_any_work(tmp_path, style_png):
+    """`--set train.lora.enabled=false` would fine-tune the whole base on one image."""
+    with pytest.raises(ValueError, match="train.lora.enabled"):
+        finetune_style(style_png, str(tmp_path / "base"), str(tmp_path / "out"), ["red circle"],
+                       keys={"train.lora.enabled": False})
+    assert not (tmp_path / "out").exists()
