@@ -66,8 +66,19 @@ def classify_shape_image(img: Image.Image) -> tuple[str, str, str]:
     def nearest(colour: np.ndarray) -> str:
         return names[int(np.argmin(((palette - colour) ** 2).sum(1)))]
 
-    border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
-    bg = np.median(border, axis=0)
+    mask, bg = shape_region(px)
+    if mask is None:
+        return "none", "none", nearest(bg)
+    shape = max(SHAPES, key=lambda name: _overlap(mask, name))
+    inside = ndimage.binary_erosion(mask)
+    return nearest(np.median(px[inside if inside.any() else mask], axis=0)), shape, nearest(bg)
+
+
+def shape_region(px: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """(the shape's pixels, the background colour) of an RGB float image: the background is
+    the border's median colour, the shape the largest connected region far from it (stray
+    pixels of a decoder do not count); None for the region when it covers under 2%."""
+    bg = np.median(np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]]), axis=0)
     distance = np.sqrt(((px - bg) ** 2).sum(-1))
 
     def largest_region(threshold: float) -> np.ndarray:
@@ -78,13 +89,10 @@ def classify_shape_image(img: Image.Image) -> tuple[str, str, str]:
 
     mask = largest_region(35)  # half the closest palette pair (yellow, orange)
     if mask.mean() < 0.02:
-        return "none", "none", nearest(bg)
+        return None, bg
     # A blurred edge is where the colour is half-way between shape and background; a
     # fixed threshold would take a wider, rounder outline on high-contrast pairs.
-    mask = largest_region(max(35.0, 0.5 * float(np.percentile(distance[mask], 90))))
-    shape = max(SHAPES, key=lambda name: _overlap(mask, name))
-    inside = ndimage.binary_erosion(mask)
-    return nearest(np.median(px[inside if inside.any() else mask], axis=0)), shape, nearest(bg)
+    return largest_region(max(35.0, 0.5 * float(np.percentile(distance[mask], 90)))), bg
 
 
 def _overlap(mask: np.ndarray, shape: str) -> float:

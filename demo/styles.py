@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from amused.demo.shapes import COLOURS, SHAPES, classify_shape_image
+from amused.demo.shapes import COLOURS, SHAPES, classify_shape_image, shape_region
 from amused.demo.showcase import prompt_following, seeded_samples, seeded_tokens
 from amused.training.config import SampleConfig
 from amused.training.inference.sample import Sampler
@@ -47,22 +47,10 @@ def is_outline(img: Image.Image, hollow: float = 0.2) -> bool:
     """Whether the largest region that differs from the background is a ring: its filled
     area is at least 1 / (1 - `hollow`) times its own. A filled shape (every demo image) has no hole; a decoder's
     stray pixels do not make one."""
-    px = np.asarray(img.convert("RGB"), np.float32)
-    border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
-    bg = np.median(border, axis=0)
-    distance = np.sqrt(((px - bg) ** 2).sum(-1))
-    def largest_region(threshold: float) -> np.ndarray:
-        regions, count = ndimage.label(distance > threshold)
-        if count == 0:
-            return np.zeros_like(distance, dtype=bool)
-        return regions == 1 + int(np.argmax(np.bincount(regions.ravel())[1:]))
-
-    region = largest_region(35)  # classify_shape_image's thresholds: a decoder blurs the ring's edges
-    if region.any():
-        region = largest_region(max(35.0, 0.5 * float(np.percentile(distance[region], 90))))
-    filled = ndimage.binary_fill_holes(region)
-    if region.sum() < 0.02 * region.size or filled.sum() == 0:
+    region, _ = shape_region(np.asarray(img.convert("RGB"), np.float32))  # the region the shape classifier reads
+    if region is None or region.sum() < 0.02 * region.size:
         return False
+    filled = ndimage.binary_fill_holes(region)
     holes = filled & ~region
     return bool(holes.sum() >= hollow * filled.sum())
 

@@ -134,7 +134,7 @@ def test_finetune_style_trains_adapters_samples_and_a_rerun_continues(tmp_path, 
     first = finetune_style(style_png, base, str(out), ["red circle", "round thing"], steps=2, keys=keys,
                            progress=False)
     assert first["step"] == 2 and Path(first["grid"]).is_file()
-    state = torch.load(Path(first["checkpoint"]) / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    state = torch.load(Path(first["checkpoint"]) / "mp_rank_00_model_states.pt", weights_only=True)["module"]
     assert state and all(".lora_" in name for name in state)  # adapters only
     shard = out / "data" / "00000.parquet"
     before = shard.stat().st_mtime_ns
