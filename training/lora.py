@@ -1,5 +1,5 @@
 """LoRA adapters (peft) on the U-ViT, through diffusers' own adapter API, so the names
-and scaling are the ones `AmusedPipeline.load_lora_weights` reads and writes.
+and scaling are the ones diffusers' aMUSEd LoRA loader (`AmusedLoraLoaderMixin`) reads and writes.
 
 A LoRA run (`lora.enabled`, always from `model.pretrained`) trains the adapters only, on
 the same DeepSpeed engine as a full run; its checkpoints hold only what it trains:

@@ -28,7 +28,7 @@ from diffusers.loaders import AmusedLoraLoaderMixin
 from amused.plumbing.fsio import upload_tree
 from amused.plumbing.storage import VQGAN_SUBFOLDERS, is_local, local_folder, resolve_subfolder, url_to_fs
 from amused.tokenizer.text import TextEncoder
-from amused.training.checkpoint import Checkpoint
+from amused.training.checkpoint import TRAINER, Checkpoint
 from amused.training.config import parse_config
 from amused.training.inference.quantize import ao_config, quantize_folder
 from amused.training.inference.sample import LORA_PREFIX, LORA_WEIGHTS, load_trained_model, uses_ema
@@ -114,12 +114,12 @@ def merge_adapters(model: UVit2DModel, scale: float = 1.0) -> UVit2DModel:
 
 
 def _lora_of(checkpoint: str) -> dict | None:
-    """The adapter settings of a LoRA checkpoint, None for a full one."""
-    cfg = Checkpoint.at(checkpoint).config(parse_config)
-    if not cfg.lora.enabled:
+    """The adapter record of a LoRA checkpoint (training/lora.py `record`: the base's path and
+    sha256, rank, alpha, targets, as its trainer state holds it), None for a full one."""
+    trained = Checkpoint.at(checkpoint)
+    if not trained.config(parse_config).lora.enabled:
         return None
-    return {"base": cfg.model.pretrained, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
-            "target_modules": list(cfg.lora.target_modules)}
+    return json.loads(trained.file(TRAINER).read_text()).get("lora")
 
 
 def _source(checkpoint: str, ema: bool) -> dict:
