@@ -29,9 +29,9 @@ from PIL import Image
 
 from amused.demo.styles import held_out_prompts, measure_style, outline_image, seeded_samples, select_feedback
 from amused.orchestration.run_config import derive_section
-from amused.pipeline.style_data import build_style_dataset, fill_template, read_image
+from amused.pipeline.style_data import build_style_dataset, fill_template
 from amused.plumbing.config import dotted_parent, from_mapping, opt, read_yaml
-from amused.plumbing.fsio import atomic_writer, file_exists, read_json, write_json_atomic
+from amused.plumbing.fsio import atomic_writer, file_exists, read_bytes, read_json, write_json_atomic
 from amused.plumbing.plots import image_grid, save_png
 from amused.plumbing.storage import join
 from amused.tokenizer.image import fit_image
@@ -163,7 +163,7 @@ def write_feedback(url: str, tokens: np.ndarray, captions: list[str]) -> str:
 
 
 def read_feedback(url: str) -> tuple[np.ndarray, list[str]]:
-    data = np.load(io.BytesIO(read_image(url)))
+    data = np.load(io.BytesIO(read_bytes(url)))
     return data["tokens"], [str(c) for c in data["captions"]]
 
 
@@ -189,7 +189,7 @@ def sample_style(cfg: StyleDropConfig, checkpoint: str) -> dict:
 
 def style_pixels(image: str, side: int) -> np.ndarray:
     """The style image as the grid shows it: centre-cropped to `side` pixels."""
-    return fit_image(Image.open(io.BytesIO(read_image(image))).convert("RGB"), side)
+    return fit_image(Image.open(io.BytesIO(read_bytes(image))).convert("RGB"), side)
 
 
 # The proof's style image: a shape the demo data has, in a style it never had (demo/styles.py).

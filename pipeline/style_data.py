@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from amused.pipeline import shards as fmt
 from amused.pipeline.images import BadSample, decode_views
+from amused.plumbing.fsio import read_bytes
 from amused.plumbing.storage import VQGAN_SUBFOLDERS, join, url_to_fs
 from amused.tokenizer.image import ImageTokenizer
 from amused.tokenizer.text import TextEncoder
@@ -44,12 +45,6 @@ def fill_template(template: str, subjects: list[str]) -> list[str]:
     return captions
 
 
-def read_image(url: str) -> bytes:
-    fs, path = url_to_fs(url)
-    with fs.open(path, "rb") as fh:
-        return fh.read()
-
-
 def build_style_dataset(image: str, captions: list[str], vqgan: str, text_encoder: str, output: str,
                         resolution: int, device: str = "cpu",
                         feedback: tuple[np.ndarray, list[str]] | None = None) -> fmt.Manifest:
@@ -57,7 +52,7 @@ def build_style_dataset(image: str, captions: list[str], vqgan: str, text_encode
     centre-cropped to `resolution`, tokenized by `vqgan`, one row per caption with the
     caption's `text_encoder` outputs (float16, as pretokenize stores them); then one row per
     `feedback` sample (its token grid, its caption)."""
-    data = read_image(image)
+    data = read_bytes(image)
     digest = hashlib.sha256(data).hexdigest()
     feedback_tokens, feedback_captions = feedback if feedback is not None else (None, [])
     tokenizer = ImageTokenizer.from_pretrained(vqgan, device=device)

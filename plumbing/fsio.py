@@ -98,10 +98,14 @@ def write_json_atomic(url: str, obj) -> None:
         fh.write(json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
-def read_json(url: str):
+def read_bytes(url: str) -> bytes:
     fs, path = url_to_fs(url)
     with fs.open(path, "rb") as fh:
-        return json.loads(fh.read())
+        return fh.read()
+
+
+def read_json(url: str):
+    return json.loads(read_bytes(url))
 
 
 def sha256_of(url: str) -> str:
