@@ -60,6 +60,8 @@ def output_settings(config: Any) -> Any:
 
 
 def _base_type(hint) -> type:
+    if typing.get_origin(hint) is typing.Literal:
+        return hint
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
 
@@ -76,7 +78,10 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, positional: tupl
                                 action=argparse.BooleanOptionalAction, help=help_text)
         else:
             required = f.default is REQUIRED
-            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, required=required,
+            # An enumeration fails at parse time, before any model loads.
+            choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, required=required, choices=choices,
+                                type=type(choices[0]) if choices else kind,
                                 default=None if required else f.default,
                                 help=help_text + ("" if required else f" (default: {f.default})"))
 
