@@ -1,16 +1,21 @@
 """The `amused` command: one subcommand per stage, each calling the stage's Python API.
 
-Exit status 0 on success; otherwise non-zero with a one-line reason on stderr
-(set AMUSED_DEBUG=1 for the traceback).
+Exit status 0 on success; 2 for a bad command line (argparse, before anything loads);
+otherwise 1 with a one-line reason on stderr (set AMUSED_DEBUG=1 for the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import importlib
+import importlib.metadata
 import json
+import logging
 import os
 import sys
+import tempfile
 
 from PIL import Image
 
@@ -18,8 +23,10 @@ from amused.pipeline.download import DownloadConfig, download
 from amused.pipeline.filter import FilterConfig, filter_metadata
 from amused.pipeline.inspect import format_inspect, inspect_dataset, reconstruction_grid, verify_dataset
 from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
-from amused.plumbing.config import add_config_args, config_from_args, read_yaml
+from amused.plumbing.config import HelpFormatter, add_config_args, config_from_args, read_yaml
 from amused.plumbing.plots import image_grid, save_png
+from amused.plumbing.raysession import ray_log
+from amused.plumbing.storage import is_local, join
 from amused.training.config import EvalConfig, SampleConfig, dump_config, load_config
 
 
@@ -231,7 +238,8 @@ def _vqgan_evaluate(args) -> int:
 
 def _run(args) -> int:
     cfg = run_config.load_run_config(args.config)
-    run_graph.run(cfg, only=args.only, start=args.start)
+    with _ray_log(args, cfg.run_dir):
+        run_graph.run(_progress_off(cfg) if args.quiet else cfg, only=args.only, start=args.start)
     print(run_status.status(cfg.run_dir))
     return 0
 
@@ -247,23 +255,49 @@ def _config(args) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """Every (sub)command's parser: help shows each option's default once (HelpFormatter);
+    subparsers are made of this class too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("amused-pipeline")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="amused", description="aMUSEd data-and-training pipeline")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="amused", description="aMUSEd data-and-training pipeline")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="no progress bars and no log messages below errors: the result line and errors only")
+    parser.add_argument("--log-level", choices=LOG_LEVELS,
+                        help="Python logging level (default: warning, error with --quiet); debug also leaves Ray's "
+                             "start-up and C++ messages on the terminal instead of logs/ray.log in the run or "
+                             "output folder")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     models = sub.add_parser("models", help="model folders").add_subparsers(dest="models_command", required=True)
     tiny = models.add_parser("tiny", help="write small random VQ-GAN, CLIP text and U-ViT folders")
-    tiny.add_argument("out")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("out", help="new folder (vqgan/ text_encoder/ tokenizer/ transformer/ in it)")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     tiny.set_defaults(func=_models_tiny)
 
     synth = sub.add_parser("synth", help="write webdataset shards of generated captioned images")
-    synth.add_argument("out")
-    synth.add_argument("--shards", type=int, default=2)
-    synth.add_argument("--per-shard", type=int, default=16)
-    synth.add_argument("--min-size", type=int, default=64)
-    synth.add_argument("--max-size", type=int, default=160)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("out", help="folder for the shards NNNNN.tar")
+    synth.add_argument("--shards", type=int, default=2, help="shards written")
+    synth.add_argument("--per-shard", type=int, default=16, help="images per shard")
+    synth.add_argument("--min-size", type=int, default=64, help="smallest image side in pixels")
+    synth.add_argument("--max-size", type=int, default=160, help="largest image side in pixels")
+    synth.add_argument("--seed", type=int, default=0, help="seed of the shapes, colours and sizes")
     synth.set_defaults(func=_synth)
 
     filt = sub.add_parser("filter", help="image-text metadata Parquet -> filtered, shuffled download shards (Ray)")
@@ -295,12 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--output", required=True, help="PNG grid, prompts under images (local or s3://)")
     sample.add_argument("--vqgan", help="default: the checkpoint config's model.vqgan, or the --pretrained folder")
     sample.add_argument("--text-encoder", help="default: the checkpoint config's model.text_encoder, or --pretrained")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--device", default="cpu")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the generator")
+    sample.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     sample.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
     sample.add_argument("--lora", help="LoRA adapters to add (a folder amused export --lora wrote; local or s3://)")
     sample.add_argument("--lora-scale", type=float,
-                        help="the adapters' weight, as diffusers' lora scale (default 1; 0 = the base alone)")
+                        help="the adapters' weight, as diffusers' lora scale (default: 1; 0 = the base alone)")
     sample.add_argument("--quantize", choices=("int8",),
                         help="int8 U-ViT linears with torchao (CPU: dynamic int8 activations, compiled; GPU: "
                              "int8 weights); the VQ-GAN and text encoder stay float")
@@ -358,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--inception", required=True, help="FID Inception weights file")
     fid.add_argument("--resolution", type=int, default=256, help="shorter side resized to this, centre-cropped")
     fid.add_argument("--max-images", type=int, default=0, help="0 = all")
-    fid.add_argument("--batch-size", type=int, default=32)
+    fid.add_argument("--batch-size", type=int, default=32, help="images per Inception batch")
     fid.set_defaults(func=_fid_stats)
 
     vq = sub.add_parser("vqgan", help="the image tokenizer").add_subparsers(dest="vqgan_command", required=True)
@@ -368,17 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
     vq_train.set_defaults(func=_vqgan_train)
     vq_export = vq.add_parser("export", help="a VQ-GAN checkpoint as a VQModel folder")
     vq_export.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_N (local or s3://)")
-    vq_export.add_argument("--output", required=True)
+    vq_export.add_argument("--output", required=True, help="new VQModel folder (local or s3://)")
     vq_export.set_defaults(func=_vqgan_export)
     vq_eval = vq.add_parser("evaluate", help="PSNR, codebook usage, rFID and a reconstruction PNG on held-out images")
     vq_eval.add_argument("--vqgan", required=True, help="VQModel folder or pipeline folder with vqvae/")
     vq_eval.add_argument("--images", required=True, help="held-out webdataset shards (folder, .tar or glob)")
     vq_eval.add_argument("--output", required=True, help="folder for vqgan_eval.json and reconstructions.png")
-    vq_eval.add_argument("--resolution", type=int, default=256)
-    vq_eval.add_argument("--batch-size", type=int, default=16)
+    vq_eval.add_argument("--resolution", type=int, default=256, help="shorter side resized to this, centre-cropped")
+    vq_eval.add_argument("--batch-size", type=int, default=16, help="images per VQ-GAN batch")
     vq_eval.add_argument("--max-images", type=int, default=0, help="0 = all")
     vq_eval.add_argument("--inception", help="FID Inception weights file: adds reconstruction FID")
-    vq_eval.add_argument("--device", default="cpu")
+    vq_eval.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     vq_eval.set_defaults(func=_vqgan_evaluate)
 
     run = sub.add_parser("run", help="the whole run graph from one config; resumes and skips what is done")
@@ -387,34 +421,103 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and the ones after it")
     run.set_defaults(func=_run)
     st = sub.add_parser("status", help="a run's stages, progress, counts, latest checkpoint and metrics")
-    st.add_argument("run_dir")
+    st.add_argument("run_dir", help="the run folder (a config's run_dir; local or s3://)")
     st.set_defaults(func=_status)
     config = sub.add_parser("config", help="run configs").add_subparsers(dest="config_command", required=True)
     for name, text in (("validate", "check a run config (types, ranges, derived keys) without running"),
                        ("show", "print a run config with every default and derived path filled in")):
         c = config.add_parser(name, help=text)
-        c.add_argument("file")
+        c.add_argument("file", help="run config YAML")
         c.set_defaults(func=_config)
 
     shards = sub.add_parser("shards", help="token datasets").add_subparsers(dest="shards_command", required=True)
     verify = shards.add_parser("verify", help="check manifest, files, checksums, row counts, dtypes and shapes")
-    verify.add_argument("url")
-    verify.add_argument("--checksums", action=argparse.BooleanOptionalAction, default=True)
+    verify.add_argument("url", help="token dataset folder (local or s3://)")
+    verify.add_argument("--checksums", action=argparse.BooleanOptionalAction, default=True,
+                        help="hash every shard against its sha256 in the manifest (--no-checksums: the other checks only)")
     verify.set_defaults(func=_shards_verify)
     inspect = shards.add_parser("inspect", help="rows, bytes per column, caption lengths, codebook usage")
-    inspect.add_argument("url")
+    inspect.add_argument("url", help="token dataset folder (local or s3://)")
     inspect.add_argument("--max-rows", type=int, default=100_000, help="rows read for the codebook statistics")
-    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("--json", action="store_true", help="print the figures as JSON")
     inspect.add_argument("--grid", help="write a PNG of the first rows' tokens decoded by the VQ-GAN")
     inspect.add_argument("--vqgan", help="VQ-GAN for --grid (default: the one recorded in the manifest)")
     inspect.set_defaults(func=_shards_inspect)
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each message (Ray sessions move it; tests capture it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def _setup_logging(level: str) -> None:
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """os.environ with `values` set (child processes and Ray workers inherit them), then as before."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _ray_log(args, *folders: str | None):
+    """Ray sessions opened inside write Ray's messages to logs/ray.log in the first local one of
+    `folders` (a run folder, an output folder), else in the temp folder (a file descriptor cannot
+    point at s3); with --log-level debug, to the terminal."""
+    if args.log_level == "debug":
+        return ray_log(None)
+    local = [f for f in folders if f and is_local(f)]
+    return ray_log(join(local[0], "logs", "ray.log") if local
+                   else os.path.join(tempfile.gettempdir(), "amused", "logs", "ray.log"))
+
+
+def _progress_off(cfg):
+    """`cfg` with every (nested) config's `progress` switch off (--quiet); progress never changes
+    what a stage writes, so its fingerprints stay."""
+    if not dataclasses.is_dataclass(cfg):
+        return cfg
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        new = False if f.name == "progress" and isinstance(value, bool) else _progress_off(value)
+        if new is not value:
+            changes[f.name] = new
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level or ("error" if args.quiet else "warning"))
+    # tqdm's own switch: every bar that does not decide for itself, here and in child processes
+    # (img2dataset's, Hugging Face's, the evaluation's); a stage's own bars follow its progress flag.
+    quiet = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"} if args.quiet else {}
+    if args.quiet and "progress" in vars(args):
+        args.progress = False
     try:
-        return args.func(args)
+        with _environ(quiet), _ray_log(args, getattr(args, "run", None), getattr(args, "output", None)):
+            return args.func(args)
     except Exception as exc:
         if os.environ.get("AMUSED_DEBUG"):
             raise

@@ -51,6 +51,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -123,6 +124,9 @@ def classify(error_message: str | None) -> tuple[str, str]:
     return "other", "permanent"
 
 
+Distributor = Literal["multiprocessing", "ray"]  # the CLI's choices and a YAML config's check
+
+
 @dataclass
 class DownloadConfig:
     input: str = opt(help="filtered metadata Parquet: a file, a folder of *.parquet or a glob")
@@ -149,8 +153,9 @@ class DownloadConfig:
     robots: bool = opt(True, "fetch each domain's robots.txt once per download process and skip what it disallows")
     retry_failed: bool = opt(False, "fetch the transient failures again and add the successes as new shards")
     max_attempts: int = opt(3, "attempts per sample, first download included, before a failure is final")
-    distributor: str = opt("multiprocessing", "img2dataset distributor, and where the per-shard work runs: "
-                                              "multiprocessing (local processes) or ray (tasks on the cluster)")
+    distributor: Distributor = opt(
+        "multiprocessing", "img2dataset distributor, and where the per-shard work runs: multiprocessing (local "
+                           "processes) or ray (tasks on the cluster)")
     ray_address: str | None = opt(None, "Ray cluster address with distributor ray (default: the running or a "
                                         "local Ray)", output=False)
 
@@ -161,8 +166,8 @@ class DownloadConfig:
                 raise ValueError(f"{name}: {getattr(self, name)!r} must be >= 1")
         if not 1 <= self.encode_quality <= 100:
             raise ValueError(f"encode_quality: {self.encode_quality!r} must be a JPEG quality in 1..100")
-        if self.distributor not in ("multiprocessing", "ray"):
-            raise ValueError(f"distributor: {self.distributor!r}: expected multiprocessing or ray")
+        if self.distributor not in get_args(Distributor):
+            raise ValueError(f"distributor: {self.distributor!r}: expected {' or '.join(get_args(Distributor))}")
         if self.user_agent_token is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", self.user_agent_token):
             raise ValueError(f"user_agent_token: {self.user_agent_token!r}: letters, digits, '.', '_' and '-' only "
                              f"(it goes into the User-Agent header and is matched in X-Robots-Tag)")

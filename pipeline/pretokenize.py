@@ -27,7 +27,7 @@ import os
 import pickle
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Literal, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +51,12 @@ from amused.plumbing.fsio import list_files
 from amused.plumbing.raysession import ray_session
 from amused.plumbing.storage import VQGAN_SUBFOLDERS, url_to_fs
 
+# Literal types: the CLI's choices and a YAML config's checks (plumbing.config) come from these.
+Crop = Literal["center", "random"]
+Device = Literal["auto", "cpu", "cuda"]
+Dtype = Literal["auto", "fp32", "bf16"]
+CROPS, DEVICES, DTYPES = get_args(Crop), get_args(Device), get_args(Dtype)
+
 
 @dataclass
 class PretokenizeConfig:
@@ -59,16 +65,17 @@ class PretokenizeConfig:
     vqgan: str = opt(help="VQModel folder, or a diffusers pipeline folder with vqvae/")
     text_encoder: str = opt(help="folder with text_encoder/ + tokenizer/, or one CLIP text folder")
     resolution: int = opt(256, "square crop size in pixels: a multiple of 8 and of the VQ-GAN's pixels per token")
-    crop: str = opt("center", "center or random")
+    crop: Crop = opt("center", "how each image becomes a square: its centre, or random crops (--views)")
     views: int = opt(1, "random-crop views stored per image (needs --crop random)")
     seed: int = opt(0, "seed of the random crops")
     min_side: int = opt(32, "skip images whose shorter side is below this")
     max_pixels: int = opt(64_000_000, "skip images whose header declares more pixels (decompression bombs)")
     batch_size: int = opt(64, "images per chunk: the encoder batch, before views")
     encoders: int | None = opt(None, "encoder actors (default: one per GPU, else 1)", output=False)
-    device: str = opt("auto", "auto, cpu or cuda (auto: cuda when the Ray cluster has GPUs)", output=False)
-    dtype: str = opt("auto", "auto, fp32 or bf16 (auto: bf16 on GPU, fp32 on CPU); fp16 is refused")
-    text: str = opt("states", "what a sample stores of its caption: states (the text encoder's outputs, ~118 KB "
+    device: Device = opt("auto", "encoder device (auto: cuda when the Ray cluster has GPUs)", output=False)
+    dtype: Dtype = opt("auto", "encoder precision (auto: bf16 on GPU, fp32 on CPU); no fp16: the aMUSEd VQ-GAN "
+                               "overflows to NaN in it")
+    text: Literal[fmt.TEXT_MODES] = opt("states", "what a sample stores of its caption: states (the text encoder's outputs, ~118 KB "
                               "at 256 px) or ids (its 77 CLIP token ids, 154 B; training runs the frozen tower)")
     encoder_cpus: float = opt(1.0, "CPUs reserved by each CPU encoder actor", output=False)
     encoder_threads: int | None = opt(None, "torch threads per CPU encoder (default: cores / encoders)", output=False)
@@ -116,11 +123,6 @@ class PretokenizeConfig:
             raise bad("encoder_threads", "an integer >= 1, or unset")
         if not self.decode_cpus > 0:
             raise bad("decode_cpus", "a number > 0")
-
-
-CROPS = ("center", "random")
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "fp32", "bf16")
 
 
 @dataclass

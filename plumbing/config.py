@@ -1,4 +1,5 @@
-"""Typed-config helpers: a field with help text, and argparse flags derived from a dataclass.
+"""Typed-config helpers: a field with help text, and argparse flags derived from a dataclass
+(their defaults shown by `HelpFormatter`).
 
 Each component owns its config dataclass; the CLI derives its flags from the fields,
 so a flag, its type, default and help are written once.
@@ -66,6 +67,21 @@ def _base_type(hint) -> type:
     return args[0] if args else hint
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse help that shows an option's default once, after its help text; not where the
+    text already speaks of its default (one described in words, or BooleanOptionalAction's
+    own suffix before Python 3.13), nor for a required option, a positional, or a default
+    that says nothing (None, "", a switch that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if ("default" in text or action.required or not action.option_strings
+                or default is None or default == "" or default is argparse.SUPPRESS
+                or (action.nargs == 0 and default is False)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = ()) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -82,8 +98,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, positional: tupl
             choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
             parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, required=required, choices=choices,
                                 type=type(choices[0]) if choices else kind,
-                                default=None if required else f.default,
-                                help=help_text + ("" if required else f" (default: {f.default})"))
+                                default=None if required else f.default, help=help_text)
 
 
 def config_from_args(cls: type, args: argparse.Namespace):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
+import sys
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -19,20 +23,77 @@ def ray_session(address: str | None) -> Iterator[None]:
     # ray costs 1.2-1.7 s to import; the configs of the jobs that call this are imported by
     # the CLI and the run config, which must not pay it.
     import ray
+    import ray.data  # configures the ray.data loggers, which _ray_messages_to then redirects
 
     started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": storage_env()})
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    log = os.environ.get(LOG_ENV) if started else None
+    with _ray_messages_to(log) if log else contextlib.nullcontext():
+        if started:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": storage_env()})
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            if started:
+                ray.shutdown()
+
+
+# A local file: while a session this process started is open, Ray's messages go there instead
+# of the terminal (the CLI sets it, to RUN_DIR/logs/ray.log or the like, unless --log-level debug).
+LOG_ENV = "AMUSED_RAY_LOG"
+
+
+@contextmanager
+def ray_log(path: str | None) -> Iterator[None]:
+    """Sessions opened inside send Ray's messages to the local file `path` (None: the terminal);
+    an environment variable, so that child processes do the same."""
+    saved = os.environ.pop(LOG_ENV, None)
+    if path:
+        os.environ[LOG_ENV] = path
     try:
         yield
     finally:
-        if started:
-            ray.shutdown()
+        os.environ.pop(LOG_ENV, None)
+        if saved is not None:
+            os.environ[LOG_ENV] = saved
+
+
+@contextmanager
+def _ray_messages_to(path: str) -> Iterator[None]:
+    """File descriptor 2, where Ray's C++ core writes (the `core_worker.cc ... constructor
+    arguments in the object store` line of every Ray Data actor pool) and the processes Ray
+    starts inherit, and the `ray` loggers (which write to sys.stderr) go to `path`; sys.stderr
+    moves to a copy of the terminal's descriptor, so that progress bars, warnings and errors
+    still show there."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    terminal_fd, stderr = os.dup(2), sys.stderr
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(f"--- Ray session of pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        log.flush()
+        os.dup2(log.fileno(), 2)
+        handler = logging.StreamHandler(log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        loggers = [logging.getLogger(name) for name in ("ray", "ray.data")]
+        saved = [(lg.handlers, lg.propagate) for lg in loggers]
+        for lg, (handlers, _) in zip(loggers, saved):  # Ray's own log files stay
+            lg.handlers, lg.propagate = [h for h in handlers if isinstance(h, logging.FileHandler)] + [handler], False
+        sys.stderr = open(terminal_fd, "w", buffering=1, encoding=stderr.encoding or "utf-8",
+                          errors="backslashreplace", closefd=False)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            for lg, (handlers, propagate) in zip(loggers, saved):
+                lg.handlers, lg.propagate = handlers, propagate
+            sys.stderr = stderr
+            os.dup2(terminal_fd, 2)
+            os.close(terminal_fd)
 
 
 def ray_tasks(fn: Callable[..., dict], calls: list[dict], in_flight: int, **options) -> Iterator[dict]:

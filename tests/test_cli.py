@@ -10,6 +10,7 @@ from amused.orchestration.cli import main
 from amused.pipeline.pretokenize import list_input_shards
 from amused.tokenizer.image import ImageTokenizer
 from tests.samples import write_dataset
+from tests.test_cli_units import enumerated_flags
 
 
 def test_models_tiny_and_synth_write_what_the_loaders_read(tmp_path, capsys):
@@ -53,3 +54,31 @@ def test_help_loads_no_model_stack_and_every_lazy_module_exists():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
     lazy = [v.__name__ for v in vars(cli).values() if isinstance(v, cli.LazyModule)]
     assert lazy and [name for name in lazy if importlib.util.find_spec(name) is None] == []
+
+
+def test_a_bad_choice_exits_2_naming_it_before_torch_is_imported():
+    """Every enumerated flag, in one fresh interpreter: each bad value is a usage error (exit
+    status 2, argparse's one-line message naming the flag), and nothing imported torch."""
+    cases = [(argv, "centre" if argv[-1] == "--crop" else "cosin") for argv, _ in enumerated_flags()]
+    code = f"""
+import contextlib, io, json, sys
+from amused.orchestration.cli import main
+out = []
+for argv, bad in {cases!r}:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            main(argv + [bad])
+            status = 0
+        except SystemExit as exc:
+            status = exc.code
+    out.append([argv, status, err.getvalue().strip().splitlines()[-1]])
+print(json.dumps({{"results": out, "torch": "torch" in sys.modules}}))
+"""
+    result = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                       check=True).stdout)
+    assert not result["torch"]
+    assert len(result["results"]) == len(cases) >= 9
+    for argv, status, last in result["results"]:
+        assert status == 2, argv
+        assert "invalid choice" in last and argv[-1] in last, (argv, last)
