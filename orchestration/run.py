@@ -56,7 +56,8 @@ def plan(cfg: RunConfig) -> dict[str, tuple[str, Any]]:
             out[stage.name] = ("off", None)
             continue
         settings = json.loads(json.dumps(stage.settings(cfg), default=str))
-        out[stage.name] = (_fingerprint(settings, [out[a][0] for a in stage.after]), settings)
+        inputs = [out[a][0] for a in stage.after] + [out[a][0] for a in stage.late_after if out[a][0] != "off"]
+        out[stage.name] = (_fingerprint(settings, inputs), settings)
     return out
 
 
@@ -146,12 +147,12 @@ def _run_locked(cfg: RunConfig, selected: set[str], log) -> dict[str, dict]:
 def _upstream(stage: Stage) -> set[str]:
     by_name = {s.name: s for s in STAGES}
     seen: set[str] = set()
-    todo = list(stage.after)
+    todo = [*stage.after, *stage.late_after]
     while todo:
         name = todo.pop()
         if name not in seen:
             seen.add(name)
-            todo.extend(by_name[name].after)
+            todo.extend((*by_name[name].after, *by_name[name].late_after))
     return seen
 
 

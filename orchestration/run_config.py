@@ -18,6 +18,7 @@ from typing import Any
 from amused.orchestration.stages import STAGES, Stage
 from amused.pipeline.download import DownloadConfig
 from amused.pipeline.filter import FilterConfig
+from amused.pipeline.ingest import INPUTS, IngestConfig, check_inputs
 from amused.pipeline.pretokenize import PretokenizeConfig
 from amused.plumbing.config import dotted_parent, from_mapping, opt, read_yaml
 from amused.plumbing.storage import join
@@ -43,16 +44,52 @@ class SyntheticSource:
             raise ValueError("source.synthetic: images >= 1, 8 <= min_size <= max_size, 0 < port < 65536, seed >= 0")
 
 
+def _ingest_field(name: str):
+    """The `ingest` setting `name` with its default and help: the source declares the
+    ingest stage's inputs, and the derived ingest section takes them from it."""
+    f = next(f for f in dataclasses.fields(IngestConfig) if f.name == name)
+    return dataclasses.field(default=f.default, metadata=f.metadata)
+
+
+SOURCE_KINDS = ("metadata", "synthetic", "images", "hf_dataset")
+
+
 @dataclass
 class SourceConfig:
     metadata: str | None = opt(None, "image-text metadata Parquet (file, folder or glob; local or s3)")
     synthetic: SyntheticSource | None = opt(None, "generate the images and their metadata instead")
+    # Your own images, made into shards by the ingest stage (filter and download do not run).
+    images: str | None = _ingest_field("images")
+    captions: str | None = _ingest_field("captions")
+    file_column: str = _ingest_field("file_column")
+    hf_dataset: str | None = _ingest_field("hf_dataset")
+    image_column: str = _ingest_field("image_column")
+    caption_column: str = _ingest_field("caption_column")
+    split: str = _ingest_field("split")
 
     def __post_init__(self):
-        if (self.metadata is None) == (self.synthetic is None):
-            raise ValueError("source: give exactly one of metadata (a Parquet URL) or synthetic (generated images)")
+        kinds = [k for k in SOURCE_KINDS if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("source: give exactly one of metadata (a Parquet URL), synthetic (generated images), "
+                             "images (a folder of your own) or hf_dataset (a datasets folder)"
+                             + (f"; got {', '.join(kinds)}" if kinds else ""))
         if self.metadata is not None and not self.metadata.strip():
             raise ValueError("source.metadata: expected a Parquet URL, got ''")
+        if self.ingested:
+            check_inputs(self.images, self.captions, self.hf_dataset, "source")
+        else:
+            for f in dataclasses.fields(self):
+                if f.name in INPUTS and getattr(self, f.name) != f.default:
+                    raise ValueError(f"source.{f.name}: goes with images or hf_dataset, not {kinds[0]}")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in SOURCE_KINDS if getattr(self, k) is not None)
+
+    @property
+    def ingested(self) -> bool:
+        """Images the ingest stage reads, rather than metadata that filter and download fetch."""
+        return self.images is not None or self.hf_dataset is not None
 
 
 @dataclass
@@ -94,8 +131,9 @@ class RunBase:
 @dataclass
 class RunConfig(RunBase):
     # One field per stage section of STAGES, in stage order (a test checks they agree).
-    filter: FilterConfig
-    download: DownloadConfig
+    filter: FilterConfig | None  # None: the source is ingested
+    download: DownloadConfig | None
+    ingest: IngestConfig | None  # None: the source is fetched
     vqgan: VQGANConfig | None
     pretokenize: PretokenizeConfig
     train: TrainConfig
@@ -157,6 +195,11 @@ def _stage_section(stage: Stage, run: RunBase, data: dict, parsed: dict[str, Any
     """The stage's section from what is written, its run-dependent defaults and the keys
     the run derives; None where the stage is off for want of it."""
     given = _given(data, stage.section)
+    if stage.applies is not None and not stage.applies(run):
+        if given:
+            raise ValueError(f"{stage.section}: the {stage.name} stage does not run for source.{run.source.kind}; "
+                             f"remove the section")
+        return None
     if stage.absent == "off" and not given:
         return None
     return derive_section(stage.config, stage.section, {**stage.defaults(run), **_copy(given or {})},
@@ -176,6 +219,8 @@ def parse_run_config(data: Any) -> RunConfig:
     data_dir = _folder(data, "data_dir", join(run_dir, "data"))
     ray = from_mapping(RayConfig, _given(data, "ray") or {}, "ray")
     source = from_mapping(SourceConfig, data["source"], "source")
+    source = dataclasses.replace(source, **{k: _absolute(getattr(source, k)) for k in ("images", "captions", "hf_dataset")
+                                            if getattr(source, k) is not None})
     models = from_mapping(ModelsConfig, data["models"], "models")
     models = dataclasses.replace(models, **{f.name: _absolute(getattr(models, f.name)) for f in dataclasses.fields(models)
                                             if getattr(models, f.name) not in ("", "tiny", "train")})

@@ -31,6 +31,7 @@ from amused.demo.site import ImageServer, write_shape_site
 from amused.demo.tiny_models import write_tiny_clip, write_tiny_text_encoder
 from amused.pipeline.download import DownloadConfig, download
 from amused.pipeline.filter import FilterConfig, filter_metadata
+from amused.pipeline.ingest import INPUTS, IngestConfig, ingest
 from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
 from amused.plumbing.config import output_settings
 from amused.plumbing.fsio import exists, file_exists, list_files, upload_tree
@@ -69,6 +70,12 @@ class Stage:
     # A section not written: its config's defaults, an error, or the stage is off
     # (also when empty or null).
     absent: Literal["defaults", "required", "off"] = "defaults"
+    # Where not applies(top of the run config), the section is None (writing it is an error)
+    # and the stage is off: which stages run depends on the source.
+    applies: Callable[[RunBase], bool] | None = None
+    # Inputs added after runs existed: one that is off adds nothing to the fingerprint, so
+    # a run made before keeps its fingerprints and its finished stages.
+    late_after: tuple[str, ...] = ()
     depends: Callable[[RunConfig], Any] | None = None  # the settings, where more than the section's
     when: Callable[[RunConfig], bool] | None = None  # on, where more than "its section is given"
     # Units of work present so far, read from its outputs alone (`amused status`).
@@ -81,7 +88,7 @@ class Stage:
     def enabled(self, cfg: RunConfig) -> bool:
         if self.when is not None:
             return self.when(cfg)
-        return self.absent != "off" or getattr(cfg, self.section) is not None
+        return getattr(cfg, self.section) is not None
 
 
 # ----- source -----------------------------------------------------------------------------
@@ -155,6 +162,15 @@ def run_download(cfg: RunConfig) -> dict:
             "failed": summary.failures, "refused": {k: v for k, v in summary.policy_rejected.items() if v}}
 
 
+def run_ingest(cfg: RunConfig) -> dict:
+    report = ingest(cfg.ingest)
+    print(report.summary())
+    if not report.ok:
+        raise RuntimeError(f"ingest found no usable image in source.{cfg.source.kind}")
+    return {"shards": report.shards_total, "samples": report.samples, "ingested": report.successes,
+            "skipped": report.skipped}
+
+
 def run_vqgan(cfg: RunConfig) -> dict:
     result = train_vqgan(cfg.vqgan)
     target = cfg.pretokenize.vqgan
@@ -213,7 +229,7 @@ def _fid_reference(cfg: RunConfig) -> None:
 
     ev = cfg.evaluate
     if not exists(ev.reference):
-        fid_reference(cfg.download.output, ev.reference, ev.inception, cfg.pretokenize.resolution,
+        fid_reference(_images(cfg), ev.reference, ev.inception, cfg.pretokenize.resolution,
                       max_images=ev.max_prompts or len(read_prompts(ev.prompts)))
 
 
@@ -244,6 +260,15 @@ def _steps(section) -> str:
     return f"step {latest.step if latest else 0}/{section.steps}"
 
 
+def _images(run: RunBase) -> str:
+    """The image shards the later stages read, written by download or by ingest."""
+    return join(run.data_dir, "images")
+
+
+def _fetched(run: RunBase) -> bool:
+    return not run.source.ingested
+
+
 def _vqgan_model(run: RunBase) -> str:
     """The VQ-GAN folder the stages read: the models stage's tiny one, the vqgan stage's
     export, or the folder the config names."""
@@ -272,20 +297,26 @@ STAGES: tuple[Stage, ...] = (
     Stage("models", (), lambda c: [join(c.run_dir, "models")], run_models,
           depends=_tiny_models, when=lambda c: any(_tiny_models(c).values())),
     Stage("filter", ("source",), lambda c: [c.filter.output], run_filter, section="filter", config=FilterConfig,
+          applies=_fetched,
           derived=lambda run, s: {"input": run.source.metadata or join(run.data_dir, "source/metadata"),
                                   "output": join(run.data_dir, "filtered"), "ray_address": run.ray.address or None},
           progress=lambda c: _shards(c.filter.output, ".parquet")),
     Stage("download", ("filter",), lambda c: [c.download.output], run_download, section="download",
-          config=DownloadConfig,
-          derived=lambda run, s: {"input": s["filter"].output, "output": join(run.data_dir, "images")},
+          config=DownloadConfig, applies=_fetched,
+          derived=lambda run, s: {"input": s["filter"].output, "output": _images(run)},
           progress=lambda c: _shards(c.download.output, ".tar")),
+    Stage("ingest", (), lambda c: [c.ingest.output], run_ingest, section="ingest", config=IngestConfig,
+          applies=lambda run: run.source.ingested,
+          derived=lambda run, s: {"output": _images(run), "ray_address": run.ray.address or None,
+                                  **{k: getattr(run.source, k) for k in INPUTS}},
+          progress=lambda c: _shards(c.ingest.output, "_stats.json")),
     Stage("vqgan", ("download", "models"), lambda c: [c.vqgan.run_dir], run_vqgan, section="vqgan",
-          config=VQGANConfig, absent="off",
-          derived=lambda run, s: {"run_dir": join(run.run_dir, "vqgan"), "data.images": s["download"].output},
+          config=VQGANConfig, absent="off", late_after=("ingest",),
+          derived=lambda run, s: {"run_dir": join(run.run_dir, "vqgan"), "data.images": _images(run)},
           progress=lambda c: _steps(c.vqgan)),
     Stage("pretokenize", ("download", "vqgan", "models"), lambda c: [c.pretokenize.output], run_pretokenize,
-          section="pretokenize", config=PretokenizeConfig,
-          derived=lambda run, s: {"input": s["download"].output, "output": join(run.data_dir, "tokens"),
+          section="pretokenize", config=PretokenizeConfig, late_after=("ingest",),
+          derived=lambda run, s: {"input": _images(run), "output": join(run.data_dir, "tokens"),
                                   "vqgan": _vqgan_model(run), "text_encoder": _text_encoder_model(run),
                                   "ray_address": run.ray.address or None},
           progress=lambda c: _shards(c.pretokenize.output, ".parquet")),
