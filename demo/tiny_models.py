@@ -3,7 +3,8 @@
 They are saved and then loaded through the same `from_pretrained(path)` code as real
 weights; their architectures are the `tiny` entries of `tokenizer.presets`. The CLIP
 tokenizer is the real one: OpenAI's BPE merges ship inside the open_clip_torch package
-(installed without its dependencies), so no hub is needed.
+(installed without its dependencies), so no hub is needed. It is saved as the complete
+folder (slow and fast files, tokenizer.text.save_tokenizer) the released repositories have.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from amused.tokenizer.image import build_vqgan
 from amused.tokenizer.presets import CLIP_TEXT_COMMON, CLIP_TEXT_CONFIGS, CLIP_VISION_CONFIGS
-from amused.tokenizer.text import build_clip_text
+from amused.tokenizer.text import build_clip_text, save_tokenizer
 from amused.training.uvit.model import build_model
 
 
@@ -40,7 +41,7 @@ def clip_bpe_tokenizer(out: Path) -> CLIPTokenizer:
         merges=[tuple(m.split()) for m in merges],
         model_max_length=CLIP_TEXT_COMMON["max_position_embeddings"],
     )
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     return tokenizer
 
 

@@ -30,7 +30,8 @@ def exported(tmp_path_factory, tiny_models, trained_checkpoint):
 def test_exported_folder_opens_in_amused_pipeline_and_gives_amused_sample_images(exported, tiny_models,
                                                                                   trained_checkpoint):
     assert sorted(p.name for p in exported.iterdir()) == [
-        "amused_export.json", "model_index.json", "scheduler", "text_encoder", "tokenizer", "transformer", "vqvae"]
+        "README.md", "amused_export.json", "model_index.json", "scheduler", "text_encoder", "tokenizer", "transformer",
+        "vqvae"]
     assert json.loads((exported / "model_index.json").read_text())["_class_name"] == "AmusedPipeline"
     assert not list(exported.rglob("*.bin")) and list(exported.rglob("*.safetensors"))  # safetensors only
     assert not [p for p in exported.parent.iterdir() if p.name.startswith(".")]  # no staging left behind

@@ -36,7 +36,8 @@ def _sample_and_export_equal_local(fs, checkpoint_url: str, local_checkpoint: st
     fs.get_file(f"{checkpoint_url}-out/pipe/{TRANSFORMER}", str(tmp_path / "s3.safetensors"))
     ours, theirs = load_file(str(tmp_path / "s3.safetensors")), load_file(str(local / "pipe" / TRANSFORMER))
     assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
-    assert json.loads(fs.cat_file(f"{checkpoint_url}-out/pipe/amused_export.json"))["checkpoint"] == checkpoint_url
+    source = json.loads(fs.cat_file(f"{checkpoint_url}-out/pipe/amused_export.json"))
+    assert f"{source['run']}/{source['checkpoint']}" == checkpoint_url  # the run's URL, the checkpoint within it
 
 
 def test_sample_export_and_evaluate_on_an_s3_run_folder(s3_bucket, tiny_models, trained_checkpoint, ray_session,

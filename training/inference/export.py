@@ -12,24 +12,41 @@ folder diffusers' `AmusedLoraLoaderMixin` reads, `pytorch_lora_weights.safetenso
 keys `transformer.<module>.lora_A.weight`, rank and alpha in the file's LoRA metadata
 as diffusers writes them) or merged into its base as a whole pipeline folder
 (`export_pipeline(..., merge_lora=True)`).
+
+Like the released aMUSEd repositories, a pipeline folder holds the complete tokenizer
+(slow and fast files: transformers 4.x's CLIPTokenizer, which model_index.json names,
+needs vocab.json and merges.txt; tokenizer/text.py `save_tokenizer`), a model card
+(README.md, training/inference/card.py) and, with `variant="fp16"`, every weights file
+also in half precision under diffusers' variant name (`*.fp16.safetensors`, loaded with
+`from_pretrained(folder, variant="fp16", torch_dtype=torch.float16)`). The fp32 files
+are always written beside them, as the released repositories ship both: they are what
+training continues from, what `load_pretrained_model` and a plain `from_pretrained`
+read, and their configs name fp32. `amused_export.json` records where the weights came
+from portably: the checkpoint relative to its run folder, with the run's URL when it is
+remote, the weights' sha256 from the checkpoint's marker, and the VQ-GAN and text
+encoder relative to the run folder (or their URLs), never a machine's absolute path.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from diffusers import AmusedPipeline, AmusedScheduler, UVit2DModel, VQModel
 from diffusers.loaders import AmusedLoraLoaderMixin
 
-from amused.plumbing.fsio import upload_tree
-from amused.plumbing.storage import VQGAN_SUBFOLDERS, is_local, local_folder, resolve_subfolder, url_to_fs
-from amused.tokenizer.text import TextEncoder
-from amused.training.checkpoint import TRAINER, Checkpoint
-from amused.training.config import parse_config
+from amused.pipeline.shards import read_manifest
+from amused.plumbing.fsio import file_exists, read_json, upload_tree
+from amused.plumbing.storage import VQGAN_SUBFOLDERS, is_local, join, local_folder, resolve_subfolder, url_to_fs
+from amused.tokenizer.text import TextEncoder, save_tokenizer
+from amused.training.checkpoint import EMA_WEIGHTS, MARKER, MODEL_STATES, TRAINER, Checkpoint
+from amused.training.config import TrainConfig, parse_config
+from amused.training.inference.card import CARD, DEFAULT_LICENSE, CardFacts, model_card
 from amused.training.inference.quantize import ao_config, quantize_folder
 from amused.training.inference.sample import LORA_PREFIX, LORA_WEIGHTS, load_trained_model, uses_ema
 from amused.training.lora import ADAPTER, adapter_state_dict
@@ -38,26 +55,39 @@ from amused.training.lora import ADAPTER, adapter_state_dict
 SOURCE = "amused_export.json"
 # Written last into a remote export: an s3 prefix cannot be renamed atomically.
 EXPORT_COMPLETE = "model_index.json"
+# Half-precision copies of the weights, diffusers' variant naming (the released repositories' fp16 files).
+VARIANTS = {"fp16": torch.float16}
 
 
 def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str, ema: bool = True,
-                    merge_lora: bool = False, quantize: str | None = None) -> str:
+                    merge_lora: bool = False, quantize: str | None = None, variant: str | None = None,
+                    license: str = DEFAULT_LICENSE) -> str:
     """Writes the pipeline folder for `checkpoint` (EMA weights unless `ema=False`) to `output`;
     a LoRA checkpoint only with `merge_lora` (its adapters merged into its base). `quantize`
     ("int8"): the transformer saved torchao-quantized for CPU, which diffusers reopens
-    quantized (training/inference/quantize.py `quantize_folder`): an inference folder."""
+    quantized (training/inference/quantize.py `quantize_folder`): an inference folder.
+    `variant` ("fp16"): every weights file also in that precision (`*.fp16.safetensors`)
+    beside the fp32 ones. `license`: the model card's license field."""
     lora = _lora_of(checkpoint)
     if lora and not merge_lora:
         raise ValueError(f"{checkpoint} is a LoRA checkpoint: export --lora writes its adapters, "
                          "--merge-lora a whole pipeline with them merged into the base")
     if merge_lora and not lora:
         raise ValueError(f"--merge-lora: {checkpoint} is not a LoRA checkpoint (its config has lora.enabled false)")
-    source = _source(checkpoint, ema) | {"vqgan": vqgan, "text_encoder": text_encoder}
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"--variant {variant}: not one of {sorted(VARIANTS)}")
+    if variant and quantize:
+        raise ValueError(f"--variant {variant} and --quantize {quantize}: a quantized U-ViT has no half-precision copy")
+    trained = Checkpoint.at(checkpoint)
+    source = _source(trained, ema) | {"vqgan": portable(vqgan, trained.run_dir),
+                                       "text_encoder": portable(text_encoder, trained.run_dir)}
     if merge_lora:
         source["lora"] = "merged"
     if quantize:
         ao_config(quantize, "cpu")  # an unknown mode fails before any work
         source["quantize"] = quantize
+    if variant:
+        source["variant"] = variant
     if _already_exported(output, source, EXPORT_COMPLETE):
         return output
     transformer = load_trained_model(checkpoint, ema=ema)
@@ -68,14 +98,42 @@ def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str,
         vqvae=VQModel.from_pretrained(local_folder(resolve_subfolder(vqgan, VQGAN_SUBFOLDERS))),
         tokenizer=text.tokenizer, text_encoder=text.model, transformer=transformer,
         scheduler=AmusedScheduler(mask_token_id=transformer.config.vocab_size - 1, masking_schedule="cosine"))
+    cfg = trained.config(parse_config)
+    grid = transformer.config.sample_size
+    card = model_card(CardFacts(
+        name=output.rstrip("/").rpartition("/")[2], source=source, cfg=cfg,
+        resolution=grid * 2 ** (len(pipe.vqvae.config.block_out_channels) - 1), token_grid=grid,
+        base_model=portable(cfg.model.pretrained, trained.run_dir) if cfg.model.pretrained else None,
+        dataset=portable(cfg.data.dataset, trained.run_dir), manifest=_manifest(cfg),
+        evaluation=_evaluation_of(trained, source["weights"]), variant=variant, license=license))
 
     def write(staging: Path) -> None:
         pipe.save_pretrained(staging, safe_serialization=True)
+        save_tokenizer(text.tokenizer, staging / "tokenizer")  # transformers 5 writes only the fast files
+        if variant:
+            _write_variant(pipe, staging, variant)
         if quantize:
             quantize_folder(staging / "transformer", quantize, "cpu")
+        (staging / CARD).write_text(card)
         (staging / SOURCE).write_text(json.dumps(source, indent=2))
 
     return publish_folder(output, write, EXPORT_COMPLETE)
+
+
+def _write_variant(pipe: AmusedPipeline, staging: Path, variant: str) -> None:
+    """The `variant` weights files of every model of `pipe` into `staging` beside its fp32
+    ones; only the weights (and shard indexes): the configs stay those of the fp32 save,
+    which name fp32, so a plain from_pretrained keeps loading fp32."""
+    with tempfile.TemporaryDirectory(dir=staging.parent) as tmp:
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):  # diffusers' own .to warns of an empty fp32 list (0.42.1)
+                torch.nn.Module.to(component, VARIANTS[variant])
+        pipe.save_pretrained(tmp, safe_serialization=True, variant=variant)
+        written = [p for p in Path(tmp).rglob(f"*.{variant}.*") if p.is_file()]
+        if not written:
+            raise RuntimeError(f"diffusers wrote no {variant} variant files")
+        for path in written:
+            path.rename(staging / path.relative_to(tmp))
 
 
 def export_adapters(checkpoint: str, output: str, ema: bool = True) -> str:
@@ -84,7 +142,9 @@ def export_adapters(checkpoint: str, output: str, ema: bool = True) -> str:
     if not lora:
         raise ValueError(f"--lora: {checkpoint} is not a LoRA checkpoint (its config has lora.enabled false); "
                          "export it whole without --lora")
-    source = _source(checkpoint, ema) | lora
+    trained = Checkpoint.at(checkpoint)
+    base = lora["base"] | {"path": portable(lora["base"]["path"], trained.run_dir)}
+    source = _source(trained, ema) | lora | {"base": base}
     if _already_exported(output, source, LORA_WEIGHTS):
         return output
     model = load_trained_model(checkpoint, ema=ema)
@@ -122,10 +182,48 @@ def _lora_of(checkpoint: str) -> dict | None:
     return json.loads(trained.file(TRAINER).read_text()).get("lora")
 
 
-def _source(checkpoint: str, ema: bool) -> dict:
-    ema = uses_ema(Checkpoint.at(checkpoint).config(parse_config), ema)
-    return {"checkpoint": str(Path(url_to_fs(checkpoint)[1]).resolve()) if is_local(checkpoint) else checkpoint,
-            "weights": "ema" if ema else "raw"}
+def _source(trained: Checkpoint, ema: bool) -> dict:
+    """What an export is made of, without any machine's absolute path: the checkpoint's
+    place in its run folder (plus the run's URL when remote), its step and the sha256 of
+    the weights read (from its marker), which tells two runs' same-named checkpoints apart."""
+    ema = uses_ema(trained.config(parse_config), ema)
+    weights = EMA_WEIGHTS if ema else MODEL_STATES
+    source = {"checkpoint": trained.folder.removeprefix(trained.run_dir).lstrip("/"), "step": trained.step,
+              "weights": "ema" if ema else "raw",
+              "sha256": read_json(join(trained.folder, MARKER)).get("files", {}).get(weights, {}).get("sha256")}
+    if not is_local(trained.run_dir):
+        source["run"] = trained.run_dir
+    return source
+
+
+def portable(url: str, run_dir: str) -> str:
+    """`url` as an export records it: a local path relative to the local run folder
+    `run_dir`, anything else (a URL, a path beside a remote run) as given."""
+    if not (is_local(url) and is_local(run_dir)):
+        return url
+    return os.path.relpath(os.path.abspath(url_to_fs(url)[1]), os.path.abspath(url_to_fs(run_dir)[1]))
+
+
+def _manifest(cfg: TrainConfig):
+    """The training dataset's manifest, None when it cannot be read here (e.g. moved since)."""
+    try:
+        return read_manifest(cfg.data.dataset)
+    except (OSError, ValueError):
+        return None
+
+
+def _evaluation_of(trained: Checkpoint, weights: str) -> dict | None:
+    """The evaluation result of this checkpoint (its step, the same weights): RUN/eval/step_N.json,
+    or, where `amused run` put the training run in RUN/train, the one in RUN/eval beside it."""
+    for run in (trained.run_dir, trained.run_dir.rpartition("/")[0]):
+        result = join(run, "eval", f"{trained.name}.json")
+        if not run or not file_exists(result):
+            continue
+        found = read_json(result)
+        if (found.get("step") == trained.step and found.get("weights", "ema") == weights
+                and str(found.get("checkpoint", "")).rstrip("/").endswith(f"/checkpoints/{trained.name}")):
+            return found
+    return None
 
 
 def _already_exported(output: str, source: dict, complete: str) -> bool:

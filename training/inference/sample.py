@@ -15,12 +15,17 @@ LoRA: a model may carry adapters, those of a LoRA training checkpoint or exporte
 put on a base (`load_exported_adapters`, the folder `amused export --lora` writes and
 diffusers' `AmusedLoraLoaderMixin` reads); `lora_scale` weighs them on every forward the
 way diffusers' pipeline does with `cross_attention_kwargs={"scale": s}` (0 = the base).
+
+`save_images` writes each image of a batch as its own PNG with what made it (prompt, seed,
+index in the batch, the sampler settings) in the PNG's tEXt chunks, as `amused sample
+--output-dir` does; `Image.open(path).text` reads them back.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,9 +34,10 @@ import torch
 from diffusers import UVit2DModel
 from diffusers.loaders import AmusedLoraLoaderMixin
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
-from amused.plumbing.storage import local_folder
+from amused.plumbing.fsio import atomic_writer
+from amused.plumbing.storage import join, local_folder
 from amused.tokenizer.image import ImageTokenizer
 from amused.tokenizer.text import TextEncoder
 from amused.training.checkpoint import Checkpoint
@@ -203,6 +209,30 @@ class Sampler:
 
     def decode(self, tokens: torch.Tensor) -> np.ndarray:
         return self.image.decode(tokens)
+
+
+def save_images(images: np.ndarray, prompts: list[str], output_dir: str, cfg: SampleConfig, seed: int,
+                extra: dict[str, object] | None = None) -> list[str]:
+    """Each image of `images` (N, H, W, 3 uint8, made for `prompts` with one generator seeded
+    `seed`) as DIR/NNN-<prompt>.png (local or any fsspec URL, each whole or not at all),
+    its tEXt chunks: prompt, seed, index and batch_size (the batch's images share the
+    generator: the same prompts and seed give the same images), every SampleConfig setting
+    and `extra` (what else made them: the model, a start image). Returns the URLs."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    common = {"seed": seed, "batch_size": len(images), **dataclasses.asdict(cfg), **(extra or {}),
+              "Software": "amused sample"}
+    urls = []
+    for index, (pixels, prompt) in enumerate(zip(images, prompts)):
+        info = PngImagePlugin.PngInfo()
+        for key, value in {"prompt": prompt, "index": index, **common}.items():
+            info.add_text(key, str(value))  # tEXt; iTXt (UTF-8) where the text is not Latin-1
+        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "image"
+        url = join(output_dir, f"{index:03d}-{slug}.png")
+        with atomic_writer(url) as fh:
+            Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(fh, format="PNG", pnginfo=info)
+        urls.append(url)
+    return urls
 
 
 def load_trained_model(checkpoint: str | Path, ema: bool = True) -> UVit2DModel:
