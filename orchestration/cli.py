@@ -26,7 +26,7 @@ from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
 from amused.plumbing.config import HelpFormatter, add_config_args, config_from_args, read_yaml
 from amused.plumbing.plots import image_grid, save_png
 from amused.plumbing.raysession import ray_log
-from amused.plumbing.storage import is_local, join
+from amused.plumbing.terminal import local_log
 from amused.training.config import EvalConfig, SampleConfig, dump_config, load_config
 
 
@@ -483,13 +483,13 @@ def _environ(values: dict[str, str]):
 
 
 def _ray_log(args, *folders: str | None):
-    """Ray sessions opened inside write Ray's messages to logs/ray.log in the first local one of
-    `folders` (a run folder, an output folder), else in the temp folder (a file descriptor cannot
-    point at s3); with --log-level debug, to the terminal."""
+    """Ray sessions opened inside write Ray's messages to logs/ray.log of the first of `folders`
+    given (a run folder, an output folder; plumbing.terminal.local_log), else of the temp
+    folder; with --log-level debug, to the terminal."""
     if args.log_level == "debug":
         return ray_log(None)
-    local = [f for f in folders if f and is_local(f)]
-    return ray_log(join(local[0], "logs", "ray.log") if local
+    given = [f for f in folders if f]
+    return ray_log(local_log(given[0], "ray.log") if given
                    else os.path.join(tempfile.gettempdir(), "amused", "logs", "ray.log"))
 
 

@@ -46,17 +46,19 @@ import re
 import socket
 import sys
 import tarfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal, TextIO, get_args
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from amused.pipeline.fetch_guard import guarded_downloads
 from amused.pipeline.politeness import (
@@ -79,7 +81,8 @@ from amused.plumbing.fsio import (
     write_json_atomic,
 )
 from amused.plumbing.raysession import ray_session, ray_tasks
-from amused.plumbing.storage import join, url_to_fs
+from amused.plumbing.storage import is_local, join, url_to_fs
+from amused.plumbing.terminal import local_log, output_to_log
 
 STATE = "_amused"
 SUMMARY = "download.json"
@@ -156,6 +159,7 @@ class DownloadConfig:
     distributor: Distributor = opt(
         "multiprocessing", "img2dataset distributor, and where the per-shard work runs: multiprocessing (local "
                            "processes) or ray (tasks on the cluster)")
+    progress: bool = opt(True, "show a progress bar", output=False)
     ray_address: str | None = opt(None, "Ray cluster address with distributor ray (default: the running or a "
                                         "local Ray)", output=False)
 
@@ -271,18 +275,26 @@ def prepare_task(source: str, dest: str, allow: tuple[str, ...]) -> dict:
     rejected = prepare_input(source, dest, AddressPolicy(allow))
     fs, path = url_to_fs(dest)
     meta = pq.ParquetFile(path, filesystem=fs).metadata
-    return {"rejected": rejected, "rows": meta.num_rows, "columns": meta.schema.to_arrow_schema().names}
+    return {"dest": dest, "rejected": rejected, "rows": meta.num_rows,
+            "columns": meta.schema.to_arrow_schema().names}
 
 
 # ----- worker: img2dataset -----------------------------------------------------------------
 
-def run_img2dataset(url_list: str, output: str, extra: list[str], cfg: DownloadConfig) -> None:
+def run_img2dataset(url_list: str, output: str, extra: list[str], cfg: DownloadConfig, total: int,
+                    done: int = 0) -> None:
+    """img2dataset from the input files at `url_list` into `output`. Its prints, its bare
+    `1it [..]` bar and its processes' output go to logs/img2dataset.log of cfg.output; the
+    terminal shows one bar of ours over the `total` samples (`done` of them in shards
+    finished before), fed by the stats files of its shards as they appear."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports it; it would phone home
     # img2dataset pulls in torch and albumentations (+4 s on import); the CLI and the run
     # config import this module for DownloadConfig.
     from img2dataset import download as img2dataset_download
 
-    with guarded_downloads(cfg.allow(), cfg.pins(), cfg.politeness()):
+    with output_to_log(local_log(cfg.output, "img2dataset.log")) as terminal, \
+            ShardProgress(output, total, done, terminal, disable=not cfg.progress), \
+            guarded_downloads(cfg.allow(), cfg.pins(), cfg.politeness()):
         img2dataset_download(
             url_list=url_list, output_folder=output, input_format="parquet", output_format="webdataset",
             url_col="url", caption_col="caption", save_additional_columns=extra,
@@ -293,6 +305,56 @@ def run_img2dataset(url_list: str, output: str, extra: list[str], cfg: DownloadC
             distributor=cfg.distributor, enable_wandb=False, user_agent_token=cfg.user_agent_token,
             disallowed_header_directives=list(OPT_OUT_DIRECTIVES),
         )
+
+
+class ShardProgress:
+    """One bar over the samples of img2dataset's shards, a shard counted when its stats file
+    appears (its marker, as in img2dataset's incremental mode): successes, failures, images/s.
+    A thread lists the folder every few seconds (every 30 on an object store, where a
+    listing of 230,000 shards is some 230 requests) and reads only the new stats files."""
+
+    def __init__(self, output: str, total: int, done: int, file: TextIO, disable: bool):
+        self.output, self.every = output, 2.0 if is_local(output) else 30.0
+        self.seen = set(self._listing())  # finished before: in `done`
+        self.successes = self.failures = 0
+        self.started = time.monotonic()
+        self.bar = tqdm(total=total, initial=done, unit="sample", desc="download", file=file, disable=disable,
+                        dynamic_ncols=True)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="download-progress", daemon=True)
+
+    def __enter__(self) -> ShardProgress:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.thread.join()
+        self.poll()
+        self.bar.close()
+
+    def _listing(self) -> list[str]:
+        return list_files(self.output, "_stats.json", required=False)
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(self.every):
+            self.poll()
+
+    def poll(self) -> None:
+        for url in self._listing():
+            if url in self.seen:
+                continue
+            try:
+                stats = read_json(url)
+            except (OSError, ValueError):  # written in place by img2dataset: the next look reads it whole
+                continue
+            self.seen.add(url)
+            count, ok = int(stats.get("count", 0)), int(stats.get("successes", 0))
+            self.successes += ok
+            self.failures += count - ok
+            self.bar.update(count)
+        rate = self.successes / max(time.monotonic() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"ok={self.successes:,}, failed={self.failures:,}, images/s={rate:.1f}")
 
 
 # ----- tasks: where per-file and per-shard work runs ---------------------------------------
@@ -614,7 +676,8 @@ def _retry_round(cfg: DownloadConfig, extra: list[str], records: dict[int, dict]
         write_json_atomic(join(cfg.output, STATE, name, "plan.json"), plan)
     base = join(cfg.output, STATE, name)
     staging = join(base, "out")
-    run_img2dataset(join(base, "input"), staging, extra, cfg)
+    # A round resumed after a crash shows its whole size; the shards it had finished are not counted again.
+    run_img2dataset(join(base, "input"), staging, extra, cfg, plan["samples"])
     calls = [{"output": cfg.output, "staged": join(staging, f"{g:05d}"), "shard": plan["first_shard"] + g,
               "extra": extra, "origin": {"plan": name, "group": g, "samples_per_shard": plan["samples_per_shard"]}}
              for g in _shard_ids(staging)]
@@ -640,18 +703,21 @@ def _download(cfg: DownloadConfig, tasks: Tasks) -> DownloadSummary:
     checked = join(cfg.output, STATE, "input")
     rejected: Counter = Counter()
     extra = list(EXTRA_COLUMNS)
-    largest = 0
+    rows: dict[int, int] = {}
     calls = [{"source": source, "dest": join(checked, f"{i:05d}.parquet"), "allow": cfg.allow()}
              for i, source in enumerate(files)]
     for result in tasks.map(prepare_task, calls):
         rejected.update(result["rejected"])
         extra = [c for c in extra if c in result["columns"]]
-        largest = max(largest, result["rows"])
+        rows[int(result["dest"].rsplit("/", 1)[-1].split(".")[0])] = result["rows"]
+    largest = max(rows.values(), default=0)
     if largest > cfg.samples_per_shard:
         raise ValueError(f"an input file has {largest} rows > samples_per_shard {cfg.samples_per_shard}; "
                          f"raise it, or filter with --rows-per-shard {cfg.samples_per_shard}")
     started = time.monotonic()
-    run_img2dataset(checked, cfg.output, extra, cfg)
+    finished = set(_shard_ids(cfg.output))  # input file i becomes shard i
+    run_img2dataset(checked, cfg.output, extra, cfg, sum(rows.values()),
+                    sum(n for i, n in rows.items() if i in finished))
     records = shard_records(cfg, extra, tasks)
     while cfg.retry_failed:
         tried, landed = _retry_round(cfg, extra, records, len(files), tasks)

@@ -6,12 +6,11 @@ import contextlib
 import itertools
 import logging
 import os
-import sys
-import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from amused.plumbing.storage import storage_env
+from amused.plumbing.terminal import output_to_log
 
 
 @contextmanager
@@ -65,35 +64,21 @@ def ray_log(path: str | None) -> Iterator[None]:
 @contextmanager
 def _ray_messages_to(path: str) -> Iterator[None]:
     """File descriptor 2, where Ray's C++ core writes (the `core_worker.cc ... constructor
-    arguments in the object store` line of every Ray Data actor pool) and the processes Ray
-    starts inherit, and the `ray` loggers (which write to sys.stderr) go to `path`; sys.stderr
-    moves to a copy of the terminal's descriptor, so that progress bars, warnings and errors
-    still show there."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    terminal_fd, stderr = os.dup(2), sys.stderr
-    with open(path, "a", encoding="utf-8") as log:
-        log.write(f"--- Ray session of pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        log.flush()
-        os.dup2(log.fileno(), 2)
+    arguments in the object store` line of every Ray Data actor pool) and which the processes
+    Ray starts inherit, and the `ray` loggers go to `path`; Python's own stderr (our progress
+    bars, warnings, errors) stays on the terminal."""
+    with output_to_log(path, fds=(2,), keep_python_stderr=True), open(path, "a", encoding="utf-8") as log:
         handler = logging.StreamHandler(log)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         loggers = [logging.getLogger(name) for name in ("ray", "ray.data")]
         saved = [(lg.handlers, lg.propagate) for lg in loggers]
         for lg, (handlers, _) in zip(loggers, saved):  # Ray's own log files stay
             lg.handlers, lg.propagate = [h for h in handlers if isinstance(h, logging.FileHandler)] + [handler], False
-        sys.stderr = open(terminal_fd, "w", buffering=1, encoding=stderr.encoding or "utf-8",
-                          errors="backslashreplace", closefd=False)
         try:
             yield
         finally:
-            sys.stderr.flush()
             for lg, (handlers, propagate) in zip(loggers, saved):
                 lg.handlers, lg.propagate = handlers, propagate
-            sys.stderr = stderr
-            os.dup2(terminal_fd, 2)
-            os.close(terminal_fd)
 
 
 def ray_tasks(fn: Callable[..., dict], calls: list[dict], in_flight: int, **options) -> Iterator[dict]:

@@ -2,8 +2,15 @@
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
+import threading
+from http.server import ThreadingHTTPServer
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 
 from amused.orchestration import cli
 from amused.orchestration.cli import main
@@ -11,6 +18,7 @@ from amused.pipeline.pretokenize import list_input_shards
 from amused.tokenizer.image import ImageTokenizer
 from tests.samples import write_dataset
 from tests.test_cli_units import enumerated_flags
+from tests.test_download import Handler
 
 
 def test_models_tiny_and_synth_write_what_the_loaders_read(tmp_path, capsys):
@@ -82,3 +90,66 @@ print(json.dumps({{"results": out, "torch": "torch" in sys.modules}}))
     for argv, status, last in result["results"]:
         assert status == 2, argv
         assert "invalid choice" in last and argv[-1] in last, (argv, last)
+
+
+RAY_JOB = """
+import sys
+import ray
+from amused.plumbing.raysession import ray_log, ray_session
+
+class Double:  # an actor pool: Ray Data's actors get their constructor arguments from the object store
+    def __call__(self, batch):
+        return {"id": batch["id"] * 2}
+
+with ray_log(sys.argv[1]), ray_session(None):
+    rows = ray.data.range(8).map_batches(Double, compute=ray.data.ActorPoolStrategy(size=1)).take_all()
+    print(f"{len(rows)} rows", file=sys.stderr)
+"""
+
+
+def test_ray_messages_go_to_the_log_file_not_the_terminal(tmp_path):
+    """Ray's start-up lines and its C++ core's `core_worker.cc ... constructor arguments in the
+    object store` error (every Ray Data actor pool prints it) go to the log file; what the job
+    writes to stderr itself still reaches the terminal."""
+    log = tmp_path / "run" / "logs" / "ray.log"
+    done = subprocess.run([sys.executable, "-c", RAY_JOB, str(log)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr == "8 rows\n"
+    text = log.read_text()
+    assert "core_worker.cc" in text and "constructor arguments in the object store" in text
+    assert "Started a local Ray instance" in text
+
+
+@pytest.fixture
+def http_server():
+    """tests/test_download.py's image server: /img/N.jpg an image, /missing/N.jpg a 404."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_download_shows_one_bar_and_keeps_img2dataset_output_in_its_log(http_server, tmp_path, capfd):
+    """img2dataset's prints, its bare `1it [..]` bar and its processes' stats lines go to
+    logs/img2dataset.log; the terminal shows one bar (samples, successes, failures, images/s)
+    and the summary."""
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    for i in range(2):
+        urls = [f"{http_server}/img/{200 + 10 * i + j}.jpg" for j in range(3)] + [f"{http_server}/missing/{i}.jpg"]
+        pq.write_table(pa.table({"url": urls, "caption": ["c"] * 4}), meta / f"{i:05d}.parquet")
+    out = tmp_path / "wds"
+    assert main(["download", "--input", str(meta), "--output", str(out), "--image-size", "64", "--processes", "1",
+                 "--threads", "4", "--timeout", "5", "--allow-hosts", "127.0.0.1", "--samples-per-shard", "10"]) == 0
+    captured = capfd.readouterr()
+    assert captured.out.startswith("download -> ") and "successes 6" in captured.out
+    shown = [line for line in re.split(r"[\r\n]+", captured.err) if line.strip()]
+    assert shown and all(line.startswith("download: ") for line in shown), shown
+    assert "8/8" in shown[-1] and "ok=6, failed=2, images/s=" in shown[-1]
+    log = (out / "logs" / "img2dataset.log").read_text()
+    assert "Sharding file number" in log and re.search(r"\d+it \[", log) and "total   - success" in log
+
+    assert main(["--quiet", "download", "--input", str(meta), "--output", str(out), "--processes", "1",
+                 "--image-size", "64", "--allow-hosts", "127.0.0.1", "--samples-per-shard", "10"]) == 0
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out.startswith("download -> ")
