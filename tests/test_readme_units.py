@@ -147,3 +147,21 @@ def test_the_checks_see_a_wrong_command():
     assert "--prompts" not in known_flags(["sample"])[1]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["evaluate", "--checkpoint", "CKPT"])  # the README's old line
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_readme_links_reach_their_anchors():
+    # The tuning history moved to benchmarks/RESULTS.md: links into it must still land.
+    wrong = []
+    for n, line in enumerate(README.read_text().splitlines(), 1):
+        for target, anchor in re.findall(r"\]\(([\w./-]*\.md|)#([\w-]+)\)", line):
+            doc = README if not target else ROOT / target
+            anchors = {slug(h) for h in re.findall(r"^#+ (.+)$", doc.read_text(), re.M)}
+            if anchor not in anchors:
+                wrong.append(f"README.md:{n}: {target}#{anchor}")
+    assert not wrong, "links to anchors that do not exist:\n" + "\n".join(wrong)
+    assert slug("int8 sampling (`amused sample --quantize int8`)") == "int8-sampling-amused-sample---quantize-int8"
