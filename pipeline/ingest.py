@@ -78,18 +78,18 @@ def check_inputs(images: str | None, captions: str | None, hf_dataset: str | Non
         raise ValueError(f"{where}.captions: a caption table goes with images, not hf_dataset")
     if captions is not None and not captions.lower().endswith(TABLE_SUFFIXES):
         raise ValueError(f"{where}.captions: {captions!r} is not a {', '.join(TABLE_SUFFIXES)} file")
-    for name, value, folder in (("images", images, True), ("captions", captions, False),
-                                ("hf_dataset", hf_dataset, None)):
+    for name, value in (("images", images), ("captions", captions), ("hf_dataset", hf_dataset)):
         if value is None:
             continue
         if not value.strip():
             raise ValueError(f"{where}.{name}: empty path")
-        if is_local(value):
-            path = url_to_fs(value)[1]
-            found = os.path.isdir(path) if folder else os.path.isfile(path) if folder is False else os.path.exists(path)
-            if not found:
-                raise ValueError(f"{where}.{name}: no {'folder' if folder else 'file' if folder is False else 'dataset'}"
-                                 f" at {value}")
+        found, noun = _LOCAL_CHECKS[name]
+        if is_local(value) and not found(url_to_fs(value)[1]):
+            raise ValueError(f"{where}.{name}: no {noun} at {value}")
+
+
+_LOCAL_CHECKS = {"images": (os.path.isdir, "folder"), "captions": (os.path.isfile, "file"),
+                 "hf_dataset": (os.path.exists, "dataset")}
 
 
 @dataclass
@@ -279,14 +279,14 @@ def _dataset_entries(cfg: IngestConfig) -> list[list]:
 # ----- one shard ------------------------------------------------------------------------------
 
 def _read_file(url: str) -> bytes:
+    """A file's bytes; one that is not there or not readable is a skip, while any other
+    error (a storage outage) fails the shard, which a rerun then writes."""
     fs, path = url_to_fs(url)
     try:
         return fs.cat_file(path)
-    except FileNotFoundError:
-        raise BadSample("missing_file", url) from None
-    except IsADirectoryError:
-        raise BadSample("missing_file", f"{url} is a folder") from None
-    except OSError as exc:
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise BadSample("missing_file", f"{url} ({type(exc).__name__})") from None
+    except PermissionError as exc:
         raise BadSample("unreadable_file", f"{url}: {exc}") from None
 
 
