@@ -21,11 +21,13 @@ from PIL import Image
 
 from amused.pipeline.download import DownloadConfig, download
 from amused.pipeline.filter import FilterConfig, filter_metadata
+from amused.pipeline.ingest import IngestConfig, ingest
 from amused.pipeline.inspect import format_inspect, inspect_dataset, reconstruction_grid, verify_dataset
 from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
 from amused.plumbing.config import HelpFormatter, add_config_args, config_from_args, read_yaml
 from amused.plumbing.plots import image_grid, save_png
 from amused.plumbing.raysession import ray_log
+from amused.plumbing.storage import join
 from amused.plumbing.terminal import local_log
 from amused.training.config import EvalConfig, SampleConfig, dump_config, load_config
 
@@ -85,6 +87,15 @@ def _download(args) -> int:
     return 0
 
 
+def _ingest(args) -> int:
+    report = ingest(config_from_args(IngestConfig, args))
+    print(report.summary())
+    if not report.ok:
+        print("amused: error: no usable image was ingested (see the skipped reasons above)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _pretokenize(args) -> int:
     report = pretokenize(config_from_args(PretokenizeConfig, args))
     print(report.summary())
@@ -127,6 +138,9 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
+    if not args.output and not args.output_dir:
+        raise ValueError("give --output (the grid) and/or --output-dir (one PNG per image)")
+    grid = args.output or join(args.output_dir, "grid.png")
     if args.mask and not args.image:
         raise ValueError("--mask needs --image (the picture to inpaint)")
     if args.pretrained and args.no_ema:
@@ -158,8 +172,16 @@ def _sample(args) -> int:
     else:
         tokens = sampler.generate(args.prompt, cfg, generator)
     images = sampler.decode(tokens)
-    save_png(image_grid(images, args.prompt, columns=min(4, len(images)), cell=max(128, images.shape[1])), args.output)
-    print(f"{len(images)} image(s) of {images.shape[2]}x{images.shape[1]} written to {args.output}")
+    save_png(image_grid(images, args.prompt, columns=min(4, len(images)), cell=max(128, images.shape[1])), grid)
+    if args.output_dir:
+        made_by = {"model": args.checkpoint or args.pretrained, "weights": "raw" if args.no_ema else "ema"}
+        made_by |= {k: v for k, v in (("lora", args.lora), ("lora_scale", args.lora_scale), ("quantize", args.quantize),
+                                       ("image", args.image), ("mask", args.mask)) if v is not None}
+        if args.image and not args.mask:
+            made_by["strength"] = args.strength
+        inference.save_images(images, args.prompt, args.output_dir, cfg, args.seed, extra=made_by)
+    each = f" and one PNG each in {args.output_dir}" if args.output_dir else ""
+    print(f"{len(images)} image(s) of {images.shape[2]}x{images.shape[1]} written to {grid}{each}")
     return 0
 
 
@@ -167,6 +189,8 @@ def _export(args) -> int:
     weights = "raw" if args.no_ema else "EMA"
     if args.lora and args.quantize:
         raise ValueError("--quantize applies to a whole pipeline (and --merge-lora), not to --lora adapters")
+    if args.lora and args.variant:
+        raise ValueError("--variant applies to a whole pipeline (and --merge-lora), not to --lora adapters")
     if args.lora:
         if args.vqgan or args.text_encoder:
             raise ValueError("--vqgan/--text-encoder do not apply to --lora: the folder holds the U-ViT's adapters only")
@@ -176,11 +200,13 @@ def _export(args) -> int:
         return 0
     vqgan, text_encoder = inference.checkpoint_models(args.checkpoint, args.vqgan, args.text_encoder)
     out = export.export_pipeline(args.checkpoint, args.output, vqgan, text_encoder, ema=not args.no_ema,
-                                 merge_lora=args.merge_lora, quantize=args.quantize)
+                                 merge_lora=args.merge_lora, quantize=args.quantize, variant=args.variant,
+                                 license=args.license)
     merged = " with its LoRA adapters merged" if args.merge_lora else ""
     opens = ("diffusers.AmusedPipeline.from_pretrained(folder, torch_dtype=torch.float32) opens it with the U-ViT "
              f"{args.quantize}-quantized; for inference only" if args.quantize
-             else "diffusers.AmusedPipeline.from_pretrained opens it")
+             else "diffusers.AmusedPipeline.from_pretrained opens it" + (
+                 f" (half precision: variant='{args.variant}', torch_dtype=torch.float16)" if args.variant else ""))
     print(f"exported {weights} weights of {args.checkpoint}{merged} to {out} ({opens})")
     return 0
 
@@ -308,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(down, DownloadConfig)
     down.set_defaults(func=_download)
 
+    ing = sub.add_parser("ingest", help="your own images (a captioned folder, or a Hugging Face datasets "
+                                        "dataset) -> webdataset shards like download's (Ray)")
+    add_config_args(ing, IngestConfig)
+    ing.set_defaults(func=_ingest)
+
     pre = sub.add_parser("pretokenize", help="webdataset image shards -> token dataset (Ray)")
     add_config_args(pre, PretokenizeConfig)
     pre.set_defaults(func=_pretokenize)
@@ -326,7 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--checkpoint", help="RUN_DIR/checkpoints/step_N (local or s3://), full or LoRA")
     model.add_argument("--pretrained", help="an exported or released aMUSEd pipeline folder (local or s3://)")
     sample.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    sample.add_argument("--output", required=True, help="PNG grid, prompts under images (local or s3://)")
+    sample.add_argument("--output", help="PNG grid, prompts under images (local or s3://); "
+                                         "default: DIR/grid.png with --output-dir")
+    sample.add_argument("--output-dir",
+                        help="also write each image as its own PNG into this folder (local or s3://), its prompt, "
+                             "seed, index and sampler settings in the PNG's text metadata")
     sample.add_argument("--vqgan", help="default: the checkpoint config's model.vqgan, or the --pretrained folder")
     sample.add_argument("--text-encoder", help="default: the checkpoint config's model.text_encoder, or --pretrained")
     sample.add_argument("--seed", type=int, default=0, help="seed of the generator")
@@ -358,6 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a LoRA checkpoint as a whole pipeline, its adapters merged into the base's weights")
     export.add_argument("--quantize", choices=("int8",),
                         help="write the U-ViT int8-quantized (torchao, as sample --quantize on CPU): for inference")
+    export.add_argument("--variant", choices=("fp16",),
+                        help="also write every weights file in half precision (*.fp16.safetensors, beside the fp32 "
+                             "ones, as the released aMUSEd repositories ship); diffusers loads them with "
+                             "from_pretrained(folder, variant='fp16', torch_dtype=torch.float16)")
+    export.add_argument("--license", default="openrail++",
+                        help="the model card's license field (README.md in the folder; openrail++ is the released "
+                             "aMUSEd models' license, which a fine-tune of them inherits)")
     export.set_defaults(func=_export)
 
     style = sub.add_parser("finetune-style", help="StyleDrop: LoRA adapters that learn the style of one image "

@@ -11,12 +11,13 @@ from http.server import ThreadingHTTPServer
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from amused.orchestration import cli
 from amused.orchestration.cli import main
 from amused.pipeline.pretokenize import list_input_shards
 from amused.tokenizer.image import ImageTokenizer
-from tests.samples import write_dataset
+from tests.samples import jpeg, write_dataset
 from tests.test_cli_units import enumerated_flags
 from tests.test_download import Handler
 
@@ -153,3 +154,43 @@ def test_download_shows_one_bar_and_keeps_img2dataset_output_in_its_log(http_ser
                  "--image-size", "64", "--allow-hosts", "127.0.0.1", "--samples-per-shard", "10"]) == 0
     captured = capfd.readouterr()
     assert captured.err == "" and captured.out.startswith("download -> ")
+
+
+def test_sample_output_dir_and_export_variant_and_license(tmp_path, tiny_models, trained_checkpoint, capsys):
+    """H1's flags as wired: one PNG per image beside the grid; fp16 weights beside the fp32
+    ones and the card's license; the combinations that make no sense refused in one line."""
+    models = ["--vqgan", str(tiny_models / "vqgan"), "--text-encoder", str(tiny_models)]
+    imgs = tmp_path / "imgs"
+    assert main(["sample", "--checkpoint", trained_checkpoint, "--prompt", "a", "--prompt", "b", "--steps", "2",
+                 "--output-dir", str(imgs), *models]) == 0
+    assert Image.open(imgs / "000-a.png").text["prompt"] == "a" and (imgs / "grid.png").is_file()
+    assert f"and one PNG each in {imgs}" in capsys.readouterr().out
+    assert main(["sample", "--checkpoint", trained_checkpoint, "--prompt", "a", *models]) == 1
+    assert "--output-dir" in capsys.readouterr().err
+
+    out = tmp_path / "pipe"
+    assert main(["export", "--checkpoint", trained_checkpoint, "--output", str(out), "--variant", "fp16",
+                 "--license", "apache-2.0", *models]) == 0
+    assert "variant='fp16'" in capsys.readouterr().out
+    assert (out / "transformer" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert "license: apache-2.0" in (out / "README.md").read_text()
+    assert main(["export", "--lora", "--variant", "fp16", "--checkpoint", trained_checkpoint,
+                 "--output", str(tmp_path / "lora")]) == 1
+    assert "--variant" in capsys.readouterr().err
+
+
+def test_ingest_a_captioned_folder(tmp_path, ray_session, capsys):
+    """H2's `amused ingest` as wired: a folder of images with sidecar captions -> shards that
+    pretokenize lists; a missing folder is a one-line error naming it."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"{i}.jpg").write_bytes(jpeg(i))
+        (folder / f"{i}.txt").write_text(f"photo number {i}")
+    out = tmp_path / "wds"
+    assert main(["ingest", "--output", str(out), "--images", str(folder), "--no-progress"]) == 0
+    assert list_input_shards(str(out)) == [str(out / "00000.tar")]
+    capsys.readouterr()
+    assert main(["ingest", "--output", str(tmp_path / "x"), "--images", "/no/such"]) == 1
+    err = capsys.readouterr().err
+    assert "no folder at /no/such" in err and len(err.strip().splitlines()) == 1
