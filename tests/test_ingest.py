@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
+from amused.orchestration.cli import main
 from amused.orchestration.run import run
 from amused.orchestration.run_config import parse_run_config
 from amused.pipeline.ingest import IngestConfig, ingest
@@ -165,7 +166,7 @@ def test_s3_output_read_back_and_resumed(ray_session, s3_bucket, tmp_path):
     assert {p: fs.cat_file(p) for p in fs.glob(f"{url}/*.tar")} == tars
 
 
-def test_run_with_an_images_source_through_pretokenize(ray_session, tiny_models, tmp_path):
+def test_run_with_an_images_source_through_pretokenize(ray_session, tiny_models, tmp_path, capsys):
     """`amused run` with `source: {images: DIR}`: the ingest stage writes data/images, filter
     and download do not run, pretokenize reads the shards; a rerun skips both."""
     write_folder(tmp_path / "in")
@@ -176,6 +177,9 @@ def test_run_with_an_images_source_through_pretokenize(ray_session, tiny_models,
     assert states["ingest"]["counts"]["ingested"] == states["pretokenize"]["counts"]["tokenized"] == 11
     assert states["ingest"]["counts"]["skipped"]["too_small"] == 1
     assert (tmp_path / "run/data/images/00000_stats.json").exists()
+    assert main(["status", str(tmp_path / "run")]) == 0
+    table = capsys.readouterr().out
+    assert "ingest       done" in table and "1 shards" in table and "filter" not in table
     log.clear()
     run(parse_run_config(cfg), only=["ingest", "pretokenize"], log=log.append)
     assert log == ["[ingest] done (%.1fs), skipped" % states["ingest"]["seconds"],

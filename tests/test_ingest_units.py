@@ -64,6 +64,11 @@ def test_an_images_source_runs_ingest_instead_of_filter_and_download(folder, mon
     assert on == {"models", "ingest", "pretokenize", "train"}
     assert cfg.ingest.captions == str(folder / "t.csv") and cfg.ingest.caption_column == "text"
     assert cfg.ingest.output == cfg.pretokenize.input == str(folder / "run/data/images")
+    hf = images_run(folder)
+    hf["source"] = {"hf_dataset": "in", "image_column": "picture", "caption_column": "text"}
+    cfg = parse_run_config(hf)
+    assert (cfg.ingest.hf_dataset, cfg.ingest.images) == (str(folder / "in"), None)
+    assert (cfg.ingest.image_column, cfg.ingest.caption_column) == ("picture", "text")
 
 
 def _changed(base: dict, **edits) -> set[str]:
