@@ -164,6 +164,11 @@ def test_s3_output_read_back_and_resumed(ray_session, s3_bucket, tmp_path):
     again = ingest(cfg)
     assert (again.shards_written, again.shards_already_done) == (1, 2)
     assert {p: fs.cat_file(p) for p in fs.glob(f"{url}/*.tar")} == tars
+    # The folder itself on S3: the same shards.
+    fs.put(str(tmp_path / "in"), f"{url}-in", recursive=True)
+    ingest(IngestConfig(**{**cfg.__dict__, "images": f"{url}-in", "output": str(tmp_path / "local")}))
+    assert {p.rsplit("/", 1)[-1]: b for p, b in tars.items()} == \
+        {p.name: p.read_bytes() for p in (tmp_path / "local").glob("*.tar")}
 
 
 def test_run_with_an_images_source_through_pretokenize(ray_session, tiny_models, tmp_path, capsys):
