@@ -20,6 +20,7 @@ from amused.orchestration.run_config import parse_run_config
 from amused.pipeline.ingest import IngestConfig, ingest
 from amused.pipeline.pretokenize import list_input_shards
 from amused.pipeline.wds import caption_of, metadata_of, shard_samples
+from amused.training.vqgan.data import ImageCropReader, held_out_batches
 from tests.ingest_samples import GOOD, images_run, write_folder
 from tests.samples import awkward_samples, photo, save
 
@@ -61,6 +62,11 @@ def test_sidecar_folder_counts_bad_images_and_the_readers_take_the_shards(ray_se
     assert all(s["count"] == s["successes"] + s["failed_to_download"] + s["failed_to_resize"] for s in stats)
     rows = pa.concat_tables(pq.read_table(p) for p in sorted((tmp_path / "out").glob("*.parquet"))).to_pylist()
     assert {r["url"]: r["status"] for r in rows} == {n: r or "success" for n, r in expected.items()}
+    # The VQ-GAN trainer's reader and the FID reference's take them as they are.
+    assert tuple(next(ImageCropReader(str(tmp_path / "out"), resolution=32, batch_size=4)).shape) == (4, 3, 32, 32)
+    skipped = Counter()
+    assert sum(len(b) for b in held_out_batches(str(tmp_path / "out"), 32, 8, skipped=skipped)) == len(good)
+    assert not skipped
 
 
 def test_rerun_writes_only_missing_shards_to_the_same_bytes(ray_session, tmp_path):
