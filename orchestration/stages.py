@@ -5,8 +5,10 @@ A stage is one entry of STAGES, which declares all there is to it:
 - `section`: its own part of the run config (the key, a RunConfig field of the same
   name, and `config`, its class), with `derived`: the keys the run sets in it, from the
   top of the run config and the sections of the stages before it (where it reads the
-  output of one before it, it names that stage's output key). A user setting a derived
-  key is an error naming it;
+  output of one before it, it names that stage's output key; the image shards, which
+  download or ingest writes by the source's kind, are at `_images`). A user setting a
+  derived key is an error naming it; `applies` turns a section and its stage off for
+  the sources it does not serve;
 - the settings its output depends on: its section's `output_settings` (every setting not
   declared `output=False`), or `depends` where it reads more; fingerprinted together
   with its inputs' fingerprints;
