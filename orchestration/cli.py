@@ -125,8 +125,9 @@ def _shards_inspect(args) -> int:
 def _train(args) -> int:
     cfg = load_config(args.config)
     if args.ray_workers:
-        result = launch.train_on_ray(cfg, workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker,
-                                     address=args.ray_address)
+        with _ray_log(args, cfg.run_dir):
+            result = launch.train_on_ray(cfg, workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker,
+                                         address=args.ray_address)
     else:
         result = uvit_task.train(cfg)
     if os.environ.get("RANK", "0") == "0":
@@ -291,6 +292,8 @@ class Parser(argparse.ArgumentParser):
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+             "DIFFUSERS_VERBOSITY": "error", "TORCH_LOGS": "-all"}
 
 
 def _version() -> str:
@@ -503,7 +506,7 @@ class _StderrHandler(logging.StreamHandler):
 def _setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.setLevel(level.upper())
-    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+    if not root.handlers:  # as logging.basicConfig: a host that configured logging (pytest, an embedding app) keeps it
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
@@ -552,9 +555,11 @@ def _progress_off(cfg):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level or ("error" if args.quiet else "warning"))
-    # tqdm's own switch: every bar that does not decide for itself, here and in child processes
-    # (img2dataset's, Hugging Face's, the evaluation's); a stage's own bars follow its progress flag.
-    quiet = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"} if args.quiet else {}
+    # Each library's own switch, here and in child processes: tqdm's for every bar that does not
+    # decide for itself (img2dataset's, the evaluation's), Hugging Face's and torch's loggers,
+    # which keep their own handlers; a stage's own bars follow its progress flag. A variable the
+    # user set wins.
+    quiet = {k: v for k, v in QUIET_ENV.items() if k not in os.environ} if args.quiet else {}
     if args.quiet and "progress" in vars(args):
         args.progress = False
     try:

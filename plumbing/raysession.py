@@ -18,7 +18,8 @@ def ray_session(address: str | None) -> Iterator[None]:
     """Uses an initialised Ray as is; else connects to `address` (None: a local one) and
     shuts it down afterwards. Every worker of the job, on any node, gets this process's
     storage settings (S3 retry policy, no listing cache). Our own progress bars and reports
-    replace Ray Data's."""
+    replace Ray Data's. A session this process starts sends Ray's messages to the file that
+    `ray_log` names, if any."""
     # ray costs 1.2-1.7 s to import; the configs of the jobs that call this are imported by
     # the CLI and the run config, which must not pay it.
     import ray

@@ -194,3 +194,31 @@ def test_ingest_a_captioned_folder(tmp_path, ray_session, capsys):
     assert main(["ingest", "--output", str(tmp_path / "x"), "--images", "/no/such"]) == 1
     err = capsys.readouterr().err
     assert "no folder at /no/such" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_pretokenize_terminal_shows_the_bar_and_result_not_ray(tmp_path, tiny_models):
+    """`amused pretokenize` as a person runs it (its own Ray): the `core_worker.cc` line and
+    Ray's start-up lines are in OUTPUT/logs/ray.log, not on the terminal; --quiet leaves the
+    result alone; with --log-level debug they stay on the terminal."""
+    assert main(["synth", str(tmp_path / "wds"), "--shards", "1", "--per-shard", "4"]) == 0
+    models = ["--vqgan", str(tiny_models / "vqgan"), "--text-encoder", str(tiny_models), "--resolution", "64"]
+    amused = [sys.executable, "-m", "amused.orchestration.cli"]
+    out = tmp_path / "tokens"
+    done = subprocess.run([*amused, "pretokenize", "--input", str(tmp_path / "wds"), "--output", str(out), *models],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f"pretokenize -> {out}")
+    assert "core_worker" not in done.stderr and " -- " not in done.stderr, done.stderr  # Ray's "file:line -- text"
+    log = (out / "logs" / "ray.log").read_text()
+    assert "core_worker.cc" in log and "Started a local Ray instance" in log
+
+    done = subprocess.run([*amused, "--quiet", "pretokenize", "--input", str(tmp_path / "wds"), "--output", str(out),
+                           *models], capture_output=True, text=True, timeout=600)  # a rerun: nothing left to do
+    assert done.returncode == 0 and done.stderr == "" and done.stdout.startswith(f"pretokenize -> {out}")
+
+    debug = tmp_path / "debug"
+    done = subprocess.run([*amused, "--log-level", "debug", "pretokenize", "--input", str(tmp_path / "wds"),
+                           "--output", str(debug), *models], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "core_worker.cc" in done.stderr
+    assert not (debug / "logs").exists()
