@@ -147,6 +147,12 @@ def test_a_datasets_dataset_saved_to_disk_or_as_parquet(ray_session, tmp_path):
     assert [(*s[:3], {**s[3], "url": s[3]["url"].rsplit("/", 1)[-1]}) for s in outputs["parquet"]] == outputs["saved"]
     assert [s[2] for s in outputs["saved"]] == captions[:5] + ["from a path"]
     assert outputs["saved"][-1][3]["original_width"] == 70
+    # One Parquet file whose image column holds paths, relative to its folder.
+    pq.write_table(pa.table({"image": ["files/p.png", "files/gone.png"], "caption": ["a path", "no file"]}),
+                   tmp_path / "paths.parquet")
+    paths = ingest(IngestConfig(output=str(tmp_path / "out_paths"), hf_dataset=str(tmp_path / "paths.parquet"),
+                                progress=False))
+    assert (paths.successes, paths.skipped) == (1, {"missing_file": 1})
     test = ingest(IngestConfig(output=str(tmp_path / "out_test"), hf_dataset=str(tmp_path / "saved"), split="test",
                                image_column="picture", caption_column="text", progress=False))
     assert test.successes == 2
