@@ -24,8 +24,8 @@ CARD = "README.md"
 # The license field when none is asked for: the released aMUSEd models' (a fine-tune of one inherits it).
 DEFAULT_LICENSE = "openrail++"
 TAGS = ("text-to-image", "amused", "muse", "masked-image-modeling", "amused-pipeline")
-# A Hub repository id ("owner/name"): only such a base_model is valid in the front matter.
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# A folder of the Hugging Face cache names the Hub repository it holds (HF_HOME/hub/models--OWNER--NAME/snapshots/REV).
+_HUB_CACHE = re.compile(r"models--([\w.-]+)--([\w.-]+)/snapshots/")
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,8 @@ class CardFacts:
     cfg: TrainConfig
     resolution: int
     token_grid: int
-    base_model: str | None  # portable: relative to the run folder, a URL or a Hub id
+    base_model: str | None  # the base folder, portable: relative to the run folder, or a URL
+    base_model_id: str | None  # the base's Hub repository id ("amused/amused-256"), the front matter's base_model
     dataset: str  # portable, as base_model
     manifest: Manifest | None  # None when the dataset's manifest could not be read at export time
     evaluation: dict | None  # the checkpoint's eval/step_N.json
@@ -49,8 +50,8 @@ def model_card(facts: CardFacts) -> str:
     meta = {"license": facts.license, "library_name": "diffusers", "pipeline_tag": "text-to-image",
             "tags": [*TAGS, *(["lora"] if facts.cfg.lora.enabled else []),
                      *(["int8"] if facts.source.get("quantize") else [])]}
-    if facts.base_model and _HUB_ID.fullmatch(facts.base_model) and not facts.base_model.startswith("."):
-        meta["base_model"] = facts.base_model
+    if facts.base_model_id:
+        meta["base_model"] = facts.base_model_id
     return "\n".join(["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", *_body(facts)]) + "\n"
 
 
@@ -80,14 +81,25 @@ def _body(f: CardFacts) -> list[str]:
     return lines
 
 
+def hub_id_of(folder: str) -> str | None:
+    """The Hub repository id of a base model folder when it lies in the Hugging Face cache."""
+    found = _HUB_CACHE.search(folder)
+    return f"{found.group(1)}/{found.group(2)}" if found else None
+
+
 def _base(f: CardFacts) -> str:
     if not f.base_model:
         return "none: trained from random weights"
+    if f.base_model_id:
+        return f"`{f.base_model_id}` (the folder `{f.base_model}`), " + _tuning(f)
+    return f"`{f.base_model}`, " + _tuning(f)
+
+
+def _tuning(f: CardFacts) -> str:
     if f.cfg.lora.enabled:
         merged = "merged into it" if f.source.get("lora") == "merged" else "kept apart"
-        return (f"`{f.base_model}`, fine-tuned with LoRA adapters (rank {f.cfg.lora.rank}, alpha "
-                f"{f.cfg.lora.alpha:g}), {merged}")
-    return f"`{f.base_model}`, fine-tuned"
+        return f"fine-tuned with LoRA adapters (rank {f.cfg.lora.rank}, alpha {f.cfg.lora.alpha:g}), {merged}"
+    return "fine-tuned"
 
 
 def _data(f: CardFacts) -> str:

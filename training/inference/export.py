@@ -46,7 +46,7 @@ from amused.plumbing.storage import VQGAN_SUBFOLDERS, is_local, join, local_fold
 from amused.tokenizer.text import TextEncoder, save_tokenizer
 from amused.training.checkpoint import EMA_WEIGHTS, MARKER, MODEL_STATES, TRAINER, Checkpoint
 from amused.training.config import TrainConfig, parse_config
-from amused.training.inference.card import CARD, DEFAULT_LICENSE, CardFacts, model_card
+from amused.training.inference.card import CARD, DEFAULT_LICENSE, CardFacts, hub_id_of, model_card
 from amused.training.inference.quantize import ao_config, quantize_folder
 from amused.training.inference.sample import LORA_PREFIX, LORA_WEIGHTS, load_trained_model, uses_ema
 from amused.training.lora import ADAPTER, adapter_state_dict
@@ -61,13 +61,15 @@ VARIANTS = {"fp16": torch.float16}
 
 def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str, ema: bool = True,
                     merge_lora: bool = False, quantize: str | None = None, variant: str | None = None,
-                    license: str = DEFAULT_LICENSE) -> str:
+                    license: str = DEFAULT_LICENSE, base_model: str | None = None) -> str:
     """Writes the pipeline folder for `checkpoint` (EMA weights unless `ema=False`) to `output`;
     a LoRA checkpoint only with `merge_lora` (its adapters merged into its base). `quantize`
     ("int8"): the transformer saved torchao-quantized for CPU, which diffusers reopens
     quantized (training/inference/quantize.py `quantize_folder`): an inference folder.
     `variant` ("fp16"): every weights file also in that precision (`*.fp16.safetensors`)
-    beside the fp32 ones. `license`: the model card's license field."""
+    beside the fp32 ones. `license`, `base_model`: the model card's license and base_model
+    fields (base_model: the Hub id of a fine-tune's base, by default found in the path of
+    a base folder that lies in the Hugging Face cache)."""
     lora = _lora_of(checkpoint)
     if lora and not merge_lora:
         raise ValueError(f"{checkpoint} is a LoRA checkpoint: export --lora writes its adapters, "
@@ -104,6 +106,7 @@ def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str,
         name=output.rstrip("/").rpartition("/")[2], source=source, cfg=cfg,
         resolution=grid * 2 ** (len(pipe.vqvae.config.block_out_channels) - 1), token_grid=grid,
         base_model=portable(cfg.model.pretrained, trained.run_dir) if cfg.model.pretrained else None,
+        base_model_id=base_model or (hub_id_of(cfg.model.pretrained) if cfg.model.pretrained else None),
         dataset=portable(cfg.data.dataset, trained.run_dir), manifest=_manifest(cfg),
         evaluation=_evaluation_of(trained, source["weights"]), variant=variant, license=license))
 
@@ -197,11 +200,14 @@ def _source(trained: Checkpoint, ema: bool) -> dict:
 
 
 def portable(url: str, run_dir: str) -> str:
-    """`url` as an export records it: a local path relative to the local run folder
-    `run_dir`, anything else (a URL, a path beside a remote run) as given."""
-    if not (is_local(url) and is_local(run_dir)):
+    """`url` as an export records it: a URL as given; a local path relative to the local run
+    folder `run_dir`, or, beside a remote run, by its folder name alone."""
+    if not is_local(url):
         return url
-    return os.path.relpath(os.path.abspath(url_to_fs(url)[1]), os.path.abspath(url_to_fs(run_dir)[1]))
+    path = os.path.abspath(url_to_fs(url)[1])
+    if not is_local(run_dir):
+        return os.path.basename(path)  # a local folder beside a remote run: its name, no machine's path
+    return os.path.relpath(path, os.path.abspath(url_to_fs(run_dir)[1]))
 
 
 def _manifest(cfg: TrainConfig):
