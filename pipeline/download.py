@@ -315,22 +315,24 @@ class ShardProgress:
 
     def __init__(self, output: str, total: int, done: int, file: TextIO, disable: bool):
         self.output, self.every = output, 2.0 if is_local(output) else 30.0
-        self.seen = set(self._listing())  # finished before: in `done`
-        self.successes = self.failures = 0
-        self.started = time.monotonic()
         self.bar = tqdm(total=total, initial=done, unit="sample", desc="download", file=file, disable=disable,
                         dynamic_ncols=True)
+        self.seen = set() if disable else set(self._listing())  # finished before: in `done`
+        self.successes = self.failures = 0
+        self.started = time.monotonic()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="download-progress", daemon=True)
 
     def __enter__(self) -> ShardProgress:
-        self.thread.start()
+        if not self.bar.disable:  # no bar, no listings
+            self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stopped.set()
-        self.thread.join()
-        self.poll()
+        if not self.bar.disable:
+            self.stopped.set()
+            self.thread.join()
+            self.poll()
         self.bar.close()
 
     def _listing(self) -> list[str]:
@@ -341,7 +343,11 @@ class ShardProgress:
             self.poll()
 
     def poll(self) -> None:
-        for url in self._listing():
+        try:
+            listed = self._listing()
+        except OSError:  # an object store's hiccup costs the bar one look, never the job
+            return
+        for url in listed:
             if url in self.seen:
                 continue
             try:

@@ -2,6 +2,7 @@
 its default shown once, enumerations refused at parse time, --quiet and --log-level."""
 
 import argparse
+import dataclasses
 import importlib.metadata
 import logging
 
@@ -9,6 +10,7 @@ import pytest
 
 from amused.orchestration import cli
 from amused.orchestration.cli import build_parser, main
+from amused.pipeline.pretokenize import PretokenizeConfig
 
 pytestmark = pytest.mark.unit
 
@@ -115,9 +117,22 @@ def test_quiet_and_log_level_parse_and_set_logging_and_bars(monkeypatch):
         logging.getLogger().setLevel(saved)
 
 
-def test_quiet_turns_off_every_nested_progress_switch():
-    from amused.pipeline.pretokenize import PretokenizeConfig
+@dataclasses.dataclass
+class _Log:
+    progress: bool = True
+    every: int = 10
 
-    cfg = PretokenizeConfig(input="i", output="o", vqgan="v", text_encoder="t")
+
+@dataclasses.dataclass
+class _Run:  # the shape of a run config: stage sections, some holding a `log` section
+    pretokenize: PretokenizeConfig
+    train: _Log = dataclasses.field(default_factory=_Log)
+    absent: _Log | None = None
+
+
+def test_quiet_turns_off_every_nested_progress_switch():
+    cfg = _Run(PretokenizeConfig(input="i", output="o", vqgan="v", text_encoder="t"))
     off = cli._progress_off(cfg)
-    assert cfg.progress and not off.progress and off.output == "o"
+    assert (off.pretokenize.progress, off.train.progress, off.absent) == (False, False, None)
+    assert off.pretokenize.output == "o" and off.train.every == 10
+    assert cfg.pretokenize.progress and cfg.train.progress  # a copy: the loaded config is left as it was
