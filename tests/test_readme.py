@@ -48,6 +48,7 @@ def test_the_readme_tiny_walkthrough_runs_as_shown(tmp_path):
     timings = _walkthrough(tmp_path, _tested_blocks(slow=True))
     print("\n".join(timings))
     assert list((tmp_path / "try" / "run" / "checkpoints").glob("step_*/COMPLETE"))
-    assert (tmp_path / "try" / "grid.png").exists()
+    assert (tmp_path / "try" / "samples" / "grid.png").exists() and len(list((tmp_path / "try" / "samples").glob("*.png"))) == 3
     assert (tmp_path / "try" / "pipeline" / "model_index.json").exists()
+    assert list((tmp_path / "try" / "pipeline" / "transformer").glob("*.fp16.safetensors"))
     assert list((tmp_path / "try" / "eval").glob("step_*.json"))
