@@ -190,8 +190,8 @@ def _export(args) -> int:
     weights = "raw" if args.no_ema else "EMA"
     if args.lora and args.quantize:
         raise ValueError("--quantize applies to a whole pipeline (and --merge-lora), not to --lora adapters")
-    if args.lora and args.variant:
-        raise ValueError("--variant applies to a whole pipeline (and --merge-lora), not to --lora adapters")
+    if args.lora and (args.variant or args.base_model):
+        raise ValueError("--variant/--base-model apply to a whole pipeline (and --merge-lora), not to --lora adapters")
     if args.lora:
         if args.vqgan or args.text_encoder:
             raise ValueError("--vqgan/--text-encoder do not apply to --lora: the folder holds the U-ViT's adapters only")
@@ -202,7 +202,7 @@ def _export(args) -> int:
     vqgan, text_encoder = inference.checkpoint_models(args.checkpoint, args.vqgan, args.text_encoder)
     out = export.export_pipeline(args.checkpoint, args.output, vqgan, text_encoder, ema=not args.no_ema,
                                  merge_lora=args.merge_lora, quantize=args.quantize, variant=args.variant,
-                                 license=args.license)
+                                 license=args.license, base_model=args.base_model)
     merged = " with its LoRA adapters merged" if args.merge_lora else ""
     opens = ("diffusers.AmusedPipeline.from_pretrained(folder, torch_dtype=torch.float32) opens it with the U-ViT "
              f"{args.quantize}-quantized; for inference only" if args.quantize
@@ -403,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--license", default="openrail++",
                         help="the model card's license field (README.md in the folder; openrail++ is the released "
                              "aMUSEd models' license, which a fine-tune of them inherits)")
+    export.add_argument("--base-model",
+                        help="the model card's base_model: the Hub id of the base a fine-tune started from (default: "
+                             "found when model.pretrained lies in the Hugging Face cache, else none)")
     export.set_defaults(func=_export)
 
     style = sub.add_parser("finetune-style", help="StyleDrop: LoRA adapters that learn the style of one image "

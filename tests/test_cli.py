@@ -170,13 +170,15 @@ def test_sample_output_dir_and_export_variant_and_license(tmp_path, tiny_models,
 
     out = tmp_path / "pipe"
     assert main(["export", "--checkpoint", trained_checkpoint, "--output", str(out), "--variant", "fp16",
-                 "--license", "apache-2.0", *models]) == 0
+                 "--license", "apache-2.0", "--base-model", "amused/amused-256", *models]) == 0
     assert "variant='fp16'" in capsys.readouterr().out
     assert (out / "transformer" / "diffusion_pytorch_model.fp16.safetensors").is_file()
-    assert "license: apache-2.0" in (out / "README.md").read_text()
-    assert main(["export", "--lora", "--variant", "fp16", "--checkpoint", trained_checkpoint,
-                 "--output", str(tmp_path / "lora")]) == 1
-    assert "--variant" in capsys.readouterr().err
+    card = (out / "README.md").read_text()
+    assert "license: apache-2.0" in card and "base_model: amused/amused-256" in card
+    for flag in (["--variant", "fp16"], ["--base-model", "amused/amused-256"]):
+        assert main(["export", "--lora", *flag, "--checkpoint", trained_checkpoint,
+                     "--output", str(tmp_path / "lora")]) == 1
+        assert flag[0] in capsys.readouterr().err
 
 
 def test_ingest_a_captioned_folder(tmp_path, ray_session, capsys):
