@@ -123,7 +123,7 @@ def _shards_inspect(args) -> int:
 
 
 def _train(args) -> int:
-    cfg = load_config(args.config)
+    cfg = _progress_off(load_config(args.config)) if args.quiet else load_config(args.config)
     if args.ray_workers:
         with _ray_log(args, cfg.run_dir):
             result = launch.train_on_ray(cfg, workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker,
