@@ -239,7 +239,8 @@ def _fid_stats(args) -> int:
 
 
 def _vqgan_train(args) -> int:
-    result = vqgan_task.train_vqgan(vqgan_task.parse_vqgan_config(read_yaml(args.config)))
+    cfg = vqgan_task.parse_vqgan_config(read_yaml(args.config))
+    result = vqgan_task.train_vqgan(_progress_off(cfg) if args.quiet else cfg)
     m = result.last_metrics
     print(f"VQ-GAN trained to step {result.step}: PSNR {m.get('psnr_db', float('nan')):.2f} dB, codebook usage "
           f"{m.get('codebook_usage', float('nan')):.1%}; checkpoint {result.checkpoint}; "
