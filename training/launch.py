@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from contextlib import nullcontext
 from pathlib import Path
 
 from pyarrow.fs import FSSpecHandler, PyFileSystem
@@ -96,7 +97,8 @@ def train_on_ray(cfg: TrainConfig, workers: int, gpus_per_worker: float = 0.0, a
             run_config=ray_run_config(cfg.run_dir, cfg.max_failures),
         )
         try:
-            with follow_progress(cfg.run_dir, cfg.steps, "train"):
+            # `--quiet` turns log.progress off: no bar, and no periodic lines where stderr is a log.
+            with follow_progress(cfg.run_dir, cfg.steps, "train") if cfg.log.progress else nullcontext():
                 trainer.fit()
         except ControllerError as exc:
             if not isinstance(exc.controller_failure, _NotRetried):
