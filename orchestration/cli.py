@@ -52,6 +52,7 @@ run_config = LazyModule("amused.orchestration.run_config")
 run_status = LazyModule("amused.orchestration.status")
 styledrop = LazyModule("amused.orchestration.styledrop")
 tokenizer_image = LazyModule("amused.tokenizer.image")
+inception = LazyModule("amused.tokenizer.inception")
 uvit_task = LazyModule("amused.training.uvit.task")
 evaluation = LazyModule("amused.training.evaluation.evaluate")
 metrics = LazyModule("amused.training.evaluation.metrics")
@@ -66,7 +67,11 @@ vqgan_task = LazyModule("amused.training.vqgan.task")
 
 def _models_tiny(args) -> int:
     out = tiny_models.write_tiny_models(args.out, seed=args.seed)
-    print(f"tiny models written to {out}: vqgan/ text_encoder/ tokenizer/ transformer/")
+    # What `amused evaluate` needs too, so every stage can be tried on these alone.
+    tiny_models.write_tiny_clip(os.path.join(out, "clip"), seed=args.seed)
+    inception.write_random_inception(os.path.join(out, "inception.pth"), seed=args.seed)
+    print(f"tiny models written to {out}: vqgan/ text_encoder/ tokenizer/ transformer/ clip/ (CLIP score) "
+          "inception.pth (random weights in FID Inception's format)")
     return 0
 
 
@@ -316,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     models = sub.add_parser("models", help="model folders").add_subparsers(dest="models_command", required=True)
-    tiny = models.add_parser("tiny", help="write small random VQ-GAN, CLIP text and U-ViT folders")
+    tiny = models.add_parser("tiny", help="write small random VQ-GAN, CLIP text, U-ViT and CLIP folders and an "
+                                                 "Inception weights file")
     tiny.add_argument("out", help="new folder (vqgan/ text_encoder/ tokenizer/ transformer/ in it)")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     tiny.set_defaults(func=_models_tiny)
