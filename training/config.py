@@ -57,6 +57,10 @@ class ModelConfig:
     vqgan: str | None = opt(None, "the VQ-GAN folder the tokens came from; checked against the dataset manifest")
     text_encoder: str | None = opt(None, "the CLIP folder the captions went through; checked against the manifest")
     activation_checkpointing: bool = opt(False, "recompute transformer layers in the backward pass")
+    # Same weights and state-dict names either way (only the kernels differ), so switching it on a
+    # resumed run leaves the run's fingerprint alone.
+    compile: bool = opt(False, "torch.compile each transformer block (GPU; CPU too but slow to compile)",
+                        output=False)
 
 
 @dataclass
