@@ -67,6 +67,20 @@ def _base_type(hint) -> type:
     return args[0] if args else hint
 
 
+def check_choices(config: Any) -> None:
+    """Refuses a value of a Literal-typed field of the dataclass `config` that is not one of
+    its choices: what `from_mapping` checks in YAML and flags, for a config built in Python
+    (whose `__post_init__` calls this), where a wrong value would otherwise pass unseen."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        hint, value = hints[f.name], getattr(config, f.name)
+        kind = _base_type(hint)
+        if value is None and type(None) in typing.get_args(hint):
+            continue
+        if typing.get_origin(kind) is typing.Literal and value not in typing.get_args(kind):
+            raise ValueError(f"{f.name}: {value!r} is not one of {', '.join(map(repr, typing.get_args(kind)))}")
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """argparse help that shows an option's default once, after its help text; not where the
     text already speaks of its default (one described in words, or BooleanOptionalAction's

@@ -16,7 +16,7 @@ from typing import Literal
 
 import yaml
 
-from amused.plumbing.config import from_mapping, opt, read_yaml, section
+from amused.plumbing.config import check_choices, from_mapping, opt, read_yaml, section
 from amused.tokenizer.presets import UVIT_CONFIGS
 
 
@@ -210,6 +210,7 @@ class SampleConfig:
     negative_prompt: str = opt("", "the prompt guidance steers away from")
 
     def __post_init__(self):
+        check_choices(self)  # built in Python too (evaluation, styledrop): another schedule would sample linear
         _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         # The sampler guides only above 1; below it a scale would be ignored without a word.
         _check(self.guidance_scale >= 1, f"guidance_scale must be >= 1 (1 = off), got {self.guidance_scale}")
