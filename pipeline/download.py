@@ -282,11 +282,12 @@ def prepare_task(source: str, dest: str, allow: tuple[str, ...]) -> dict:
 # ----- worker: img2dataset -----------------------------------------------------------------
 
 def run_img2dataset(url_list: str, output: str, extra: list[str], cfg: DownloadConfig, total: int,
-                    done: int = 0) -> None:
+                    done: int | None = None) -> None:
     """img2dataset from the input files at `url_list` into `output`. Its prints, its bare
     `1it [..]` bar and its processes' output go to logs/img2dataset.log of cfg.output; the
     terminal shows one bar of ours over the `total` samples (`done` of them in shards
-    finished before), fed by the stats files of its shards as they appear."""
+    finished before; None: counted from their stats files), fed by the stats files of its
+    shards as they appear."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports it; it would phone home
     # img2dataset pulls in torch and albumentations (+4 s on import); the CLI and the run
     # config import this module for DownloadConfig.
@@ -311,15 +312,23 @@ class ShardProgress:
     """One bar over the samples of img2dataset's shards, a shard counted when its stats file
     appears (its marker, as in img2dataset's incremental mode): successes, failures, images/s.
     A thread lists the folder every few seconds (every 30 on an object store, where a
-    listing of 230,000 shards is some 230 requests) and reads only the new stats files."""
+    listing of 230,000 shards is some 230 requests) and reads only the new stats files.
+    `done`: the samples of the shards finished before, whose stats files the first listing
+    finds; None: counted from those files (a resumed retry round, whose folder is small)."""
 
-    def __init__(self, output: str, total: int, done: int, file: TextIO, disable: bool):
+    def __init__(self, output: str, total: int, done: int | None, file: TextIO, disable: bool):
         self.output, self.every = output, 2.0 if is_local(output) else 30.0
-        self.bar = tqdm(total=total, initial=done, unit="sample", desc="download", file=file, disable=disable,
+        self.bar = tqdm(total=total, initial=done or 0, unit="sample", desc="download", file=file, disable=disable,
                         dynamic_ncols=True)
-        self.seen = set() if disable else set(self._listing())  # finished before: in `done`
         self.successes = self.failures = 0
         self.started = time.monotonic()
+        # The shards finished before: in `done`, or counted by the first look. Should the first
+        # listing fail, the first look that succeeds takes its place (the shards finished in
+        # between then go uncounted: the bar is off, the job goes on).
+        self.seen: set[str] | None = set() if disable or done is None else None
+        if not disable:
+            self.poll()
+        self.successes = self.failures = 0  # the rate counts this run's shards only
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="download-progress", daemon=True)
 
@@ -346,6 +355,9 @@ class ShardProgress:
         try:
             listed = self._listing()
         except OSError:  # an object store's hiccup costs the bar one look, never the job
+            return
+        if self.seen is None:  # the first look at a folder whose finished shards are in `done`
+            self.seen = set(listed)
             return
         for url in listed:
             if url in self.seen:
@@ -682,7 +694,7 @@ def _retry_round(cfg: DownloadConfig, extra: list[str], records: dict[int, dict]
         write_json_atomic(join(cfg.output, STATE, name, "plan.json"), plan)
     base = join(cfg.output, STATE, name)
     staging = join(base, "out")
-    # A round resumed after a crash shows its whole size; the shards it had finished are not counted again.
+    # A round resumed after a crash shows its whole size, the shards it had finished counted from their stats.
     run_img2dataset(join(base, "input"), staging, extra, cfg, plan["samples"])
     calls = [{"output": cfg.output, "staged": join(staging, f"{g:05d}"), "shard": plan["first_shard"] + g,
               "extra": extra, "origin": {"plan": name, "group": g, "samples_per_shard": plan["samples_per_shard"]}}
