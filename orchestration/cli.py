@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import getpass
 import importlib
 import importlib.metadata
 import json
@@ -30,6 +31,7 @@ from amused.plumbing.raysession import ray_log
 from amused.plumbing.storage import join
 from amused.plumbing.terminal import local_log
 from amused.training.config import EvalConfig, SampleConfig, dump_config, load_config
+from amused.training.inference.card import DEFAULT_LICENSE
 
 
 class LazyModule:
@@ -146,7 +148,9 @@ def _train(args) -> int:
 def _sample(args) -> int:
     if not args.output and not args.output_dir:
         raise ValueError("give --output (the grid) and/or --output-dir (one PNG per image)")
-    grid = args.output or join(args.output_dir, "grid.png")
+    if args.output_dir:
+        inference.check_new_samples(args.output_dir)  # before any model loads
+    grid = args.output or join(args.output_dir, inference.GRID)
     if args.mask and not args.image:
         raise ValueError("--mask needs --image (the picture to inpaint)")
     if args.pretrained and args.no_ema:
@@ -178,14 +182,15 @@ def _sample(args) -> int:
     else:
         tokens = sampler.generate(args.prompt, cfg, generator)
     images = sampler.decode(tokens)
-    save_png(image_grid(images, args.prompt, columns=min(4, len(images)), cell=max(128, images.shape[1])), grid)
-    if args.output_dir:
-        made_by = {"model": args.checkpoint or args.pretrained, "weights": "raw" if args.no_ema else "ema"}
+    if args.output_dir:  # before the grid, which may lie in the folder
+        made_by = {"model": args.checkpoint or args.pretrained, "weights": "raw" if args.no_ema else "ema",
+                   "device": args.device}
         made_by |= {k: v for k, v in (("lora", args.lora), ("lora_scale", args.lora_scale), ("quantize", args.quantize),
                                        ("image", args.image), ("mask", args.mask)) if v is not None}
         if args.image and not args.mask:
             made_by["strength"] = args.strength
         inference.save_images(images, args.prompt, args.output_dir, cfg, args.seed, extra=made_by)
+    save_png(image_grid(images, args.prompt, columns=min(4, len(images)), cell=max(128, images.shape[1])), grid)
     each = f" and one PNG each in {args.output_dir}" if args.output_dir else ""
     print(f"{len(images)} image(s) of {images.shape[2]}x{images.shape[1]} written to {grid}{each}")
     return 0
@@ -370,8 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--output", help="PNG grid, prompts under images (local or s3://); "
                                          "default: DIR/grid.png with --output-dir")
     sample.add_argument("--output-dir",
-                        help="also write each image as its own PNG into this folder (local or s3://), its prompt, "
-                             "seed, index and sampler settings in the PNG's text metadata")
+                        help="also write each image as its own PNG, NNN-<prompt>.png, into this folder (local or "
+                             "s3://), its prompt, seed, index, device and sampler settings in the PNG's text "
+                             "metadata; a folder that holds an earlier sample's images (NNN-*.png, grid.png) is "
+                             "refused, so runs never overwrite or mix: one folder per run")
     sample.add_argument("--vqgan", help="default: the checkpoint config's model.vqgan, or the --pretrained folder")
     sample.add_argument("--text-encoder", help="default: the checkpoint config's model.text_encoder, or --pretrained")
     sample.add_argument("--seed", type=int, default=0, help="seed of the generator")
@@ -407,9 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write every weights file in half precision (*.fp16.safetensors, beside the fp32 "
                              "ones, as the released aMUSEd repositories ship); diffusers loads them with "
                              "from_pretrained(folder, variant='fp16', torch_dtype=torch.float16)")
-    export.add_argument("--license", default="openrail++",
-                        help="the model card's license field (README.md in the folder; openrail++ is the released "
-                             "aMUSEd models' license, which a fine-tune of them inherits)")
+    export.add_argument("--license", default=DEFAULT_LICENSE,
+                        help="the model card's license field (README.md in the folder); as given here, the released "
+                             "aMUSEd weights' license, which a fine-tune of them inherits: set your own for a model "
+                             "trained from scratch. Rerun into the same folder to change it (only the card is "
+                             "rewritten)")
     export.add_argument("--base-model",
                         help="the model card's base_model: the Hub id of the base a fine-tune started from (default: "
                              "found when model.pretrained lies in the Hugging Face cache, else none)")
@@ -539,13 +548,40 @@ def _environ(values: dict[str, str]):
 
 def _ray_log(args, *folders: str | None):
     """Ray sessions opened inside write Ray's messages to logs/ray.log of the first of `folders`
-    given (a run folder, an output folder; plumbing.terminal.local_log), else of the temp
-    folder; with --log-level debug, to the terminal."""
+    given (a run folder, an output folder; plumbing.terminal.local_log), else of the run
+    folder of --checkpoint, else of a folder of this user's in the temp folder (a shared
+    head node's /tmp: another user's file would not open); with --log-level debug, to the
+    terminal. The path and its size before go into args.ray_logs, for `main`'s error line."""
     if args.log_level == "debug":
         return ray_log(None)
-    given = [f for f in folders if f]
-    return ray_log(local_log(given[0], "ray.log") if given
-                   else os.path.join(tempfile.gettempdir(), "amused", "logs", "ray.log"))
+    run, found, _ = (getattr(args, "checkpoint", None) or "").rstrip("/").rpartition("/checkpoints/")
+    given = [f for f in (*folders, run if found else None) if f]
+    path = (local_log(given[0], "ray.log") if given
+            else os.path.join(tempfile.gettempdir(), f"amused-{_user()}", "logs", "ray.log"))
+    args.ray_logs = [*getattr(args, "ray_logs", []), (path, _size(path))]
+    return ray_log(path)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container's uid without a passwd entry
+        return str(os.getuid())
+
+
+def _size(path: str) -> int:
+    """The file's size, -1 when there is none."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1
+
+
+def _ray_messages(args) -> str:
+    """' (Ray's messages: PATH)' for the Ray log this command wrote to, if any: the first line
+    of an error may hide a cause (a C++ build error, an img2dataset failure) that is in it."""
+    written = [path for path, before in getattr(args, "ray_logs", []) if _size(path) > before]
+    return f" (Ray's messages: {written[-1]})" if written else ""
 
 
 def _progress_off(cfg):
@@ -578,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("AMUSED_DEBUG"):
             raise
-        print(f"amused: error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        print(f"amused: error: {type(exc).__name__}: {exc}".splitlines()[0] + _ray_messages(args), file=sys.stderr)
         return 1
 
 

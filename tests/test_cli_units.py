@@ -11,6 +11,8 @@ import pytest
 from amused.orchestration import cli
 from amused.orchestration.cli import build_parser, main
 from amused.pipeline.pretokenize import PretokenizeConfig
+from amused.plumbing.raysession import LOG_ENV
+from amused.training.inference.card import DEFAULT_LICENSE
 
 pytestmark = pytest.mark.unit
 
@@ -136,3 +138,51 @@ def test_quiet_turns_off_every_nested_progress_switch():
     assert (off.pretokenize.progress, off.train.progress, off.absent) == (False, False, None)
     assert off.pretokenize.output == "o" and off.train.every == 10
     assert cfg.pretokenize.progress and cfg.train.progress  # a copy: the loaded config is left as it was
+
+
+def _probe_main(monkeypatch, path: tuple[str, ...], argv: list[str], probe) -> int:
+    """main(argv) with the subcommand `path` running `probe(args)` instead of its stage."""
+    parser = build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    dict(_parsers(parser))[path].set_defaults(func=probe)
+    return main(argv)
+
+
+def test_ray_log_is_the_checkpoints_run_folder_or_this_users_and_an_error_names_it(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cli.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(cli.getpass, "getuser", lambda: "alice")
+    logs = []
+
+    def probe(args):
+        logs.append(cli.os.environ.get(LOG_ENV))
+        return 0
+
+    run = tmp_path / "run"
+    evaluate = ["evaluate", "--prompts", "p.txt", "--reference", "r.npz", "--inception", "i.pth"]
+    assert _probe_main(monkeypatch, ("evaluate",), [*evaluate, "--checkpoint", f"{run}/checkpoints/step_4/"],
+                       probe) == 0
+    assert _probe_main(monkeypatch, ("status",), ["status", str(run)], probe) == 0  # no run, output or checkpoint
+    assert logs == [str(run / "logs" / "ray.log"), str(tmp_path / "tmp" / "amused-alice" / "logs" / "ray.log")]
+
+    def fails(args, write: bool):
+        if write:  # as a Ray session does: its messages go to the log
+            path = cli.os.environ[LOG_ENV]
+            cli.os.makedirs(cli.os.path.dirname(path), exist_ok=True)
+            with open(path, "a") as fh:
+                fh.write("error: command 'g++' failed\n")
+        raise RuntimeError("the worker died\nRay's traceback ...")
+
+    for write in (False, True):
+        assert _probe_main(monkeypatch, ("status",), ["status", str(run)], lambda args: fails(args, write)) == 1
+        err = capsys.readouterr().err
+        assert err.strip().splitlines() == ["amused: error: RuntimeError: the worker died" + (
+            f" (Ray's messages: {logs[1]})" if write else "")]  # named only when Ray wrote to it in this command
+
+
+def test_export_license_default_is_the_cards_and_its_help_says_whose_it_is():
+    export = dict(_parsers(build_parser()))[("export",)]
+    action = next(a for a in export._actions if "--license" in a.option_strings)
+    assert action.default == DEFAULT_LICENSE == "openrail++"
+    shown = " ".join(export._get_formatter()._expand_help(action).split())
+    assert "aMUSEd weights' license" in shown and "trained from scratch" in shown
+    assert shown.endswith(f"(default: {DEFAULT_LICENSE})")

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import yaml
 
-from amused.pipeline.shards import Manifest
-from amused.training.config import TrainConfig
-from amused.training.evaluation.metrics import METRICS
+if TYPE_CHECKING:  # the CLI imports DEFAULT_LICENSE for its help: no torch for `amused --help`
+    from amused.pipeline.shards import Manifest
+    from amused.training.config import TrainConfig
 
 CARD = "README.md"
-# The license field when none is asked for: the released aMUSEd models' (a fine-tune of one inherits it).
+# The license field when none is asked for: the released aMUSEd models' (a fine-tune of one inherits
+# it). A model trained from scratch is its trainer's to license: `amused export --license` says so.
 DEFAULT_LICENSE = "openrail++"
 TAGS = ("text-to-image", "amused", "muse", "masked-image-modeling", "amused-pipeline")
 # A folder of the Hugging Face cache names the Hub repository it holds (HF_HOME/hub/models--OWNER--NAME/snapshots/REV).
@@ -113,6 +115,8 @@ def _data(f: CardFacts) -> str:
 
 
 def _evaluation(result: dict | None) -> list[str]:
+    from amused.training.evaluation.metrics import METRICS  # torch: see the imports above
+
     if result is None:
         return ["No evaluation of this checkpoint was found in the run (`amused evaluate` writes eval/step_N.json)."]
     sample = result.get("sample", {})

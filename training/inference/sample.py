@@ -18,7 +18,8 @@ way diffusers' pipeline does with `cross_attention_kwargs={"scale": s}` (0 = the
 
 `save_images` writes each image of a batch as its own PNG with what made it (prompt, seed,
 index in the batch, the sampler settings) in the PNG's tEXt chunks, as `amused sample
---output-dir` does; `Image.open(path).text` reads them back.
+--output-dir` does, into a folder without an earlier sample's images; `Image.open(path).text`
+reads them back.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from diffusers.loaders import AmusedLoraLoaderMixin
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from PIL import Image, PngImagePlugin
 
-from amused.plumbing.fsio import atomic_writer
+from amused.plumbing.fsio import atomic_writer, list_files
 from amused.plumbing.storage import join, local_folder
 from amused.tokenizer.image import ImageTokenizer
 from amused.tokenizer.text import TextEncoder
@@ -211,15 +212,38 @@ class Sampler:
         return self.image.decode(tokens)
 
 
+# The files `amused sample --output-dir` writes: one NNN-<prompt>.png per image, and its grid.
+GRID = "grid.png"
+_IMAGE = re.compile(r"\d{3,}-[a-z0-9-]*\.png")
+
+
+def earlier_samples(output_dir: str) -> list[str]:
+    """The names of an earlier sample's files in `output_dir` (local or URL): its images and
+    grid, which a new sample would overwrite, or mix with where its batch was longer."""
+    names = [url.rpartition("/")[2] for url in list_files(output_dir, ".png", required=False)]
+    return [n for n in names if n == GRID or _IMAGE.fullmatch(n)]
+
+
+def check_new_samples(output_dir: str) -> None:
+    """Refuses a folder that holds an earlier sample's files: one folder per sample run."""
+    earlier = earlier_samples(output_dir)
+    if earlier:
+        raise FileExistsError(f"--output-dir {output_dir} already holds an earlier sample's images "
+                              f"({', '.join(earlier[:2])}{', ...' if len(earlier) > 2 else ''}): choose a new folder "
+                              "(or remove them); samples never overwrite or mix with earlier ones")
+
+
 def save_images(images: np.ndarray, prompts: list[str], output_dir: str, cfg: SampleConfig, seed: int,
                 extra: dict[str, object] | None = None) -> list[str]:
     """Each image of `images` (N, H, W, 3 uint8, made for `prompts` with one generator seeded
-    `seed`) as DIR/NNN-<prompt>.png (local or any fsspec URL, each whole or not at all),
-    its tEXt chunks: prompt, seed, index and batch_size (the batch's images share the
-    generator: the same prompts and seed give the same images), every SampleConfig setting
-    and `extra` (what else made them: the model, a start image). Returns the URLs."""
+    `seed`) as DIR/NNN-<prompt>.png (local or any fsspec URL, each whole or not at all; a
+    folder holding an earlier sample's images is refused, `check_new_samples`), its tEXt
+    chunks: prompt, seed, index and batch_size (the batch's images share the generator: the
+    same prompts and seed give the same images), every SampleConfig setting and `extra`
+    (what else made them: the model, the device, a start image). Returns the URLs."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    check_new_samples(output_dir)
     common = {"seed": seed, "batch_size": len(images), **dataclasses.asdict(cfg), **(extra or {}),
               "Software": "amused sample"}
     urls = []
