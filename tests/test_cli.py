@@ -157,14 +157,22 @@ def test_download_shows_one_bar_and_keeps_img2dataset_output_in_its_log(http_ser
 
 
 def test_sample_output_dir_and_export_variant_and_license(tmp_path, tiny_models, trained_checkpoint, capsys):
-    """H1's flags as wired: one PNG per image beside the grid; fp16 weights beside the fp32
-    ones and the card's license; the combinations that make no sense refused in one line."""
+    """H1's flags as wired: one PNG per image beside the grid (a folder holding an earlier
+    sample's refused); fp16 weights beside the fp32 ones and the card's license; the
+    combinations that make no sense refused in one line."""
     models = ["--vqgan", str(tiny_models / "vqgan"), "--text-encoder", str(tiny_models)]
     imgs = tmp_path / "imgs"
     assert main(["sample", "--checkpoint", trained_checkpoint, "--prompt", "a", "--prompt", "b", "--steps", "2",
                  "--output-dir", str(imgs), *models]) == 0
-    assert Image.open(imgs / "000-a.png").text["prompt"] == "a" and (imgs / "grid.png").is_file()
+    meta = Image.open(imgs / "000-a.png").text
+    assert (meta["prompt"], meta["device"]) == ("a", "cpu") and (imgs / "grid.png").is_file()
     assert f"and one PNG each in {imgs}" in capsys.readouterr().out
+    written = {p.name: p.read_bytes() for p in imgs.iterdir()}
+    # another run into the same folder would replace 000-a.png and leave this run's 001-b.png beside it: refused
+    assert main(["sample", "--checkpoint", trained_checkpoint, "--prompt", "c", "--seed", "1", "--steps", "2",
+                 "--output-dir", str(imgs), *models]) == 1
+    assert "already holds an earlier sample's images (000-a.png, 001-b.png, ...)" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in imgs.iterdir()} == written
     assert main(["sample", "--checkpoint", trained_checkpoint, "--prompt", "a", *models]) == 1
     assert "--output-dir" in capsys.readouterr().err
 

@@ -1,21 +1,24 @@
 """What an exported folder holds besides the weights, as the released aMUSEd repositories
-have it: the complete tokenizer (slow and fast files), the fp16 variant, a model card, and
-a record of its source that names no machine's absolute path."""
+have it: the complete tokenizer (slow and fast files), the fp16 variant (which decodes in
+fp32), a model card that a rerun brings up to date, and a record of its source that names
+no machine's absolute path."""
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AmusedPipeline
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer, CLIPTokenizerFast
 
 from amused.tokenizer.text import TOKENIZER_FILES, save_tokenizer
-from amused.training.checkpoint import Checkpoint
+from amused.training.checkpoint import EMA_WEIGHTS, MARKER, Checkpoint
 from amused.training.inference.card import CARD, front_matter
-from amused.training.inference.export import SOURCE, export_pipeline
+from amused.training.inference.export import SOURCE, _source, export_pipeline
 from amused.training.inference.sample import load_pretrained_model, load_trained_model
 
 CAPTIONS = ["a red circle on a white background", "A  BLUE square, on yellow!!", "naïve café über 3.14 #tags",
@@ -42,9 +45,21 @@ def run_copy(tmp_path_factory, trained_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fp16_export(tmp_path_factory, tiny_models, run_copy) -> Path:
+def released_vqgan(tmp_path_factory, tiny_models) -> Path:
+    """The tiny VQ-GAN as a released VQ-GAN folder has it: no force_upcast in its config
+    (VQModel's default: off), unlike the VQ-GANs this project builds."""
+    folder = tmp_path_factory.mktemp("released") / "vqgan"
+    shutil.copytree(tiny_models / "vqgan", folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config.pop("force_upcast") is True
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fp16_export(tmp_path_factory, tiny_models, released_vqgan, run_copy) -> Path:
     out = tmp_path_factory.mktemp("fp16") / "pipe"
-    export_pipeline(str(run_copy), str(out), str(tiny_models / "vqgan"), str(tiny_models), variant="fp16")
+    export_pipeline(str(run_copy), str(out), str(released_vqgan), str(tiny_models), variant="fp16")
     return out
 
 
@@ -98,9 +113,18 @@ def test_fp16_variant_loads_in_diffusers_beside_the_fp32_files(fp16_export, run_
         torch.float16}
     ema = load_trained_model(str(run_copy)).state_dict()
     assert all(torch.equal(v, ema[k].half()) for k, v in pipe.transformer.state_dict().items())
+    # The VQ-GAN decodes in fp32 (the aMUSEd VQ-GAN overflows in fp16): the exported config asks
+    # diffusers to, though the released-style VQ-GAN folder exported from does not.
+    assert pipe.vqvae.config.force_upcast is True
+    images = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all() and images.std() > 0
+    assert next(pipe.vqvae.parameters()).dtype == torch.float16  # upcast for the decoding only
     # without the variant: fp32, the configs name fp32, and our own loader reads the same weights
     plain = AmusedPipeline.from_pretrained(fp16_export)
-    assert next(plain.text_encoder.parameters()).dtype == torch.float32
+    assert next(plain.text_encoder.parameters()).dtype == torch.float32 and plain.vqvae.config.force_upcast is True
+    fp32 = load_file(str(fp16_export / "vqvae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(v, plain.vqvae.state_dict()[k]) for k, v in fp32.items())
     ours = load_pretrained_model(str(fp16_export)).state_dict()
     assert all(torch.equal(v, ema[k]) for k, v in ours.items())
 
@@ -119,7 +143,7 @@ def test_model_card_names_the_step_data_and_evaluation(fp16_export, run_copy):
     assert 'variant="fp16", torch_dtype=torch.float16' in card
 
 
-def test_source_record_is_relative_to_the_run(fp16_export, run_copy, tiny_models):
+def test_source_record_is_relative_to_the_run(fp16_export, run_copy, tiny_models, released_vqgan):
     source = json.loads((fp16_export / SOURCE).read_text())
     step = Checkpoint.at(run_copy)
     assert source["checkpoint"] == f"checkpoints/{step.name}" and source["step"] == step.step
@@ -127,7 +151,10 @@ def test_source_record_is_relative_to_the_run(fp16_export, run_copy, tiny_models
     assert "run" not in source  # a local run: no machine's path at all
     assert not any(str(v).startswith("/") for v in source.values())
     run = run_copy.parent.parent
-    assert (run / source["vqgan"]).resolve() == (tiny_models / "vqgan").resolve()
+    assert (run / source["vqgan"]).resolve() == released_vqgan.resolve()
+    card = (fp16_export / CARD).read_text()
+    assert source["license"] == "openrail++" and source["base_model"] is None
+    assert source["card_sha256"] == hashlib.sha256(card.encode()).hexdigest()
     assert (run / source["text_encoder"]).resolve() == tiny_models.resolve()
 
 
@@ -138,3 +165,49 @@ def test_export_refuses_an_unknown_variant_and_a_quantized_one(tiny_models, run_
     with pytest.raises(ValueError, match="a quantized U-ViT has no half-precision copy"):
         export_pipeline(str(run_copy), str(tmp_path / "b"), *models, variant="fp16", quantize="int8")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_rerun_with_another_license_or_a_new_evaluation_rewrites_the_card_alone(fp16_export, run_copy,
+                                                                                 released_vqgan, tiny_models, tmp_path):
+    out = tmp_path / "pipe"  # the same name as fp16_export's: the same card but for what changes
+    shutil.copytree(fp16_export, out)
+    weights = out / "transformer" / "diffusion_pytorch_model.safetensors"
+    written = weights.stat().st_mtime_ns
+    names = sorted(p.name for p in out.iterdir())
+
+    def export(**card) -> tuple[str, dict]:
+        export_pipeline(str(run_copy), str(out), str(released_vqgan), str(tiny_models), variant="fp16", **card)
+        return (out / CARD).read_text(), json.loads((out / SOURCE).read_text())
+
+    card, record = export()  # the same export: nothing changes
+    assert card == (fp16_export / CARD).read_text() and record == json.loads((fp16_export / SOURCE).read_text())
+    card, record = export(license="apache-2.0", base_model="amused/amused-256")
+    assert front_matter(card)["license"] == "apache-2.0" and front_matter(card)["base_model"] == "amused/amused-256"
+    assert (record["license"], record["base_model"]) == ("apache-2.0", "amused/amused-256")
+    assert record["card_sha256"] == hashlib.sha256(card.encode()).hexdigest()
+    evaluation = run_copy.parent.parent / "eval" / f"{run_copy.name}.json"
+    saved = evaluation.read_text()
+    try:  # an evaluation that lands after the export (here: a new result of that step)
+        evaluation.write_text(json.dumps(json.loads(saved) | {"fid": 99.5}))
+        card, _ = export(license="apache-2.0", base_model="amused/amused-256")
+    finally:
+        evaluation.write_text(saved)
+    assert "FID 99.500" in card and "FID 123.456" not in card and front_matter(card)["license"] == "apache-2.0"
+    assert weights.stat().st_mtime_ns == written and sorted(p.name for p in out.iterdir()) == names  # no leftovers
+    with pytest.raises(FileExistsError, match="already holds another export"):  # other weights: refused as before
+        export_pipeline(str(run_copy), str(out), str(released_vqgan), str(tiny_models), license="apache-2.0")
+
+
+def test_a_checkpoint_without_checksums_is_told_apart_by_its_weights(run_copy, tmp_path):
+    """Two runs' checkpoints/step_N from before checksums: the export hashes the weights, so
+    a rerun into the other's export folder is refused instead of keeping its weights."""
+    marker = json.loads((run_copy / MARKER).read_text())
+    recorded = marker["files"][EMA_WEIGHTS]["sha256"]
+    twin = tmp_path / "run" / "checkpoints" / run_copy.name
+    shutil.copytree(run_copy, twin)
+    (twin / MARKER).write_text(json.dumps({"step": marker["step"]}))  # a marker that predates checksums
+    assert _source(Checkpoint.at(twin), ema=True)["sha256"] == recorded  # the same bytes, the same hash
+    weights = load_file(str(twin / EMA_WEIGHTS))
+    first = sorted(weights)[0]
+    save_file(weights | {first: weights[first] + 1}, str(twin / EMA_WEIGHTS))
+    assert _source(Checkpoint.at(twin), ema=True)["sha256"] not in (recorded, None)

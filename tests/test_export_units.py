@@ -1,10 +1,12 @@
 """The model card and the export's portable source record, without models."""
 
+import json
+
 import pytest
 
 from amused.training.config import parse_config
 from amused.training.inference.card import CardFacts, front_matter, hub_id_of, model_card
-from amused.training.inference.export import portable
+from amused.training.inference.export import CARD_KEYS, EXPORT_COMPLETE, SOURCE, _recorded, portable
 
 pytestmark = pytest.mark.unit
 
@@ -53,3 +55,24 @@ def test_portable_paths_never_name_a_machines_absolute_path(tmp_path):
     assert hub_id_of("/data/hf/hub/models--openai--clip-vit-large-patch14/snapshots/0123/") == \
         "openai/clip-vit-large-patch14"
     assert hub_id_of(str(tmp_path / "amused-256")) is None
+
+
+def test_a_rerun_tells_a_card_change_from_another_export(tmp_path):
+    out = tmp_path / "pipe"
+    source = {"checkpoint": "checkpoints/step_00000004", "step": 4, "weights": "ema", "sha256": "a" * 64,
+              "vqgan": "../vq", "text_encoder": "../te"}
+    assert _recorded(str(out), source, EXPORT_COMPLETE) is None  # nothing there yet
+    out.mkdir()
+    (out / EXPORT_COMPLETE).write_text("{}")
+    record = source | {"license": "openrail++", "base_model": None, "card_sha256": "b" * 64}
+    (out / SOURCE).write_text(json.dumps(record))
+    assert _recorded(str(out), source, EXPORT_COMPLETE) == record  # the same weights: only the card may change
+    (out / SOURCE).write_text(json.dumps(source))  # an export from before the card was recorded
+    assert _recorded(str(out), source, EXPORT_COMPLETE) == source
+    for other in ({"sha256": "c" * 64}, {"step": 5}, {"variant": "fp16"}, {"weights": "raw"}):
+        with pytest.raises(FileExistsError, match="already holds another export"):
+            _recorded(str(out), source | other, EXPORT_COMPLETE)
+    (out / SOURCE).unlink()  # a complete folder without a record: not ours to replace
+    with pytest.raises(FileExistsError, match="already holds another export"):
+        _recorded(str(out), source, EXPORT_COMPLETE)
+    assert set(CARD_KEYS) == set(record) - set(source)

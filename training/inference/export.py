@@ -24,11 +24,14 @@ training continues from, what `load_pretrained_model` and a plain `from_pretrain
 read, and their configs name fp32. `amused_export.json` records where the weights came
 from portably: the checkpoint relative to its run folder, with the run's URL when it is
 remote, the weights' sha256 from the checkpoint's marker, and the VQ-GAN and text
-encoder relative to the run folder (or their URLs), never a machine's absolute path.
+encoder relative to the run folder (or their URLs), never a machine's absolute path, and
+what the card was made of (license, base_model, the card's sha256). The exported VQ-GAN's
+config asks diffusers to decode in fp32 (`force_upcast`), as the fp16 variant needs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -41,7 +44,7 @@ from diffusers import AmusedPipeline, AmusedScheduler, UVit2DModel, VQModel
 from diffusers.loaders import AmusedLoraLoaderMixin
 
 from amused.pipeline.shards import read_manifest
-from amused.plumbing.fsio import file_exists, read_json, upload_tree
+from amused.plumbing.fsio import atomic_writer, file_exists, read_json, sha256_of, upload_tree
 from amused.plumbing.storage import VQGAN_SUBFOLDERS, is_local, join, local_folder, resolve_subfolder, url_to_fs
 from amused.tokenizer.text import TextEncoder, save_tokenizer
 from amused.training.checkpoint import EMA_WEIGHTS, MARKER, MODEL_STATES, TRAINER, Checkpoint
@@ -51,8 +54,10 @@ from amused.training.inference.quantize import ao_config, quantize_folder
 from amused.training.inference.sample import LORA_PREFIX, LORA_WEIGHTS, load_trained_model, uses_ema
 from amused.training.lora import ADAPTER, adapter_state_dict
 
-# What the folder was exported from: a rerun of the same export is a no-op.
+# What the folder was exported from: a rerun of the same export is a no-op, or rewrites the card alone.
 SOURCE = "amused_export.json"
+# The record's keys that only the model card depends on: when only they differ, a rerun rewrites README.md.
+CARD_KEYS = ("license", "base_model", "card_sha256")
 # Written last into a remote export: an s3 prefix cannot be renamed atomically.
 EXPORT_COMPLETE = "model_index.json"
 # Half-precision copies of the weights, diffusers' variant naming (the released repositories' fp16 files).
@@ -69,7 +74,9 @@ def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str,
     `variant` ("fp16"): every weights file also in that precision (`*.fp16.safetensors`)
     beside the fp32 ones. `license`, `base_model`: the model card's license and base_model
     fields (base_model: the Hub id of a fine-tune's base, by default found in the path of
-    a base folder that lies in the Hugging Face cache)."""
+    a base folder that lies in the Hugging Face cache). A rerun into a folder holding these
+    very weights rewrites only its card, when that changed (another license or base_model,
+    an evaluation of the checkpoint since); a folder holding other weights is refused."""
     lora = _lora_of(checkpoint)
     if lora and not merge_lora:
         raise ValueError(f"{checkpoint} is a LoRA checkpoint: export --lora writes its adapters, "
@@ -90,25 +97,47 @@ def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str,
         source["quantize"] = quantize
     if variant:
         source["variant"] = variant
-    if _already_exported(output, source, EXPORT_COMPLETE):
+    cfg = trained.config(parse_config)
+    base_model = base_model or (hub_id_of(cfg.model.pretrained) if cfg.model.pretrained else None)
+
+    def card_of(transformer_config: dict, vqvae_config: dict) -> str:
+        grid = transformer_config["sample_size"]
+        return model_card(CardFacts(
+            name=output.rstrip("/").rpartition("/")[2], source=source, cfg=cfg,
+            resolution=grid * 2 ** (len(vqvae_config["block_out_channels"]) - 1), token_grid=grid,
+            base_model=portable(cfg.model.pretrained, trained.run_dir) if cfg.model.pretrained else None,
+            base_model_id=base_model, dataset=portable(cfg.data.dataset, trained.run_dir), manifest=_manifest(cfg),
+            evaluation=_evaluation_of(trained, source["weights"]), variant=variant, license=license))
+
+    def record(card: str) -> dict:
+        """The source with what the card was made of (a later evaluation changes its text)."""
+        return source | {"license": license, "base_model": base_model,
+                         "card_sha256": hashlib.sha256(card.encode()).hexdigest()}
+
+    recorded = _recorded(output, source, EXPORT_COMPLETE)
+    if recorded is not None:  # these weights are there: only the card may be new (--license, an evaluation since)
+        fs, root = url_to_fs(output)
+        card = card_of(*(json.loads(fs.cat_file(f"{root.rstrip('/')}/{m}/config.json"))
+                         for m in ("transformer", "vqvae")))
+        if recorded != record(card):
+            with atomic_writer(join(output, CARD)) as fh:  # the card first: a crash before the record redoes it
+                fh.write(card.encode())
+            with atomic_writer(join(output, SOURCE)) as fh:
+                fh.write(json.dumps(record(card), indent=2).encode())
         return output
     transformer = load_trained_model(checkpoint, ema=ema)
     if merge_lora:
         transformer = merge_adapters(transformer)
     text = TextEncoder.from_pretrained(text_encoder, device="cpu")
+    vqvae = VQModel.from_pretrained(local_folder(resolve_subfolder(vqgan, VQGAN_SUBFOLDERS)))
+    # The aMUSEd VQ-GAN overflows to NaN in fp16 (pipeline/pretokenize.py); diffusers decodes in
+    # fp32 only when the config says so, which a released VQ-GAN folder's config does not (VQModel
+    # defaults it off). A config field only: the fp32 weights are unchanged.
+    vqvae.register_to_config(force_upcast=True)
     pipe = AmusedPipeline(
-        vqvae=VQModel.from_pretrained(local_folder(resolve_subfolder(vqgan, VQGAN_SUBFOLDERS))),
-        tokenizer=text.tokenizer, text_encoder=text.model, transformer=transformer,
+        vqvae=vqvae, tokenizer=text.tokenizer, text_encoder=text.model, transformer=transformer,
         scheduler=AmusedScheduler(mask_token_id=transformer.config.vocab_size - 1, masking_schedule="cosine"))
-    cfg = trained.config(parse_config)
-    grid = transformer.config.sample_size
-    card = model_card(CardFacts(
-        name=output.rstrip("/").rpartition("/")[2], source=source, cfg=cfg,
-        resolution=grid * 2 ** (len(pipe.vqvae.config.block_out_channels) - 1), token_grid=grid,
-        base_model=portable(cfg.model.pretrained, trained.run_dir) if cfg.model.pretrained else None,
-        base_model_id=base_model or (hub_id_of(cfg.model.pretrained) if cfg.model.pretrained else None),
-        dataset=portable(cfg.data.dataset, trained.run_dir), manifest=_manifest(cfg),
-        evaluation=_evaluation_of(trained, source["weights"]), variant=variant, license=license))
+    card = card_of(transformer.config, vqvae.config)
 
     def write(staging: Path) -> None:
         pipe.save_pretrained(staging, safe_serialization=True)
@@ -118,7 +147,7 @@ def export_pipeline(checkpoint: str, output: str, vqgan: str, text_encoder: str,
         if quantize:
             quantize_folder(staging / "transformer", quantize, "cpu")
         (staging / CARD).write_text(card)
-        (staging / SOURCE).write_text(json.dumps(source, indent=2))
+        (staging / SOURCE).write_text(json.dumps(record(card), indent=2))
 
     return publish_folder(output, write, EXPORT_COMPLETE)
 
@@ -148,7 +177,7 @@ def export_adapters(checkpoint: str, output: str, ema: bool = True) -> str:
     trained = Checkpoint.at(checkpoint)
     base = lora["base"] | {"path": portable(lora["base"]["path"], trained.run_dir)}
     source = _source(trained, ema) | lora | {"base": base}
-    if _already_exported(output, source, LORA_WEIGHTS):
+    if _recorded(output, source, LORA_WEIGHTS) is not None:
         return output
     model = load_trained_model(checkpoint, ema=ema)
 
@@ -188,12 +217,15 @@ def _lora_of(checkpoint: str) -> dict | None:
 def _source(trained: Checkpoint, ema: bool) -> dict:
     """What an export is made of, without any machine's absolute path: the checkpoint's
     place in its run folder (plus the run's URL when remote), its step and the sha256 of
-    the weights read (from its marker), which tells two runs' same-named checkpoints apart."""
+    the weights read (from its marker, or hashed here when the marker predates checksums),
+    which tells two runs' same-named checkpoints apart."""
     ema = uses_ema(trained.config(parse_config), ema)
     weights = EMA_WEIGHTS if ema else MODEL_STATES
+    sha256 = read_json(join(trained.folder, MARKER)).get("files", {}).get(weights, {}).get("sha256")
+    # A checkpoint from before checksums: hashed here, else two runs' step_N would pass for one export.
+    sha256 = sha256 or sha256_of(str(trained.weights(ema)))
     source = {"checkpoint": trained.folder.removeprefix(trained.run_dir).lstrip("/"), "step": trained.step,
-              "weights": "ema" if ema else "raw",
-              "sha256": read_json(join(trained.folder, MARKER)).get("files", {}).get(weights, {}).get("sha256")}
+              "weights": "ema" if ema else "raw", "sha256": sha256}
     if not is_local(trained.run_dir):
         source["run"] = trained.run_dir
     return source
@@ -232,16 +264,22 @@ def _evaluation_of(trained: Checkpoint, weights: str) -> dict | None:
     return None
 
 
-def _already_exported(output: str, source: dict, complete: str) -> bool:
-    """True when `output` holds this very export (a rerun is a no-op); refuses a folder
-    holding another one."""
+def _recorded(output: str, source: dict, complete: str) -> dict | None:
+    """The record of the export at `output` when it is this very export (the same weights;
+    its card may differ, CARD_KEYS), None when `output` holds no complete export; refuses a
+    folder holding another one."""
     fs, root = url_to_fs(output)
     if not fs.exists(f"{root.rstrip('/')}/{complete}"):
-        return False
-    recorded = f"{root.rstrip('/')}/{SOURCE}"
-    if fs.exists(recorded) and json.loads(fs.cat_file(recorded)) == source:
-        return True
+        return None
+    path = f"{root.rstrip('/')}/{SOURCE}"
+    recorded = json.loads(fs.cat_file(path)) if fs.exists(path) else None
+    if isinstance(recorded, dict) and _weights_part(recorded) == _weights_part(source):
+        return recorded
     raise FileExistsError(f"{output} already holds another export; choose another --output")
+
+
+def _weights_part(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in CARD_KEYS}
 
 
 def publish_folder(url: str, write: Callable[[Path], None], complete: str) -> str:
