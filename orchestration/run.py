@@ -7,7 +7,12 @@ themselves (to say what changed), timings and counts. A stage is done only when 
 state file says so with the current fingerprint. A rerun skips done stages, resumes
 unfinished ones (each from its own resume points), and when a fingerprint changed it
 says which settings differ, removes that stage's outputs and runs it again; the stages
-after it then see a changed input fingerprint and follow.
+after it then see a changed input fingerprint and follow. A stage turned off whose
+recorded outputs a stage to run writes now (download's and ingest's image shards, when
+the source's kind changes) loses them and its state the same way, with the state of the
+stage that takes them over: no stage takes another's files for its own. What the stages
+still to do read from outside the run (`Stage.check`: ingest's source folder) is checked
+before anything is written.
 
 A run holds RUN_DIR/run.lock (and DATA_DIR/run.lock when the data lives elsewhere) from
 before it writes anything until it ends: a second run of the folder stops at once,
@@ -104,25 +109,23 @@ def _locked_folders(cfg: RunConfig) -> list[str]:
     return [cfg.run_dir] if same else [cfg.run_dir, cfg.data_dir]
 
 
+def _done(state: dict | None, fingerprint: str) -> bool:
+    return bool(state) and state["status"] == "done" and state["fingerprint"] == fingerprint
+
+
 def _run_locked(cfg: RunConfig, selected: set[str], log) -> dict[str, dict]:
+    planned = plan(cfg)
+    for stage in STAGES:
+        fingerprint = planned[stage.name][0]
+        if fingerprint != "off" and stage.name in selected and not _done(read_state(cfg.run_dir, stage.name),
+                                                                        fingerprint):
+            stage.check(cfg)
     # The config as written (what `amused status` reads back) and with every default filled in.
     for name, text in (("config.yaml", yaml.safe_dump(cfg.given, sort_keys=False)),
                        ("config.resolved.yaml", dump_config(cfg))):
         with atomic_writer(join(cfg.run_dir, name)) as fh:
             fh.write(text.encode())
-    planned = plan(cfg)
-    # Stale outputs go before any stage runs: a stage may write a later one's outputs
-    # early (the evaluation watcher during training), and those must survive.
-    for stage in STAGES:
-        fingerprint, settings = planned[stage.name]
-        state = read_state(cfg.run_dir, stage.name)
-        if fingerprint != "off" and stage.name in selected and state and state["fingerprint"] != fingerprint:
-            changed = _changes(state.get("settings"), settings) or ["an input stage's output"]
-            log(f"[{stage.name}] settings or inputs changed ({'; '.join(changed)}): "
-                f"removing its outputs and running it again")
-            for url in stage.outputs(cfg):
-                _remove(url)
-            _remove(_state_url(cfg.run_dir, stage.name))
+    _remove_stale(cfg, planned, selected, log)
     states: dict[str, dict] = {}
     with ray_session(cfg.ray.address or None):
         for stage in STAGES:
@@ -130,7 +133,7 @@ def _run_locked(cfg: RunConfig, selected: set[str], log) -> dict[str, dict]:
             if fingerprint == "off":
                 continue
             state = read_state(cfg.run_dir, stage.name)
-            if state and state["status"] == "done" and state["fingerprint"] == fingerprint:
+            if _done(state, fingerprint):
                 log(f"[{stage.name}] done ({state['seconds']:.1f}s), skipped")
                 states[stage.name] = state
                 continue
@@ -142,6 +145,46 @@ def _run_locked(cfg: RunConfig, selected: set[str], log) -> dict[str, dict]:
                 continue
             states[stage.name] = _run_stage(cfg, stage, fingerprint, settings, state, log)
     return states
+
+
+def _remove_stale(cfg: RunConfig, planned: dict[str, tuple[str, Any]], selected: set[str], log) -> None:
+    """Removes, with their states, the outputs of the selected stages whose fingerprint
+    changed, and those of a stage turned off that a selected stage writes now (and that
+    stage's state, which counted them). Before any stage runs: a stage may write a later
+    one's outputs early (the evaluation watcher during training), and those must survive."""
+    writers = {url: s.name for s in STAGES if planned[s.name][0] != "off" and s.name in selected
+               for url in s.outputs(cfg)}
+    for stage in STAGES:
+        fingerprint, settings = planned[stage.name]
+        state = read_state(cfg.run_dir, stage.name)
+        if not state:
+            continue
+        if fingerprint == "off":
+            taken = {url: writer for url in state.get("outputs") or [] for mine, writer in writers.items()
+                     if _overlap(url, mine)}
+            if not taken:
+                continue
+            log(f"[{stage.name}] is off now, and {', '.join(sorted(set(taken.values())))} writes its outputs "
+                f"({', '.join(taken)}): removing them")
+            for url in taken:
+                _remove(url)
+            for writer in set(taken.values()):
+                _remove(_state_url(cfg.run_dir, writer))
+        elif stage.name in selected and state["fingerprint"] != fingerprint:
+            changed = _changes(state.get("settings"), settings) or ["an input stage's output"]
+            log(f"[{stage.name}] settings or inputs changed ({'; '.join(changed)}): "
+                f"removing its outputs and running it again")
+            for url in stage.outputs(cfg):
+                _remove(url)
+        else:
+            continue
+        _remove(_state_url(cfg.run_dir, stage.name))
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether one folder is the other or holds it."""
+    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
+    return a.startswith(b) or b.startswith(a)
 
 
 def _upstream(stage: Stage) -> set[str]:
@@ -160,8 +203,9 @@ def _run_stage(cfg: RunConfig, stage: Stage, fingerprint: str, settings: Any, pr
                log) -> dict:
     resumed = previous is not None
     log(f"[{stage.name}] {'resuming' if resumed else 'starting'}")
+    # The outputs from the start: a stage that another takes the place of loses what it began.
     state = {"stage": stage.name, "status": "running", "fingerprint": fingerprint, "settings": settings,
-             "started": time.time(), "attempts": (previous or {}).get("attempts", 0) + 1,
+             "outputs": stage.outputs(cfg), "started": time.time(), "attempts": (previous or {}).get("attempts", 0) + 1,
              "seconds_before": (previous or {}).get("seconds_before", 0.0) + (previous or {}).get("seconds", 0.0)}
     write_json_atomic(_state_url(cfg.run_dir, stage.name), state)
     t0 = time.monotonic()

@@ -76,6 +76,8 @@ class SourceConfig:
         if self.metadata is not None and not self.metadata.strip():
             raise ValueError("source.metadata: expected a Parquet URL, got ''")
         if self.ingested:
+            # Whether they are there is asked where ingest is to run (its Stage.check): a finished
+            # run's status and resume do not need them.
             check_inputs(self.images, self.captions, self.hf_dataset, "source")
         else:
             for f in dataclasses.fields(self):

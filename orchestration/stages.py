@@ -12,9 +12,11 @@ A stage is one entry of STAGES, which declares all there is to it:
 - the settings its output depends on: its section's `output_settings` (every setting not
   declared `output=False`), or `depends` where it reads more; fingerprinted together
   with its inputs' fingerprints;
-- `outputs`: the folders it writes (removed when the fingerprint changes), and `run`,
-  which does or resumes the work through the stage's own resume points and returns the
-  counts that `amused status` shows, with `progress`, the work found in its outputs.
+- `outputs`: the folders it writes (removed when the fingerprint changes, or when another
+  stage writes them now: download's and ingest's image shards, as the source's kind
+  changes), and `run`, which does or resumes the work through the stage's own resume
+  points and returns the counts that `amused status` shows, with `progress`, the work
+  found in its outputs, and `check`, what must hold before the run starts.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from amused.demo.site import ImageServer, write_shape_site
 from amused.demo.tiny_models import write_tiny_clip, write_tiny_text_encoder
 from amused.pipeline.download import DownloadConfig, download
 from amused.pipeline.filter import FilterConfig, filter_metadata
-from amused.pipeline.ingest import INPUTS, IngestConfig, ingest
+from amused.pipeline.ingest import INPUTS, IngestConfig, check_found, ingest
 from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
 from amused.plumbing.config import output_settings
 from amused.plumbing.fsio import exists, file_exists, list_files, upload_tree
@@ -82,6 +84,9 @@ class Stage:
     when: Callable[[RunConfig], bool] | None = None  # on, where more than "its section is given"
     # Units of work present so far, read from its outputs alone (`amused status`).
     progress: Callable[[RunConfig], str] = lambda cfg: ""
+    # Raises where what the stage reads from outside the run is missing: asked before any
+    # stage starts, of the stages still to do (a done one may have lost its inputs).
+    check: Callable[[RunConfig], None] = _nothing
 
     def settings(self, cfg: RunConfig) -> Any:
         """What the stage's output depends on besides its inputs."""
@@ -311,7 +316,7 @@ STAGES: tuple[Stage, ...] = (
           applies=lambda run: run.source.ingested,
           derived=lambda run, s: {"output": _images(run), "ray_address": run.ray.address or None,
                                   **{k: getattr(run.source, k) for k in INPUTS}},
-          progress=lambda c: _shards(c.ingest.output, "_stats.json")),
+          progress=lambda c: _shards(c.ingest.output, "_stats.json"), check=lambda c: check_found(c.ingest, "source")),
     Stage("vqgan", ("download", "models"), lambda c: [c.vqgan.run_dir], run_vqgan, section="vqgan",
           config=VQGANConfig, absent="off", late_after=("ingest",),
           derived=lambda run, s: {"run_dir": join(run.run_dir, "vqgan"), "data.images": _images(run)},

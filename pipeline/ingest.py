@@ -2,13 +2,17 @@
 
 Inputs (exactly one):
 - `images`: a folder (local or any fsspec URL) of images, captioned by sidecar files
-  (`photos/cat.jpg` + `photos/cat.txt`) or, with `captions`, by a CSV, JSONL or Parquet
-  table of `file,caption` rows (`file` relative to the folder; column names by flags);
+  (`photos/cat.jpg` + `photos/cat.txt`) or, with `captions`, by a CSV, JSON lines (or a
+  JSON array) or Parquet table of `file,caption` rows (`file` relative to the folder;
+  column names by flags);
 - `hf_dataset`: a Hugging Face `datasets` dataset on disk: a `save_to_disk` folder (a
-  DatasetDict's `split`), or a folder or file of Parquet or Arrow files, with an image
-  column (an `Image` feature's {bytes, path}, raw bytes, or a path) and a caption column.
-  Read with pyarrow from the files `datasets` writes: importing `datasets` costs 3.5 s in
-  every process, and its Parquet loader first copies the data into its cache.
+  DatasetDict's `split`), a folder of Parquet or Arrow files (a Hub snapshot, a datasets
+  cache folder: the files whose names carry `split`, where any carries a split), or one
+  file, with an image column (an `Image` feature's {bytes, path}, raw bytes, or a path)
+  and a caption column. Read with pyarrow from the files `datasets` writes: importing
+  `datasets` costs 3.5 s in every process, and its Parquet loader first copies the data
+  into its cache. A shard task reads only its rows: the Parquet row groups that hold
+  them, the Arrow record batches up to its last row.
 
 Output: `NNNNN.tar` with `KEY.EXT` (the image), `KEY.txt` (caption) and `KEY.json` (key,
 caption, status, url = the source file, width/height, original_width/original_height,
@@ -26,10 +30,13 @@ as img2dataset does.
 
 The sample list is fixed before any shard: sorted file names, or the table's or the
 dataset's row order. Shard i holds samples [i*N, (i+1)*N) and sample j of shard i has
-the key `{i:05d}{j:0Dd}`; the list's fingerprint is recorded in `_amused/ingest.json`.
-A rerun writes only the shards without a stats file and, shards having fixed tar
-metadata, the same bytes; a rerun over a changed input or other settings is refused.
-Shards are Ray tasks (one CPU each), as the other data stages run.
+the key `{i:05d}{j:0Dd}`. `_amused/ingest.json`, written before any shard, records the
+settings and the fingerprints of the list and of its files' sizes and modification
+times (S3: ETags): images, sidecars, the caption table, data files. A rerun writes only
+the shards without a stats file and, shards having fixed tar metadata, the same bytes;
+a rerun over a changed input or other settings is refused, and so is a folder with
+shards but no `ingest.json` (download's layout is the same: its done shards would pass
+for ingest's). Shards are Ray tasks (one CPU each), as the other data stages run.
 """
 
 from __future__ import annotations
@@ -38,10 +45,12 @@ import csv
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import os
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -70,8 +79,9 @@ _NOT_READ = frozenset({"missing_file", "unreadable_file"})
 
 
 def check_inputs(images: str | None, captions: str | None, hf_dataset: str | None, where: str) -> None:
-    """One clear error for a source that names no input, two kinds, or a local path
-    that is not there: raised where the source is written (flags or `source:`)."""
+    """One clear error for a source that names no input, two kinds, a caption table of no
+    known kind or an empty path: raised where the source is written (flags or `source:`).
+    Whether the inputs are there is `check_found`'s, asked only where ingest is to run."""
     if (images is None) == (hf_dataset is None):
         raise ValueError(f"{where}: give exactly one of images (a folder) or hf_dataset (a datasets folder)")
     if captions is not None and images is None:
@@ -79,12 +89,17 @@ def check_inputs(images: str | None, captions: str | None, hf_dataset: str | Non
     if captions is not None and not captions.lower().endswith(TABLE_SUFFIXES):
         raise ValueError(f"{where}.captions: {captions!r} is not a {', '.join(TABLE_SUFFIXES)} file")
     for name, value in (("images", images), ("captions", captions), ("hf_dataset", hf_dataset)):
-        if value is None:
-            continue
-        if not value.strip():
+        if value is not None and not value.strip():
             raise ValueError(f"{where}.{name}: empty path")
-        found, noun = _LOCAL_CHECKS[name]
-        if is_local(value) and not found(url_to_fs(value)[1]):
+
+
+def check_found(cfg: IngestConfig, where: str) -> None:
+    """One clear error for a local input that is not there, before any work. Not part of
+    parsing a config: once ingest is done, `amused status` and a resumed run must not need
+    the source images (moved, or on another machine)."""
+    for name, (found, noun) in _LOCAL_CHECKS.items():
+        value = getattr(cfg, name)
+        if value is not None and is_local(value) and not found(url_to_fs(value)[1]):
             raise ValueError(f"{where}.{name}: no {noun} at {value}")
 
 
@@ -116,7 +131,7 @@ class IngestConfig:
     progress: bool = opt(True, "show a progress bar", output=False)
 
     def __post_init__(self):
-        check_inputs(self.images, self.captions, self.hf_dataset, "ingest")
+        check_inputs(self.images, self.captions, self.hf_dataset, "ingest")  # whether they are there: ingest()
         if not self.output.strip():
             raise ValueError("output: empty path")
         for name in ("file_column", "caption_column", "image_column", "split"):
@@ -174,15 +189,34 @@ def _relative(root: str, path: str) -> str:
     return path[len(root.rstrip("/")) + 1:]
 
 
-def _folder_entries(cfg: IngestConfig) -> list[list]:
-    """[name, caption or None]: the folder's images in name order, captioned by their
-    sidecar file (read in the shard task), or the caption table's rows in order."""
+# What says a file changed without reading it, beside its size: S3's ETag (from its
+# content), else the modification time (a copy keeps it with `cp -p` or `rsync -a`).
+_STAMP_KEYS = ("ETag", "etag", "mtime", "LastModified", "updated")
+
+
+def _stamp(info: dict | None) -> list | None:
+    if info is None:
+        return None
+    return [info.get("size"), next((info[k] for k in _STAMP_KEYS if info.get(k) is not None), None)]
+
+
+def _folder_entries(cfg: IngestConfig) -> tuple[list[list], list]:
+    """[name, caption or None] per sample: the folder's images in name order, captioned by
+    their sidecar file (read in the shard task), or the caption table's rows in order; and
+    the stamps of the files they read (each image and sidecar; the table and each image)."""
     fs, root = url_to_fs(cfg.images)
+    root = root.rstrip("/")
+    listing = fs.find(root, detail=True)  # one listing: the names, sizes and times
     if cfg.captions is None:
-        names = sorted(_relative(root, p) for p in fs.find(root)
+        names = sorted(_relative(root, p) for p in listing
                        if p.rpartition(".")[2].lower() in IMAGE_EXTS and "/." not in "/" + _relative(root, p))
-        return [[name, None] for name in names]
-    return [[str(f) if f is not None else "", c] for f, c in _table_rows(cfg)]
+        stamps = [[_stamp(listing.get(f"{root}/{n}")), _stamp(listing.get(f"{root}/{n.rpartition('.')[0]}.txt"))]
+                  for n in names]
+        return [[name, None] for name in names], stamps
+    entries = [[str(f) if f is not None else "", c] for f, c in _table_rows(cfg)]
+    table_fs, table = url_to_fs(cfg.captions)
+    # A row naming a file outside the folder (an absolute path, a URL) has no stamp.
+    return entries, [_stamp(table_fs.info(table)), *(_stamp(listing.get(f"{root}/{n}")) for n, _ in entries)]
 
 
 def _table_rows(cfg: IngestConfig) -> list[tuple]:
@@ -203,11 +237,8 @@ def _table_rows(cfg: IngestConfig) -> list[tuple]:
             missing = [c for c in wanted if c not in names]
             if not missing:
                 return [(row[cfg.file_column], row[cfg.caption_column]) for row in reader]
-        else:  # JSON lines
-            rows = [json.loads(line) for line in io.TextIOWrapper(fh, encoding="utf-8") if line.strip()]
-            bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
-            if bad is not None:
-                raise ValueError(f"{cfg.captions}: line {bad + 1} is not a JSON object")
+        else:
+            rows = _json_rows(cfg.captions, io.TextIOWrapper(fh, encoding="utf-8").read())
             names = sorted({k for r in rows for k in r})
             missing = [c for c in wanted if not any(c in r for r in rows)]
             if not missing:
@@ -216,9 +247,46 @@ def _table_rows(cfg: IngestConfig) -> list[tuple]:
                      f"name the columns with --file-column / --caption-column")
 
 
+def _json_rows(url: str, text: str) -> list[dict]:
+    """The objects of JSON lines, or of one JSON array (what a `.json` file often holds)."""
+    expected = f"{url}: expected JSON lines (one object per line) or a JSON array"
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{expected} ({exc})") from None
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{expected}; line {number}: {exc.msg}") from None
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise ValueError(f"{url}: row {bad + 1} is not a JSON object")
+    return rows
+
+
+# Split names that data file names carry, besides the one asked for (refused when only they are found).
+_SPLITS = ("train", "test", "validation", "valid", "val", "dev", "eval")
+
+
+def _names_split(relative: str, split: str) -> bool:
+    """Whether a data file's path in the dataset folder names `split`, as the Hub's do
+    (`data/train-00000-of-00002.parquet`, `train/0.parquet`, `train.parquet`) and the
+    datasets cache's (`name-train.arrow`, `name-train-00000-of-00002.arrow`)."""
+    base = relative.rpartition("/")[2]
+    return (f"/{split}/" in f"/{relative}" or base.startswith(f"{split}-") or f"-{split}." in base
+            or f"-{split}-" in base or base.rpartition(".")[0] == split)
+
+
 def _dataset_files(url: str, split: str) -> list[str]:
     """The data files of a `datasets` dataset in row order: a save_to_disk folder's (a
-    DatasetDict's `split`), or the Parquet / Arrow files of a folder, or one file."""
+    DatasetDict's `split`), one file, or a folder's Parquet / Arrow files: those naming
+    `split` (a Hub snapshot, a datasets cache folder), or all where none names a split;
+    never the cache's `cache-*.arrow` (the results of `map` and `filter`)."""
     fs, root = url_to_fs(url)
     root = root.rstrip("/")
     if fs.isfile(root):
@@ -231,40 +299,74 @@ def _dataset_files(url: str, split: str) -> list[str]:
     if file_exists(_url(fs, f"{root}/state.json")):
         state = json.loads(fs.cat_file(f"{root}/state.json"))
         return [_url(fs, f"{root}/{f['filename']}") for f in state["_data_files"]]
-    found = sorted(p for p in fs.find(root) if p.endswith((".parquet", ".arrow")))
+    found = sorted(r for p in fs.find(root) if p.endswith((".parquet", ".arrow"))
+                   and "/." not in "/" + (r := _relative(root, p)) and not r.rpartition("/")[2].startswith("cache-"))
     if not found:
         raise ValueError(f"{url}: neither a save_to_disk folder nor a folder of .parquet / .arrow files")
-    return [_url(fs, p) for p in found]
+    named = [r for r in found if _names_split(r, split)]
+    if not named:
+        others = sorted({s for r in found for s in _SPLITS if _names_split(r, s)})
+        if others:
+            shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+            raise ValueError(f"{url}: no data file names split {split!r}; found split(s) {', '.join(others)} "
+                             f"({shown}); choose one with --split")
+        named = found  # names without a split: the folder is one split
+    return [_url(fs, f"{root}/{r}") for r in named]
 
 
-def _read_table(url: str, columns: list[str] | None = None) -> pa.Table:
-    """A data file's columns: Parquet, or Arrow (the stream format save_to_disk writes, or the
-    file format), memory-mapped where local."""
+@contextmanager
+def _ipc(url: str) -> Iterator[tuple]:
+    """(reader, its record batches in order, each read as it is taken) of an Arrow file: the
+    stream format save_to_disk writes, or the file format; memory-mapped where local."""
     fs, path = url_to_fs(url)
-    if path.endswith(".parquet"):
-        return pq.read_table(path, filesystem=fs, columns=columns)
-    def source():
-        return pa.memory_map(path) if is_local(url) else pa.BufferReader(fs.cat_file(path))
-
-    try:
-        table = pa.ipc.open_stream(source()).read_all()
-    except pa.ArrowInvalid:
-        table = pa.ipc.open_file(source()).read_all()
-    return table if columns is None else table.select(columns)
+    with pa.memory_map(path) if is_local(url) else fs.open(path, "rb") as src:
+        stream = src.read(6) != b"ARROW1"  # the file format's magic
+        src.seek(0)
+        reader = pa.ipc.open_stream(src) if stream else pa.ipc.open_file(src)
+        yield reader, iter(reader) if stream else (reader.get_batch(i) for i in range(reader.num_record_batches))
 
 
 def _schema_and_rows(url: str) -> tuple[pa.Schema, int]:
+    """A data file's schema and row count, from its metadata where the format has it: a
+    Parquet footer, an Arrow file's footer and batch headers. The Arrow stream format (what
+    save_to_disk writes) has no index, so counting its rows reads it through: without a
+    copy where local (memory-mapped), streamed once where remote."""
     fs, path = url_to_fs(url)
     if path.endswith(".parquet"):
-        meta = pq.ParquetFile(path, filesystem=fs).metadata
-        return meta.schema.to_arrow_schema(), meta.num_rows
-    table = _read_table(url)
-    return table.schema, table.num_rows
+        with pq.ParquetFile(path, filesystem=fs) as pf:
+            return pf.metadata.schema.to_arrow_schema(), pf.metadata.num_rows
+    with _ipc(url) as (reader, batches):
+        if isinstance(reader, pa.ipc.RecordBatchFileReader):
+            return reader.schema, reader.count_rows()
+        return reader.schema, sum(b.num_rows for b in batches)
 
 
-def _dataset_entries(cfg: IngestConfig) -> list[list]:
-    """[file, first row, rows] of each data file; the rows are read in the shard tasks."""
-    out, start = [], 0
+def _read_rows(url: str, columns: list[str], lo: int, hi: int) -> pa.Table:
+    """Rows [lo, hi) of a data file's `columns`, reading only what holds them: the Parquet
+    row groups that overlap them, the Arrow record batches up to `hi`. A shard task of a
+    large single-file dataset reads its own share, not the file."""
+    fs, path = url_to_fs(url)
+    if path.endswith(".parquet"):
+        with pq.ParquetFile(path, filesystem=fs) as pf:
+            starts = [0, *itertools.accumulate(pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups))]
+            groups = [i for i in range(pf.num_row_groups) if starts[i] < hi and starts[i + 1] > lo]
+            return pf.read_row_groups(groups, columns=columns).slice(lo - starts[groups[0]], hi - lo)
+    batches, at = [], 0
+    with _ipc(url) as (reader, stream):
+        for batch in stream:
+            end = at + batch.num_rows
+            if end > lo:
+                batches.append(batch.slice(max(lo - at, 0), min(hi, end) - max(lo, at)))
+            if end >= hi:
+                break  # before the next batch is read
+            at = end
+        return pa.Table.from_batches(batches, reader.schema).select(columns)
+
+
+def _dataset_entries(cfg: IngestConfig) -> tuple[list[list], list]:
+    """[file, first row, rows] of each data file (the rows are read in the shard tasks),
+    and the files' stamps."""
+    out, stamps, start = [], [], 0
     for url in _dataset_files(cfg.hf_dataset, cfg.split):
         schema, rows = _schema_and_rows(url)
         missing = [c for c in (cfg.image_column, cfg.caption_column) if c not in schema.names]
@@ -272,8 +374,10 @@ def _dataset_entries(cfg: IngestConfig) -> list[list]:
             raise ValueError(f"{url}: no column {missing[0]!r} (has {', '.join(schema.names)}); name the "
                              f"columns with --image-column / --caption-column")
         out.append([url, start, rows])
+        fs, path = url_to_fs(url)
+        stamps.append(_stamp(fs.info(path)))
         start += rows
-    return out
+    return out, stamps
 
 
 # ----- one shard ------------------------------------------------------------------------------
@@ -328,7 +432,7 @@ def _dataset_samples(cfg: IngestConfig, entries: list, start: int, stop: int
         lo, hi = max(start, first), min(stop, first + rows)
         if lo >= hi:
             continue
-        table = _read_table(url, [cfg.image_column, cfg.caption_column]).slice(lo - first, hi - lo)
+        table = _read_rows(url, [cfg.image_column, cfg.caption_column], lo - first, hi - first)
         images, captions = (table.column(c).to_pylist() for c in (cfg.image_column, cfg.caption_column))
         for row, (image, caption) in enumerate(zip(images, captions), lo):
             def load(image=image, caption=caption, row=row):
@@ -415,35 +519,70 @@ _RECORD_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("captio
 
 # ----- the job ----------------------------------------------------------------------------------
 
-def _plan(cfg: IngestConfig) -> tuple[list[dict], str]:
-    """The shard tasks' arguments and the fingerprint of the sample list and settings."""
+def _sha256(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _plan(cfg: IngestConfig) -> tuple[list[dict], dict]:
+    """The shard tasks' arguments, and the job: the settings, the fingerprint of the sample
+    list and that of its files' sizes and times (or ETags)."""
     n = cfg.samples_per_shard
-    settings = {k: v for k, v in output_settings(cfg).items() if k != "output"}
+    settings = json.loads(json.dumps({k: v for k, v in output_settings(cfg).items() if k != "output"}, default=str))
     if cfg.hf_dataset:
-        entries = _dataset_entries(cfg)
-        total = sum(rows for _, _, rows in entries)
-        calls = [{"entries": [e for e in entries if e[1] < min(s + n, total) and e[1] + e[2] > s],
+        listed, stamps = _dataset_entries(cfg)
+        total = sum(rows for _, _, rows in listed)
+        calls = [{"entries": [e for e in listed if e[1] < min(s + n, total) and e[1] + e[2] > s],
                   "start": s, "stop": min(s + n, total)} for s in range(0, total, n)]
-        listed = entries
     else:
-        listed = _folder_entries(cfg)
+        listed, stamps = _folder_entries(cfg)
         calls = [{"entries": listed[s:s + n], "start": s, "stop": s + len(listed[s:s + n])}
                  for s in range(0, len(listed), n)]
     if not calls:
         raise ValueError(f"{cfg.images or cfg.hf_dataset}: no images found")
-    blob = json.dumps({"settings": settings, "samples": listed}, sort_keys=True, default=str).encode()
-    calls = [{**call, "shard": i} for i, call in enumerate(calls)]
-    return calls, hashlib.sha256(blob).hexdigest()
+    job = {"settings": settings, "samples_sha256": _sha256(listed), "files_sha256": _sha256(stamps),
+           "shards": len(calls), "samples": calls[-1]["stop"]}
+    return [{**call, "shard": i} for i, call in enumerate(calls)], job
+
+
+# What a rerun compares with the job that began the folder, and what a difference means.
+_JOB_INPUTS = (("samples_sha256", "another sample list (files or table rows added, removed, renamed or "
+                                  "recaptioned)"),
+               ("files_sha256", "changed input files (a size, modification time or S3 ETag differs; a copy "
+                                "keeps its times with cp -p or rsync -a)"))
+
+
+def _not_ingests(output: str) -> list[str]:
+    """Shards (`*.tar`, `*_stats.json`) or state (`_amused/`) in a folder that ingest did
+    not begin: download writes the same layout, and a shard with a stats file is done."""
+    fs, path = url_to_fs(output)
+    try:
+        names = sorted(p.rstrip("/").rpartition("/")[2] for p in fs.ls(path, detail=False))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [n for n in names if n.endswith((".tar", "_stats.json")) or n == STATE]
 
 
 def _check_or_start_job(cfg: IngestConfig, job: dict) -> None:
+    """Begins the job in a folder without shards, or resumes the same job; refuses a folder
+    of another job, or with shards or state that ingest did not write."""
     url = join(cfg.output, STATE, "ingest.json")
-    if file_exists(url):
-        if read_json(url)["sha256"] != job["sha256"]:
-            raise ValueError(f"{cfg.output} holds shards ingested from another input or with other settings; "
-                             f"use another output folder or delete it")
-    else:
+    if not file_exists(url):
+        found = _not_ingests(cfg.output)
+        if found:
+            shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+            raise ValueError(f"{cfg.output} holds shards or state that ingest did not write ({shown}; "
+                             f"`amused download` writes the same layout), and ingest would take them as done: "
+                             f"use another output folder, or delete that one")
         write_json_atomic(url, job)
+        return
+    old = read_json(url)
+    before, now = old.get("settings") or {}, job["settings"]
+    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted({*before, *now}) if before.get(k) != now.get(k)]
+    why = [f"other settings ({'; '.join(changed)})"] if changed else []
+    why += [what for key, what in _JOB_INPUTS if old.get(key) != job[key]]
+    if why:
+        raise ValueError(f"{cfg.output} holds shards ingested from another input or with other settings: "
+                         f"{why[0]}; use another output folder, or delete that one to ingest anew")
 
 
 def ingest(cfg: IngestConfig) -> IngestReport:
@@ -451,8 +590,9 @@ def ingest(cfg: IngestConfig) -> IngestReport:
     # Ray's workers may run in another directory.
     cfg = dataclasses.replace(cfg, **{k: os.path.abspath(v) for k in ("images", "captions", "hf_dataset", "output")
                                       if (v := getattr(cfg, k)) is not None and "://" not in v})
-    calls, sha = _plan(cfg)
-    _check_or_start_job(cfg, {"sha256": sha, "shards": len(calls), "samples": calls[-1]["stop"]})
+    check_found(cfg, "ingest")
+    calls, job = _plan(cfg)
+    _check_or_start_job(cfg, job)
     report = IngestReport(cfg.output, shards_total=len(calls), samples=calls[-1]["stop"])
     skipped: Counter = Counter()
     bar = tqdm(total=report.samples, unit="img", desc="ingest", disable=not cfg.progress)

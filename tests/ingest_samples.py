@@ -31,7 +31,6 @@ def write_folder(root: Path) -> dict[str, str | None]:
     return expected
 
 
-
 def images_run(tmp_path: Path, tiny_models: Path | None = None, **source) -> dict:
     """demo_config with `source: {images: tmp_path/in, **source}`: no filter, download, vqgan,
     evaluate or samples; the tiny models (their folders where given, else the models stage's)."""

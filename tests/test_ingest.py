@@ -184,12 +184,20 @@ def test_s3_output_read_back_and_resumed(ray_session, s3_bucket, tmp_path):
 
 
 def test_run_with_an_images_source_through_pretokenize(ray_session, tiny_models, tmp_path, capsys):
-    """`amused run` with `source: {images: DIR}`: the ingest stage writes data/images, filter
-    and download do not run, pretokenize reads the shards; a rerun skips both."""
+    """`amused run` with `source: {images: DIR}` in a run that downloaded before: download's
+    shards go, the ingest stage writes data/images, filter and download do not run,
+    pretokenize reads the shards; a rerun skips both, and status reads the run, with the
+    source folder moved away."""
     write_folder(tmp_path / "in")
     cfg = images_run(tmp_path, tiny_models)
+    (tmp_path / "run/data/images").mkdir(parents=True)
+    (tmp_path / "run/data/images/00000_stats.json").write_text('{"count": 5, "successes": 5}')
+    (tmp_path / "run/stages").mkdir()
+    (tmp_path / "run/stages/download.json").write_text(json.dumps(
+        {"status": "done", "fingerprint": "0" * 16, "outputs": [str(tmp_path / "run/data/images")]}))
     log: list[str] = []
     states = run(parse_run_config(cfg), only=["ingest", "pretokenize"], log=log.append)
+    assert log[0] == f"[download] is off now, and ingest writes its outputs ({tmp_path}/run/data/images): removing them"
     assert set(states) == {"ingest", "pretokenize"}
     assert states["ingest"]["counts"]["ingested"] == states["pretokenize"]["counts"]["tokenized"] == 11
     assert states["ingest"]["counts"]["skipped"]["too_small"] == 1
@@ -198,6 +206,8 @@ def test_run_with_an_images_source_through_pretokenize(ray_session, tiny_models,
     table = capsys.readouterr().out
     assert "ingest       done" in table and "1 shards" in table and "filter" not in table
     log.clear()
+    (tmp_path / "in").rename(tmp_path / "moved")
     run(parse_run_config(cfg), only=["ingest", "pretokenize"], log=log.append)
+    assert main(["status", str(tmp_path / "run")]) == 0
     assert log == ["[ingest] done (%.1fs), skipped" % states["ingest"]["seconds"],
                    "[pretokenize] done (%.1fs), skipped" % states["pretokenize"]["seconds"]]
