@@ -62,31 +62,34 @@ from amused.tokenizer.text import TextEmbeddings, TextEncoder, build_clip_text
 RES = 256
 
 
-def write_models(root: Path) -> Path:
+def write_models(root: Path, preset: str = "amused") -> Path:
+    """Random VQ-GAN and CLIP text tower of a preset (tokenizer/presets.py) with CLIP's BPE
+    tokenizer, in the layout the loaders read: the aMUSEd ones unless `preset` says otherwise."""
     torch.manual_seed(0)
-    build_vqgan("amused").save_pretrained(root / "vqgan")
-    build_clip_text("amused").save_pretrained(root / "text_encoder")
+    build_vqgan(preset).save_pretrained(root / "vqgan")
+    build_clip_text(preset).save_pretrained(root / "text_encoder")
     clip_bpe_tokenizer(root / "tokenizer")
     return root
 
 
 def _write_shards(args):
-    out, first, count, per_shard = args
-    write_shape_shards(out, shards=count, per_shard=per_shard, min_size=300, max_size=640, seed=11, texture=12.0,
-                       first_shard=first)
+    out, first, count, per_shard, sizes = args
+    write_shape_shards(out, shards=count, per_shard=per_shard, min_size=sizes[0], max_size=sizes[1], seed=11,
+                       texture=12.0, first_shard=first)
 
 
-def write_data(out: Path, images: int, shards: int) -> None:
+def write_data(out: Path, images: int, shards: int, sizes: tuple[int, int] = (300, 640)) -> None:
+    """`images` noisy shape JPEGs of `sizes` (min, max) px in `shards` tars, one process per shard."""
     per_shard = images // shards
-    jobs = [(str(out), i, 1, per_shard) for i in range(shards)]
+    jobs = [(str(out), i, 1, per_shard, sizes) for i in range(shards)]
     with mp.Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
         pool.map(_write_shards, jobs)
 
 
-def bare_models(models: Path, device: str, dtype: str, batch: int, n: int) -> float:
+def bare_models(models: Path, device: str, dtype: str, batch: int, n: int, res: int = RES) -> float:
     image = ImageTokenizer.from_pretrained(models / "vqgan", device=device, dtype=dtype)
     text = TextEncoder.from_pretrained(models, device=device, dtype=dtype)
-    pixels = np.random.default_rng(0).integers(0, 256, (batch, RES, RES, 3), dtype=np.uint8)
+    pixels = np.random.default_rng(0).integers(0, 256, (batch, res, res, 3), dtype=np.uint8)
     captions = [f"a red circle on a blue background number {i}" for i in range(batch)]
 
     def step():
@@ -101,12 +104,13 @@ def bare_models(models: Path, device: str, dtype: str, batch: int, n: int) -> fl
     return steps * batch / (time.perf_counter() - start)
 
 
-def plain_loop(models: Path, src: Path, out: Path, device: str, dtype: str, batch: int) -> tuple[float, int]:
+def plain_loop(models: Path, src: Path, out: Path, device: str, dtype: str, batch: int,
+               res: int = RES) -> tuple[float, int]:
     """What a user writes first: one process, decode then encode, shard after shard."""
     image = ImageTokenizer.from_pretrained(models / "vqgan", device=device, dtype=dtype)
     text = TextEncoder.from_pretrained(models, device=device, dtype=dtype)
     none = fmt.ModelIdentity("", "")
-    spec = fmt.DatasetSpec(RES, image.grid(RES), image.codebook_size, text.seq_len, text.hidden_size,
+    spec = fmt.DatasetSpec(res, image.grid(res), image.codebook_size, text.seq_len, text.hidden_size,
                            text.pooled_dim, none, none)
     rows = 0
     start = time.perf_counter()
@@ -129,7 +133,7 @@ def plain_loop(models: Path, src: Path, out: Path, device: str, dtype: str, batc
             for sample in iter_samples(fh, source):
                 try:
                     caption = caption_of(sample)
-                    orig, offsets, crop = decode_views(sample.image[1], RES, "center", 1, 0, sample.key, 32, 10**8)
+                    orig, offsets, crop = decode_views(sample.image[1], res, "center", 1, 0, sample.key, 32, 10**8)
                 except BadSample:
                     continue
                 captions.append(caption)
@@ -149,19 +153,26 @@ def plain_loop(models: Path, src: Path, out: Path, device: str, dtype: str, batc
     return rows / (time.perf_counter() - start), rows
 
 
-def ray_job(models: Path, src: Path, out: Path, batch: int, decode_cpus: float) -> tuple[float, float, int]:
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    cfg = PretokenizeConfig(input=str(src), output=str(out), vqgan=str(models / "vqgan"), text_encoder=str(models),
-                            resolution=RES, batch_size=batch, decode_cpus=decode_cpus, progress=True)
-    start = time.perf_counter()
-    report = pretokenize(cfg)
-    total = time.perf_counter() - start
+def ray_job(models: Path, src: Path, out: Path, batch: int, decode_cpus: float, res: int = RES,
+            dtype: str = "auto") -> dict:
+    """(c): images/s end to end (`total`) and in steady state (`steady`; 0 with fewer than 3
+    shards), `rows`, and `cores`: the CPU seconds of every process of the job over its wall time."""
+    cpu0 = time.process_time()
+    with _RayCpu() as workers:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        cfg = PretokenizeConfig(input=str(src), output=str(out), vqgan=str(models / "vqgan"), text_encoder=str(models),
+                                resolution=res, batch_size=batch, decode_cpus=decode_cpus, dtype=dtype, progress=True)
+        start = time.perf_counter()
+        report = pretokenize(cfg)
+        total = time.perf_counter() - start
+        cpu = time.process_time() - cpu0
     ray.shutdown()
     assert report.ok, report.summary()
     markers = sorted((p.stat().st_mtime, json.loads(p.read_text())["record"]["rows"])
                      for p in (out / fmt.STATS_DIR).glob("*.json"))
     steady = sum(r for _, r in markers[1:]) / max(markers[-1][0] - markers[0][0], 1e-9) if len(markers) > 2 else 0.0
-    return report.rows_written / total, steady, report.rows_written
+    return {"total": report.rows_written / total, "steady": steady, "rows": report.rows_written,
+            "cores": (cpu + workers.seconds) / total}
 
 
 class _NoImageModel:
@@ -301,8 +312,10 @@ def main() -> None:
     print(f"(a) bare models      {a:9.1f} images/s", flush=True)
     b, rows_b = plain_loop(models, work / "wds", work / "plain", device, dtype, args.batch_size)
     print(f"(b) plain loop       {b:9.1f} images/s ({rows_b} rows)", flush=True)
-    c_total, c_steady, rows_c = ray_job(models, work / "wds", work / "ray", args.batch_size, args.decode_cpus)
-    print(f"(c) Ray job          {c_total:9.1f} images/s end to end, {c_steady:.1f} steady ({rows_c} rows)")
+    c = ray_job(models, work / "wds", work / "ray", args.batch_size, args.decode_cpus)
+    c_total, c_steady = c["total"], c["steady"]
+    print(f"(c) Ray job          {c_total:9.1f} images/s end to end, {c_steady:.1f} steady ({c['rows']} rows, "
+          f"{c['cores']:.1f} of {os.cpu_count()} cores busy)")
     name = torch.cuda.get_device_name() if gpu else f"CPU x{os.cpu_count()}"
     print(f"\ndevice {name}, {device} {dtype}, batch {args.batch_size}, {args.images} images, {RES}px")
     print(f"c/a = {c_steady / a:.2f} (steady)   c/b = {c_steady / b:.2f} (steady)   "

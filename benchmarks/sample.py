@@ -27,16 +27,18 @@ from pathlib import Path
 
 import torch
 from diffusers import AmusedPipeline, AmusedScheduler
+from pretokenize import write_models
 
-from amused.demo.tiny_models import clip_bpe_tokenizer, write_tiny_models
-from amused.tokenizer.image import ImageTokenizer, build_vqgan
+from amused.demo.tiny_models import write_tiny_models
+from amused.tokenizer.image import ImageTokenizer
 from amused.tokenizer.presets import UVIT_CONFIGS
-from amused.tokenizer.text import TextEncoder, build_clip_text
+from amused.tokenizer.text import TextEncoder
 from amused.training.config import SampleConfig
 from amused.training.inference.quantize import MODES, quantize_uvit
 from amused.training.inference.sample import Sampler
 from amused.training.uvit.model import build_model
 
+DIFFUSERS = "diffusers AmusedPipeline"
 PROMPTS = ["a red circle on a grey background", "a blue square on a white background", "a green triangle",
            "a yellow star on a black background"]
 
@@ -64,12 +66,33 @@ def _medians(runs: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _random_amused_models(out: Path) -> str:
-    """Random aMUSEd VQ-GAN and CLIP ViT-L/14 text tower: the aMUSEd presets' partners."""
-    build_vqgan("amused").save_pretrained(out / "vqgan")
-    clip_bpe_tokenizer(out / "tokenizer")
-    build_clip_text("amused").save_pretrained(out / "text_encoder")
-    return str(out)
+def diffusers_pipeline(sampler: Sampler) -> AmusedPipeline:
+    """diffusers' pipeline on the very modules (weights, dtype, device) of `sampler`."""
+    pipe = AmusedPipeline(vqvae=sampler.image.model, tokenizer=sampler.text.tokenizer, text_encoder=sampler.text.model,
+                          transformer=sampler.model,
+                          scheduler=AmusedScheduler(mask_token_id=sampler.model.config.vocab_size - 1))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def token_agreement(pipe: AmusedPipeline, samplers: dict[str, Sampler], prompts: list[str],
+                    cfg: SampleConfig) -> dict[str, float]:
+    """The share of each sampler's tokens equal to diffusers' for the same prompts and seed."""
+    theirs = pipe(prompts, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, output_type="latent",
+                  generator=torch.Generator().manual_seed(1)).images.cpu()
+    return {name: (s.generate(prompts, cfg, torch.Generator().manual_seed(1)).cpu() == theirs).float().mean().item()
+            for name, s in samplers.items()}
+
+
+def timed_runs(pipe: AmusedPipeline | None, samplers: dict[str, Sampler], prompts: list[str], cfg: SampleConfig,
+               repeats: int) -> dict[str, float]:
+    """Median seconds of the whole text-to-image path (decode included) of diffusers' pipeline
+    (under DIFFUSERS; none without `pipe`) and each sampler, interleaved."""
+    runs = {DIFFUSERS: lambda: pipe(prompts, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                                    output_type="np", generator=torch.Generator().manual_seed(1))} if pipe else {}
+    runs |= {name: (lambda s=sampler: s.decode(s.generate(prompts, cfg, torch.Generator().manual_seed(1))))
+             for name, sampler in samplers.items()}
+    return _medians(runs, repeats)
 
 
 def main() -> None:
@@ -90,8 +113,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        models = args.models or (_random_amused_models(Path(tmp)) if args.preset.startswith("amused")
-                                 else str(write_tiny_models(Path(tmp) / "tiny")))
+        models = args.models or str(write_models(Path(tmp)) if args.preset.startswith("amused")
+                                    else write_tiny_models(Path(tmp) / "tiny"))
         transformer = build_model(args.preset).eval()
         image = ImageTokenizer.from_pretrained(models, device=args.device)
         text = TextEncoder.from_pretrained(models, device=args.device)
@@ -103,31 +126,19 @@ def main() -> None:
             # quantize_uvit's default compiles on CPU, where torchao's int8 matmul needs it.
             model = quantize_uvit(copy.deepcopy(transformer), args.quantize, args.device, compile=args.compile or None)
             samplers[f"--quantize {args.quantize}"] = Sampler(model, image, text)
-        pipe = AmusedPipeline(vqvae=image.model, tokenizer=text.tokenizer, text_encoder=text.model,
-                              transformer=samplers["amused sample"].model,
-                              scheduler=AmusedScheduler(mask_token_id=transformer.config.vocab_size - 1))
-        pipe.set_progress_bar_config(disable=True)
+        pipe = diffusers_pipeline(samplers["amused sample"])
         cfg = SampleConfig(steps=args.steps, guidance_scale=args.guidance)
         params = sum(p.numel() for p in transformer.parameters()) / 1e6
         print(f"U-ViT {args.preset} ({params:.1f}M parameters), {samplers['amused sample'].side} px, {args.steps} "
               f"steps, CFG {args.guidance}, {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
         for batch in args.batches:
             prompts = (PROMPTS * batch)[:batch]
-            theirs_tokens = pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                                 output_type="latent", generator=torch.Generator().manual_seed(1)).images.cpu()
-            for name, sampler in samplers.items():
-                tokens = sampler.generate(prompts, cfg, torch.Generator().manual_seed(1)).cpu()
-                if name == "amused sample" and not torch.equal(theirs_tokens, tokens):
+            for name, equal in token_agreement(pipe, samplers, prompts, cfg).items():
+                if name == "amused sample" and equal < 1:
                     raise SystemExit("tokens differ: the two samplers do not do the same work")
-                print(f"batch {batch}, {name}: tokens equal to diffusers' fp32: "
-                      f"{(tokens == theirs_tokens).float().mean():.3f}", flush=True)
-            runs = {"diffusers AmusedPipeline": lambda: pipe(
-                prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="np",
-                generator=torch.Generator().manual_seed(1))}
-            runs |= {name: (lambda s=sampler: s.decode(s.generate(prompts, cfg, torch.Generator().manual_seed(1))))
-                     for name, sampler in samplers.items()}
-            seconds = _medians(runs, args.repeats)
-            theirs = seconds["diffusers AmusedPipeline"]
+                print(f"batch {batch}, {name}: tokens equal to diffusers' fp32: {equal:.3f}", flush=True)
+            seconds = timed_runs(pipe, samplers, prompts, cfg, args.repeats)
+            theirs = seconds[DIFFUSERS]
             print(f"| batch | {' | '.join(seconds)} |")
             print(f"| ---: |{' ---: |' * len(seconds)}")
             print(f"| {batch} | " + " | ".join(f"{batch / s:.3f} images/s ({s:.1f} s, {theirs / s:.2f}x)"

@@ -111,14 +111,16 @@ def plain_loop(model_dir: str, batch: dict, steps: int, warmup: int, seed: int, 
     return sorted(ratios)[len(ratios) // 2] if text_ids else steps * n / (time.perf_counter() - start)
 
 
-def engine_run(run_dir: Path, model_dir: str, dataset: str, batch: int, steps: int, warmup: int,
-               zero: int, workers: int, text_encoder: str | None = None) -> float:
+def engine_run(run_dir: Path, model: dict, dataset: str, batch: int, steps: int, warmup: int,
+               zero: int, workers: int, precision: str = "auto") -> float:
+    """samples/s of `training.uvit.task.train` over `steps` steps after `warmup`; `model` is the
+    config's model section (a preset, or a `pretrained` folder, and the model options)."""
     cfg = parse_config({
         "run_dir": str(run_dir), "steps": steps + warmup, "seed": 0,
         "data": {"dataset": dataset, "global_batch_size": batch, "micro_batch_size": batch, "workers": workers},
-        "model": {"preset": "tiny", "pretrained": model_dir, "text_encoder": text_encoder},
+        "model": model,
         "optim": {"warmup_steps": 10},
-        "engine": {"zero_stage": zero}, "checkpoint": {"every": steps + warmup},
+        "engine": {"zero_stage": zero, "precision": precision}, "checkpoint": {"every": steps + warmup},
         "log": {"every": warmup, "progress": False},
     })
     train(cfg)
@@ -192,9 +194,10 @@ def main() -> None:
         print(f"(a) plain PyTorch loop      {a:8.1f} samples/s")
         pairs = []
         for r in range(args.repeats):
-            run = [engine_run(folder / f"run-{mode}-{r}", model_dir, path, args.batch, args.steps, args.warmup,
-                              args.zero, args.workers, text) for mode, path, text in
-                   (("states", dataset, None), ("ids", dataset + "-ids", str(text_dir)))]
+            run = [engine_run(folder / f"run-{mode}-{r}", {"preset": "tiny", "pretrained": model_dir,
+                                                             "text_encoder": text},
+                              path, args.batch, args.steps, args.warmup, args.zero, args.workers)
+                   for mode, path, text in (("states", dataset, None), ("ids", dataset + "-ids", str(text_dir)))]
             pairs.append(run)
             print(f"    pair {r}: states {run[0]:.1f}, ids {run[1]:.1f} samples/s, b/d - 1 = {100 * (run[0] / run[1] - 1):.1f}%")
         b = sorted(p[0] for p in pairs)[len(pairs) // 2]
