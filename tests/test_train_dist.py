@@ -87,8 +87,18 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in lines}
 
 
-def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return Checkpoint.at(run_dir / "checkpoints" / f"step_{step:08d}").state_dict(ema=False)
+def weights(run_dir: Path, step: int, ema: bool = False) -> dict[str, torch.Tensor]:
+    return Checkpoint.at(run_dir / "checkpoints" / f"step_{step:08d}").state_dict(ema=ema)
+
+
+def assert_same_ema(a: Path, b: Path) -> None:
+    """The step-60 EMAs of two runs that agree up to float sum order. Each rank averages its
+    share of the weights and a checkpoint gathers them: a share missing or misplaced would
+    be off by the weights' own size (~1e-2 and up), not by rounding."""
+    ema_a, ema_b = weights(a, STEPS, ema=True), weights(b, STEPS, ema=True)
+    assert list(ema_a) == list(ema_b)
+    worst = max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a)
+    assert worst < 1e-4, worst
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +170,7 @@ def test_zero0_and_zero2_agree(runs):
     assert a.keys() == b.keys()
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=LOSS_RTOL), step
+    assert_same_ema(runs["straight"], runs["zero0"])  # ZeRO's partitions vs stage 0's equal shares
 
 
 def test_one_rank_with_the_same_global_batch_agrees(runs):
@@ -167,6 +178,7 @@ def test_one_rank_with_the_same_global_batch_agrees(runs):
     assert a.keys() == b.keys()
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=LOSS_RTOL), step
+    assert_same_ema(runs["straight"], runs["one_rank"])
 
 
 def test_resume_on_fewer_ranks_through_universal_checkpoint(runs):
@@ -178,6 +190,7 @@ def test_resume_on_fewer_ranks_through_universal_checkpoint(runs):
         assert b[step] == pytest.approx(a[step], rel=LOSS_RTOL), step
     state = json.loads((runs["universal"] / "checkpoints" / "step_00000060" / "trainer.json").read_text())
     assert state["world_size"] == 1 and state["lanes"] == 2
+    assert_same_ema(runs["straight"], runs["universal"])  # two ranks' shares read back by one
 
 
 def test_ray_train_workers_match_torchrun(runs, ray_session):

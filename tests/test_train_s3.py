@@ -372,7 +372,7 @@ def test_a_resume_on_as_many_ranks_downloads_each_ranks_share_only(tmp_path, s3_
             env.setenv(SCRATCH_ENV, str(tmp_path / "scratch-resume" / f"rank{rank}"))
             folder = local_copy(step_folder(run_dir, 4))
             held[rank] = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-    # Every rank's DeepSpeed load reads the model states; the rest is each rank's own.
-    assert held[1] == {MODEL_STATES, "zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng/rank_00001.json",
+    # Every rank's DeepSpeed load reads the model states, its EMA load its piece of the EMA; the rest is each rank's own.
+    assert held[1] == {MODEL_STATES, EMA_WEIGHTS, "zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng/rank_00001.json",
                        "rng/rank_00001.safetensors"}
     assert MODEL_STATES in held[0] and EMA_WEIGHTS in held[0] and not any("rank_1" in n or "00001" in n for n in held[0])

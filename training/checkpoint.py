@@ -4,7 +4,8 @@
         mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed (model, optimizer, scheduler): the
                                                        trained parameters only (a LoRA run's frozen
                                                        base is not saved; training/lora.py)
-        ema.safetensors                                EMA of the trained parameters (rank 0)
+        ema.safetensors                                EMA of the trained parameters (fp32 master;
+                                                       every rank's share, written by rank 0)
         trainer.json                                   step, data position, world size, counters
         rng/rank_00000.json, rank_00000.safetensors    every rank's RNG states
         config.yaml                                    the config it was trained with
@@ -39,7 +40,7 @@ or the scratch failed) is left in place and every rank raises CheckFailed, retri
 rank checks (and on a remote run downloads) its share of the files: those it wrote (a
 resume on fewer ranks: rank r also takes those of ranks r + world, r + 2 world, ...),
 and, remote, the model states every rank's DeepSpeed load reads (ZeRO 1/2 read only
-their own optimizer partition besides). A process hashes a file once: it remembers the
+their own optimizer partition besides) and the EMA, whose piece every rank reads. A process hashes a file once: it remembers the
 size and modification time it verified, and a file that changed since is hashed again
 (a new process always hashes). A marker from before checksums were recorded holds only
 the step: such a checkpoint loads unverified, with a note. DeepSpeed's files are
@@ -441,8 +442,8 @@ def damage(folder: str | Path, names: tuple[str, ...] = (), rank: int = 0, world
         return None
     remote, local = not is_local(folder), local_copy(folder)
     # DeepSpeed's load reads the model states on every rank (ZeRO 1/2: besides its own
-    # optimizer partition; zero_pp_rank_N files, in the rank's share).
-    share = sorted(n for n in files if writer(n) % world == rank or (remote and n == MODEL_STATES))
+    # optimizer partition; zero_pp_rank_N files, in the rank's share), the EMA's load its piece.
+    share = sorted(n for n in files if writer(n) % world == rank or (remote and n in (MODEL_STATES, EMA_WEIGHTS)))
     problems = []
     for name in names or share:
         want = files.get(name)

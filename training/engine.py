@@ -109,10 +109,13 @@ def run_loop(cfg, task: Task, resume: TrainState | None, universal: bool, device
         raise ValueError(f"data.global_batch_size={cfg.data.global_batch_size} but the run's checkpoints were made "
                          f"with {resume.global_batch_size}: a resumed run must keep its batch")
     check_resume(cfg.optim, universal)
-    engine = _deepspeed_engine(cfg, task, bf16, universal)
-    ema = EMA(engine.module, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled and rank == 0 else None
+    engine = _deepspeed_engine(cfg, task, bf16, universal, device)
     if resume:
-        _restore(engine, cfg, task, ema, resume, universal)
+        _restore(engine, cfg, task, resume, universal)
+    # After the restore: DeepSpeed's load links the parameters to their fp32 master pieces anew.
+    ema = EMA.of(engine, cfg.ema.decay, cfg.ema.warmup, device) if cfg.ema.enabled else None
+    if ema is not None and resume:
+        ema.load(str(ckpt.local_copy(ckpt.step_folder(cfg.run_dir, resume.step)) / ckpt.EMA_WEIGHTS))
     start_step = resume.step if resume else 0
     policy = NonFinitePolicy(cfg.engine.max_nonfinite_in_row, resume.nonfinite_in_row if resume else 0)
     interval = Interval(cfg.log.every, cfg.steps, task.stats_size, device)
@@ -136,7 +139,7 @@ def run_loop(cfg, task: Task, resume: TrainState | None, universal: bool, device
             if not outcome.bad:
                 events = task.after_update(engine, step)
                 if ema is not None:
-                    ema.update(engine.module)
+                    ema.update()
             interval.count(outcome.bad, events)
             if log:
                 log.tick(step)
@@ -196,7 +199,7 @@ def deepspeed_config(cfg, layout: Layout, bf16: bool, universal: bool) -> dict:
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
         "gradient_accumulation_steps": layout.accum,
         "zero_optimization": {"stage": cfg.engine.zero_stage},
-        # Our own optimizer (training/optim.py): DeepSpeed's fused Adam needs a C++ build.
+        # Our own optimizer (training/optim.py): DeepSpeed's FusedAdam needs a CUDA build of its own.
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": cfg.optim.grad_clip,
         "bf16": {"enabled": bf16},
@@ -205,19 +208,19 @@ def deepspeed_config(cfg, layout: Layout, bf16: bool, universal: bool) -> dict:
     }
 
 
-def _deepspeed_engine(cfg, task: Task, bf16: bool, universal: bool):
+def _deepspeed_engine(cfg, task: Task, bf16: bool, universal: bool, device: torch.device):
     """The task's model under DeepSpeed with the `optim.name` optimizer and the lr schedule."""
     # Lets DeepSpeed's universal conversion read checkpoints of this model.
     task.model.universal_checkpoint_info = {"universal_checkpoint_version": 0.4}
-    optimizer = build_optimizer(cfg.optim, task.param_groups(cfg.optim.weight_decay))
+    optimizer = build_optimizer(cfg.optim, task.param_groups(cfg.optim.weight_decay), device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, cfg.steps))
     engine, _, _, _ = deepspeed.initialize(model=task.model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, task.layout, bf16, universal))
     return engine
 
 
-def _restore(engine, cfg, task: Task, ema: EMA | None, resume: TrainState, universal: bool) -> None:
-    """Every rank: DeepSpeed's state, the task's, the EMA and this rank's RNG from the
+def _restore(engine, cfg, task: Task, resume: TrainState, universal: bool) -> None:
+    """Every rank: DeepSpeed's state, the task's and this rank's RNG from the
     local copy of the checkpoint (each rank's share fetched by `resume_state`; the
     universal form converted by rank 0 and fetched whole by every rank). A rank the
     checkpoint did not have, or any rank after a universal conversion, gets a seed of
@@ -230,8 +233,6 @@ def _restore(engine, cfg, task: Task, ema: EMA | None, resume: TrainState, unive
         load_from = ckpt.local_copy(ckpt.Checkpoint.at(converted).checked().folder)
     engine.load_checkpoint(str(load_from.parent), tag=ckpt.tag(resume.step), custom_load_fn=_load_module)
     task.load_state_dict(resume.task)
-    if ema is not None:
-        ema.load(str(folder / ckpt.EMA_WEIGHTS))
     if universal or not ckpt.restore_rank_rng(folder, rank):
         torch.manual_seed(cfg.seed * 7919 + resume.step * 104729 + rank)
 
@@ -384,9 +385,9 @@ def save_checkpoint(engine, cfg, step: int, task: Task, ema: EMA | None, in_row:
     engine.save_checkpoint(str(folder.parent), tag=ckpt.tag(step), save_latest=False, exclude_frozen_parameters=True)
     ckpt.write_rank_files(folder, rank)
     task_state = task.state_dict()
+    if ema is not None:
+        ema.save(str(folder / ckpt.EMA_WEIGHTS))  # every rank: gathered to rank 0, which writes it
     if rank == 0:
-        if ema is not None:
-            ema.save(str(folder / ckpt.EMA_WEIGHTS))
         ckpt.write_config(folder, cfg)
         state = TrainState(step=step, world_size=world, global_batch_size=cfg.data.global_batch_size,
                            nonfinite_in_row=in_row, task=task_state)

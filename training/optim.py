@@ -21,13 +21,18 @@ import torch
 from amused.training.config import OptimConfig
 
 
-def build_optimizer(optim: OptimConfig, param_groups: list[dict]) -> torch.optim.Optimizer:
-    """The optimizer over `param_groups` (each group may carry its own `weight_decay`)."""
+def build_optimizer(optim: OptimConfig, param_groups: list[dict], device: torch.device | str = "cpu"
+                    ) -> torch.optim.Optimizer:
+    """The optimizer over `param_groups` (each group may carry its own `weight_decay`) for
+    parameters that train on `device` (they may still be on the CPU: DeepSpeed moves them)."""
     kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
     if optim.name == "adamw8bit":
         return bnb.optim.AdamW8bit(param_groups, **kwargs)
-    # A torch AdamW: DeepSpeed's own needs a C++ build and behaves the same.
-    return torch.optim.AdamW(param_groups, **kwargs)
+    # torch's AdamW: DeepSpeed's FusedAdam needs a CUDA build of its own (nvcc at start-up).
+    # On CUDA its fused kernel updates every tensor of a group in a few launches instead of a
+    # dozen elementwise kernels over all of them; the CPU keeps the default (foreach) one,
+    # which the CPU figures and tests were made with.
+    return torch.optim.AdamW(param_groups, **kwargs, fused=torch.device(device).type == "cuda" or None)
 
 
 def check_resume(optim: OptimConfig, universal: bool) -> None:

@@ -38,6 +38,7 @@ from amused.training.config import CheckpointConfig, EMAConfig, EngineConfig, Lo
 from amused.training.distributed import Layout, current_device, in_process_group, locked, rank0_decides, wants_bf16
 from amused.training.engine import run_loop
 from amused.training.inference.export import publish_folder
+from amused.training.master import write_rows_through
 from amused.training.state import resume_state
 from amused.training.vqgan.data import ImageCropReader
 
@@ -200,6 +201,8 @@ class VQGANTask:
         moved = reinit_dead_codes(engine.module.vq.quantize.embedding, dead, self.recent if self.rank == 0 else None,
                                   torch.Generator().manual_seed(self.cfg.seed * 7919 + step),
                                   share=lambda rows: dist.broadcast(rows, src=0))
+        if moved:  # under bf16 the optimizer's fp32 master would overwrite them at the next step
+            write_rows_through(engine, "vq.quantize.embedding.weight", dead)
         return {"codes_reinitialised": moved} if moved else {}
 
     def state_dict(self) -> dict:
