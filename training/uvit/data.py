@@ -228,7 +228,13 @@ class ShardReader:
         if self.position == self.plan.lane_rows:
             self.epoch, self.position = self.epoch + 1, 0
         batch = {k: torch.cat([p[k] for p in parts], 1) if len(parts) > 1 else parts[0][k] for k in parts[0]}
-        return {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
+        batch = {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
+        if self.pin_memory:
+            # The loader pins whole windows; a batch is a view of one only when it neither spans two
+            # windows nor takes rows of several lanes. Otherwise it is a fresh copy, pinned here too,
+            # so that its copy to the GPU (non_blocking) runs while the CPU goes on queueing the step.
+            batch = {k: v if v.is_pinned() else v.pin_memory() for k, v in batch.items()}
+        return batch
 
     def close(self) -> None:
         self._it = None

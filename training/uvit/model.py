@@ -1,6 +1,6 @@
 """The U-ViT: building from the presets table (`tokenizer.presets.UVIT_CONFIGS`, whose
-aMUSEd entries equal the released transformers), loading, and the parts diffusers gets
-wrong for training (activation checkpointing, weight-decay groups)."""
+aMUSEd entries equal the released transformers), loading, the parts diffusers gets
+wrong for training (activation checkpointing, weight-decay groups) and compiling its layers."""
 
 from __future__ import annotations
 
@@ -47,6 +47,17 @@ def enable_activation_checkpointing(model: UVit2DModel) -> None:
     """
     for layer in model.transformer_layers:
         layer.forward = functools.partial(_checkpointed, layer.forward)
+
+
+def compile_transformer_blocks(model: UVit2DModel) -> None:
+    """torch.compile each transformer layer in place (`nn.Module.compile`): the module tree,
+    parameter names and state dicts stay as they were (no `_orig_mod.` wrapper), so the
+    checkpoints, the EMA, exports and resumes never see it. The layers are alike and their
+    weights are graph inputs (PyTorch inlines built-in modules), so one compiled graph serves
+    all of them: the compile time of one layer, not of the whole model. With activation
+    checkpointing the checkpoint is traced inside the compiled layer."""
+    for layer in model.transformer_layers:
+        layer.compile()
 
 
 def _checkpointed(forward, *args, **kwargs):

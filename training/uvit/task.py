@@ -23,7 +23,14 @@ from amused.training.engine import TrainResult, run_loop
 from amused.training.lora import apply_lora, base_identity, check_same, record
 from amused.training.state import TrainState, resume_state
 from amused.training.uvit.data import ShardReader
-from amused.training.uvit.model import build_model, enable_activation_checkpointing, mask_id, param_groups, token_grid
+from amused.training.uvit.model import (
+    build_model,
+    compile_transformer_blocks,
+    enable_activation_checkpointing,
+    mask_id,
+    param_groups,
+    token_grid,
+)
 from amused.training.uvit.objective import LossParts, draw_masks, masked_loss
 
 
@@ -118,6 +125,8 @@ def start(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> tuple[U
         write_config(cfg.run_dir, cfg)
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model)
+    if cfg.model.compile:
+        compile_transformer_blocks(model)
     return UViTTask(cfg, model, dataset, layout, rank, world, device, empty, dtype, text, info["lora"]), resume
 
 
@@ -188,12 +197,14 @@ def _with_text_states(text: TextEncoder, batch: dict) -> dict:
 def _forward(engine, batch: dict, masked: torch.Tensor, drop: torch.Tensor, empty: dict | None, dtype,
              device, label_smoothing: float, scale: float) -> LossParts:
     """One micro-batch: mask, swap dropped captions for the empty prompt, run, score."""
+    # Pinned on CUDA (the reader): the copies run while the CPU goes on queueing the step.
     batch = {n: t.to(device, non_blocking=True) for n, t in batch.items()}
-    masked, drop = masked.to(device), drop.to(device)
     hidden, pooled = batch["text_hidden_states"], batch["text_pooled"]
-    if drop.any():
+    if drop.any():  # asked of the CPU tensor: no wait for the GPU
+        drop = drop.to(device)
         hidden = torch.where(drop[:, None, None], empty["hidden_states"], hidden)
         pooled = torch.where(drop[:, None], empty["pooled"], pooled)
+    masked = masked.to(device)
     tokens = batch["image_tokens"]
     logits = engine(tokens.masked_fill(masked, mask_id(engine.module)), hidden.to(dtype), pooled.to(dtype),
                     batch["micro_conds"])
