@@ -33,6 +33,7 @@ reason, not faked. The suite runs it (tests/test_bench_gpu.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -44,6 +45,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -81,12 +83,12 @@ class Sizes:
     limits: dict  # part -> seconds
 
 
-# On the GPU: 115 + 170 + 125 + 50 + 15 = 475 s of limits, under 8 minutes with start-up.
+# On the GPU: 15 + 105 + 170 + 125 + 60 = 475 s of limits, under 8 minutes with start-up.
 GPU = Sizes(vqgan_clip="amused", uvit="amused-256", resolution=256, images=4096, shards=16, image_sizes=(300, 640),
             pretok_batch=256, bare_images=2048, decode_cpus=0.5, train_batch=128, train_steps=20, train_warmup=10,
             train_rows=2048, train_workers=2, sample_batches=(1, 8), sample_steps=12, sample_repeats=3,
             sample_dtypes=("bf16", "fp16"),
-            limits={"machine": 15, "pretokenize": 115, "train": 170, "sample": 125, "gpu-tests": 50})
+            limits={"machine": 15, "pretokenize": 105, "train": 170, "sample": 125, "gpu-tests": 60})
 # On 2 CPU cores: most of the time is start-up (imports, Ray, DeepSpeed); the limits are generous
 # so that a loaded machine does not fail the suite's run.
 SMOKE = Sizes(vqgan_clip="tiny", uvit="tiny", resolution=64, images=24, shards=3, image_sizes=(64, 128),
@@ -125,7 +127,7 @@ class Rows:
     before a time-out survive it. The first line plans the part's cases."""
 
     def __init__(self, path: Path):
-        self.path = path
+        self.path, self.done = path, set()
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def _write(self, record: dict) -> None:
@@ -142,11 +144,24 @@ class Rows:
         """`values`: rate, unit, ratio, ratio_of, latency_s, mfu_pct, peak_gib, and any
         other number worth keeping in the JSON."""
         self._write({"case": case, "status": status, "note": note, **values})
+        self.done.add(case)
         print(f"[{case}] {status} {values} {note}", flush=True)
 
     def skip(self, cases: list[str], reason: str) -> None:
         for case in cases:
             self.add(case, "skipped", reason)
+
+    @contextlib.contextmanager
+    def guard(self, cases: list[str]):
+        """A failure inside is recorded on those of `cases` not yet done, and the part goes on
+        with its next group (a compile that breaks must not cost the rows after it)."""
+        try:
+            yield
+        except Exception as exc:
+            traceback.print_exc()
+            for case in cases:
+                if case not in self.done:
+                    self.add(case, "failed", f"{type(exc).__name__}: {str(exc)[:300]}")
 
 
 def read_rows(path: Path) -> tuple[list[str], list[dict], dict]:
@@ -295,16 +310,19 @@ def part_train(p: Part) -> None:
             continue
         model = {"preset": s.uvit, "activation_checkpointing": ckpt} | ({"compile": comp} if has_compile else {})
         _reset_peak()
-        rate = engine_run(p.work / "run", model, dataset, s.train_batch, s.train_steps, s.train_warmup, zero=2,
-                          workers=s.train_workers, precision=precision)
-        shutil.rmtree(p.work / "run", ignore_errors=True)  # amused-256's final checkpoint is ~10 GB
-        base = base or rate
-        mfu = 100 * rate * flops / (peak * 1e12) if peak else None
-        note = (f"{s.uvit}, {precision}, batch {s.train_batch}, {s.train_steps} steps after {s.train_warmup}; "
-                f"{flops / 1e12:.3g} TFLOP/sample" + ("" if peak else f"; {peak_note}") +
-                ("" if p.gpu else "; bf16 training is a GPU setting: fp32 on CPU"))
-        p.rows.add(case, rate=rate, unit="samples/s", ratio=rate / base, ratio_of="x first row", mfu_pct=mfu,
-                   peak_gib=_peak_gib(), tflop_per_sample=flops / 1e12, note=note)
+        with p.rows.guard([case]):
+            try:
+                rate = engine_run(p.work / "run", model, dataset, s.train_batch, s.train_steps, s.train_warmup,
+                                  zero=2, workers=s.train_workers, precision=precision)
+            finally:
+                shutil.rmtree(p.work / "run", ignore_errors=True)  # amused-256's final checkpoint is ~10 GB
+            base = base or rate
+            mfu = 100 * rate * flops / (peak * 1e12) if peak else None
+            note = (f"{s.uvit}, {precision}, batch {s.train_batch}, {s.train_steps} steps after {s.train_warmup}; "
+                    f"{flops / 1e12:.3g} TFLOP/sample" + ("" if peak else f"; {peak_note}") +
+                    ("" if p.gpu else "; bf16 training is a GPU setting: fp32 on CPU"))
+            p.rows.add(case, rate=rate, unit="samples/s", ratio=rate / base, ratio_of="x first row", mfu_pct=mfu,
+                       peak_gib=_peak_gib(), tflop_per_sample=flops / 1e12, note=note)
 
 
 def part_sample(p: Part) -> None:
@@ -320,17 +338,25 @@ def part_sample(p: Part) -> None:
     from amused.training.uvit.model import build_model
 
     s = p.sizes
-    ours, int8, compiled, int8_compiled = "amused sample", "amused sample --quantize int8", \
-        "amused sample, compiled", "int8, compiled"
-    eager_cases = [(dtype, batch, v) for dtype in s.sample_dtypes for batch in s.sample_batches
-                   for v in (DIFFUSERS, ours, int8)]
-    compile_cases = [(dtype, batch, v) for dtype in s.sample_dtypes for batch in s.sample_batches
-                     for v in (compiled, int8_compiled)]
+    ours, int8, compiled, int8_compiled = ("amused sample", "amused sample --quantize int8",
+                                           "amused sample, compiled", "int8, compiled")
+    # `amused sample` seeds a CPU generator, so on a GPU its draws (and diffusers' with the same
+    # generator) go through the host; the rows draw on the device, plus one row as the CLI does.
+    cli_generator = "amused sample, CPU generator (as the CLI seeds it)"
+    eager = [ours, int8] + ([cli_generator] if p.gpu else [])
 
     def case(dtype, batch, variant):
         return f"batch {batch}, {dtype}, {variant}"
 
-    p.rows.plan([case(*c) for c in eager_cases + compile_cases])
+    def cases(dtype, batch, variants):
+        return [case(dtype, batch, v) for v in variants]
+
+    # Compiled rows last, the biggest batch first: each first call compiles, so they are the
+    # ones a time limit cuts.
+    groups = [(dtype, batch) for dtype in s.sample_dtypes for batch in s.sample_batches]
+    compile_groups = [(dtype, batch) for dtype in s.sample_dtypes for batch in sorted(s.sample_batches, reverse=True)]
+    p.rows.plan([c for g in groups for c in cases(*g, [DIFFUSERS, *eager])] +
+                [c for g in compile_groups for c in cases(*g, [compiled, int8_compiled])])
     models = write_models(p.work / "models", s.vqgan_clip)
     torch.manual_seed(0)
     transformer = build_model(s.uvit).eval()
@@ -347,46 +373,54 @@ def part_sample(p: Part) -> None:
                    ratio=theirs / seconds if theirs else None, ratio_of="x diffusers", tokens_equal=equal,
                    peak_gib=_peak_gib(), note=note)
 
-    def samplers_for(dtype):
+    def modules(dtype):
         # The VQ-GAN refuses fp16 (it overflows to NaN): fp16 rows decode in bf16, diffusers' too (same module).
         image = ImageTokenizer.from_pretrained(models / "vqgan", device=p.device,
                                                dtype="bf16" if dtype == "fp16" else dtype)
         text = TextEncoder.from_pretrained(models, device=p.device, dtype=dtype)
-        model = copy.deepcopy(transformer).to(p.device, dtype=text.dtype)
-        return image, text, model
+        return image, text, copy.deepcopy(transformer).to(p.device, dtype=text.dtype)
 
+    int8_note = "; int8 weights" + ("" if p.gpu else ", dynamic int8 activations, eager (the CLI compiles it on CPU)")
     for dtype in s.sample_dtypes:
-        image, text, model = samplers_for(dtype)
-        samplers = {ours: Sampler(model, image, text)}
-        samplers[int8] = Sampler(quantize_uvit(copy.deepcopy(model), "int8", p.device, compile=False), image, text)
-        pipe = diffusers_pipeline(samplers[ours])
-        for batch in s.sample_batches:
-            _reset_peak()
-            equal = token_agreement(pipe, samplers, prompts_of[batch], cfg)
-            seconds = timed_runs(pipe, samplers, prompts_of[batch], cfg, s.sample_repeats)
-            diffusers_s[(dtype, batch)] = seconds[DIFFUSERS]
-            add(dtype, batch, DIFFUSERS, seconds[DIFFUSERS], None)
-            add(dtype, batch, ours, seconds[ours], equal[ours],
-                "" if equal[ours] == 1 else ": NOT the same work, the ratio compares different computations")
-            add(dtype, batch, int8, seconds[int8], equal[int8], "; int8 weights" + (
-                "" if p.gpu else ", dynamic int8 activations, eager (the CLI compiles it on CPU)"))
-        del samplers, pipe, model
+        with p.rows.guard([c for batch in s.sample_batches for c in cases(dtype, batch, [DIFFUSERS, *eager])]):
+            image, text, model = modules(dtype)
+            samplers = {ours: Sampler(model, image, text),
+                        int8: Sampler(quantize_uvit(copy.deepcopy(model), "int8", p.device, compile=False), image,
+                                      text)}
+            pipe = diffusers_pipeline(samplers[ours])
+            for batch in s.sample_batches:
+                prompts = prompts_of[batch]
+                _reset_peak()
+                equal = token_agreement(pipe, samplers, prompts, cfg, generator=p.device)
+                seconds = timed_runs(pipe, samplers, prompts, cfg, s.sample_repeats, generator=p.device)
+                diffusers_s[(dtype, batch)] = seconds[DIFFUSERS]
+                add(dtype, batch, DIFFUSERS, seconds[DIFFUSERS], None)
+                add(dtype, batch, ours, seconds[ours], equal[ours],
+                    "" if equal[ours] == 1 else ": NOT the same work, the ratio compares different computations")
+                add(dtype, batch, int8, seconds[int8], equal[int8], int8_note)
+                if cli_generator in eager:
+                    host = {cli_generator: samplers[ours]}
+                    add(dtype, batch, cli_generator,
+                        timed_runs(None, host, prompts, cfg, s.sample_repeats)[cli_generator],
+                        token_agreement(pipe, host, prompts, cfg)[cli_generator], "; both with CPU generators")
+            del samplers, pipe, model
     if not p.gpu:
-        p.rows.skip([case(*c) for c in compile_cases],
+        p.rows.skip([c for g in compile_groups for c in cases(*g, [compiled, int8_compiled])],
                     "torch.compile is measured on a GPU only (minutes of Inductor on 2 CPU cores)")
         return
     for dtype in s.sample_dtypes:
-        image, text, model = samplers_for(dtype)
-        samplers = {compiled: Sampler(torch.compile(copy.deepcopy(model), options={"freezing": True}), image, text),
-                    int8_compiled: Sampler(quantize_uvit(copy.deepcopy(model), "int8", p.device, compile=True),
-                                           image, text)}
+        image, text, model = modules(dtype)
         pipe = diffusers_pipeline(Sampler(model, image, text))
-        for batch in s.sample_batches:
-            for name, sampler in samplers.items():
-                _reset_peak()
-                equal = token_agreement(pipe, {name: sampler}, prompts_of[batch], cfg)[name]
-                add(dtype, batch, name, timed_runs(None, {name: sampler}, prompts_of[batch], cfg,
-                                                   s.sample_repeats)[name], equal, "; first call compiles (untimed)")
+        for name, make in ((compiled, lambda: torch.compile(copy.deepcopy(model), options={"freezing": True})),
+                           (int8_compiled, lambda: quantize_uvit(copy.deepcopy(model), "int8", p.device, compile=True))):
+            for batch in sorted(s.sample_batches, reverse=True):
+                with p.rows.guard([case(dtype, batch, name)]):
+                    sampler = {name: Sampler(make(), image, text)}
+                    _reset_peak()
+                    equal = token_agreement(pipe, sampler, prompts_of[batch], cfg, generator=p.device)[name]
+                    add(dtype, batch, name, timed_runs(None, sampler, prompts_of[batch], cfg, s.sample_repeats,
+                                                       generator=p.device)[name], equal,
+                        "; its first call compiles (untimed)")
 
 
 def part_gpu_tests(p: Part) -> None:
@@ -550,7 +584,7 @@ def main() -> None:
     for folder in ("parts", "logs", "work"):
         shutil.rmtree(out / folder, ignore_errors=True)
     start = time.monotonic()
-    parts = {name: run_part(name, limits[name], out, args.smoke) for name in args.parts}
+    parts = {name: run_part(name, limits[name], out, args.smoke) for name in PARTS if name in args.parts}
     result = {"mode": "smoke (CPU, tiny sizes: not a performance figure)" if args.smoke else "GPU",
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "total_s": time.monotonic() - start,

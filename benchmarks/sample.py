@@ -75,23 +75,26 @@ def diffusers_pipeline(sampler: Sampler) -> AmusedPipeline:
     return pipe
 
 
-def token_agreement(pipe: AmusedPipeline, samplers: dict[str, Sampler], prompts: list[str],
-                    cfg: SampleConfig) -> dict[str, float]:
-    """The share of each sampler's tokens equal to diffusers' for the same prompts and seed."""
+def token_agreement(pipe: AmusedPipeline, samplers: dict[str, Sampler], prompts: list[str], cfg: SampleConfig,
+                    generator: str = "cpu") -> dict[str, float]:
+    """The share of each sampler's tokens equal to diffusers' for the same prompts and seed (a
+    generator on the device `generator`: both draw their random numbers there)."""
     theirs = pipe(prompts, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, output_type="latent",
-                  generator=torch.Generator().manual_seed(1)).images.cpu()
-    return {name: (s.generate(prompts, cfg, torch.Generator().manual_seed(1)).cpu() == theirs).float().mean().item()
-            for name, s in samplers.items()}
+                  generator=torch.Generator(generator).manual_seed(1)).images.cpu()
+    return {name: (s.generate(prompts, cfg, torch.Generator(generator).manual_seed(1)).cpu() == theirs)
+            .float().mean().item() for name, s in samplers.items()}
 
 
 def timed_runs(pipe: AmusedPipeline | None, samplers: dict[str, Sampler], prompts: list[str], cfg: SampleConfig,
-               repeats: int) -> dict[str, float]:
+               repeats: int, generator: str = "cpu") -> dict[str, float]:
     """Median seconds of the whole text-to-image path (decode included) of diffusers' pipeline
     (under DIFFUSERS; none without `pipe`) and each sampler, interleaved."""
+    def seeded():
+        return torch.Generator(generator).manual_seed(1)
+
     runs = {DIFFUSERS: lambda: pipe(prompts, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-                                    output_type="np", generator=torch.Generator().manual_seed(1))} if pipe else {}
-    runs |= {name: (lambda s=sampler: s.decode(s.generate(prompts, cfg, torch.Generator().manual_seed(1))))
-             for name, sampler in samplers.items()}
+                                    output_type="np", generator=seeded())} if pipe else {}
+    runs |= {name: (lambda s=sampler: s.decode(s.generate(prompts, cfg, seeded()))) for name, sampler in samplers.items()}
     return _medians(runs, repeats)
 
 
