@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import pickle
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Literal, get_args
@@ -290,7 +291,13 @@ def _passthrough(row: dict) -> dict:
 
 class ChunkEncoder:
     """Loads the VQ-GAN and CLIP (text "ids": its tokenizer alone) once per actor and encodes
-    one chunk per call."""
+    one chunk per call.
+
+    On a GPU Ray runs `GPU_CALLS` calls of an actor at once (`_encoded`), and the models run
+    one chunk at a time (`self.models`): while one chunk is on the GPU the other's CPU work
+    goes on (Ray handing it over, unpacking it, copying its pixels into pinned memory, and
+    building the encoded rows of the one before), so the GPU does not wait for it. What
+    the models compute for a chunk does not depend on the other: the bytes are the same."""
 
     def __init__(self, vqgan: str, text_encoder: str, resolution: int, device: str, dtype: str,
                  threads: int | None, text: str = "states"):
@@ -303,11 +310,15 @@ class ChunkEncoder:
 
         if threads:
             torch.set_num_threads(threads)
+        self.torch = torch
         self.resolution = resolution
         self.image = ImageTokenizer.from_pretrained(vqgan, device=device, dtype=dtype)
         states = text == "states"
         self.text = TextEncoder.from_pretrained(text_encoder, device=device, dtype=dtype) if states else None
         self.token_ids = None if states else functools.partial(token_ids, load_tokenizer(text_encoder))
+        # Held while the models (and the tokenizer, which is not safe to share between threads) run.
+        self.models = threading.Lock()
+        self.pin = self.image.device.type == "cuda"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [self.encode(row) for row in batch.to_pylist()]
@@ -317,9 +328,15 @@ class ChunkEncoder:
         items, skipped = json.loads(row["items"]), json.loads(row["skipped"])
         r = self.resolution
         pixels = np.frombuffer(row["pixels"], np.uint8).reshape(-1, r, r, 3)
-        tokens, finite = self.image.encode_with_mask(pixels)
+        if self.pin and len(pixels):
+            # Outside the lock: a pinned copy goes to the GPU at full speed, without staging.
+            pinned = self.torch.empty(pixels.shape, dtype=self.torch.uint8, pin_memory=True)
+            pinned.numpy()[...] = pixels
+            pixels = pinned
         captions = sorted({item["caption"] for item in items})
-        text, text_ok = self.encode_text(captions)
+        with self.models:
+            tokens, finite = self.image.encode_with_mask(pixels)
+            text, text_ok = self.encode_text(captions)
         where = {c: i for i, c in enumerate(captions)}
         rows = np.array([where[item["caption"]] for item in items], dtype=np.int64)
         keep = []
@@ -556,6 +573,10 @@ class _Round:
         self.bar.update(1)
 
 
+# Chunks a GPU encoder actor works on at once (ChunkEncoder): one on the GPU, one in its CPU work.
+GPU_CALLS = 2
+
+
 @dataclass(frozen=True)
 class EncoderPlan:
     """The encoders' settings with `auto` resolved against the Ray cluster."""
@@ -564,6 +585,9 @@ class EncoderPlan:
     dtype: str  # "fp32" or "bf16"
     actors: int
     threads: int | None  # torch threads per CPU actor
+    # Calls an actor runs at once: GPU_CALLS on a GPU; one on the CPU, whose torch threads
+    # already take the actor's cores.
+    calls: int = 1
 
 
 def _encoder_plan(cfg: PretokenizeConfig) -> EncoderPlan:
@@ -576,7 +600,8 @@ def _encoder_plan(cfg: PretokenizeConfig) -> EncoderPlan:
     actors = cfg.encoders or (gpus if device == "cuda" else 1)
     threads = None if device == "cuda" else (cfg.encoder_threads or max(1, (os.cpu_count() or 1) // actors))
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
-    return EncoderPlan(device=device, dtype=dtype, actors=actors, threads=threads)
+    return EncoderPlan(device=device, dtype=dtype, actors=actors, threads=threads,
+                       calls=GPU_CALLS if device == "cuda" else 1)
 
 
 def _dataset_spec(cfg: PretokenizeConfig, plan: EncoderPlan) -> fmt.DatasetSpec:
@@ -691,8 +716,10 @@ def _encoded(cfg: PretokenizeConfig, plan: EncoderPlan, sources: list[str], enco
     ds = ds.map(decode_chunk, num_cpus=cfg.decode_cpus, fn_kwargs=dict(
         resolution=cfg.resolution, crop=cfg.crop, views=cfg.views, seed=cfg.seed, min_side=cfg.min_side,
         max_pixels=cfg.max_pixels))
+    pool = ray.data.ActorPoolStrategy(size=plan.actors, max_concurrent_calls_per_actor=plan.calls,
+                                      enable_true_multi_threading=plan.calls > 1)
     return ds.map_batches(
-        encoder, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        encoder, batch_size=1, batch_format="pyarrow", compute=pool,
         fn_constructor_kwargs=dict(vqgan=cfg.vqgan, text_encoder=cfg.text_encoder, resolution=cfg.resolution,
                                    device=plan.device, dtype=plan.dtype, threads=plan.threads, text=cfg.text),
         **resources,

@@ -1,5 +1,7 @@
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +14,11 @@ import ray
 import s3fs
 
 from amused.demo.datasets import sample_members, write_shape_shards
+from amused.pipeline import pretokenize as pretokenize_module
 from amused.pipeline import shards as fmt
 from amused.pipeline.images import decode_views
 from amused.pipeline.inspect import verify_dataset
-from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
+from amused.pipeline.pretokenize import ChunkEncoder, PretokenizeConfig, pretokenize
 from amused.pipeline.wds import tar_bytes
 from amused.plumbing.fsio import atomic_writer
 from amused.tokenizer.image import ImageTokenizer
@@ -162,7 +165,9 @@ def test_sigkill_then_rerun_is_byte_identical(ray_session, tiny_models, tmp_path
     assert report.ok and report.shards_already_done >= done_at_kill
     assert report.shards_written == n_shards - report.shards_already_done
     assert verify_dataset(str(out)).ok
-    got, want = _files(out), _files(reference)
+    # The CLI also keeps Ray's messages in the output's logs/ray.log: not part of the dataset.
+    got = {name: data for name, data in _files(out).items() if not name.startswith("logs/")}
+    want = _files(reference)
     assert sorted(got) == sorted(want)
     for name in want:
         assert got[name] == want[name], f"{name} differs from the uninterrupted run"
@@ -199,3 +204,41 @@ def test_driver_receives_records_not_samples(ray_session, tiny_models, tmp_path)
     node = ray.get_runtime_context().get_node_id()  # the session's one node
     assert report.writer_nodes == {f"0000{i}.parquet": node for i in range(3)}
 
+
+
+class _CountingEncoder(ChunkEncoder):
+    """The job's encoder, noting the most calls it saw running at once in the file `overlap`
+    beside its models' folder (an actor sees nothing of the test but its arguments)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.note, self.running, self.most = Path(kwargs["text_encoder"]).parent / "overlap", 0, 0
+
+    def __call__(self, batch):
+        with self.models:  # the lock the models run under guards the count as well
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.note.write_text(str(self.most))
+        try:
+            time.sleep(0.3)  # long enough for Ray to hand the actor the next chunk meanwhile
+            return super().__call__(batch)
+        finally:
+            with self.models:
+                self.running -= 1
+
+
+def test_two_calls_at_once_per_encoder_actor_write_the_same_bytes(ray_session, tiny_models, tmp_path, monkeypatch):
+    """What a GPU actor does (GPU_CALLS chunks at once, the models one at a time), here on the CPU."""
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    src = tmp_path / "src"
+    write_shape_shards(str(src), shards=3, per_shard=10, seed=6)
+    assert pretokenize(config(models, src, tmp_path / "reference")).ok
+    plan = pretokenize_module._encoder_plan
+    monkeypatch.setattr(pretokenize_module, "_encoder_plan",
+                        lambda cfg: dataclasses.replace(plan(cfg), calls=pretokenize_module.GPU_CALLS))
+    report = pretokenize_module._pretokenize(config(models, src, tmp_path / "two"), _CountingEncoder)
+    assert report.ok and report.rows_written == 30
+    assert int((tmp_path / "overlap").read_text()) == 2  # the actor did run two calls at once
+    got, want = _files(tmp_path / "two"), _files(tmp_path / "reference")
+    assert sorted(got) == sorted(want) and all(got[name] == want[name] for name in want)
