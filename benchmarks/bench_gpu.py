@@ -13,9 +13,11 @@ still run. It prints one table and writes it, with the machine's description, as
                  amused-256; benchmarks/train.py) / the GPU's bf16 dense peak, peak memory; activation
                  checkpointing off/on, x `train.model.compile` off/on where the engine offers it
     sample       the `amused sample` path (training.inference.sample.Sampler) vs diffusers'
-                 AmusedPipeline on the same modules, batch 1 and 8, bf16 and fp16, then int8
-                 (`--quantize int8`) and torch.compile; tokens compared with diffusers' first
-                 (same prompts, seed and dtype), then latency (median, whole text-to-image path)
+                 AmusedPipeline on the same modules, batch 1 and 8, bf16 and fp16, with int8
+                 (`--quantize int8`), then torch.compile (bf16); tokens compared with diffusers'
+                 first (same prompts, seed, dtype and generator), then latency (median, the whole
+                 text-to-image path); random draws on the GPU, plus a row with the CPU generator
+                 `amused sample` seeds today
     gpu-tests    the suite's tests marked `gpu` (bf16 tokens vs fp32, bf16 training, 8-bit AdamW)
 
 Models are the presets' architectures (tokenizer/presets.py) with random weights built at
@@ -341,9 +343,12 @@ def part_sample(p: Part) -> None:
     ours, int8, compiled, int8_compiled = ("amused sample", "amused sample --quantize int8",
                                            "amused sample, compiled", "int8, compiled")
     # `amused sample` seeds a CPU generator, so on a GPU its draws (and diffusers' with the same
-    # generator) go through the host; the rows draw on the device, plus one row as the CLI does.
+    # generator) go through the host; the rows draw on the device, plus one row per batch in the
+    # first dtype as the CLI does.
     cli_generator = "amused sample, CPU generator (as the CLI seeds it)"
-    eager = [ours, int8] + ([cli_generator] if p.gpu else [])
+
+    def eager(dtype):
+        return [ours, int8] + ([cli_generator] if p.gpu and dtype == s.sample_dtypes[0] else [])
 
     def case(dtype, batch, variant):
         return f"batch {batch}, {dtype}, {variant}"
@@ -351,12 +356,12 @@ def part_sample(p: Part) -> None:
     def cases(dtype, batch, variants):
         return [case(dtype, batch, v) for v in variants]
 
-    # Compiled rows last, the biggest batch first: each first call compiles, so they are the
-    # ones a time limit cuts.
+    # Compiled rows last, in the first dtype only, the biggest batch first: each first call
+    # compiles (tens of seconds for aMUSEd-256), so they are the ones a time limit cuts.
     groups = [(dtype, batch) for dtype in s.sample_dtypes for batch in s.sample_batches]
-    compile_groups = [(dtype, batch) for dtype in s.sample_dtypes for batch in sorted(s.sample_batches, reverse=True)]
-    p.rows.plan([c for g in groups for c in cases(*g, [DIFFUSERS, *eager])] +
-                [c for g in compile_groups for c in cases(*g, [compiled, int8_compiled])])
+    compile_dtype, compile_batches = s.sample_dtypes[0], sorted(s.sample_batches, reverse=True)
+    compile_cases = [case(compile_dtype, batch, v) for batch in compile_batches for v in (compiled, int8_compiled)]
+    p.rows.plan([c for g in groups for c in cases(*g, [DIFFUSERS, *eager(g[0])])] + compile_cases)
     models = write_models(p.work / "models", s.vqgan_clip)
     torch.manual_seed(0)
     transformer = build_model(s.uvit).eval()
@@ -382,7 +387,7 @@ def part_sample(p: Part) -> None:
 
     int8_note = "; int8 weights" + ("" if p.gpu else ", dynamic int8 activations, eager (the CLI compiles it on CPU)")
     for dtype in s.sample_dtypes:
-        with p.rows.guard([c for batch in s.sample_batches for c in cases(dtype, batch, [DIFFUSERS, *eager])]):
+        with p.rows.guard([c for batch in s.sample_batches for c in cases(dtype, batch, [DIFFUSERS, *eager(dtype)])]):
             image, text, model = modules(dtype)
             samplers = {ours: Sampler(model, image, text),
                         int8: Sampler(quantize_uvit(copy.deepcopy(model), "int8", p.device, compile=False), image,
@@ -398,29 +403,27 @@ def part_sample(p: Part) -> None:
                 add(dtype, batch, ours, seconds[ours], equal[ours],
                     "" if equal[ours] == 1 else ": NOT the same work, the ratio compares different computations")
                 add(dtype, batch, int8, seconds[int8], equal[int8], int8_note)
-                if cli_generator in eager:
+                if cli_generator in eager(dtype):
                     host = {cli_generator: samplers[ours]}
                     add(dtype, batch, cli_generator,
                         timed_runs(None, host, prompts, cfg, s.sample_repeats)[cli_generator],
                         token_agreement(pipe, host, prompts, cfg)[cli_generator], "; both with CPU generators")
             del samplers, pipe, model
     if not p.gpu:
-        p.rows.skip([c for g in compile_groups for c in cases(*g, [compiled, int8_compiled])],
-                    "torch.compile is measured on a GPU only (minutes of Inductor on 2 CPU cores)")
+        p.rows.skip(compile_cases, "torch.compile is measured on a GPU only (minutes of Inductor on 2 CPU cores)")
         return
-    for dtype in s.sample_dtypes:
-        image, text, model = modules(dtype)
-        pipe = diffusers_pipeline(Sampler(model, image, text))
-        for name, make in ((compiled, lambda: torch.compile(copy.deepcopy(model), options={"freezing": True})),
-                           (int8_compiled, lambda: quantize_uvit(copy.deepcopy(model), "int8", p.device, compile=True))):
-            for batch in sorted(s.sample_batches, reverse=True):
-                with p.rows.guard([case(dtype, batch, name)]):
-                    sampler = {name: Sampler(make(), image, text)}
-                    _reset_peak()
-                    equal = token_agreement(pipe, sampler, prompts_of[batch], cfg, generator=p.device)[name]
-                    add(dtype, batch, name, timed_runs(None, sampler, prompts_of[batch], cfg, s.sample_repeats,
-                                                       generator=p.device)[name], equal,
-                        "; its first call compiles (untimed)")
+    image, text, model = modules(compile_dtype)
+    pipe = diffusers_pipeline(Sampler(model, image, text))
+    makers = {compiled: lambda: torch.compile(copy.deepcopy(model), options={"freezing": True}),
+              int8_compiled: lambda: quantize_uvit(copy.deepcopy(model), "int8", p.device, compile=True)}
+    for batch in compile_batches:
+        for name, make in makers.items():
+            with p.rows.guard([case(compile_dtype, batch, name)]):
+                sampler = {name: Sampler(make(), image, text)}
+                _reset_peak()
+                equal = token_agreement(pipe, sampler, prompts_of[batch], cfg, generator=p.device)[name]
+                seconds = timed_runs(None, sampler, prompts_of[batch], cfg, s.sample_repeats, generator=p.device)
+                add(compile_dtype, batch, name, seconds[name], equal, "; its first call compiles (untimed)")
 
 
 def part_gpu_tests(p: Part) -> None:
