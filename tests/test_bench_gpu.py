@@ -89,4 +89,5 @@ def test_smoke_runs_every_part_with_figures(tmp_path):
 
     table = (tmp_path / "bench_gpu.md").read_text()
     assert all(f"| {part} |" in table for part in ("machine", "pretokenize", "train", "sample", "gpu-tests"))
-    print(f"bench-gpu --smoke: {seconds:.0f} s")
+    print(f"bench-gpu --smoke: {seconds:.0f} s (" + ", ".join(f"{n} {p['seconds']:.0f} s"
+                                                           for n, p in result["parts"].items()) + ")")
