@@ -185,7 +185,6 @@ def read_rows(path: Path) -> tuple[list[str], list[dict], dict]:
 @dataclass
 class Part:
     sizes: Sizes
-    smoke: bool
     rows: Rows
     work: Path
 
@@ -258,22 +257,27 @@ def part_pretokenize(p: Part) -> None:
     models = write_models(p.work / "models", s.vqgan_clip)
     write_data(p.work / "wds", s.images, s.shards, s.image_sizes)
     setting = f"{s.vqgan_clip} VQ-GAN + CLIP text, {s.resolution} px, bf16 on {p.device}, batch {s.pretok_batch}"
-    _reset_peak()
-    a = bare_models(models, p.device, "bf16", s.pretok_batch, s.bare_images, s.resolution)
-    p.rows.add(cases[0], rate=a, unit="images/s", peak_gib=_peak_gib(), note=setting)
-    _reset_peak()
-    b, rows_b = plain_loop(models, p.work / "wds", p.work / "plain", p.device, "bf16", s.pretok_batch, s.resolution)
-    p.rows.add(cases[1], rate=b, unit="images/s", peak_gib=_peak_gib(), note=f"{rows_b} images, one process")
-    c = ray_job(models, p.work / "wds", p.work / "ray", s.pretok_batch, s.decode_cpus, s.resolution, "bf16")
-    cores = (f"cores busy {c['cores']:.1f} of {os.cpu_count()} (CPU s of every process / wall); decode tasks "
-             f"{s.decode_cpus} CPU each")
-    p.rows.add(cases[2], rate=c["total"], unit="images/s", ratio=c["total"] / b, ratio_of="c/b",
-               cores_busy=c["cores"], cpu_cores=os.cpu_count(), note=f"{c['rows']} images; {cores}")
-    if c["steady"]:
-        p.rows.add(cases[3], rate=c["steady"], unit="images/s", ratio=c["steady"] / b, ratio_of="c/b",
-                   note=f"shards after the first; c/a = {c['steady'] / a:.2f}")
-    else:
-        p.rows.skip(cases[3:], f"fewer than 3 shards ({s.shards}): no steady state")
+    a = b = None  # each row in its own guard: (c) is worth having without (a) or (b)
+    with p.rows.guard(cases[:1]):
+        _reset_peak()
+        a = bare_models(models, p.device, "bf16", s.pretok_batch, s.bare_images, s.resolution)
+        p.rows.add(cases[0], rate=a, unit="images/s", peak_gib=_peak_gib(), note=setting)
+    with p.rows.guard(cases[1:2]):
+        _reset_peak()
+        b, rows_b = plain_loop(models, p.work / "wds", p.work / "plain", p.device, "bf16", s.pretok_batch,
+                               s.resolution)
+        p.rows.add(cases[1], rate=b, unit="images/s", peak_gib=_peak_gib(), note=f"{rows_b} images, one process")
+    with p.rows.guard(cases[2:]):
+        c = ray_job(models, p.work / "wds", p.work / "ray", s.pretok_batch, s.decode_cpus, s.resolution, "bf16")
+        cores = (f"cores busy {c['cores']:.1f} of {os.cpu_count()} (CPU s of every process / wall); decode tasks "
+                 f"{s.decode_cpus} CPU each")
+        p.rows.add(cases[2], rate=c["total"], unit="images/s", ratio=c["total"] / b if b else None, ratio_of="c/b",
+                   cores_busy=c["cores"], cpu_cores=os.cpu_count(), note=f"{c['rows']} images; {cores}")
+        if c["steady"]:
+            p.rows.add(cases[3], rate=c["steady"], unit="images/s", ratio=c["steady"] / b if b else None,
+                       ratio_of="c/b", note="shards after the first" + (f"; c/a = {c['steady'] / a:.2f}" if a else ""))
+        else:
+            p.rows.skip(cases[3:], f"fewer than 3 shards ({s.shards}): no steady state")
 
 
 def _train_case(checkpointing: bool, compiled: bool) -> str:
@@ -431,7 +435,8 @@ def part_gpu_tests(p: Part) -> None:
     files = sorted(str(f.relative_to(ROOT)) for f in (ROOT / "tests").glob("test_*.py")
                    if "mark.gpu" in f.read_text())
     report = p.work / "junit.xml"
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rs",
+    # A test that hangs fails alone (pytest-timeout) and the report still comes back.
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rs", "--timeout=40",
                     f"--junitxml={report}", *files], cwd=ROOT, check=False)
     cases = ET.parse(report).getroot().iter("testcase")
     rows = []
@@ -455,7 +460,7 @@ PART_FUNCTIONS = {"machine": part_machine, "pretokenize": part_pretokenize, "tra
 
 def run_part_here(name: str, out: Path, smoke: bool) -> None:
     sys.path.insert(0, str(HERE))  # the sibling benchmark scripts, whose functions the parts call
-    part = Part(SMOKE if smoke else GPU, smoke, Rows(out / "parts" / f"{name}.jsonl"), out / "work" / name)
+    part = Part(SMOKE if smoke else GPU, Rows(out / "parts" / f"{name}.jsonl"), out / "work" / name)
     part.work.mkdir(parents=True, exist_ok=True)
     PART_FUNCTIONS[name](part)
 
