@@ -221,14 +221,14 @@ def test_verify_checks_each_marker_against_the_manifest(tmp_path):
 @pytest.mark.parametrize("key, value, allowed", [
     ("resolution", 30, "positive multiple of 8"),
     ("batch_size", 0, ">= 1"),
-    ("crop", "diagonal", "center or random"),
+    ("crop", "diagonal", "is not one of 'center', 'random'"),  # choices: checked by from_mapping
     ("views", 2, "needs crop 'random'"),
-    ("dtype", "fp16", "auto or fp32 or bf16"),
-    ("device", "tpu", "auto or cpu or cuda"),
+    ("dtype", "fp16", "is not one of 'auto', 'fp32', 'bf16'"),
+    ("device", "tpu", "is not one of 'auto', 'cpu', 'cuda'"),
     ("seed", -1, ">= 0"),
     ("decode_cpus", 0.0, "> 0"),
 ])
 def test_pretokenize_config_is_checked_when_parsed(key, value, allowed):
     section = {"input": "in", "output": "out", "vqgan": "v", "text_encoder": "t", key: value}
-    with pytest.raises(ValueError, match=rf"^pretokenize: {key}: .*{allowed}"):
+    with pytest.raises(ValueError, match=rf"^pretokenize(: |\.){key}: .*{allowed}"):
         from_mapping(PretokenizeConfig, section, "pretokenize")

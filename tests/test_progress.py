@@ -43,7 +43,7 @@ def test_ray_training_shows_its_progress_on_the_driver_and_in_status(s3_bucket, 
         "run_dir": run_dir, "steps": STEPS,
         "data": {"dataset": tokens, "global_batch_size": 8, "micro_batch_size": 4, "workers": 0},
         "model": {"preset": "tiny"}, "optim": {"lr": 1e-2, "warmup_steps": 1},
-        "checkpoint": {"every": 4}, "log": {"every": 2, "progress": False, "tensorboard": True}})
+        "checkpoint": {"every": 4}, "log": {"every": 2, "progress": True, "tensorboard": True}})
     capfd.readouterr()
     started = time.time()
     result = train_on_ray(cfg, workers=2)

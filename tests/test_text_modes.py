@@ -167,5 +167,5 @@ def test_the_run_config_chooses_the_mode_and_train_gets_the_text_encoder(tmp_pat
     run = parse_run_config(cfg)
     assert run.pretokenize.text == "ids"
     assert run.train.model.text_encoder == str(tmp_path / "run" / "models")  # derived, as for states
-    with pytest.raises(ValueError, match="pretokenize: text: 'tokens' is not allowed"):
+    with pytest.raises(ValueError, match="pretokenize.text: 'tokens' is not one of 'states', 'ids'"):
         parse_run_config({**cfg, "pretokenize": {**cfg["pretokenize"], "text": "tokens"}})
