@@ -1,7 +1,7 @@
 """Training throughput: our DeepSpeed engine vs a plain PyTorch loop, and the shard reader.
 
     (a) plain loop:  the same U-ViT, masking, loss and AdamW on batches already in memory
-    (b) engine:      `training.uvit.task.train` (DeepSpeed, shard reader, EMA, metrics, checkpoint at the end)
+    (b) engine:      `training.uvit.task.train` (DeepSpeed, shard reader, EMA, metrics; no checkpoint: the run is thrown away)
     (c) reader:      `training.uvit.data.ShardReader` alone, as fast as it can go
     (d) engine, text ids: (b) on a text "ids" dataset, the step running a frozen CLIP text
                      tower sized to the U-ViT's text inputs (`bench_text_config`) on each sample's 77 ids
@@ -120,7 +120,7 @@ def engine_run(run_dir: Path, model: dict, dataset: str, batch: int, steps: int,
         "data": {"dataset": dataset, "global_batch_size": batch, "micro_batch_size": batch, "workers": workers},
         "model": model,
         "optim": {"warmup_steps": 10},
-        "engine": {"zero_stage": zero, "precision": precision}, "checkpoint": {"every": steps + warmup},
+        "engine": {"zero_stage": zero, "precision": precision}, "checkpoint": {"every": steps + warmup + 1, "at_end": False},
         "log": {"every": warmup, "progress": False},
     })
     train(cfg)

@@ -257,6 +257,14 @@ def test_rerun_ignores_and_removes_a_checkpoint_without_marker(tmp_path, tokens,
     assert np.isfinite(json.loads((run_dir / "result.json").read_text())["last_metrics"]["loss"])
 
 
+
+def test_a_run_without_a_final_checkpoint_keeps_only_the_periodic_ones(tmp_path, tokens):
+    run_dir = tmp_path / "run"
+    result = train(parse_config(config(run_dir, tokens, steps=7, checkpoint={"every": 5, "at_end": False})))
+    assert result.step == 7 and result.checkpoint == str(run_dir / "checkpoints" / "step_00000005")
+    assert [p.name for p in (run_dir / "checkpoints").glob("step_*")] == ["step_00000005"]
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 8))
+
 # ---------------------------------------------------------------- process group
 
 _LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

@@ -150,6 +150,8 @@ class CheckpointConfig:
     keep: int = opt(3, "complete checkpoints kept (older ones are deleted)")
     asynchronous: bool = opt(True, "upload (and hash) a checkpoint in the background: the step after it waits "
                                    "only for the local write, the next checkpoint for the upload", output=False)
+    at_end: bool = opt(True, "also save at the last step; off for a throw-away run such as a benchmark, where "
+                             "amused-256's ~10 GB final checkpoint would cost more than the steps", output=False)
 
     def __post_init__(self):
         _check(self.every >= 1 and self.keep >= 1, "checkpoint.every and checkpoint.keep must be >= 1")

@@ -148,7 +148,7 @@ def run_loop(cfg, task: Task, resume: TrainState | None, universal: bool, device
                 last_metrics = interval.close(step, task, outcome, cfg.data.global_batch_size)
                 if log:
                     log.write(last_metrics)
-            if due(step, cfg.checkpoint.every, cfg.steps):
+            if due(step, cfg.checkpoint.every, cfg.steps if cfg.checkpoint.at_end else None):
                 started = time.monotonic()
                 save_checkpoint(engine, cfg, step, task, ema, policy.in_row, publisher)
                 # How long training stood still for it (the longest one of the interval), in the next
@@ -175,8 +175,8 @@ def run_loop(cfg, task: Task, resume: TrainState | None, universal: bool, device
     return result
 
 
-def due(step: int, every: int, last: int) -> bool:
-    """Metrics lines and checkpoints: every `every` steps and at the last step."""
+def due(step: int, every: int, last: int | None) -> bool:
+    """Metrics lines and checkpoints: every `every` steps and at the `last` step (if any)."""
     return step % every == 0 or step == last
 
 
