@@ -87,6 +87,7 @@ PLAN = {"img": 6, "missing": 2, "gone": 1, "error": 2, "flaky": 2, "html": 1, "t
 
 @pytest.fixture(scope="module")
 def server():
+    Handler.hits.clear()  # other modules serve with this Handler too (test_cli): its counts start here
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
