@@ -199,7 +199,7 @@ class ModelFreeEncoder(ChunkEncoder):
     """The job's encoder with aMUSEd-256-shaped outputs and no model behind them."""
 
     def __init__(self, vqgan: str, text_encoder: str, resolution: int, device: str, dtype: str,
-                 threads: int | None, text: str = "states"):
+                 threads: int | None, text: str = "states", deterministic: bool = False):
         if text != "states":
             raise ValueError("the model-free encoder has stored states only (text: states)")
         self.resolution = resolution

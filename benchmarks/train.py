@@ -112,15 +112,17 @@ def plain_loop(model_dir: str, batch: dict, steps: int, warmup: int, seed: int, 
 
 
 def engine_run(run_dir: Path, model: dict, dataset: str, batch: int, steps: int, warmup: int,
-               zero: int, workers: int, precision: str = "auto") -> float:
+               zero: int, workers: int, precision: str = "auto", deterministic: bool = False,
+               threads: int | None = None) -> float:
     """samples/s of `training.uvit.task.train` over `steps` steps after `warmup`; `model` is the
     config's model section (a preset, or a `pretrained` folder, and the model options)."""
     cfg = parse_config({
-        "run_dir": str(run_dir), "steps": steps + warmup, "seed": 0,
+        "run_dir": str(run_dir), "steps": steps + warmup, "seed": 0, "deterministic": deterministic,
         "data": {"dataset": dataset, "global_batch_size": batch, "micro_batch_size": batch, "workers": workers},
         "model": model,
         "optim": {"warmup_steps": 10},
-        "engine": {"zero_stage": zero, "precision": precision}, "checkpoint": {"every": steps + warmup + 1, "at_end": False},
+        "engine": {"zero_stage": zero, "precision": precision, "threads": threads},
+        "checkpoint": {"every": steps + warmup + 1, "at_end": False},
         "log": {"every": warmup, "progress": False},
     })
     train(cfg)

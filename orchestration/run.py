@@ -31,6 +31,7 @@ import yaml
 
 from amused.orchestration.run_config import RunConfig
 from amused.orchestration.stages import STAGES, Stage
+from amused.plumbing.determinism import MAY_VARY
 from amused.plumbing.fsio import atomic_writer, exists, read_json, write_json_atomic
 from amused.plumbing.raysession import ray_session
 from amused.plumbing.runlock import FolderLock
@@ -126,6 +127,8 @@ def _run_locked(cfg: RunConfig, selected: set[str], log) -> dict[str, dict]:
         with atomic_writer(join(cfg.run_dir, name)) as fh:
             fh.write(text.encode())
     _remove_stale(cfg, planned, selected, log)
+    if not cfg.deterministic:
+        log(f"[run] {MAY_VARY}")
     states: dict[str, dict] = {}
     with ray_session(cfg.ray.address or None):
         for stage in STAGES:

@@ -128,6 +128,9 @@ class RunBase:
     ray: RayConfig
     source: SourceConfig
     models: ModelsConfig
+    # Deterministic kernels and fixed thread counts in the trainings and the encoders (the
+    # `deterministic` of the vqgan, pretokenize and train sections, derived from this).
+    deterministic: bool
 
 
 @dataclass
@@ -228,7 +231,11 @@ def parse_run_config(data: Any) -> RunConfig:
                                             if getattr(models, f.name) not in ("", "tiny", "train")})
     if models.vqgan == "train" and not _given(data, "vqgan"):
         raise ValueError("models.vqgan is 'train' but there is no vqgan section to train it")
-    run = RunBase(run_dir=run_dir, data_dir=data_dir, ray=ray, source=source, models=models)
+    deterministic = data.get("deterministic", False)
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic: expected true or false, got {deterministic!r}")
+    run = RunBase(run_dir=run_dir, data_dir=data_dir, ray=ray, source=source, models=models,
+                  deterministic=deterministic)
     sections: dict[str, Any] = {}
     for stage in STAGES:  # in order: a stage's derived keys may name an earlier stage's output
         if stage.section:
@@ -241,6 +248,7 @@ def parse_run_config(data: Any) -> RunConfig:
     if not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError(f"prompts: expected a list of non-empty strings (the sample grid's prompts), got {prompts!r}")
     return RunConfig(run_dir=run_dir, data_dir=data_dir, ray=ray, source=source, models=models,
+                     deterministic=deterministic,
                      sample=from_mapping(SampleConfig, _given(data, "sample") or {}, "sample"),
                      prompts=prompts, given=_copy(data), **sections)
 

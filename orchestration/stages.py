@@ -38,6 +38,7 @@ from amused.pipeline.filter import FilterConfig, filter_metadata
 from amused.pipeline.ingest import INPUTS, IngestConfig, check_found, ingest
 from amused.pipeline.pretokenize import PretokenizeConfig, pretokenize
 from amused.plumbing.config import output_settings
+from amused.plumbing.determinism import deterministic_torch, machine_threads
 from amused.plumbing.fsio import exists, file_exists, list_files, upload_tree
 from amused.plumbing.storage import is_local, join, url_to_fs
 from amused.tokenizer.image import build_vqgan
@@ -252,8 +253,10 @@ def run_evaluate(cfg: RunConfig) -> dict:
 
 
 def run_samples(cfg: RunConfig) -> dict:
-    return sample_grid(cfg.train.run_dir, cfg.prompts, join(cfg.run_dir, "samples"), cfg.sample,
-                       score_shapes=cfg.source.synthetic is not None)
+    # In the run's own process, whose torch threads are otherwise whatever its environment says.
+    with deterministic_torch(machine_threads()) if cfg.deterministic else nullcontext():
+        return sample_grid(cfg.train.run_dir, cfg.prompts, join(cfg.run_dir, "samples"), cfg.sample,
+                           score_shapes=cfg.source.synthetic is not None)
 
 
 # ----- the table ----------------------------------------------------------------------------
@@ -319,18 +322,20 @@ STAGES: tuple[Stage, ...] = (
           progress=lambda c: _shards(c.ingest.output, "_stats.json"), check=lambda c: check_found(c.ingest, "source")),
     Stage("vqgan", ("download", "models"), lambda c: [c.vqgan.run_dir], run_vqgan, section="vqgan",
           config=VQGANConfig, absent="off", late_after=("ingest",),
-          derived=lambda run, s: {"run_dir": join(run.run_dir, "vqgan"), "data.images": _images(run)},
+          derived=lambda run, s: {"run_dir": join(run.run_dir, "vqgan"), "data.images": _images(run),
+                                  "deterministic": run.deterministic},
           progress=lambda c: _steps(c.vqgan)),
     Stage("pretokenize", ("download", "vqgan", "models"), lambda c: [c.pretokenize.output], run_pretokenize,
           section="pretokenize", config=PretokenizeConfig, late_after=("ingest",),
           derived=lambda run, s: {"input": _images(run), "output": join(run.data_dir, "tokens"),
                                   "vqgan": _vqgan_model(run), "text_encoder": _text_encoder_model(run),
-                                  "ray_address": run.ray.address or None},
+                                  "ray_address": run.ray.address or None, "deterministic": run.deterministic},
           progress=lambda c: _shards(c.pretokenize.output, ".parquet")),
     Stage("train", ("pretokenize", "models"), lambda c: [c.train.run_dir], run_train, section="train",
           config=TrainConfig, absent="required",
           derived=lambda run, s: {"run_dir": join(run.run_dir, "train"), "data.dataset": s["pretokenize"].output,
-                                  "model.vqgan": _vqgan_model(run), "model.text_encoder": _text_encoder_model(run)},
+                                  "model.vqgan": _vqgan_model(run), "model.text_encoder": _text_encoder_model(run),
+                                  "deterministic": run.deterministic},
           depends=lambda c: {**output_settings(c.train), "ray": output_settings(c.ray)},
           progress=lambda c: _steps(c.train)),
     Stage("evaluate", ("train",), lambda c: [c.evaluate.output], run_evaluate, section="evaluate",

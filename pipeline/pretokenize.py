@@ -80,6 +80,11 @@ class PretokenizeConfig:
                               "at 256 px) or ids (its 77 CLIP token ids, 154 B; training runs the frozen tower)")
     encoder_cpus: float = opt(1.0, "CPUs reserved by each CPU encoder actor", output=False)
     encoder_threads: int | None = opt(None, "torch threads per CPU encoder (default: cores / encoders)", output=False)
+    # Out of the dataset's identity: on a CPU the encoders write the same bytes either way (a
+    # chunk is one batch whatever runs beside it, on a thread count fixed by the machine); on a
+    # GPU it turns cuDNN's autotuning off, whose choice may differ between any two runs anyway.
+    deterministic: bool = opt(False, "deterministic kernels in the encoders (on a GPU: no cuDNN autotuning)",
+                              output=False)
     decode_cpus: float = opt(0.5, "CPUs reserved by each decode task", output=False)
     ray_address: str | None = opt(None, "Ray cluster address (default: start a local Ray)", output=False)
     progress: bool = opt(True, "show a progress bar", output=False)
@@ -300,15 +305,18 @@ class ChunkEncoder:
     the models compute for a chunk does not depend on the other: the bytes are the same."""
 
     def __init__(self, vqgan: str, text_encoder: str, resolution: int, device: str, dtype: str,
-                 threads: int | None, text: str = "states"):
+                 threads: int | None, text: str = "states", deterministic: bool = False):
         # torch and diffusers (~9 s) load in the encoder actors and the driver only: Ray's read and
         # decode tasks import this module too.
         import torch
 
+        from amused.plumbing.determinism import set_deterministic
         from amused.tokenizer.image import ImageTokenizer
         from amused.tokenizer.text import TextEncoder, load_tokenizer, token_ids
 
-        if threads:
+        if deterministic:  # for the actor's life: nothing else runs in its process
+            set_deterministic(threads)
+        elif threads:
             torch.set_num_threads(threads)
         self.torch = torch
         self.resolution = resolution
@@ -721,6 +729,7 @@ def _encoded(cfg: PretokenizeConfig, plan: EncoderPlan, sources: list[str], enco
     return ds.map_batches(
         encoder, batch_size=1, batch_format="pyarrow", compute=pool,
         fn_constructor_kwargs=dict(vqgan=cfg.vqgan, text_encoder=cfg.text_encoder, resolution=cfg.resolution,
-                                   device=plan.device, dtype=plan.dtype, threads=plan.threads, text=cfg.text),
+                                   device=plan.device, dtype=plan.dtype, threads=plan.threads, text=cfg.text,
+                                   deterministic=cfg.deterministic),
         **resources,
     )

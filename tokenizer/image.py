@@ -55,7 +55,10 @@ class ImageTokenizer:
         if self.device.type == "cuda":
             # NHWC uint8 batches permuted to NCHW are already channels-last: no copy, faster convs.
             model = model.to(memory_format=torch.channels_last)
-            torch.backends.cudnn.benchmark = True
+            # Autotuning picks kernels by timing them, so two runs may convolve differently:
+            # not where the process asked for deterministic algorithms (plumbing/determinism.py).
+            if not torch.are_deterministic_algorithms_enabled():
+                torch.backends.cudnn.benchmark = True
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.downsample = downsample_of(model.config.block_out_channels)
         self.codebook_size = int(model.config.num_vq_embeddings)

@@ -35,7 +35,11 @@ def vq_forward(model: VQModel, pixels: torch.Tensor) -> VQForward:
     n, c, h, w = z.shape
     codebook = model.quantize.embedding.weight
     ids = nearest_codes(z.detach().permute(0, 2, 3, 1).reshape(-1, c).float(), codebook.detach().float())
-    z_q = codebook[ids].view(n, h, w, c).permute(0, 3, 1, 2)
+    # An embedding lookup, not `codebook[ids]`: indexing's backward adds the rows of codes
+    # chosen many times with atomic adds on every CPU thread (unless torch is in its
+    # deterministic mode), so their gradient summed in whatever order the threads ran and
+    # two runs drifted apart; the embedding's backward sums in a fixed order.
+    z_q = F.embedding(ids, codebook).view(n, h, w, c).permute(0, 3, 1, 2)
     straight = z + (z_q - z).detach()
     quant2 = model.post_quant_conv(straight)
     out = model.decoder(quant2, straight if model.config.norm_type == "spatial" else None)

@@ -120,14 +120,26 @@ class LoraConfig:
                                       "LoRA trains the U-ViT's adapters only (lora.target_modules)")
 
 
+def deterministic_setting():
+    """A training's `deterministic` switch (the U-ViT's and the VQ-GAN's). Kernels and threads,
+    not what is computed (as model.compile): out of the run's fingerprint, so turning it on
+    for a finished or resumed run keeps its work; a reproducible result starts from an empty
+    folder anyway."""
+    return opt(False, "deterministic kernels and a fixed thread count (engine.threads): byte-identical reruns on "
+                      "the same machine (plumbing/determinism.py)", output=False)
+
+
 @dataclass
 class EngineConfig:
     zero_stage: int = opt(2, "DeepSpeed ZeRO stage (0, 1 or 2)")
     precision: Literal["auto", "fp32", "bf16"] = opt("auto", "auto = bf16 on GPU, fp32 on CPU")
     max_nonfinite_in_row: int = opt(10, "non-finite loss/gradient steps are skipped and counted; "
                                         "this many in a row stops the run")
+    threads: int | None = opt(None, "torch threads per rank with `deterministic` on (default: under Ray Train the "
+                                    "worker's CPUs, else the CPUs this process may use)", output=False)
 
     def __post_init__(self):
+        _check(self.threads is None or self.threads >= 1, f"engine.threads must be >= 1, got {self.threads}")
         # Stage 3 partitions the parameters themselves, which the EMA and the export read
         # whole; a 600M-parameter U-ViT fits every GPU with stage 2.
         _check(self.zero_stage in (0, 1, 2), f"engine.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
@@ -175,6 +187,7 @@ class TrainConfig:
     steps: int = opt(help="optimizer steps to train to")
     data: DataConfig = opt(help="token shards and the reader")
     seed: int = opt(0, "model initialisation, masking and condition dropout")
+    deterministic: bool = deterministic_setting()
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -32,6 +32,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,6 +40,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from amused.plumbing.determinism import deterministic_torch, machine_threads
 from amused.plumbing.fsio import read_json, write_json_atomic
 from amused.plumbing.storage import join
 from amused.training import checkpoint as ckpt
@@ -99,6 +101,14 @@ class Task(Protocol):
 
 
 # ---------------------------------------------------------------- the loop
+
+def kernels(deterministic: bool, threads: int | None) -> AbstractContextManager:
+    """What a training runs in, from its model on: with its `deterministic` setting,
+    deterministic kernels and `threads` (engine.threads) torch threads (default: the CPUs
+    this process may use; Ray Train's launcher gives its workers their CPUs), so that a
+    rerun on the same machine writes the same bytes."""
+    return deterministic_torch(threads or machine_threads()) if deterministic else nullcontext()
+
 
 def run_loop(cfg, task: Task, resume: TrainState | None, universal: bool, device: torch.device,
              bf16: bool) -> TrainResult:

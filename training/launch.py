@@ -14,6 +14,7 @@ worth a restart is one rule, `deterministic` below."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import uuid
@@ -88,6 +89,7 @@ def train_on_ray(cfg: TrainConfig, workers: int, gpus_per_worker: float = 0.0, a
     Layout.plan(cfg.data.global_batch_size, cfg.data.micro_batch_size, workers, cfg.data.lanes or workers)
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    cfg = with_worker_threads(cfg, cpus_per_worker)
     with train_lock(cfg.run_dir), ray_session(address or None):
         trainer = TorchTrainer(
             _worker,
@@ -108,6 +110,15 @@ def train_on_ray(cfg: TrainConfig, workers: int, gpus_per_worker: float = 0.0, a
             raise _gave_up(cfg, exc) from exc
     # Ray Train 2 returns metrics only with Ray checkpoints; rank 0 wrote the outcome.
     return TrainResult.read(cfg.run_dir)
+
+
+def with_worker_threads(cfg: TrainConfig, cpus_per_worker: float) -> TrainConfig:
+    """With `deterministic` and no engine.threads: as many torch threads as the worker
+    has CPUs (Ray's own rule for OMP_NUM_THREADS, floored, at least 1), fixed by the config
+    rather than by a shell's OMP_NUM_THREADS, which Ray leaves as it finds it."""
+    if not cfg.deterministic or cfg.engine.threads is not None:
+        return cfg
+    return dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, threads=max(1, int(cpus_per_worker))))
 
 
 def ray_run_config(run_dir: str, max_failures: int) -> RunConfig:

@@ -14,12 +14,13 @@ import torch
 import torch.distributed as dist
 
 from amused.pipeline.shards import EMPTY_PROMPT, MANIFEST, ModelIdentity, TokenDataset, read_empty_prompt
+from amused.plumbing.determinism import seed_all
 from amused.plumbing.storage import VQGAN_SUBFOLDERS
 from amused.tokenizer.text import TextEmbeddings, TextEncoder
 from amused.training.checkpoint import write_config
 from amused.training.config import TrainConfig
 from amused.training.distributed import Layout, current_device, in_process_group, locked, rank0_decides, wants_bf16
-from amused.training.engine import TrainResult, run_loop
+from amused.training.engine import TrainResult, kernels, run_loop
 from amused.training.lora import apply_lora, base_identity, check_same, record
 from amused.training.state import TrainState, resume_state
 from amused.training.uvit.data import ShardReader
@@ -111,7 +112,7 @@ def start(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> tuple[U
         check_same(resume.task.get("lora"), info["lora"], f"the run in {cfg.run_dir}")
     layout = Layout.plan(cfg.data.global_batch_size, cfg.data.micro_batch_size, world, lanes)
 
-    torch.manual_seed(cfg.seed)
+    seed_all(cfg.seed, rank)
     model = build_model(cfg.model.preset, cfg.model.pretrained)
     _check_model(model, dataset.spec)
     if cfg.lora.enabled:  # before the text tower, as the U-ViT: the same draws in both text modes
@@ -220,8 +221,9 @@ def train(cfg: TrainConfig, launcher_holds_lock: bool = False) -> TrainResult:
 
 
 def _train(cfg: TrainConfig) -> TrainResult:
-    device = current_device()
-    bf16 = wants_bf16(cfg.engine.precision, device)
-    task, resume = start(cfg, device, torch.bfloat16 if bf16 else torch.float32)
-    universal = resume is not None and resume.world_size != dist.get_world_size()
-    return run_loop(cfg, task, resume, universal, device, bf16)
+    with kernels(cfg.deterministic, cfg.engine.threads):
+        device = current_device()
+        bf16 = wants_bf16(cfg.engine.precision, device)
+        task, resume = start(cfg, device, torch.bfloat16 if bf16 else torch.float32)
+        universal = resume is not None and resume.world_size != dist.get_world_size()
+        return run_loop(cfg, task, resume, universal, device, bf16)

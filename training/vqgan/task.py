@@ -20,6 +20,7 @@ from diffusers import VQModel
 from torch import nn
 
 from amused.plumbing.config import from_mapping, opt, section
+from amused.plumbing.determinism import seed_all
 from amused.plumbing.fsio import file_exists, list_files
 from amused.plumbing.storage import VQGAN_SUBFOLDERS, join, local_folder, resolve_subfolder
 from amused.tokenizer.image import build_vqgan
@@ -34,9 +35,17 @@ from amused.tokenizer.vq_objective import (
     vqgan_losses,
 )
 from amused.training.checkpoint import Checkpoint, write_config
-from amused.training.config import CheckpointConfig, EMAConfig, EngineConfig, LogConfig, OptimConfig, _check
+from amused.training.config import (
+    CheckpointConfig,
+    EMAConfig,
+    EngineConfig,
+    LogConfig,
+    OptimConfig,
+    _check,
+    deterministic_setting,
+)
 from amused.training.distributed import Layout, current_device, in_process_group, locked, rank0_decides, wants_bf16
-from amused.training.engine import run_loop
+from amused.training.engine import kernels, run_loop
 from amused.training.inference.export import publish_folder
 from amused.training.master import write_rows_through
 from amused.training.state import resume_state
@@ -93,6 +102,7 @@ class VQGANConfig:
     steps: int = opt(help="optimizer steps to train to")
     data: VQDataConfig = opt(help="image shards")
     seed: int = opt(0, "initialisation")
+    deterministic: bool = deterministic_setting()
     model: VQModelConfig = field(default_factory=VQModelConfig)
     loss: VQLossWeights = field(default_factory=VQLossWeights)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
@@ -232,21 +242,22 @@ def train_vqgan(cfg: VQGANConfig):
 
 
 def _train_vqgan(cfg: VQGANConfig):
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = current_device()
-    rank0_decides(_inspect, cfg)
-    resume = resume_state(cfg.run_dir)
-    layout = Layout.plan(cfg.data.global_batch_size, cfg.data.micro_batch_size, world, world)
-    bf16 = wants_bf16(cfg.engine.precision, device)
-    torch.manual_seed(cfg.seed)
-    vq = build_vq(cfg.model)
-    disc = PatchDiscriminator(3, cfg.discriminator.width, cfg.discriminator.layers) \
-        if cfg.loss.adversarial_start and cfg.loss.adversarial else None
-    module = VQGANWithDiscriminator(vq, disc)
-    if rank == 0:
-        write_config(cfg.run_dir, cfg)
-    task = VQGANTask(cfg, module, layout, rank, world, device)
-    return run_loop(cfg, task, resume, False, device, bf16)
+    with kernels(cfg.deterministic, cfg.engine.threads):
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = current_device()
+        rank0_decides(_inspect, cfg)
+        resume = resume_state(cfg.run_dir)
+        layout = Layout.plan(cfg.data.global_batch_size, cfg.data.micro_batch_size, world, world)
+        bf16 = wants_bf16(cfg.engine.precision, device)
+        seed_all(cfg.seed, rank)
+        vq = build_vq(cfg.model)
+        disc = PatchDiscriminator(3, cfg.discriminator.width, cfg.discriminator.layers) \
+            if cfg.loss.adversarial_start and cfg.loss.adversarial else None
+        module = VQGANWithDiscriminator(vq, disc)
+        if rank == 0:
+            write_config(cfg.run_dir, cfg)
+        task = VQGANTask(cfg, module, layout, rank, world, device)
+        return run_loop(cfg, task, resume, False, device, bf16)
 
 
 def _inspect(cfg: VQGANConfig) -> None:
