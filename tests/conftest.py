@@ -14,6 +14,7 @@ import pytest
 import ray
 import s3fs
 import torch
+import yaml
 
 from amused.demo.datasets import write_token_dataset
 from amused.demo.tiny_models import write_tiny_models
@@ -104,3 +105,11 @@ def trained_checkpoint(tmp_path_factory) -> str:
         "data": {"dataset": str(root / "tokens"), "global_batch_size": 8, "micro_batch_size": 8, "workers": 0},
         "model": {"preset": "tiny"}, "optim": {"lr": 1e-2, "warmup_steps": 1}, "ema": {"decay": 0.5},
         "checkpoint": {"every": 4}, "log": {"every": 4, "progress": False}})).checkpoint
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict:
+    """configs/demo.yaml as parsed YAML, its run folder in a temp folder."""
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/demo.yaml").read_text())
+    cfg["run_dir"] = str(tmp_path_factory.mktemp("run"))
+    return cfg

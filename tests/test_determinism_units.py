@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from amused.orchestration.run import plan
 from amused.orchestration.run_config import parse_run_config
@@ -22,13 +21,6 @@ from amused.training.launch import with_worker_threads
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> dict:
-    cfg = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
-    cfg["run_dir"] = str(tmp_path_factory.mktemp("run"))
-    return cfg
 
 
 def test_the_demo_is_deterministic_and_the_run_derives_it_into_each_stage(demo):

@@ -10,7 +10,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from amused.orchestration.run import plan
 from amused.orchestration.run_config import SECTIONS, RunConfig, parse_run_config
@@ -22,13 +21,6 @@ from amused.plumbing.fsio import read_json
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> dict:
-    cfg = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
-    cfg["run_dir"] = str(tmp_path_factory.mktemp("run"))
-    return cfg
 
 
 def edited(cfg: dict, dotted: str, value) -> dict:
