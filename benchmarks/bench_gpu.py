@@ -286,20 +286,15 @@ def _train_case(checkpointing: bool, compiled: bool) -> str:
 
 def part_train(p: Part) -> None:
     import torch
-    from train import engine_run, training_flops_per_sample
+    from train import engine_run, preset_tokens, training_flops_per_sample
 
-    from amused.demo.datasets import write_token_dataset
-    from amused.tokenizer.presets import UVIT_CONFIGS
     from amused.training.config import ModelConfig
 
     s = p.sizes
     variants = [(ckpt, comp) for comp in (False, True) for ckpt in (False, True)]  # eager first: compile may time out
     p.rows.plan([_train_case(*v) for v in variants])
-    uvit = UVIT_CONFIGS[s.uvit]
-    side = uvit["sample_size"]
     dataset = str(p.work / "tokens")
-    write_token_dataset(dataset, [s.train_rows // 4] * 4, token_grid=(side, side), codebook_size=uvit["codebook_size"],
-                        text_seq_len=77, text_dim=uvit["encoder_hidden_size"])
+    preset_tokens(dataset, s.uvit, [s.train_rows // 4] * 4)
     flops = training_flops_per_sample(s.uvit)
     name = torch.cuda.get_device_name() if p.gpu else None
     peak, peak_note = bf16_peak(name)

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 
-from amused.demo.datasets import write_token_dataset
 from amused.tokenizer.presets import UVIT_CONFIGS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import engine_run  # noqa: E402  (the engine run benchmarks/train.py times)
+from train import engine_run, preset_tokens  # noqa: E402  (the engine run benchmarks/train.py times)
 
 
 def main() -> None:
@@ -35,13 +34,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps % args.warmup:
         parser.error("--steps must be a multiple of --warmup (metrics are logged every --warmup steps)")
-    spec = UVIT_CONFIGS[args.preset]
-    side = spec["sample_size"]
     ms = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
         dataset = str(Path(tmp) / "tokens")
-        write_token_dataset(dataset, [512] * 4, token_grid=(side, side), codebook_size=spec["codebook_size"],
-                            text_seq_len=77, text_dim=spec["encoder_hidden_size"])
+        preset_tokens(dataset, args.preset, [512] * 4)
         for pair in range(args.pairs):
             for on in (False, True):
                 torch.set_num_threads(args.threads)  # off: the count to compare at; on sets it itself

@@ -111,6 +111,14 @@ def plain_loop(model_dir: str, batch: dict, steps: int, warmup: int, seed: int, 
     return sorted(ratios)[len(ratios) // 2] if text_ids else steps * n / (time.perf_counter() - start)
 
 
+def preset_tokens(path: str, preset: str, shards: list[int], text_encoder: str | None = None) -> None:
+    """A random token dataset shaped for U-ViT `preset`: its token grid, codebook and text width."""
+    spec = UVIT_CONFIGS[preset]
+    side = spec["sample_size"]
+    write_token_dataset(path, shards, token_grid=(side, side), codebook_size=spec["codebook_size"],
+                        text_seq_len=77, text_dim=spec["encoder_hidden_size"], text_encoder=text_encoder)
+
+
 def engine_run(run_dir: Path, model: dict, dataset: str, batch: int, steps: int, warmup: int,
                zero: int, workers: int, precision: str = "auto", deterministic: bool = False,
                threads: int | None = None) -> float:
@@ -184,8 +192,7 @@ def main() -> None:
         CLIPTextModelWithProjection(text_config).save_pretrained(text_dir / "text_encoder")
         clip_bpe_tokenizer(text_dir / "tokenizer")
         for path, text in ((dataset, None), (dataset + "-ids", str(text_dir))):
-            write_token_dataset(path, shards, token_grid=(side, side), codebook_size=model_cfg["codebook_size"],
-                                text_seq_len=77, text_dim=model_cfg["encoder_hidden_size"], text_encoder=text)
+            preset_tokens(path, args.preset, shards, text_encoder=text)
         params = sum(p.numel() for p in build_model("tiny", model_dir).parameters())
         print(f"U-ViT {args.preset}: {params / 1e6:.1f}M parameters, {side}x{side} tokens, batch {args.batch}, "
               f"{args.steps} timed steps after {args.warmup}")
