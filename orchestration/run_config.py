@@ -128,8 +128,9 @@ class RunBase:
     ray: RayConfig
     source: SourceConfig
     models: ModelsConfig
-    # Deterministic kernels and fixed thread counts in the trainings and the encoders (the
-    # `deterministic` of the vqgan, pretokenize and train sections, derived from this).
+    # Deterministic kernels and fixed thread counts in the trainings, the encoders and the
+    # evaluation (the `deterministic` of the vqgan, pretokenize, train and evaluate sections,
+    # derived from this).
     deterministic: bool
 
 

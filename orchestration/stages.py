@@ -244,7 +244,9 @@ def _fid_reference(cfg: RunConfig) -> None:
 def run_evaluate(cfg: RunConfig) -> dict:
     from amused.training.evaluation.evaluate import evaluate  # ray: see run_train
 
-    _fid_reference(cfg)
+    # The reference statistics come from the run's process (the actors set their own kernels).
+    with deterministic_torch(machine_threads()) if cfg.deterministic else nullcontext():
+        _fid_reference(cfg)
     evaluate(cfg.evaluate, cfg.sample, run_dir=cfg.train.run_dir, ray_address=cfg.ray.address or None)
     results = read_results(results_dir(cfg.train.run_dir, cfg.evaluate))
     latest = max(results, key=lambda r: r["step"], default=None)
@@ -341,7 +343,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate", ("train",), lambda c: [c.evaluate.output], run_evaluate, section="evaluate",
           config=EvalConfig, absent="off",
           derived=lambda run, s: {"vqgan": _vqgan_model(run), "text_encoder": _text_encoder_model(run),
-                                  "output": join(run.run_dir, "eval"), **_metric_models(run)},
+                                  "output": join(run.run_dir, "eval"), "deterministic": run.deterministic,
+                                  **_metric_models(run)},
           # No reference statistics given: the evaluate stage computes them from the run's own images.
           defaults=lambda run: {"reference": join(run.run_dir, "eval/reference.npz")},
           # Nested by section, unlike train's: the fingerprints of existing runs stay the same.

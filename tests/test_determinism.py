@@ -63,7 +63,6 @@ def _outputs(run_dir: Path) -> dict:
 def test_two_deterministic_runs_write_the_same_bytes(tmp_path):
     cfg = demo_config(tmp_path / "run", port=free_port())
     assert cfg["deterministic"] is True  # the demo's own setting
-    cfg.pop("evaluate")  # FID and CLIP score: computed in Ray actors, which the switch does not reach
     outcomes = []
     for _ in range(2):
         shutil.rmtree(tmp_path / "run", ignore_errors=True)
@@ -78,6 +77,6 @@ def test_two_deterministic_runs_write_the_same_bytes(tmp_path):
     names = " ".join(first)
     for part in ("data/images/00000.tar", "data/tokens/00000.parquet", "vqgan/export/diffusion_pytorch_model",
                  "vqgan/checkpoints/step_00000004/rng/rank_00000.json", "train/checkpoints/step_00000006/",
-                 "ema.safetensors", "samples/grid.png"):
+                 "ema.safetensors", "samples/grid.png", "eval/step_00000006.json", "eval/reference.npz"):
         assert part in names, part
     assert all("loss" in r for r in first["train/metrics.jsonl"])

@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_demo_is_deterministic_and_the_run_derives_it_into_each_stage(demo):
     cfg = parse_run_config(demo)
     assert cfg.deterministic is True
-    assert cfg.vqgan.deterministic and cfg.train.deterministic and cfg.pretokenize.deterministic
+    sections = ("vqgan", "pretokenize", "train", "evaluate")
+    assert all(getattr(cfg, s).deterministic for s in sections)
     off = parse_run_config({k: v for k, v in demo.items() if k != "deterministic"})  # off unless asked
-    assert not (off.deterministic or off.vqgan.deterministic or off.train.deterministic
-                or off.pretokenize.deterministic)
+    assert not off.deterministic and not any(getattr(off, s).deterministic for s in sections)
 
 
 def test_a_stage_setting_of_it_or_a_non_boolean_is_refused(demo):

@@ -253,6 +253,9 @@ class EvalConfig:
     output: str = opt("", "results folder (default: RUN_DIR/eval)")
     watch: bool = opt(False, "with a run folder: keep evaluating new checkpoints until training ends "
                              "(in `amused run`: while the train stage runs)", output=False)
+    # Like the trainings' switch, out of the results' identity: it picks kernels and threads.
+    deterministic: bool = opt(False, "deterministic kernels in each actor, one torch thread per CPU actor: the "
+                                     "same images and metrics on a rerun on the same machine", output=False)
 
     def __post_init__(self):
         for name in ("actors", "batch_size"):

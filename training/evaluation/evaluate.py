@@ -29,6 +29,7 @@ import ray
 import torch
 from tqdm import tqdm
 
+from amused.plumbing.determinism import set_deterministic
 from amused.plumbing.fsio import exists, file_exists, sha256_of, write_json_atomic
 from amused.plumbing.plots import image_grid, line_plots, save_png
 from amused.plumbing.raysession import ray_session
@@ -79,6 +80,8 @@ class EvalWorker:
 
     def __init__(self, cfg: EvalConfig, vqgan: str, text_encoder: str, gpu: bool):
         self.device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
+        if cfg.deterministic:  # for the actor's life; a CPU actor reserves one CPU (start_workers)
+            set_deterministic(None if self.device == "cuda" else 1)
         self.measures = {m.name: m.measurer(cfg, self.device) for m in METRICS if m.wanted(cfg)}
         self.image = ImageTokenizer.from_pretrained(vqgan, device=self.device)
         self.text = TextEncoder.from_pretrained(text_encoder, device=self.device)
