@@ -287,6 +287,12 @@ def _status(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from amused.orchestration.compare import compare
+
+    return compare(args.run_a, args.run_b)
+
+
 def _config(args) -> int:
     cfg = run_config.load_run_config(args.file)
     print(dump_config(cfg) if args.config_command == "show" else f"{args.file}: valid")
@@ -487,6 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="a run's stages, progress, counts, latest checkpoint and metrics")
     st.add_argument("run_dir", help="the run folder (a config's run_dir; local or s3://)")
     st.set_defaults(func=_status)
+    cmp = sub.add_parser("compare", help="two runs of a config, stage by stage: which files differ and the first "
+                                         "stage that does (exit 1 if any)")
+    cmp.add_argument("run_a", help="a run folder (local or s3://), moved aside if the second run used its path")
+    cmp.add_argument("run_b", help="the other run folder")
+    cmp.set_defaults(func=_compare)
     config = sub.add_parser("config", help="run configs").add_subparsers(dest="config_command", required=True)
     for name, text in (("validate", "check a run config (types, ranges, derived keys) without running"),
                        ("show", "print a run config with every default and derived path filled in")):

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from amused.orchestration.run_config import RunConfig
+from amused.orchestration.run_config import RunConfig, parse_run_config
 from amused.orchestration.stages import STAGES, Stage
 from amused.plumbing.determinism import MAY_VARY
 from amused.plumbing.fsio import atomic_writer, exists, read_json, write_json_atomic
@@ -46,6 +46,18 @@ def _state_url(run_dir: str, name: str) -> str:
 def read_state(run_dir: str, name: str) -> dict | None:
     url = _state_url(run_dir, name)
     return read_json(url) if exists(url) else None
+
+
+def read_run_config(run_dir: str) -> RunConfig:
+    """The config a run folder was started with (its config.yaml, as written), with its
+    run_dir the folder as named now: the config may name it relative to another working
+    folder, or the run may have been moved (`amused compare` reads a run moved aside)."""
+    snapshot = join(run_dir, "config.yaml")
+    if not exists(snapshot):
+        raise FileNotFoundError(f"{run_dir} holds no run (no config.yaml): start one with `amused run CONFIG`")
+    fs, path = url_to_fs(snapshot)
+    with fs.open(path, "r") as fh:
+        return parse_run_config({**yaml.safe_load(fh), "run_dir": run_dir})
 
 
 def _fingerprint(settings: Any, inputs: list[str]) -> str:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import time
 
-import yaml
 from tqdm import tqdm
 
-from amused.orchestration.run import read_state
-from amused.orchestration.run_config import RunConfig, parse_run_config
+from amused.orchestration.run import read_run_config, read_state
+from amused.orchestration.run_config import RunConfig
 from amused.orchestration.stages import STAGES
 from amused.plumbing.fsio import exists, read_json
 from amused.plumbing.storage import join, url_to_fs
@@ -34,12 +33,7 @@ def _counts(counts: dict | None) -> str:
 
 
 def status(run_dir: str) -> str:
-    snapshot = join(run_dir, "config.yaml")
-    if not exists(snapshot):
-        raise FileNotFoundError(f"{run_dir} holds no run (no config.yaml): start one with `amused run CONFIG`")
-    fs, path = url_to_fs(snapshot)
-    with fs.open(path, "r") as fh:
-        cfg = parse_run_config(yaml.safe_load(fh))
+    cfg = read_run_config(run_dir)
     rows = [("stage", "status", "seconds", "progress", "counts")]
     for stage in STAGES:
         if not stage.enabled(cfg):

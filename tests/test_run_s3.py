@@ -112,6 +112,14 @@ def test_amused_run_on_s3_data_stages_status_and_rerun(s3_bucket, ray_session, c
     assert main(["status", run_url]) == 0
     shown = capsys.readouterr().out
     assert "download" in shown and "2 shards" in shown and "pending" in shown  # train: not yet run
+    # A copy of the run agrees with it; one changed image shard is found in its stage.
+    copy = f"{s3_bucket}/data-run-copy"
+    fs.copy(run_url, copy, recursive=True)
+    assert main(["compare", run_url, copy]) == 0
+    assert "the two runs agree" in capsys.readouterr().out
+    fs.pipe_file(f"{copy}/data/images/00001.tar", fs.cat_file(f"{copy}/data/images/00001.tar")[:-1])
+    assert main(["compare", run_url, copy]) == 1
+    assert "first stage that differs: download" in capsys.readouterr().out
     log: list[str] = []
     run(parse_run_config(cfg), only=DATA_STAGES, log=log.append)
     assert sum("skipped" in line for line in log) == len(DATA_STAGES)
