@@ -5,7 +5,9 @@ Every file of each stage's outputs and its state record is reduced to what two r
 agree on: its sha256, or for records the parsed content without clock readings. The two
 runs must have been written at the same path (move the first away before the second
 starts): paths are part of what the stages record, so runs made in two folders differ in
-their records and job ids even where every image, token and weight agrees.
+their records and job ids even where every image, token and weight agrees. A data_dir
+written inside the run folder moves with it; one outside it is where both configs name it,
+which `compare_runs` refuses (each run would be compared with itself there).
 """
 
 from __future__ import annotations
@@ -19,31 +21,37 @@ from dataclasses import dataclass
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from amused.orchestration.run import read_run_config
+from amused.orchestration.run import read_run_config, read_state
 from amused.orchestration.stages import STAGES
 from amused.plumbing.storage import join, url_to_fs
 
 # What is not compared byte for byte, and why (paths inside a stage's output folder):
 #   logs/ at any depth           Ray's and img2dataset's logs (timestamps)
 #   ray/ of train                Ray Train's own run record (ids, times)
+#   tensorboard/, wandb/, wandb_id of the trainings: event files named and stamped with the
+#                                time and host; wandb's random run id and its local folder
 #   progress.json                the live progress record (a launch id, times)
 #   _amused/records.parquet      download's shard records of records/*.json again, in one table
-# Compared without their clock readings (`CLOCK`, at any depth): the stage states, the
-# trainings' metrics lines and results, the filter report, img2dataset's stats and the
-# download's records. img2dataset's per-shard tables (NNNNN.parquet beside the tars) list
-# the samples in the order its threads finished them (the tar is rewritten in key order):
+# Compared without what a run reads off its clock or its cluster (`VARYING`, keys at any
+# depth): the stage states (and their attempt count: a resumed stage's files must still
+# agree), the trainings' metrics lines and results, the filter report, img2dataset's stats
+# and the download's records (which node fetched a shard: a Ray node id is new on every
+# cluster start). img2dataset's per-shard tables (NNNNN.parquet beside the tars) list the
+# samples in the order its threads finished them (the tar is rewritten in key order):
 # compared sorted by key.
-CLOCK = frozenset({"started", "finished", "seconds", "seconds_before", "duration", "start_time", "end_time",
-                   "wall_seconds", "samples_per_s", "tokens_per_s", "checkpoint_s"})
-_SKIPPED = {"download": ("_amused/records.parquet",), "train": ("ray/",)}
+VARYING = frozenset({"started", "finished", "seconds", "seconds_before", "duration", "start_time", "end_time",
+                     "wall_seconds", "samples_per_s", "tokens_per_s", "checkpoint_s", "attempts", "node"})
+_TRAINING_LOGS = ("ray/", "tensorboard/", "wandb/", "wandb_id")
+_SKIPPED = {"download": ("_amused/records.parquet",), "train": _TRAINING_LOGS, "vqgan": _TRAINING_LOGS}
 _KEY_ORDERED = {"download": re.compile(r"\d+\.parquet")}
 
 
-def without_clock(value):
+def invariant(value):
+    """A parsed record without its `VARYING` keys."""
     if isinstance(value, dict):
-        return {k: without_clock(v) for k, v in value.items() if k not in CLOCK}
+        return {k: invariant(v) for k, v in value.items() if k not in VARYING}
     if isinstance(value, list):
-        return [without_clock(v) for v in value]
+        return [invariant(v) for v in value]
     return value
 
 
@@ -53,9 +61,9 @@ def _digest(stage: str, rel: str, fs, path: str) -> str | None:
     if "logs" in parts[:-1] or parts[-1] == "progress.json" or rel.startswith(_SKIPPED.get(stage, ())):
         return None
     if rel.endswith(".jsonl"):
-        content = [without_clock(json.loads(line)) for line in fs.cat_file(path).decode().splitlines() if line.strip()]
+        content = [invariant(json.loads(line)) for line in fs.cat_file(path).decode().splitlines() if line.strip()]
     elif rel.endswith(".json"):
-        content = without_clock(json.loads(fs.cat_file(path)))
+        content = invariant(json.loads(fs.cat_file(path)))
     elif stage in _KEY_ORDERED and _KEY_ORDERED[stage].fullmatch(rel):
         content = pq.read_table(io.BytesIO(fs.cat_file(path))).sort_by("key").to_pylist()
     else:
@@ -77,10 +85,17 @@ def run_contents(run_dir: str) -> dict[str, dict[str, str]]:
             continue
         fs, record = url_to_fs(join(run_dir, "stages", f"{stage.name}.json"))
         files += [(stage.name, f"stages/{stage.name}.json", "state.json", fs, record)] if fs.exists(record) else []
-        for i, folder in enumerate(stage.outputs(cfg)):
+        done = (read_state(run_dir, stage.name) or {}).get("status") == "done"
+        for i, folder in enumerate(stage.outputs(cfg)):  # a list by the Stage contract; one folder today
             fs, root = url_to_fs(folder)
+            if not fs.exists(root):
+                if done:  # else two runs missing it would "agree" on nothing
+                    raise FileNotFoundError(f"{run_dir}: stage {stage.name} is done but its output {folder} is "
+                                            f"missing (a data_dir moved elsewhere, or a relative one read from "
+                                            f"another working folder)")
+                continue
             cut = len(root.rstrip("/")) + 1
-            for path in sorted(fs.find(root)) if fs.exists(root) else []:
+            for path in sorted(fs.find(root)):
                 files.append((stage.name, f"{i}:" * bool(i) + path[cut:], path[cut:], fs, path))
     contents: dict[str, dict[str, str]] = {stage.name: {} for stage in STAGES if stage.enabled(cfg)}
     for stage, key, rel, fs, path in tqdm(files, desc=f"hash {run_dir}", unit="file", leave=False):
@@ -97,16 +112,23 @@ class StageComparison:
     differing: list[str]  # relative paths that differ or exist in one run only
 
 
-def _folders(run_dir: str) -> set[str]:
+def _folders(run_dir: str) -> list[str]:
+    """The run's output folders as full URLs with a closing slash (file:///x/, s3://b/x/)."""
     cfg = read_run_config(run_dir)
-    return {folder for stage in STAGES if stage.enabled(cfg) for folder in stage.outputs(cfg)}
+    urls = []
+    for stage in STAGES:
+        for folder in stage.outputs(cfg) if stage.enabled(cfg) else []:
+            fs, path = url_to_fs(folder)
+            urls.append(fs.unstrip_protocol(path).rstrip("/") + "/")
+    return urls
 
 
 def compare_runs(a: str, b: str) -> list[StageComparison]:
-    shared = sorted(_folders(a) & _folders(b))
-    if shared:  # a data_dir outside the run folders: each run would be compared with itself there
-        raise ValueError(f"both runs keep outputs in {shared[0]}: compare runs whose outputs are apart "
-                         f"(a data_dir outside the run folder is shared unless the config names another)")
+    theirs = _folders(b)
+    shared = [x for x in _folders(a) for y in theirs if x.startswith(y) or y.startswith(x)]
+    if shared:  # each run would be compared with itself there
+        raise ValueError(f"both runs keep outputs in {shared[0]}: a data_dir outside the run folder is where both "
+                         f"configs name it; compare runs whose outputs are apart")
     first, second = run_contents(a), run_contents(b)
     out = []
     for stage in [s.name for s in STAGES if s.name in first or s.name in second]:

@@ -50,14 +50,19 @@ def read_state(run_dir: str, name: str) -> dict | None:
 
 def read_run_config(run_dir: str) -> RunConfig:
     """The config a run folder was started with (its config.yaml, as written), with its
-    run_dir the folder as named now: the config may name it relative to another working
-    folder, or the run may have been moved (`amused compare` reads a run moved aside)."""
+    run_dir the folder as named now, and a data_dir written inside it moved with it: the
+    config may name them relative to another working folder, or the run may have been
+    moved (`amused compare` reads a run moved aside)."""
     snapshot = join(run_dir, "config.yaml")
     if not exists(snapshot):
         raise FileNotFoundError(f"{run_dir} holds no run (no config.yaml): start one with `amused run CONFIG`")
     fs, path = url_to_fs(snapshot)
     with fs.open(path, "r") as fh:
-        return parse_run_config({**yaml.safe_load(fh), "run_dir": run_dir})
+        written = yaml.safe_load(fh)
+    data_dir, inside = written.get("data_dir"), str(written["run_dir"]).rstrip("/") + "/"
+    if isinstance(data_dir, str) and (data_dir.rstrip("/") + "/").startswith(inside):
+        written["data_dir"] = join(run_dir, data_dir[len(inside):]) if len(data_dir) > len(inside) else run_dir
+    return parse_run_config({**written, "run_dir": run_dir})
 
 
 def _fingerprint(settings: Any, inputs: list[str]) -> str:

@@ -236,7 +236,11 @@ def _fid_reference(cfg: RunConfig) -> None:
     from amused.training.evaluation.evaluate import fid_reference, read_prompts  # ray: see run_train
 
     ev = cfg.evaluate
-    if not exists(ev.reference):
+    if exists(ev.reference):
+        return
+    # In the run's process (the evaluation watcher's thread, or the stage): its kernels and
+    # threads are the run's to set; the training meanwhile runs in Ray Train's workers.
+    with deterministic_torch(machine_threads()) if cfg.deterministic else nullcontext():
         fid_reference(_images(cfg), ev.reference, ev.inception, cfg.pretokenize.resolution,
                       max_images=ev.max_prompts or len(read_prompts(ev.prompts)))
 
@@ -244,9 +248,7 @@ def _fid_reference(cfg: RunConfig) -> None:
 def run_evaluate(cfg: RunConfig) -> dict:
     from amused.training.evaluation.evaluate import evaluate  # ray: see run_train
 
-    # The reference statistics come from the run's process (the actors set their own kernels).
-    with deterministic_torch(machine_threads()) if cfg.deterministic else nullcontext():
-        _fid_reference(cfg)
+    _fid_reference(cfg)
     evaluate(cfg.evaluate, cfg.sample, run_dir=cfg.train.run_dir, ray_address=cfg.ray.address or None)
     results = read_results(results_dir(cfg.train.run_dir, cfg.evaluate))
     latest = max(results, key=lambda r: r["step"], default=None)

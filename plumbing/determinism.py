@@ -13,8 +13,9 @@ What varies otherwise:
     cuBLAS with its default workspace;
   - on a GPU, cuDNN's autotuner (`benchmark`) times the algorithms and keeps the fastest,
     so two runs may convolve differently.
-`deterministic_torch` fixes all of these for the block; a training or an encoder actor runs
-inside it when its config asks (the `deterministic` of train, vqgan and pretokenize).
+`deterministic_torch` fixes all of these for the block; a training, an encoder actor or an
+evaluation actor runs inside it when its config asks (the `deterministic` of train, vqgan,
+pretokenize and evaluate).
 """
 
 from __future__ import annotations

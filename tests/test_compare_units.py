@@ -1,7 +1,9 @@
 """`amused compare`'s rules on hand-made run folders: what may differ between two runs
-(clock readings, logs, the order of img2dataset's sample tables) and what may not."""
+(clock readings, logs, the order of img2dataset's sample tables) and what may not, and
+which pairs of runs it refuses."""
 
 import json
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,6 +26,14 @@ def _run(root, demo, speed: float, keys: list[str], token: bytes, log: str, data
     pq.write_table(pa.table({"key": keys, "status": ["success"] * len(keys)}), images / "00000.parquet")
     (root / "data/tokens").mkdir(parents=True)
     (root / "data/tokens/00000.parquet").write_bytes(token)
+    # What a run reads off its clock and its cluster: TensorBoard's event file names, the
+    # attempts of a resumed stage, the node that fetched a shard.
+    (root / f"train/tensorboard/events.out.tfevents.{speed}").parent.mkdir()
+    (root / f"train/tensorboard/events.out.tfevents.{speed}").write_text(log)
+    (root / "stages").mkdir()
+    (root / "stages/download.json").write_text(json.dumps({"status": "done", "attempts": int(speed), "counts": {}}))
+    (images / "_amused/records").mkdir(parents=True)
+    (images / "_amused/records/00000.json").write_text(json.dumps({"samples": len(keys), "node": log}))
     return str(root)
 
 
@@ -48,4 +58,22 @@ def test_runs_sharing_a_data_folder_are_refused(tmp_path, demo):
     a = _run(tmp_path / "a", demo, 1.0, ["0"], b"t", "", data_dir=shared)
     b = _run(tmp_path / "b", demo, 1.0, ["0"], b"t", "", data_dir=shared)
     with pytest.raises(ValueError, match="both runs keep outputs in .*data"):
+        compare_runs(a, b)
+
+
+def test_a_data_folder_written_inside_the_run_moves_with_it(tmp_path, demo):
+    """A run with data_dir written out (inside its folder) and moved aside still reads its own data."""
+    _run(tmp_path / "a", demo, 1.0, ["0"], b"t", "", data_dir=str(tmp_path / "a/data"))
+    moved = tmp_path / "moved"
+    (tmp_path / "a").rename(moved)
+    b = _run(tmp_path / "a", demo, 1.0, ["0"], b"u", "", data_dir=str(tmp_path / "a/data"))
+    assert _differing(compare_runs(str(moved), b)) == [("pretokenize", ["00000.parquet"])]
+
+
+def test_a_done_stage_without_its_outputs_is_an_error_not_agreement(tmp_path, demo):
+    a = _run(tmp_path / "a", demo, 1.0, ["0"], b"t", "")
+    b = _run(tmp_path / "b", demo, 1.0, ["0"], b"t", "")
+    for run in (a, b):
+        shutil.rmtree(f"{run}/data/images")
+    with pytest.raises(FileNotFoundError, match="stage download is done but its output .*images is missing"):
         compare_runs(a, b)
