@@ -142,6 +142,12 @@ def test_sigkill_then_rerun_is_byte_identical(ray_session, tiny_models, tmp_path
     reference = tmp_path / "reference"
     assert pretokenize(config(tiny_models, src, reference)).ok
 
+    # The last input shard becomes a named pipe with no writer: reading it blocks, so that shard
+    # cannot finish and the kill lands part-way however fast the others are encoded (on a fast
+    # machine all 8 markers once appeared between two polls). Its bytes come back for the rerun.
+    held = sorted(src.glob("*.tar"))[-1]
+    held.rename(tmp_path / "held.tar")
+    os.mkfifo(held)
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "amused.orchestration.cli", "pretokenize", "--input", str(src), "--output", str(out),
            "--vqgan", str(tiny_models / "vqgan"), "--text-encoder", str(tiny_models), "--resolution", str(RES),
@@ -160,6 +166,8 @@ def test_sigkill_then_rerun_is_byte_identical(ray_session, tiny_models, tmp_path
     done_at_kill = len(list(stats.glob("*.json")))
     assert 0 < done_at_kill < n_shards, "the kill must land part-way for this test to mean anything"
     assert not (out / fmt.MANIFEST).exists() or len(fmt.read_manifest(str(out)).shards) < n_shards
+    held.unlink()
+    (tmp_path / "held.tar").rename(held)
 
     report = pretokenize(config(tiny_models, src, out))
     assert report.ok and report.shards_already_done >= done_at_kill
