@@ -5,12 +5,16 @@ datasets in the pre-tokenizer's format, and the demo's run config scaled down fo
 from __future__ import annotations
 
 import io
+import os
+import signal
 import socket
 import struct
+import subprocess
 import zlib
 from pathlib import Path
 
 import numpy as np
+import psutil
 import yaml
 from PIL import Image
 
@@ -131,6 +135,21 @@ def write_dataset(url: str, sizes=(7, 5)) -> fmt.Manifest:
     manifest = fmt.Manifest(spec, records)
     fmt.write_manifest(url, manifest)
     return manifest
+
+
+def kill_launch(proc: subprocess.Popen) -> None:
+    """SIGKILLs a launch started with `start_new_session=True` and every process under it.
+    Its process group alone is not enough: torchrun starts each rank in a session of its own,
+    and a rank left alive trains on and holds the run folder's lock."""
+    below = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for child in below:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(below, timeout=30)
+    proc.wait()
 
 
 def free_port() -> int:

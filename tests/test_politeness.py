@@ -64,19 +64,28 @@ class Site(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()  # sent now: a slot freed at the headers would let the next request in
         time.sleep(pause)
+        # Out of flight before the body goes: once the client has read it, it may close and send
+        # the next request before this thread runs again, and that one would be counted as a third.
+        self._land()
         self.wfile.write(body)
 
+    def _land(self):
+        with Site.lock:
+            if self.flying:
+                self.flying = False
+                Site.in_flight[self.host] -= 1
+
     def do_GET(self):
-        host = self.headers["Host"].split(":")[0]
+        host = self.host = self.headers["Host"].split(":")[0]
         with Site.lock:
             Site.requests.append((host, self.path, time.monotonic(), self.headers["User-Agent"]))
             Site.in_flight[host] += 1
             Site.most_in_flight[host] = max(Site.most_in_flight[host], Site.in_flight[host])
+            self.flying = True
         try:
             self._answer(host)
         finally:
-            with Site.lock:
-                Site.in_flight[host] -= 1
+            self._land()
 
     def _answer(self, host: str):
         if self.path == "/robots.txt":

@@ -174,4 +174,4 @@ def test_waiting_for_another_threads_robots_txt_is_bounded():
     began = time.monotonic()
     with pytest.raises(PolitenessRefused, match=f"^{ROBOTS_UNREACHABLE} for http://x.test .*still fetching"):
         courtesy._check_robots("http://x.test", request, None)
-    assert 0.2 <= time.monotonic() - began < 1
+    assert 0.2 <= time.monotonic() - began < 5  # ~0.24 s; the bound only says it ends (a loaded machine stalls)

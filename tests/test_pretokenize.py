@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -216,22 +217,28 @@ def test_driver_receives_records_not_samples(ray_session, tiny_models, tmp_path)
 
 class _CountingEncoder(ChunkEncoder):
     """The job's encoder, noting the most calls it saw running at once in the file `overlap`
-    beside its models' folder (an actor sees nothing of the test but its arguments)."""
+    beside its models' folder (an actor sees nothing of the test but its arguments). Until two
+    calls have overlapped, a call waits for a second one (up to OVERLAP_WAIT seconds) rather
+    than for a fixed time: a loaded machine slow to hand over the next chunk does not fail it."""
+
+    OVERLAP_WAIT = 60
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.note, self.running, self.most = Path(kwargs["text_encoder"]).parent / "overlap", 0, 0
+        self.counted = threading.Condition()
 
     def __call__(self, batch):
-        with self.models:  # the lock the models run under guards the count as well
+        with self.counted:
             self.running += 1
             self.most = max(self.most, self.running)
             self.note.write_text(str(self.most))
+            self.counted.notify_all()
+            self.counted.wait_for(lambda: self.most >= 2, timeout=self.OVERLAP_WAIT)
         try:
-            time.sleep(0.3)  # long enough for Ray to hand the actor the next chunk meanwhile
             return super().__call__(batch)
         finally:
-            with self.models:
+            with self.counted:
                 self.running -= 1
 
 

@@ -115,17 +115,22 @@ def write_progress(run_dir: Path, **fields) -> None:
 def follow_fabricated_run(run_dir: Path, lines: bool) -> str:
     write_progress(run_dir, step=60, state="finished", loss=9.0)  # the folder's last run
     out = io.StringIO()
+
+    def shown(text: str) -> None:  # waits on what is drawn, not on time: a loaded machine polls late
+        deadline = time.monotonic() + 5
+        while text not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     with follow_progress(str(run_dir), 60, "train", poll_s=0.01, file=out, lines=lines):
         time.sleep(0.1)
         assert "60/60" not in out.getvalue()
         write_progress(run_dir, step=25, loss=2.345678, samples_per_s=123.4, eta_s=75, restarts=1)
-        deadline = time.monotonic() + 5
-        while "25/60" not in out.getvalue() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        shown("25/60")
         (run_dir / PROGRESS_FILE).write_text("{half writ")  # a bad read is skipped, never raised
         time.sleep(0.05)
         write_progress(run_dir, step=59, loss=1.6, samples_per_s=130.0, eta_s=1)
-        time.sleep(0.05)
+        if not lines:  # a log line is printed only every so often
+            shown("59/60")
         write_progress(run_dir, step=60, loss=1.5, samples_per_s=130.0, eta_s=0, state="finished")
     return out.getvalue()
 

@@ -10,9 +10,7 @@ One module fixture makes the runs the tests compare:
 """
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +23,7 @@ import yaml
 
 from amused.demo.datasets import write_token_dataset
 from amused.training.checkpoint import MARKER, Checkpoint
-from tests.samples import free_port
+from tests.samples import free_port, kill_launch
 
 STEPS = 60
 # fp32 on CPU: the runs differ only in the order of floating-point sums (ZeRO's bucketed
@@ -119,9 +117,8 @@ def runs(tmp_path_factory):
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     out["killed_while_running"] = proc.poll() is None
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    out["killed_metrics_lines"] = len((folder / "killed" / "metrics.jsonl").read_text().splitlines())
+    kill_launch(proc)
+    out["complete_at_kill"] = sorted(p.parent.name for p in (folder / "killed" / "checkpoints").glob(f"*/{MARKER}"))
 
     shutil.copytree(folder / "straight", folder / "universal")
     shutil.rmtree(folder / "universal" / "checkpoints" / "step_00000060")
@@ -139,7 +136,10 @@ def runs(tmp_path_factory):
 
 def test_kill_after_checkpoint_and_resume_is_exact(runs):
     assert runs["killed_while_running"], "the run finished before it could be killed"
-    assert "resumed from step" in runs["resume_stdout"]
+    # Killed part-way, and the rerun started from the newest checkpoint the kill left.
+    complete = runs["complete_at_kill"]
+    assert "step_00000020" in complete and f"step_{STEPS:08d}" not in complete, complete
+    assert f"resumed from step {int(complete[-1].removeprefix('step_'))}" in runs["resume_stdout"]
     straight, killed = losses(runs["straight"]), losses(runs["killed"])
     assert sorted(killed) == list(range(1, STEPS + 1))
     assert killed == straight  # bit for bit, every step

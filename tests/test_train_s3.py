@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import s3fs
 import torch
@@ -41,6 +39,7 @@ from amused.training.checkpoint import (
     tag,
 )
 from tests.s3proxy import S3Proxy
+from tests.samples import kill_launch
 from tests.test_train_dist import LOSS_RTOL, STEPS, losses, torchrun, write_config
 
 
@@ -282,13 +281,7 @@ def _kill_during_upload_then_resume_on_one_rank(tmp_path, s3_proxy, s3_bucket, s
                 and killed.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         running = killed.poll() is None
-        # torchrun starts each rank in a session of its own: the ranks are killed by pid.
-        ranks = psutil.Process(killed.pid).children(recursive=True)
-        os.killpg(killed.pid, signal.SIGKILL)
-        for rank in ranks:
-            rank.kill()
-        psutil.wait_procs(ranks, timeout=30)
-        killed.wait()
+        kill_launch(killed)
     finally:
         proxy.released.set()
         proxy.close()
