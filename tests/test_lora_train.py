@@ -76,11 +76,18 @@ def test_only_the_adapters_train_and_only_they_are_checkpointed(tmp_path, tokens
         built.append(build_model(preset, pretrained))
         return built[-1]
 
+    def run_40(name: str, lr: float):
+        return train(config(tmp_path / name, tokens, base, steps=40, checkpoint={"every": 40},
+                            optim={"lr": lr, "warmup_steps": 1}, log={"every": 10, "progress": False}))
+
+    # Against adapters that do not move, on the same batches and masks (same seed): the loss's
+    # own noise from step to step cancels out. The adapters learn most in the first 10 steps
+    # (4.39 -> ~4.17 here), so a run's first 10 against its last 10 was a margin of ~0.1 only.
+    run_40("still", 1e-9)
     monkeypatch.setattr(uvit_task, "build_model", keeping_build)
-    result = train(config(tmp_path / "run", tokens, base, steps=40, checkpoint={"every": 40},
-                          optim={"lr": 5e-2, "warmup_steps": 1}, log={"every": 10, "progress": False}))
-    first, *_, last = losses(tmp_path / "run")  # means over 10 steps
-    assert last < first - 0.1, (first, last)
+    result = run_40("run", 5e-2)
+    still, trained = losses(tmp_path / "still")[-1], losses(tmp_path / "run")[-1]  # means over steps 31-40
+    assert trained < still - 0.2, (still, trained)
 
     model, pretrained = built[0], build_model("tiny", str(base)).state_dict()
     trained = {n: p for n, p in model.named_parameters() if is_adapter(n)}
